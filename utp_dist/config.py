@@ -1,0 +1,370 @@
+"""Typed config tree: YAML loading, dotted overrides, validation and dumping."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Union
+
+import yaml
+
+from utp_dist.errors import UserError
+
+SPLITS = ("train", "val", "test")
+Cap = int | dict | None
+
+
+class ConfigError(UserError):
+    """A config file or override that cannot be used as written."""
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from and how they reach the model."""
+
+    root: str = "builtin:fashion-mnist-mini"
+    """ImageFolder root holding train/ val/ [test/], or builtin:fashion-mnist-mini."""
+    batch_size: int = 32
+    """Images per device per forward pass (global batch = this x world size x grad_accum_steps)."""
+    eval_batch_size: int | None = None
+    """Images per device for evaluation; null = 2 x batch_size."""
+    num_workers: int = 2
+    """DataLoader worker processes per rank (0 = load in the training process)."""
+    prefetch_factor: int | None = 2
+    """Batches each worker loads ahead (ignored when num_workers is 0)."""
+    persistent_workers: bool = True
+    """Keep workers alive between epochs (ignored when num_workers is 0)."""
+    pin_memory: bool | None = None
+    """Pin host batches for faster copies; null = on when training on CUDA."""
+    max_datapoints_per_class: Cap = None
+    """Per-class cap: null, an int, {class: int}, or per split {train: ..., val: ..., test: ...}."""
+    augment: Literal["standard", "none"] = "standard"
+    """Training augmentation: standard = random-resized-crop + flip; none = resize only."""
+    image_size: int | None = None
+    """Square input size; null = the image processor's size."""
+    on_bad_image: Literal["error", "skip"] = "error"
+    """An unreadable image stops the run (error) or is skipped and counted (skip)."""
+
+    def __post_init__(self) -> None:
+        _positive("data.batch_size", self.batch_size)
+        _positive("data.eval_batch_size", self.eval_batch_size)
+        _positive("data.image_size", self.image_size)
+        _positive("data.prefetch_factor", self.prefetch_factor)
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        self.max_datapoints_per_class = _check_caps(self.max_datapoints_per_class)
+
+    def cap_for(self, split: str) -> int | dict | None:
+        """The cap for one split: a bare int or {class: int} applies to train only."""
+        caps = self.max_datapoints_per_class
+        if isinstance(caps, dict) and caps and set(caps) <= set(SPLITS):
+            return caps.get(split)
+        return caps if split == "train" else None
+
+
+@dataclass
+class ModelConfig:
+    """Which Hugging Face image classifier to train."""
+
+    flavour: str = "resnet"
+    """Hub id or local folder (pretrained: true), or a model type such as vit/resnet/convnext."""
+    pretrained: bool = False
+    """Load weights from flavour; false builds the model from its config with random weights."""
+    freeze_backbone: bool = False
+    """Train only the classification head (linear probe)."""
+    config: dict = field(default_factory=dict)
+    """Overrides for the model config, e.g. {hidden_size: 192, patch_size: 4}."""
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer, schedule and gradient handling."""
+
+    name: Literal["adamw", "adam"] = "adamw"
+    """Optimizer; weight decay never applies to biases, norms and other 1-D parameters."""
+    lr: float = 1e-3
+    """Peak learning rate after warm-up."""
+    weight_decay: float = 0.05
+    """Decoupled (adamw) or L2 (adam) weight decay on weight matrices and kernels."""
+    max_grad_norm: float | None = 1.0
+    """Clip the global gradient norm to this; null = no clipping."""
+    warmup_ratio: float = 0.0
+    """Fraction of optimizer steps spent in linear warm-up."""
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after warm-up (transformers' schedulers)."""
+    grad_accum_steps: int = 1
+    """Forward/backward passes per optimizer step."""
+
+    def __post_init__(self) -> None:
+        _positive("optim.lr", self.lr)
+        _positive("optim.grad_accum_steps", self.grad_accum_steps)
+        _positive("optim.max_grad_norm", self.max_grad_norm)
+        if self.weight_decay < 0:
+            raise ConfigError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"optim.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+
+
+@dataclass
+class TrainConfig:
+    """Length, precision, loss and what counts as the best model."""
+
+    epochs: int = 5
+    """Passes over the (capped) training set."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps, even mid-epoch; null = run all epochs."""
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """Mixed precision; auto = bf16 on CUDA, fp32 on CPU."""
+    seed: int = 42
+    """Seeds python, numpy, torch, data order, augmentation and the per-class cap."""
+    loss: Literal["cross_entropy"] = "cross_entropy"
+    """Training loss."""
+    label_smoothing: float = 0.0
+    """Label smoothing of the cross-entropy loss."""
+    eval_topk: list[int] = field(default_factory=lambda: [1])
+    """Report acc@K for each K."""
+    monitor_metric: str = "val_acc@1"
+    """Metric that picks the best checkpoint."""
+    monitor_mode: Literal["max", "min"] = "max"
+    """Whether a larger (max) or smaller (min) monitor_metric is better."""
+    log_every_n_steps: int = 10
+    """Optimizer steps between logged training loss/acc/lr points."""
+
+    def __post_init__(self) -> None:
+        _positive("train.epochs", self.epochs)
+        _positive("train.max_steps", self.max_steps)
+        _positive("train.log_every_n_steps", self.log_every_n_steps)
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if not self.eval_topk or any(k < 1 for k in self.eval_topk):
+            raise ConfigError(f"train.eval_topk must be a non-empty list of K >= 1, got {self.eval_topk}")
+        if 1 not in self.eval_topk:
+            self.eval_topk = [1, *self.eval_topk]
+        self.eval_topk = sorted(set(self.eval_topk))
+        produced = metric_names(self.eval_topk)
+        if self.monitor_metric not in produced:
+            close = difflib.get_close_matches(self.monitor_metric, produced, n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise ConfigError(
+                f"train.monitor_metric '{self.monitor_metric}' is never produced; {hint}"
+                f"choose one of: {', '.join(produced)}"
+            )
+
+
+@dataclass
+class OutputConfig:
+    """Where logs, checkpoints and exports go and how the run is named."""
+
+    root: str = "experiments"
+    """Output root: logs/ and checkpoints/ are created below it."""
+    run_name: str | None = None
+    """Run name; null = model_flavour__loss__pretrained-or-scratch[__suffix]."""
+    suffix: str | None = None
+    """Appended to the automatic run name."""
+    save_per_epoch_checkpoint: bool = False
+    """Also keep the weights of every epoch, not only the best."""
+
+
+@dataclass
+class Config:
+    """The whole run: one section per component."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def to_dict(self) -> dict:
+        """Plain nested dict of every field."""
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        """The resolved config as YAML, loadable by load_config."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def fingerprint(self, exclude: tuple[str, ...] = ()) -> str:
+        """Stable hash of the resolved config without the dotted keys in `exclude`."""
+        flat = {k: v for k, v in flatten(self.to_dict()).items() if k not in exclude}
+        return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def metric_names(topk: list[int]) -> list[str]:
+    """Names of every validation metric the evaluation produces."""
+    names = ["val_loss", *(f"val_acc@{k}" for k in topk)]
+    return names + [f"val_{m}" for m in ("f1_macro", "map_macro", "auroc_macro", "kappa", "recall_micro", "recall_macro")]
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML file (or none: defaults), apply `key.sub=value` overrides, validate."""
+    raw: dict = {}
+    source = str(path) if path is not None else "<defaults>"
+    if path is not None:
+        raw = _read_yaml(path)
+    for item in overrides:
+        _apply_override(raw, item)
+    return from_dict(raw, source)
+
+
+def from_dict(raw: dict, source: str = "<config>") -> Config:
+    """Build and validate a Config from a nested dict."""
+    try:
+        return _build(Config, raw, "")
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+
+
+def _read_yaml(path: str | os.PathLike) -> dict:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            raw = yaml.safe_load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{path}:{where}: invalid YAML: {problem}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override '{item}' must look like section.key=value")
+    try:
+        value = yaml.safe_load(text) if text else None
+    except yaml.YAMLError:
+        raise ConfigError(f"override '{item}': the value is not valid YAML") from None
+    parts = key.split(".")
+    node = raw
+    for part in parts[:-1]:
+        if not isinstance(node.get(part), dict):
+            # descending into a scalar (e.g. an int cap) replaces it with a mapping
+            node[part] = {}
+        node = node[part]
+    node[parts[-1]] = value
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"'{prefix or 'config'}' must be a mapping, got {_yaml_type(raw)}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in names:
+            full = f"{prefix}{key}"
+            valid = [f"{prefix}{n}" for n in names]
+            close = difflib.get_close_matches(full, valid, n=1, cutoff=0.5)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise ConfigError(f"unknown key '{full}'; {hint}valid keys: {', '.join(valid)}")
+    kwargs = {}
+    for name in names:
+        if name not in raw:
+            continue
+        hint, value, full = hints[name], raw[name], f"{prefix}{name}"
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value if value is not None else {}, full + ".")
+        else:
+            kwargs[name] = _coerce(full, value, hint)
+    return cls(**kwargs)
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Check `value` against the annotation `hint`, accepting ints for floats and '1e-3' strings."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(key, value, option)
+            except ConfigError as err:
+                errors.append(err)
+        raise errors[0] if len(errors) == 1 else _type_error(key, value, hint)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key} must be one of {', '.join(map(str, args))}; got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise _type_error(key, value, hint)
+        return [_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)] if args else value
+    if hint is float:
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
+            except ValueError:
+                pass
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise _type_error(key, value, hint)
+    if hint is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    check = origin or hint
+    if not isinstance(value, check) or (check is int and isinstance(value, bool)):
+        raise _type_error(key, value, hint)
+    return value
+
+
+def _type_error(key: str, value: Any, hint: Any) -> ConfigError:
+    want = str(hint).replace("typing.", "").replace("NoneType", "null")
+    return ConfigError(f"{key} must be {want}; got {value!r} ({_yaml_type(value)})")
+
+
+def _yaml_type(value: Any) -> str:
+    return {type(None): "null", bool: "bool", int: "int", float: "float", str: "string", list: "list", dict: "mapping"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def _positive(key: str, value: float | None) -> None:
+    if value is not None and value <= 0:
+        raise ConfigError(f"{key} must be > 0, got {value}")
+
+
+def _check_caps(caps: Any) -> Cap:
+    """Validate max_datapoints_per_class in any of its shapes."""
+
+    def one(where: str, cap: Any) -> int | dict | None:
+        if cap is None:
+            return None
+        if isinstance(cap, int) and not isinstance(cap, bool):
+            if cap < 1:
+                raise ConfigError(f"{where} must be >= 1, got {cap}")
+            return cap
+        if isinstance(cap, dict):
+            for cls_name, n in cap.items():
+                one(f"{where}.{cls_name}", n)
+                if n is None:
+                    raise ConfigError(f"{where}.{cls_name} must be an int >= 1, got null")
+            return {str(k): v for k, v in cap.items()}
+        raise ConfigError(f"{where} must be null, an int or a mapping; got {cap!r}")
+
+    key = "data.max_datapoints_per_class"
+    if isinstance(caps, dict) and caps and set(caps) <= set(SPLITS):
+        return {split: one(f"{key}.{split}", cap) for split, cap in caps.items()}
+    return one(key, caps)

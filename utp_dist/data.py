@@ -1,0 +1,208 @@
+"""ImageFolder splits with per-class caps, uint8 decoding, transforms, samplers and loaders."""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
+from torchvision.io import ImageReadMode, decode_image, read_file
+from torchvision.transforms import v2
+
+from utp_dist.builtin_data import BUILTIN_PREFIX, materialize
+from utp_dist.config import SPLITS, DataConfig
+from utp_dist.errors import UserError
+
+log = logging.getLogger(__name__)
+
+TORCHVISION_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif")
+PIL_EXTENSIONS = (".bmp", ".tif", ".tiff", ".ppm", ".pgm")  # torchvision.io cannot decode these
+IGNORE_LABEL = -100  # cross_entropy's default ignore_index: marks a skipped bad image
+
+
+class DataError(UserError):
+    """The data on disk does not match what the config asks for."""
+
+
+@dataclass
+class InputSpec:
+    """How images are sized and normalised for the model (from its image processor)."""
+
+    size: tuple[int, int]
+    """Final (height, width) fed to the model."""
+    resize: int | tuple[int, int]
+    """Eval resize: an int resizes the shorter edge, a pair resizes exactly."""
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+@dataclass
+class Splits:
+    """Indexed, capped file lists of every split present."""
+
+    root: Path
+    classes: list[str]
+    samples: dict[str, list[tuple[str, int]]]
+
+    @property
+    def name(self) -> str:
+        """Data set name used in output folders."""
+        return self.root.name
+
+    def fingerprint(self) -> list[tuple[str, int]]:
+        """Every (relative path, label) after caps, for hashing the data a run used."""
+        return [(str(Path(p).relative_to(self.root)), y) for s in SPLITS for p, y in self.samples.get(s, [])]
+
+
+def resolve_root(root: str) -> Path:
+    """The ImageFolder root for `data.root`, materialising builtin: data sets."""
+    if root.startswith(BUILTIN_PREFIX):
+        try:
+            return materialize(root[len(BUILTIN_PREFIX):])
+        except ValueError as err:
+            raise DataError(f"data.root: {err}") from None
+    path = Path(root).expanduser()
+    if not path.is_dir():
+        raise DataError(f"data.root: folder '{root}' does not exist; point it at an ImageFolder root with train/ and val/")
+    return path
+
+
+def index_splits(cfg: DataConfig, seed: int) -> Splits:
+    """List train/val[/test] images, take the class list from train and apply the per-class caps."""
+    root = resolve_root(cfg.root)
+    for split in ("train", "val"):
+        if not (root / split).is_dir():
+            raise DataError(f"data.root: '{root / split}' is missing; an ImageFolder root needs train/ and val/ folders")
+    classes = sorted(d.name for d in (root / "train").iterdir() if d.is_dir())
+    if not classes:
+        raise DataError(f"data.root: '{root / 'train'}' has no class folders")
+    samples = {}
+    for split in SPLITS:
+        if (root / split).is_dir():
+            samples[split] = _index_split(root / split, classes, cfg.cap_for(split), seed)
+    return Splits(root, classes, samples)
+
+
+def _index_split(folder: Path, classes: list[str], cap: int | dict | None, seed: int) -> list[tuple[str, int]]:
+    present = sorted(d.name for d in folder.iterdir() if d.is_dir())
+    extra = [c for c in present if c not in classes]
+    if extra:
+        raise DataError(f"data.root: class '{extra[0]}' in '{folder}' does not exist in train/; add it to train or remove it")
+    if isinstance(cap, dict):
+        unknown = [c for c in cap if c not in classes]
+        if unknown:
+            raise DataError(
+                f"data.max_datapoints_per_class: class '{unknown[0]}' is not in the data; classes are {', '.join(classes)}"
+            )
+    samples = []
+    for label, name in enumerate(classes):
+        files = sorted(
+            str(p) for p in (folder / name).glob("*") if p.suffix.lower() in TORCHVISION_EXTENSIONS + PIL_EXTENSIONS
+        ) if (folder / name).is_dir() else []
+        if not files and folder.name == "train":
+            raise DataError(f"data.root: class folder '{folder / name}' has no images")
+        limit = cap.get(name) if isinstance(cap, dict) else cap
+        if limit is not None and len(files) > limit:
+            # the same files on every run and rank: a private RNG keyed by seed, split and class
+            rng = random.Random(f"{seed}/{folder.name}/{name}")
+            files = sorted(rng.sample(files, limit))
+        samples += [(f, label) for f in files]
+    return samples
+
+
+def decode(path: str) -> torch.Tensor:
+    """Read any supported image as a uint8 RGB tensor (C, H, W)."""
+    if path.lower().endswith(PIL_EXTENSIONS):
+        with Image.open(path) as img:
+            return v2.functional.pil_to_tensor(img.convert("RGB"))
+    return decode_image(read_file(path), mode=ImageReadMode.RGB)
+
+
+class ImageFolderSplit(Dataset):
+    """One split as uint8 tensors; items are keyed by (epoch, index) so augmentation is reproducible."""
+
+    def __init__(self, samples: list[tuple[str, int]], transform: v2.Transform, seed: int, on_bad_image: str):
+        self.samples, self.transform, self.seed, self.on_bad_image = samples, transform, seed, on_bad_image
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
+        epoch, index = key
+        path, label = self.samples[index]
+        try:
+            image = decode(path)
+        except (RuntimeError, OSError, ValueError) as err:
+            if self.on_bad_image == "error":
+                raise DataError(f"cannot decode image '{path}' ({err}); fix or delete it, or set data.on_bad_image=skip") from None
+            log.warning("skipping unreadable image %s: %s", path, err)
+            # a placeholder keeps batch shapes and eval counts exact; its label is ignored by loss and metrics
+            image, label = torch.zeros(3, 8, 8, dtype=torch.uint8), IGNORE_LABEL
+        # augmentation randomness depends only on (seed, epoch, index): not on workers or iterator state
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hash((self.seed, epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF)
+            return self.transform(image), label
+
+
+class EpochSampler(Sampler):
+    """Seeded per-epoch order (identical on every rank), cut to whole global batches when asked."""
+
+    def __init__(self, length: int, seed: int, shuffle: bool, multiple_of: int = 1):
+        self.length, self.seed, self.shuffle, self.multiple_of, self.epoch = length, seed, shuffle, multiple_of, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the order of `epoch`."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.length - self.length % self.multiple_of
+
+    def __iter__(self):
+        if self.shuffle:
+            order = torch.randperm(self.length, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        else:
+            order = list(range(self.length))
+        return iter([(self.epoch, i) for i in order[: len(self)]])
+
+
+def build_transforms(spec: InputSpec, augment: str) -> tuple[v2.Transform, v2.Transform]:
+    """(train, eval) transforms on uint8 tensors; normalisation happens later, on the device."""
+    eval_tf = v2.Compose([v2.Resize(spec.resize, antialias=True), v2.CenterCrop(spec.size)])
+    if augment == "none":
+        return eval_tf, eval_tf
+    train_tf = v2.Compose([v2.RandomResizedCrop(spec.size, antialias=True), v2.RandomHorizontalFlip()])
+    return train_tf, eval_tf
+
+
+def build_loader(
+    dataset: ImageFolderSplit, cfg: DataConfig, seed: int, train: bool, world_size: int, pin_memory: bool
+) -> tuple[DataLoader, EpochSampler]:
+    """A DataLoader (not yet sharded; accelerate.prepare shards it) and its sampler."""
+    batch = cfg.batch_size if train else (cfg.eval_batch_size or 2 * cfg.batch_size)
+    # training drops the last partial *global* batch so every rank gets the same number of batches
+    sampler = EpochSampler(len(dataset), seed, shuffle=train, multiple_of=batch * world_size if train else 1)
+    workers = cfg.num_workers
+    loader = DataLoader(
+        dataset,
+        batch_sampler=BatchSampler(sampler, batch, drop_last=False),
+        num_workers=workers,
+        pin_memory=pin_memory,
+        prefetch_factor=cfg.prefetch_factor if workers else None,
+        persistent_workers=cfg.persistent_workers and workers > 0,
+        worker_init_fn=_seed_worker,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    return loader, sampler
+
+
+def _seed_worker(worker_id: int) -> None:
+    # numpy/python RNGs in workers follow torch's per-worker seed, so any library using them is reproducible
+    import numpy as np
+
+    worker_seed = torch.initial_seed() % 2**32
+    np.random.seed(worker_seed)
+    random.seed(worker_seed)

@@ -1,0 +1,110 @@
+"""What a run reports: TensorBoard, metrics.jsonl, summary.json, figures and the progress bar (main process only)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import torch
+from torch.utils.tensorboard import SummaryWriter
+from tqdm.auto import tqdm
+
+from utp_dist.metrics import confusion_figure, confusion_markdown, roc_figure
+
+
+class Tracker:
+    """Writes every log of one run under its log folder."""
+
+    def __init__(self, log_dir: Path, total_steps: int):
+        self.log_dir = log_dir
+        self.figures = log_dir / "figures"
+        self.figures.mkdir(parents=True, exist_ok=True)
+        self.writer = SummaryWriter(str(log_dir))
+        self.bar = tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True)
+
+    def write_text(self, name: str, text: str) -> None:
+        """Write a file into the log folder (config.yaml and the like)."""
+        (self.log_dir / name).write_text(text, encoding="utf-8")
+
+    def log_text(self, tag: str, text: str, step: int = 0) -> None:
+        """A Markdown text in TensorBoard's Text tab."""
+        self.writer.add_text(tag, text, step)
+
+    def log_scalars(self, values: dict[str, float], step: int) -> None:
+        """Scalars named like 'train/loss' at `step`."""
+        for tag, value in values.items():
+            self.writer.add_scalar(tag, value, step)
+
+    def progress(self, steps: int, postfix: dict[str, str]) -> None:
+        """Advance the progress bar by `steps` and show `postfix`."""
+        self.bar.set_postfix(postfix, refresh=False)
+        self.bar.update(steps)
+
+    def log_eval(self, split: str, values: dict, epoch: int, step: int, confusion, roc, classes: list[str]) -> None:
+        """One evaluation: scalars, confusion matrix (text + figure), ROC figure, and a metrics.jsonl line."""
+        self.log_scalars({f"{split}/{k.removeprefix(split + '_')}": v for k, v in values.items()}, step)
+        self.log_text(f"{split}/confusion_matrix", confusion_markdown(confusion, classes), step)
+        tag = f"{split}_epoch{epoch:03d}" if split == "val" else split
+        self._figure(f"{split}/confusion_matrix", confusion_figure(confusion, classes, f"{split} epoch {epoch}"), step, tag)
+        fig = roc_figure(*roc, values.get(f"{split}_auroc_macro"), f"{split} ROC (micro)")
+        self._figure(f"{split}/roc_micro", fig, step, tag)
+        line = {"split": split, "epoch": epoch, "step": step, **{k: _finite(v) for k, v in values.items()}}
+        with open(self.log_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(line) + "\n")
+        self.writer.flush()
+
+    def write_summary(self, summary: dict) -> None:
+        """summary.json, written atomically."""
+        tmp = self.log_dir / "summary.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
+        os.replace(tmp, self.log_dir / "summary.json")
+
+    def close(self) -> None:
+        """Flush and close the writer and the progress bar."""
+        self.bar.close()
+        self.writer.close()
+
+    def _figure(self, tag: str, fig: plt.Figure, step: int, name: str) -> None:
+        fig.savefig(self.figures / f"{tag.split('/')[1]}_{name}.png")
+        self.writer.add_figure(tag, fig, step, close=True)
+
+
+class NullTracker(Tracker):
+    """The tracker of every process but the main one: reports nothing."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def write_text(self, *args, **kwargs) -> None:
+        pass
+
+    def log_text(self, *args, **kwargs) -> None:
+        pass
+
+    def log_scalars(self, *args, **kwargs) -> None:
+        pass
+
+    def progress(self, *args, **kwargs) -> None:
+        pass
+
+    def log_eval(self, *args, **kwargs) -> None:
+        pass
+
+    def write_summary(self, *args, **kwargs) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _finite(value: float) -> float | None:
+    # JSON has no NaN: an undefined metric (e.g. AUROC of a single-class split) is written as null
+    return value if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def to_python(value):
+    """Tensors to plain numbers for JSON."""
+    return value.item() if isinstance(value, torch.Tensor) else value

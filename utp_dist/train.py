@@ -1,0 +1,67 @@
+"""`python -m utp_dist.train CONFIG.yaml [key=value ...]` (also under accelerate launch and torchrun)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+
+from utp_dist.errors import UserError
+
+EXIT_USER_ERROR = 2
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line arguments: a config file, dotted overrides and the two inspection flags."""
+    parser = argparse.ArgumentParser(prog="python -m utp_dist.train", description="Train an image classifier from a YAML config.")
+    parser.add_argument("config", help="YAML config file")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides such as optim.lr=3e-4 train.eval_topk=[1,5]")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    parser.add_argument("--dry-run", action="store_true", help="validate, index the data, build the model, print a summary, exit")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command; user errors become one line on stderr and exit code 2."""
+    args = parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # torchvision 0.29 deprecates torchvision.io image decoding in favour of TorchCodec; it still works
+    warnings.filterwarnings("ignore", message=".*image decoding and encoding.*")
+    try:
+        from utp_dist.config import load_config
+
+        cfg = load_config(args.config, args.overrides)
+        if args.print_config:
+            print(cfg.to_yaml(), end="")
+            return 0
+        from utp_dist.trainer import Trainer
+
+        trainer = Trainer(cfg)
+        if args.dry_run:
+            print(trainer.describe())
+            return 0
+        summary = trainer.fit()
+        best = summary["best"]
+        logging.getLogger("utp_dist").info(
+            "done: best %s = %.4f at epoch %s; model exported to %s",
+            best["metric"], best.get("value", float("nan")), best.get("epoch"), summary["paths"]["best_model"],
+        )
+        return 0
+    except UserError as err:
+        print(f"utp_dist: error: {one_line(err)}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+def one_line(err: Exception) -> str:
+    """The user-facing line of an error, also when a DataLoader worker re-raised it with its traceback."""
+    text = str(err).strip()
+    if "Original Traceback" in text:  # torch wraps worker errors: the last line is "module.Class: message"
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,256 @@
+"""The training loop: Accelerate set-up, fit(), the train step and evaluation."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list, set_seed
+
+from utp_dist import __version__
+from utp_dist.checkpoint import Checkpointer, NullCheckpointer
+from utp_dist.config import Config
+from utp_dist.data import IGNORE_LABEL, ImageFolderSplit, build_loader, build_transforms, index_splits
+from utp_dist.errors import UserError
+from utp_dist.metrics import EvalMetrics
+from utp_dist.model import Normalize, build_model, input_spec
+from utp_dist.optim import build_optimizer, build_scheduler, optimizer_steps
+from utp_dist.runs import base_name, create_run
+from utp_dist.tracking import NullTracker, Tracker
+
+log = logging.getLogger(__name__)
+
+
+def build_accelerator(cfg: Config) -> Accelerator:
+    """An Accelerator that is really distributed on CPU too (gloo), with the configured precision."""
+    cuda = torch.cuda.is_available()
+    precision = cfg.train.precision
+    if precision == "auto":
+        precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+    # without cpu=True, accelerate ignores WORLD_SIZE on a machine without GPUs and runs N independent jobs
+    accelerator = Accelerator(
+        cpu=not cuda,
+        mixed_precision="no" if precision == "fp32" else precision,
+        gradient_accumulation_steps=cfg.optim.grad_accum_steps,
+    )
+    expected = int(os.environ.get("WORLD_SIZE", "1"))
+    if accelerator.num_processes != expected:
+        raise UserError(
+            f"the launcher started {expected} processes but the process group has {accelerator.num_processes}; "
+            "launch with torchrun or accelerate launch --multi_gpu/--multi_cpu"
+        )
+    return accelerator
+
+
+class Trainer:
+    """Builds every component of a run from its config; fit() trains, evaluates, checkpoints and reports."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.accelerator = acc = build_accelerator(cfg)
+        set_seed(cfg.train.seed)
+        self.splits = index_splits(cfg.data, cfg.train.seed)
+        self.classes = self.splits.classes
+        self.model, self.processor = build_model(cfg.model, self.classes, cfg.data.image_size)
+        self.spec = input_spec(self.processor, cfg.data.image_size)
+        train_tf, eval_tf = build_transforms(self.spec, cfg.data.augment)
+        pin = cfg.data.pin_memory if cfg.data.pin_memory is not None else acc.device.type == "cuda"
+        self.loaders, self.samplers = {}, {}
+        for split, samples in self.splits.samples.items():
+            train = split == "train"
+            dataset = ImageFolderSplit(samples, train_tf if train else eval_tf, cfg.train.seed, cfg.data.on_bad_image)
+            self.loaders[split], self.samplers[split] = build_loader(
+                dataset, cfg.data, cfg.train.seed, train, acc.num_processes, pin
+            )
+        self.global_batch = cfg.data.batch_size * acc.num_processes * cfg.optim.grad_accum_steps
+        per_rank_batches = len(self.samplers["train"]) // (cfg.data.batch_size * acc.num_processes)
+        if per_rank_batches == 0:
+            raise UserError(
+                f"data.batch_size: {cfg.data.batch_size} x {acc.num_processes} processes is more than the "
+                f"{len(self.samplers['train']) or len(self.splits.samples['train'])} training images; lower it"
+            )
+        self.total_steps = optimizer_steps(per_rank_batches, cfg.train.epochs, cfg.optim.grad_accum_steps, cfg.train.max_steps)
+        self.optimizer = build_optimizer(self.model, cfg.optim, fused=acc.device.type == "cuda")
+        # the scheduler is not prepared: accelerate would step it num_processes times per optimizer step
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.total_steps)
+        self.normalize = Normalize(self.spec).to(acc.device)
+        self.model, self.optimizer, *loaders = acc.prepare(self.model, self.optimizer, *self.loaders.values())
+        self.loaders = dict(zip(self.loaders, loaders, strict=True))
+
+    def describe(self) -> str:
+        """What --dry-run prints: classes, images per split after caps, parameters, steps, batches."""
+        model = self.accelerator.unwrap_model(self.model)
+        total = sum(p.numel() for p in model.parameters())
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        counts = ", ".join(f"{s} {len(v)}" for s, v in self.splits.samples.items())
+        return "\n".join([
+            f"data: {self.splits.root} ({len(self.classes)} classes: {', '.join(self.classes)})",
+            f"images after caps: {counts}",
+            f"model: {type(model).__name__} ({model.config.model_type}), {total:,} parameters, {trainable:,} trainable",
+            f"input: {self.spec.size[0]}x{self.spec.size[1]}, mean {self.spec.mean}, std {self.spec.std}",
+            f"world size {self.accelerator.num_processes} ({self.accelerator.distributed_type.value}), "
+            f"device {self.accelerator.device}, precision {self.accelerator.mixed_precision}",
+            f"global batch {self.global_batch} = {self.cfg.data.batch_size} per device x "
+            f"{self.accelerator.num_processes} processes x {self.cfg.optim.grad_accum_steps} accumulation",
+            f"optimizer steps: {self.total_steps} over {self.cfg.train.epochs} epochs",
+        ])
+
+    def fit(self) -> dict:
+        """Train for the configured epochs/steps, evaluate every epoch, test the best weights; return the summary."""
+        cfg, acc, start = self.cfg, self.accelerator, time.time()
+        self._open_run()
+        meter, step, epoch, last = Meter(acc), 0, 0, {}
+        for epoch in range(cfg.train.epochs):
+            self.samplers["train"].set_epoch(epoch)
+            self.model.train()
+            meter.resume()
+            for images, labels in self.loaders["train"]:
+                with acc.accumulate(self.model):
+                    meter.add(self.train_step(images, labels))
+                if not acc.sync_gradients:
+                    continue
+                step += 1
+                if step % cfg.train.log_every_n_steps == 0 or step == self.total_steps:
+                    self._log_train(meter, step, epoch)
+                if step >= self.total_steps:
+                    break
+            self._log_train(meter, step, epoch, end_of_epoch=True)
+            last = self.evaluate("val", epoch, step)
+            self.checkpointer.update(acc.unwrap_model(self.model), self.processor, last, epoch, step)
+            if step >= self.total_steps:
+                break
+        acc.wait_for_everyone()  # the best weights are on disk before any rank reads them
+        test = {}
+        if "test" in self.loaders:
+            self.checkpointer.load_best(acc.unwrap_model(self.model))
+            test = self.evaluate("test", epoch, step)
+        summary = self._summary(step, epoch, last, test, meter, time.time() - start)
+        self.tracker.write_summary(summary)
+        self.tracker.close()
+        return summary
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Forward, backward, clip and step (accelerate skips the step while accumulating); returns [loss sum, correct, n]."""
+        logits = self.model(pixel_values=self.normalize(images)).logits
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.cfg.train.label_smoothing, ignore_index=IGNORE_LABEL)
+        self.accelerator.backward(loss)
+        if self.accelerator.sync_gradients and self.cfg.optim.max_grad_norm:
+            self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.optim.max_grad_norm)
+        self.optimizer.step()
+        if self.accelerator.sync_gradients and not self.accelerator.optimizer_step_was_skipped:
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        valid = labels != IGNORE_LABEL
+        with torch.no_grad():
+            n = valid.sum()
+            correct = ((logits.argmax(-1) == labels) & valid).sum()
+            return torch.stack([loss.detach().double() * n, correct.double(), n.double()])
+
+    @torch.no_grad()
+    def evaluate(self, split: str, epoch: int, step: int) -> dict[str, float]:
+        """Every metric over exactly the whole split (gather_for_metrics drops the sampler's padding)."""
+        self.model.eval()
+        metrics = EvalMetrics(len(self.classes), self.cfg.train.eval_topk, self.accelerator.device)
+        for images, labels in self.loaders[split]:
+            logits = self.model(pixel_values=self.normalize(images)).logits
+            metrics.update(*self.accelerator.gather_for_metrics((logits, labels)))
+        values, confusion, roc = metrics.compute(split)
+        self.tracker.log_eval(split, values, epoch, step, confusion, roc, self.classes)
+        self.model.train()
+        return values
+
+    def _open_run(self) -> None:
+        """Choose the run name on the main process, share it, and build the trackers for this rank."""
+        acc, cfg = self.accelerator, self.cfg
+        paths = [create_run(cfg.output.root, self.splits.name, base_name(cfg)) if acc.is_main_process else None]
+        self.paths = broadcast_object_list(paths, from_process=0)[0]
+        main = acc.is_main_process
+        self.tracker = Tracker(self.paths.logs, self.total_steps) if main else NullTracker()
+        ckpt_cls = Checkpointer if main else NullCheckpointer
+        self.checkpointer = ckpt_cls(self.paths.checkpoints, cfg.train.monitor_metric, cfg.train.monitor_mode, cfg.output.save_per_epoch_checkpoint)
+        self.tracker.write_text("config.yaml", cfg.to_yaml())
+        self.tracker.log_text("config", "```yaml\n" + cfg.to_yaml() + "\n```")
+        self.tracker.log_text("run", self.describe().replace("\n", "  \n"))
+        log.info("run %s: logs in %s, checkpoints in %s", self.paths.name, self.paths.logs, self.paths.checkpoints)
+
+    def _log_train(self, meter: Meter, step: int, epoch: int, end_of_epoch: bool = False) -> None:
+        """Log mean training loss/acc over all ranks since the last point (or the epoch), the lr and img/s."""
+        window = meter.flush(step, end_of_epoch)
+        if window is None:
+            return
+        lr, values = self.scheduler.get_last_lr()[0], {}
+        if window["count"]:
+            values = {"train/loss": window["loss"], "train/acc": window["acc"], "train/lr": lr, "train/img_per_s": window["img_per_s"]}
+        if end_of_epoch:
+            values.update({"epoch/train_loss": window["epoch_loss"], "epoch/train_acc": window["epoch_acc"]})
+        self.tracker.log_scalars(values, step)
+        if not window["count"]:
+            return
+        postfix = {"epoch": str(epoch), "loss": f"{window['loss']:.4f}", "lr": f"{lr:.2e}", "img/s": f"{window['img_per_s']:.0f}"}
+        self.tracker.progress(window["steps"], postfix)
+
+    def _summary(self, step: int, epoch: int, last: dict, test: dict, meter: Meter, wall: float) -> dict:
+        acc, best = self.accelerator, self.checkpointer.best or {}
+        return {
+            "run_name": self.paths.name,
+            "version": __version__,
+            "best": {"metric": self.cfg.train.monitor_metric, "mode": self.cfg.train.monitor_mode, **best},
+            "final_val": last,
+            "test": test,
+            "steps": step,
+            "epochs_completed": epoch + 1,
+            "train_images": meter.images,
+            "train_img_per_s": meter.images / max(meter.train_time, 1e-9),
+            "wall_time_s": wall,
+            "world_size": acc.num_processes,
+            "distributed_type": acc.distributed_type.value,
+            "backend": acc.state.backend or "none",
+            "device": str(acc.device),
+            "mixed_precision": acc.mixed_precision,
+            "global_batch": self.global_batch,
+            "paths": {"logs": str(self.paths.logs), "checkpoints": str(self.paths.checkpoints), "best_model": str(Path(self.paths.checkpoints) / "best")},
+        }
+
+
+class Meter:
+    """Training loss/acc/throughput on the device between log points; summed over ranks only when logged."""
+
+    def __init__(self, accelerator: Accelerator):
+        self.accelerator = accelerator
+        device = accelerator.device
+        self.window = torch.zeros(3, device=device, dtype=torch.float64)  # loss sum, correct, count
+        self.epoch = torch.zeros(3, device=device, dtype=torch.float64)
+        self.images, self.train_time, self.logged_step, self.tick = 0, 0.0, 0, time.perf_counter()
+
+    def add(self, stats: torch.Tensor) -> None:
+        """Add one micro-batch's [loss sum, correct, count] without a host sync."""
+        self.window += stats
+        self.epoch += stats
+
+    def resume(self) -> None:
+        """Restart the clock after evaluation, so img/s counts training only."""
+        self.tick = time.perf_counter()
+
+    def flush(self, step: int, end_of_epoch: bool) -> dict | None:
+        """Reduce over ranks and reset; None when there is nothing new to report."""
+        now = time.perf_counter()
+        stats = self.accelerator.reduce(torch.cat([self.window, self.epoch]), "sum").tolist()
+        loss, correct, count, e_loss, e_correct, e_count = stats
+        self.window.zero_()
+        if end_of_epoch:
+            self.epoch.zero_()
+        if count == 0 and not end_of_epoch:
+            return None
+        elapsed, self.tick = now - self.tick, now
+        self.train_time += elapsed
+        self.images += int(count)
+        steps, self.logged_step = step - self.logged_step, step
+        return {
+            "loss": loss / max(count, 1), "acc": correct / max(count, 1), "img_per_s": count / max(elapsed, 1e-9),
+            "epoch_loss": e_loss / max(e_count, 1), "epoch_acc": e_correct / max(e_count, 1), "steps": steps, "count": count,
+        }
