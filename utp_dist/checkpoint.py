@@ -9,7 +9,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from transformers.utils import logging as hf_logging
 
 hf_logging.disable_progress_bar()  # save_pretrained's shard bar would break the training progress bar
@@ -52,8 +51,10 @@ class Checkpointer:
         return improved
 
     def load_best(self, model: torch.nn.Module) -> None:
-        """Load the best weights into `model` (safetensors: loading runs no code)."""
-        model.load_state_dict(load_file(self.best_dir / "model.safetensors"), strict=True)
+        """Load the best weights into `model` through from_pretrained (safetensors: loading runs no code)."""
+        # from_pretrained, not a raw state dict: transformers may rename keys between memory and disk
+        best = type(model).from_pretrained(self.best_dir.resolve(), use_safetensors=True)
+        model.load_state_dict(best.state_dict(), strict=True)
 
     def _export(self, model, processor, name: str) -> None:
         target = self.folder / name

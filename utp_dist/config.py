@@ -6,6 +6,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import os
 import types
 import typing
@@ -105,7 +106,7 @@ class OptimConfig:
         _positive("optim.lr", self.lr)
         _positive("optim.grad_accum_steps", self.grad_accum_steps)
         _positive("optim.max_grad_norm", self.max_grad_norm)
-        if self.weight_decay < 0:
+        if not 0 <= self.weight_decay < math.inf:
             raise ConfigError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"optim.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
@@ -191,7 +192,7 @@ class Config:
 
     def fingerprint(self, exclude: tuple[str, ...] = ()) -> str:
         """Stable hash of the resolved config without the dotted keys in `exclude`."""
-        flat = {k: v for k, v in flatten(self.to_dict()).items() if k not in exclude}
+        flat = {k: v for k, v in flatten(self.to_dict()).items() if not any(k == e or k.startswith(e + ".") for e in exclude)}
         return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -238,6 +239,9 @@ def _read_yaml(path: str | os.PathLike) -> dict:
             raw = yaml.safe_load(fh)
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else "not a UTF-8 text file"
+        raise ConfigError(f"{path}: cannot read the config: {reason}") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -270,7 +274,7 @@ def _apply_override(raw: dict, item: str) -> None:
 
 def _build(cls: type, raw: Any, prefix: str) -> Any:
     if not isinstance(raw, dict):
-        raise ConfigError(f"'{prefix or 'config'}' must be a mapping, got {_yaml_type(raw)}")
+        raise ConfigError(f"'{prefix.rstrip('.') or 'config'}' must be a mapping, got {_yaml_type(raw)}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     for key in raw:
@@ -331,7 +335,7 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
 
 
 def _type_error(key: str, value: Any, hint: Any) -> ConfigError:
-    want = str(hint).replace("typing.", "").replace("NoneType", "null")
+    want = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "").replace("NoneType", "null")
     return ConfigError(f"{key} must be {want}; got {value!r} ({_yaml_type(value)})")
 
 
@@ -342,27 +346,26 @@ def _yaml_type(value: Any) -> str:
 
 
 def _positive(key: str, value: float | None) -> None:
-    if value is not None and value <= 0:
-        raise ConfigError(f"{key} must be > 0, got {value}")
+    if value is not None and not (0 < value < math.inf):  # also rejects nan and inf
+        raise ConfigError(f"{key} must be > 0 and finite, got {value}")
 
 
 def _check_caps(caps: Any) -> Cap:
     """Validate max_datapoints_per_class in any of its shapes."""
 
+    def count(where: str, cap: Any) -> int:
+        if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
+            raise ConfigError(f"{where} must be an int >= 1, got {cap!r}")
+        return cap
+
     def one(where: str, cap: Any) -> int | dict | None:
         if cap is None:
             return None
-        if isinstance(cap, int) and not isinstance(cap, bool):
-            if cap < 1:
-                raise ConfigError(f"{where} must be >= 1, got {cap}")
-            return cap
         if isinstance(cap, dict):
-            for cls_name, n in cap.items():
-                one(f"{where}.{cls_name}", n)
-                if n is None:
-                    raise ConfigError(f"{where}.{cls_name} must be an int >= 1, got null")
-            return {str(k): v for k, v in cap.items()}
-        raise ConfigError(f"{where} must be null, an int or a mapping; got {cap!r}")
+            return {str(cls_name): count(f"{where}.{cls_name}", n) for cls_name, n in cap.items()}
+        if isinstance(cap, int) and not isinstance(cap, bool):
+            return count(where, cap)
+        raise ConfigError(f"{where} must be null, an int or a mapping of class to int; got {cap!r}")
 
     key = "data.max_datapoints_per_class"
     if isinstance(caps, dict) and caps and set(caps) <= set(SPLITS):

@@ -119,7 +119,12 @@ def decode(path: str) -> torch.Tensor:
     if path.lower().endswith(PIL_EXTENSIONS):
         with Image.open(path) as img:
             return v2.functional.pil_to_tensor(img.convert("RGB"))
-    return decode_image(read_file(path), mode=ImageReadMode.RGB)
+    image = decode_image(read_file(path), mode=ImageReadMode.RGB)
+    if image.ndim == 4:  # an animated GIF: its first frame
+        image = image[0]
+    if image.dtype != torch.uint8:  # 16-bit PNG
+        image = v2.functional.to_dtype(image, torch.uint8, scale=True)
+    return image
 
 
 class ImageFolderSplit(Dataset):

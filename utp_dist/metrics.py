@@ -41,10 +41,12 @@ class EvalMetrics:
         self.roc = MulticlassROC(average="micro", **kw).to(device)
         self.loss_sum = torch.zeros((), device=device, dtype=torch.float64)
         self.count = 0
+        self.skipped = 0
 
     def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
         """Add one gathered batch; labels < 0 (skipped bad images) are ignored."""
         keep = labels >= 0
+        self.skipped += int((~keep).sum())
         logits, labels = logits[keep].float(), labels[keep]
         if not len(labels):
             return
@@ -57,7 +59,8 @@ class EvalMetrics:
 
     def compute(self, prefix: str) -> tuple[dict[str, float], torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """({prefix_metric: value}, confusion matrix, (fpr, tpr) of the micro ROC)."""
-        values = {f"{prefix}_loss": (self.loss_sum / max(self.count, 1)).item()}
+        values = {f"{prefix}_loss": (self.loss_sum / max(self.count, 1)).item(), f"{prefix}_images": self.count}
+        values[f"{prefix}_skipped_images"] = self.skipped
         values.update({f"{prefix}_{k}": v.item() for k, v in self.scalars.compute().items()})
         fpr, tpr, _ = self.roc.compute()
         return values, self.confusion.compute().cpu(), (fpr.cpu(), tpr.cpu())

@@ -87,22 +87,22 @@ def _load_processor(flavour: str, model):
 
 def _scratch_config(flavour: str, labels: dict, overrides: dict):
     if Path(flavour).is_dir():
-        config = AutoConfig.from_pretrained(flavour)
-        for key, value in {**labels, **overrides}.items():
-            setattr(config, key, value)
-        return config
+        return AutoConfig.from_pretrained(flavour, **labels, **overrides)
     try:
-        config = AutoConfig.for_model(flavour, **labels)
+        defaults = AutoConfig.for_model(flavour)
     except ValueError:
         raise ModelError(
             f"model.flavour: '{flavour}' is neither a local folder nor a known model type "
             "(e.g. resnet, vit, convnext, swin, deit); set model.pretrained=true to load a hub id"
         ) from None
-    for key, value in overrides.items():
-        if not hasattr(config, key):
-            raise ModelError(f"model.config.{key}: not a field of the {flavour} config")
-        setattr(config, key, value)
-    return config
+    unknown = [key for key in overrides if not hasattr(defaults, key)]
+    if unknown:
+        raise ModelError(f"model.config.{unknown[0]}: not a field of the {flavour} config")
+    try:
+        # passed to the constructor (not set afterwards) so derived fields such as stage names follow
+        return AutoConfig.for_model(flavour, **labels, **overrides)
+    except (ValueError, TypeError) as err:
+        raise ModelError(f"model.config: invalid for {flavour}: {str(err).splitlines()[0]}") from None
 
 
 def _default_processor(model_config):

@@ -20,7 +20,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("overrides", nargs="*", help="dotted overrides such as optim.lr=3e-4 train.eval_topk=[1,5]")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     parser.add_argument("--dry-run", action="store_true", help="validate, index the data, build the model, print a summary, exit")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # flags may come before, between or after overrides
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -102,8 +102,15 @@ class Trainer:
 
     def fit(self) -> dict:
         """Train for the configured epochs/steps, evaluate every epoch, test the best weights; return the summary."""
-        cfg, acc, start = self.cfg, self.accelerator, time.time()
+        start = time.time()
         self._open_run()
+        try:
+            return self._fit(start)
+        finally:
+            self.tracker.close()  # flushes TensorBoard and ends the progress bar line, also on errors
+
+    def _fit(self, start: float) -> dict:
+        cfg, acc = self.cfg, self.accelerator
         meter, step, epoch, last = Meter(acc), 0, 0, {}
         for epoch in range(cfg.train.epochs):
             self.samplers["train"].set_epoch(epoch)
@@ -131,11 +138,10 @@ class Trainer:
             test = self.evaluate("test", epoch, step)
         summary = self._summary(step, epoch, last, test, meter, time.time() - start)
         self.tracker.write_summary(summary)
-        self.tracker.close()
         return summary
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Forward, backward, clip and step (accelerate skips the step while accumulating); returns [loss sum, correct, n]."""
+        """Forward, backward, clip and step (accelerate skips the step while accumulating); returns [loss sum, correct, n, skipped]."""
         logits = self.model(pixel_values=self.normalize(images)).logits
         loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.cfg.train.label_smoothing, ignore_index=IGNORE_LABEL)
         self.accelerator.backward(loss)
@@ -149,7 +155,7 @@ class Trainer:
         with torch.no_grad():
             n = valid.sum()
             correct = ((logits.argmax(-1) == labels) & valid).sum()
-            return torch.stack([loss.detach().double() * n, correct.double(), n.double()])
+            return torch.stack([loss.detach().double() * n, correct.double(), n.double(), (~valid).sum().double()])
 
     @torch.no_grad()
     def evaluate(self, split: str, epoch: int, step: int) -> dict[str, float]:
@@ -203,8 +209,9 @@ class Trainer:
             "final_val": last,
             "test": test,
             "steps": step,
-            "epochs_completed": epoch + 1,
+            "last_epoch": epoch,
             "train_images": meter.images,
+            "skipped_images": {"train": meter.skipped, "val": last.get("val_skipped_images", 0), "test": test.get("test_skipped_images", 0)},
             "train_img_per_s": meter.images / max(meter.train_time, 1e-9),
             "wall_time_s": wall,
             "world_size": acc.num_processes,
@@ -223,8 +230,9 @@ class Meter:
     def __init__(self, accelerator: Accelerator):
         self.accelerator = accelerator
         device = accelerator.device
-        self.window = torch.zeros(3, device=device, dtype=torch.float64)  # loss sum, correct, count
-        self.epoch = torch.zeros(3, device=device, dtype=torch.float64)
+        self.window = torch.zeros(4, device=device, dtype=torch.float64)  # loss sum, correct, count, skipped
+        self.epoch = torch.zeros(4, device=device, dtype=torch.float64)
+        self.skipped = 0
         self.images, self.train_time, self.logged_step, self.tick = 0, 0.0, 0, time.perf_counter()
 
     def add(self, stats: torch.Tensor) -> None:
@@ -240,10 +248,11 @@ class Meter:
         """Reduce over ranks and reset; None when there is nothing new to report."""
         now = time.perf_counter()
         stats = self.accelerator.reduce(torch.cat([self.window, self.epoch]), "sum").tolist()
-        loss, correct, count, e_loss, e_correct, e_count = stats
+        loss, correct, count, _, e_loss, e_correct, e_count, e_skipped = stats
         self.window.zero_()
         if end_of_epoch:
             self.epoch.zero_()
+            self.skipped = int(e_skipped)  # bad images are skipped every epoch: report one epoch's count
         if count == 0 and not end_of_epoch:
             return None
         elapsed, self.tick = now - self.tick, now

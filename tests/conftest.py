@@ -1,0 +1,91 @@
+"""Shared fixtures: real image folders written to disk, tiny models saved with save_pretrained, subprocess runs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_image(path: Path, rng: np.random.Generator, label: int, mode: str = "RGB", size: int = 20) -> None:
+    """Write a learnable image: class `label` sets the brightness of one quadrant."""
+    arr = rng.integers(0, 60, size=(size, size, 3), dtype=np.uint8)
+    q = size // 2
+    r, c = divmod(label % 4, 2)
+    arr[r * q:(r + 1) * q, c * q:(c + 1) * q] += np.uint8(150)
+    img = Image.fromarray(arr)
+    if mode != "RGB":
+        img = img.convert(mode)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+
+
+def make_image_folder(root: Path, classes=("cat", "dog", "fox"), per_class=None, seed: int = 0) -> Path:
+    """An ImageFolder tree with train/val/test splits of small real PNG/JPEG files."""
+    per_class = per_class or {"train": 24, "val": 8, "test": 6}
+    rng = np.random.default_rng(seed)
+    for split, n in per_class.items():
+        for label, name in enumerate(classes):
+            for i in range(n):
+                ext = "png" if i % 2 else "jpg"
+                write_image(root / split / name / f"{i:04d}.{ext}", rng, label)
+    return root
+
+
+@pytest.fixture
+def image_root(tmp_path) -> Path:
+    """A 3-class ImageFolder with train/val/test."""
+    return make_image_folder(tmp_path / "shapes")
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300, module: str = "utp_dist.train") -> subprocess.CompletedProcess:
+    """Run `python -m utp_dist.train ...` in a subprocess, importing this checkout."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=cwd or REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.fixture
+def fresh_accelerate():
+    """Accelerate keeps process-wide singletons: reset them so each in-process run configures its own."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def tiny_config(image_root: Path, out: Path, **sections) -> dict:
+    """A raw config dict for a tiny ViT from scratch that trains in seconds on the test images."""
+    raw = {
+        "data": {"root": str(image_root), "batch_size": 8, "num_workers": 0, "image_size": 16, "augment": "none"},
+        "model": {"flavour": "vit", "config": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                               "intermediate_size": 64, "patch_size": 4}},
+        "optim": {"lr": 3e-3},
+        "train": {"epochs": 2, "log_every_n_steps": 2},
+        "output": {"root": str(out)},
+    }
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values)
+    return raw
+
+
+def save_tiny_vit(folder: Path, num_labels: int = 5) -> Path:
+    """A tiny pretrained-style ViT (model + image processor) saved with save_pretrained, as a hub folder would be."""
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    config = ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, patch_size=4,
+                       image_size=16, num_labels=num_labels)
+    ViTForImageClassification(config).save_pretrained(folder)
+    ViTImageProcessor(size={"height": 16, "width": 16}, image_mean=[0.4, 0.4, 0.4], image_std=[0.3, 0.3, 0.3]).save_pretrained(folder)
+    return folder

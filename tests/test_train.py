@@ -1,0 +1,210 @@
+"""End-to-end runs: real images, real models, TensorBoard's reader, transformers.pipeline on the export."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import REPO, run_cli, save_tiny_vit, tiny_config, write_image
+from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from utp_dist.config import from_dict
+from utp_dist.runs import create_run, sanitize
+from utp_dist.train import main
+
+
+def _fit(raw: dict) -> dict:
+    from utp_dist.trainer import Trainer
+
+    return Trainer(from_dict(raw)).fit()
+
+
+def _events(log_dir: Path) -> EventAccumulator:
+    files = list(log_dir.glob("events.out.tfevents.*"))
+    assert len(files) == 1, files
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "tensors": 0, "images": 0})
+    acc.Reload()
+    return acc
+
+
+def test_cli_run_writes_every_output(image_root, tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_config(image_root, tmp_path / "out")))
+    proc = run_cli(str(cfg), "train.eval_topk=[1,2]", "output.suffix=e2e")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    logs = tmp_path / "out" / "logs" / "shapes" / "vit__cross_entropy__scratch__e2e"
+    ckpt = tmp_path / "out" / "checkpoints" / "shapes" / "vit__cross_entropy__scratch__e2e"
+    saved = yaml.safe_load((logs / "config.yaml").read_text())
+    assert saved["train"]["eval_topk"] == [1, 2] and saved["data"]["root"] == str(image_root)
+
+    lines = [json.loads(line) for line in (logs / "metrics.jsonl").read_text().splitlines()]
+    assert [(line["split"], line["epoch"]) for line in lines] == [("val", 0), ("val", 1), ("test", 1)]
+    for key in ("val_loss", "val_acc@1", "val_acc@2", "val_f1_macro", "val_map_macro", "val_auroc_macro",
+                "val_kappa", "val_recall_micro", "val_recall_macro"):
+        assert 0 <= lines[0][key] <= (10 if key == "val_loss" else 1), key
+    assert lines[0]["val_images"] == 24 and lines[2]["test_images"] == 18
+
+    summary = json.loads((logs / "summary.json").read_text())
+    assert summary["world_size"] == 1 and summary["steps"] == 2 * (72 // 8)
+    assert summary["best"]["value"] == max(line["val_acc@1"] for line in lines[:2])
+    assert summary["train_img_per_s"] > 0 and summary["wall_time_s"] > 0
+    assert json.loads((ckpt / "_best_meta.json").read_text())["value"] == summary["best"]["value"]
+
+    events = _events(logs)
+    steps = [e.step for e in events.Scalars("train/loss")]
+    assert steps == sorted(set(steps)) and steps[0] == 2 and steps[-1] == summary["steps"]
+    assert [e.step for e in events.Scalars("val/acc@1")] == [9, 18]
+    assert "val/confusion_matrix" in events.Images("val/confusion_matrix")[0].__class__.__name__ or events.Images("val/confusion_matrix")
+    text = events.Tensors("val/confusion_matrix/text_summary")[-1].tensor_proto.string_val[0].decode()
+    counts = [int(v) for row in text.splitlines()[2:] for v in row.strip("|").split("|")[1:]]
+    assert sum(counts) == 24  # every val image counted exactly once
+    assert {p.name for p in (logs / "figures").iterdir()} >= {"confusion_matrix_val_epoch000.png", "roc_micro_test.png"}
+
+
+def test_export_loads_in_pipeline_and_matches_training(image_root, tmp_path, fresh_accelerate):
+    from transformers import pipeline
+
+    summary = _fit(tiny_config(image_root, tmp_path / "out", train={"epochs": 3}))
+    best = Path(summary["paths"]["best_model"])
+    assert best.is_symlink() and (best / "model.safetensors").is_file()
+    classifier = pipeline("image-classification", model=str(best), device="cpu")
+    preds = classifier(str(next((image_root / "val" / "dog").iterdir())), top_k=3)
+    assert {p["label"] for p in preds} == {"cat", "dog", "fox"}
+    assert abs(sum(p["score"] for p in preds) - 1) < 1e-4
+    # the pipeline's own preprocessing reproduces the accuracy measured during training
+    files = sorted((image_root / "test").glob("*/*"))
+    hits = sum(classifier(str(f), top_k=1)[0]["label"] == f.parent.name for f in files)
+    assert hits / len(files) == pytest.approx(summary["test"]["test_acc@1"], abs=1.5 / len(files))
+
+
+def test_pretrained_local_folder_replaces_head_and_freezes_backbone(image_root, tmp_path, fresh_accelerate):
+    folder = save_tiny_vit(tmp_path / "tiny-vit", num_labels=5)
+    before = load_file(folder / "model.safetensors")
+    raw = tiny_config(image_root, tmp_path / "out", model={"flavour": str(folder), "pretrained": True, "freeze_backbone": True, "config": {}},
+                      data={"image_size": None})
+    summary = _fit(raw)
+    assert summary["run_name"] == "tiny-vit__cross_entropy__pretrained"
+    after = load_file(Path(summary["paths"]["best_model"]) / "model.safetensors")
+    assert after["classifier.weight"].shape == (3, 32)  # 5-class head replaced by one for the 3 classes in the data
+    frozen = [k for k in before if not k.startswith("classifier")]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+    config = json.loads((Path(summary["paths"]["best_model"]) / "config.json").read_text())
+    assert config["id2label"] == {"0": "cat", "1": "dog", "2": "fox"}
+    processor = json.loads((Path(summary["paths"]["best_model"]) / "preprocessor_config.json").read_text())
+    assert processor["image_mean"] == [0.4, 0.4, 0.4]  # the checkpoint's own processor is kept
+
+
+def test_max_steps_and_accumulation_count_optimizer_steps(image_root, tmp_path, fresh_accelerate):
+    raw = tiny_config(image_root, tmp_path / "out", optim={"grad_accum_steps": 2}, train={"epochs": 3, "max_steps": 7})
+    summary = _fit(raw)
+    assert summary["steps"] == 7 and summary["global_batch"] == 16
+    # 72 images = 9 batches of 8 = 5 optimizer steps per epoch (the last one after a single batch): stops in epoch 1
+    assert summary["last_epoch"] == 1
+    logs = Path(summary["paths"]["logs"])
+    assert [e.step for e in _events(logs).Scalars("train/lr")][-1] == 7
+    assert [json.loads(line)["step"] for line in (logs / "metrics.jsonl").read_text().splitlines()] == [5, 7, 7]
+
+
+def test_bad_image_error_and_skip(image_root, tmp_path, fresh_accelerate, caplog):
+    bad = image_root / "train" / "cat" / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (image_root / "val" / "dog" / "broken.png").write_bytes(b"\x89PNG garbage")
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_config(image_root, tmp_path / "out", train={"epochs": 1}, data={"num_workers": 2})))
+    proc = run_cli(str(cfg))  # the error comes out of a DataLoader worker, wrapped by torch
+    assert proc.returncode == 2
+    err = proc.stderr.strip().splitlines()
+    assert err[-1].startswith("utp_dist: error: cannot decode image") and str(bad) in err[-1]
+    assert "Traceback" not in proc.stderr
+
+    # one batch of all 73 train files, so the last-partial-batch drop cannot hide the bad one
+    summary = _fit(tiny_config(image_root, tmp_path / "out", train={"epochs": 1}, data={"on_bad_image": "skip", "batch_size": 73}))
+    assert summary["skipped_images"] == {"train": 1, "val": 1, "test": 0}
+    assert summary["final_val"]["val_images"] == 24  # the 25th val file was unreadable
+    assert str(bad) in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("data.root=/nonexistent/folder", "data.root: folder '/nonexistent/folder' does not exist"),
+        ("optim.lrr=0.1", "did you mean 'optim.lr'"),
+        ("data.batch_size=0", "data.batch_size must be > 0"),
+        ("train.monitor_metric=val_acc@5", "train.monitor_metric 'val_acc@5' is never produced"),
+        ("model.flavour=notamodel", "model.flavour: 'notamodel' is neither a local folder nor a known model type"),
+    ],
+)
+def test_user_errors_are_one_line(image_root, tmp_path, override, message, capsys, fresh_accelerate):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_config(image_root, tmp_path / "out")))
+    assert main([str(cfg), override, "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("utp_dist: error: ") and message in err
+    assert not (tmp_path / "out").exists()  # nothing was created for a run that never started
+
+
+def test_dry_run_prints_counts_after_caps(image_root, tmp_path, capsys, fresh_accelerate):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_config(image_root, tmp_path / "out")))
+    assert main([str(cfg), "--dry-run", "data.max_datapoints_per_class={train: 10, val: {cat: 2}}", "optim.grad_accum_steps=2"]) == 0
+    out = capsys.readouterr().out
+    assert "train 30, val 18, test 18" in out
+    assert "optimizer steps: 4 over 2 epochs" in out  # 30 images -> 3 batches of 8 -> 2 steps per epoch
+    assert "3 classes: cat, dog, fox" in out
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_yaml_names_line(tmp_path, capsys):
+    cfg = tmp_path / "broken.yaml"
+    cfg.write_text("data:\n  root: x\n  batch_size: [1, 2\n")
+    assert main([str(cfg), "--print-config"]) == 2
+    err = capsys.readouterr().err
+    assert str(cfg) in err and "line 4" in err
+
+
+def _claim(args):
+    root, queue = args
+    queue.put(create_run(root, "data", "same").name)
+
+
+def test_run_folders_are_unique_under_races(tmp_path):
+    ctx = mp.get_context("spawn")
+    queue = ctx.Manager().Queue()
+    with ctx.Pool(4) as pool:
+        pool.map(_claim, [(str(tmp_path), queue)] * 8)
+    names = sorted(queue.get() for _ in range(8))
+    assert names == sorted(["same"] + [f"same-v{i}" for i in range(1, 8)])
+    assert sorted(p.name for p in (tmp_path / "checkpoints" / "data").iterdir()) == names
+
+
+def test_run_names_cannot_escape_the_output_root():
+    assert sanitize("../../etc/passwd", "output.run_name") == "etc-passwd"
+    assert "/" not in sanitize("google/vit-base", "k")
+    with pytest.raises(Exception, match="output.run_name"):
+        sanitize("../..", "output.run_name")
+
+
+def test_quickstart_reaches_its_accuracy_bar(tmp_path):
+    proc = run_cli(str(REPO / "configs" / "quickstart.yaml"), f"output.root={tmp_path}", timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(next(tmp_path.glob("logs/fashion-mnist-mini/*/summary.json")).read_text())
+    assert summary["best"]["value"] >= 0.78
+    assert summary["test"]["test_acc@1"] >= 0.75
+
+
+def test_grayscale_rgba_and_cmyk_train_together(tmp_path, fresh_accelerate):
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    for split, n in (("train", 8), ("val", 4)):
+        for label, name in enumerate(("a", "b")):
+            for i, (mode, ext) in enumerate([("L", "png"), ("RGBA", "png"), ("CMYK", "jpg"), ("L", "jpg")] * (n // 4)):
+                write_image(tmp_path / "mixed" / split / name / f"{i}.{ext}", rng, label, mode=mode, size=12 + i)
+    summary = _fit(tiny_config(tmp_path / "mixed", tmp_path / "out", train={"epochs": 1}, data={"batch_size": 4}))
+    assert summary["final_val"]["val_images"] == 8 and summary["test"] == {}
