@@ -136,6 +136,8 @@ class TrainConfig:
     """Whether a larger (max) or smaller (min) monitor_metric is better."""
     log_every_n_steps: int = 10
     """Optimizer steps between logged training loss/acc/lr points."""
+    sync_batchnorm: bool = False
+    """Synchronise batch-norm statistics across processes (for batch-norm models under DDP)."""
 
     def __post_init__(self) -> None:
         _positive("train.epochs", self.epochs)

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import broadcast_object_list, gather_object, set_seed
 
 from utp_dist import __version__
 from utp_dist.checkpoint import Checkpointer, NullCheckpointer
@@ -44,6 +44,12 @@ def build_accelerator(cfg: Config) -> Accelerator:
             f"the launcher started {expected} processes but the process group has {accelerator.num_processes}; "
             "launch with torchrun or accelerate launch --multi_gpu/--multi_cpu"
         )
+    if accelerator.num_processes > 1:
+        # every rank must train the same run: compare config hashes before any rank touches data or files
+        hashes = gather_object([cfg.fingerprint()])
+        if len(set(hashes)) > 1:
+            odd = next(rank for rank, h in enumerate(hashes) if h != hashes[0])
+            raise UserError(f"rank {odd} was given a different config than rank 0; launch every rank with the same file and overrides")
     return accelerator
 
 
@@ -79,6 +85,8 @@ class Trainer:
         # the scheduler is not prepared: accelerate would step it num_processes times per optimizer step
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.total_steps)
         self.normalize = Normalize(self.spec).to(acc.device)
+        if cfg.train.sync_batchnorm and acc.num_processes > 1:
+            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.model, self.optimizer, *loaders = acc.prepare(self.model, self.optimizer, *self.loaders.values())
         self.loaders = dict(zip(self.loaders, loaders, strict=True))
 

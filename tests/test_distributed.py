@@ -1,0 +1,123 @@
+"""Real multi-process runs on CPU (gloo): torchrun, accelerate launch, two 'nodes' on localhost."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO, make_image_folder, run_cli, tiny_config
+from safetensors.torch import load_file
+
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(cmd: list[str], timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, env=ENV, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def _torchrun(*args: str, nproc: int = 2) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+            "--master_addr", "127.0.0.1", "--master_port", str(_port()), "-m", "utp_dist.train", *args]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    # 21 val images: not a multiple of 2 ranks x eval batch 4, so the sampler pads and gather_for_metrics must drop it
+    return make_image_folder(tmp_path_factory.mktemp("dist") / "shapes", per_class={"train": 24, "val": 7})
+
+
+def _config(data: Path, out: Path, tmp_path: Path, batch: int) -> Path:
+    raw = tiny_config(data, out, data={"batch_size": batch, "eval_batch_size": 4}, train={"epochs": 2})
+    path = tmp_path / f"b{batch}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _only_run(out: Path) -> tuple[Path, Path]:
+    (logs,) = (out / "logs" / "shapes").iterdir()
+    (ckpt,) = (out / "checkpoints" / "shapes").iterdir()
+    return logs, ckpt
+
+
+def _val_lines(logs: Path) -> list[dict]:
+    return [json.loads(line) for line in (logs / "metrics.jsonl").read_text().splitlines() if '"val"' in line]
+
+
+def test_two_processes_equal_one_process_with_the_same_global_batch(data, tmp_path):
+    single = run_cli(str(_config(data, tmp_path / "one", tmp_path, 8)))
+    assert single.returncode == 0, single.stderr[-2000:]
+    double = _launch(_torchrun(str(_config(data, tmp_path / "two", tmp_path, 4))))
+    assert double.returncode == 0, double.stderr[-3000:]
+
+    logs1, ckpt1 = _only_run(tmp_path / "one")
+    logs2, ckpt2 = _only_run(tmp_path / "two")  # rank 1 created no second run folder
+    summary = json.loads((logs2 / "summary.json").read_text())
+    assert (summary["world_size"], summary["distributed_type"], summary["backend"]) == (2, "MULTI_CPU", "gloo")
+    assert summary["global_batch"] == 8 and summary["steps"] == json.loads((logs1 / "summary.json").read_text())["steps"]
+    assert len(list(logs2.glob("events.out.tfevents.*"))) == 1
+
+    for one, two in zip(_val_lines(logs1), _val_lines(logs2), strict=True):
+        assert two["val_images"] == 21  # padding from the distributed sampler is not counted
+        for key, value in one.items():
+            assert two[key] == pytest.approx(value, abs=1e-4), key
+    w1 = load_file(ckpt1 / "best" / "model.safetensors")
+    w2 = load_file(ckpt2 / "best" / "model.safetensors")
+    assert all((w1[k] - w2[k]).abs().max() < 1e-4 for k in w1)
+
+
+def test_accelerate_launch_multi_gpu_config_runs_distributed_on_cpu(data, tmp_path):
+    # the ready-made 1-node config, asked for 2 processes, on a machine without GPUs
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "launch/1node_multi_gpu.yaml",
+           "--num_processes", "2", "--main_process_port", str(_port()), "-m", "utp_dist.train",
+           str(_config(data, tmp_path / "out", tmp_path, 4)), "train.epochs=1"]
+    proc = _launch(cmd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    logs, _ = _only_run(tmp_path / "out")
+    summary = json.loads((logs / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["final_val"]["val_images"] == 21
+
+
+def _two_nodes(config: Path, node_args: tuple[list[str], list[str]]) -> list[subprocess.Popen]:
+    port = _port()
+    procs = []
+    for rank, extra in enumerate(node_args):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank),
+               "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port),
+               "-m", "utp_dist.train", str(config), *extra]
+        procs.append(subprocess.Popen(cmd, env=ENV, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+def test_two_nodes_on_localhost_form_one_run(data, tmp_path):
+    procs = _two_nodes(_config(data, tmp_path / "out", tmp_path, 4), (["train.epochs=1"], ["train.epochs=1"]))
+    results = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], results[0][1][-2000:] + results[1][1][-2000:]
+    logs, _ = _only_run(tmp_path / "out")
+    assert json.loads((logs / "summary.json").read_text())["world_size"] == 2
+
+
+def test_ranks_with_different_configs_stop_with_a_clear_error(data, tmp_path):
+    procs = _two_nodes(_config(data, tmp_path / "out", tmp_path, 4), (["optim.lr=0.001"], ["optim.lr=0.002"]))
+    results = [p.communicate(timeout=90) for p in procs]
+    for proc, (_, err) in zip(procs, results, strict=True):
+        assert proc.returncode != 0
+        assert "rank 1 was given a different config than rank 0" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_per_device_batch_larger_than_a_shard_is_refused(data, tmp_path):
+    proc = _launch(_torchrun(str(_config(data, tmp_path / "out", tmp_path, 40))), timeout=90)
+    assert proc.returncode != 0
+    assert "data.batch_size: 40 x 2 processes is more than the 72 training images" in proc.stderr
