@@ -86,6 +86,8 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.total_steps)
         self.normalize = Normalize(self.spec).to(acc.device)
         if cfg.train.sync_batchnorm and acc.num_processes > 1:
+            if acc.device.type != "cuda":
+                raise UserError("train.sync_batchnorm: torch's SyncBatchNorm works on GPUs only; set it to false on CPU")
             self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.model, self.optimizer, *loaders = acc.prepare(self.model, self.optimizer, *self.loaders.values())
         self.loaders = dict(zip(self.loaders, loaders, strict=True))
