@@ -45,9 +45,9 @@ def image_root(tmp_path) -> Path:
     return make_image_folder(tmp_path / "shapes")
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300, module: str = "utp_dist.train") -> subprocess.CompletedProcess:
+def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300, module: str = "utp_dist.train", **env_vars: str) -> subprocess.CompletedProcess:
     """Run `python -m utp_dist.train ...` in a subprocess, importing this checkout."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **env_vars}
     return subprocess.run(
         [sys.executable, "-m", module, *args], cwd=cwd or REPO, env=env, capture_output=True, text=True, timeout=timeout
     )

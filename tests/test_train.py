@@ -208,3 +208,22 @@ def test_grayscale_rgba_and_cmyk_train_together(tmp_path, fresh_accelerate):
                 write_image(tmp_path / "mixed" / split / name / f"{i}.{ext}", rng, label, mode=mode, size=12 + i)
     summary = _fit(tiny_config(tmp_path / "mixed", tmp_path / "out", train={"epochs": 1}, data={"batch_size": 4}))
     assert summary["final_val"]["val_images"] == 8 and summary["test"] == {}
+
+
+def test_epochs_have_their_own_order_and_skip_resumes_mid_epoch(image_root, tmp_path, fresh_accelerate):
+    from utp_dist.trainer import Trainer
+
+    trainer = Trainer(from_dict(tiny_config(image_root, tmp_path / "out", data={"augment": "standard"})))
+    loader, sampler = trainer.loaders["train"], trainer.samplers["train"]
+
+    def epoch(n: int, skip: int = 0) -> list[torch.Tensor]:
+        loader.set_epoch(n)
+        sampler.skip_once(skip)
+        return [images for images, _ in loader]
+
+    first, second = epoch(0), epoch(1)
+    assert len(first) == len(second) == 9
+    assert not all(a.equal(b) for a, b in zip(first, second, strict=True))  # a new shuffle (and augmentation) per epoch
+    resumed = epoch(0, skip=2 * 8)  # two batches were trained before the stop
+    assert len(resumed) == 7 and all(a.equal(b) for a, b in zip(first[2:], resumed, strict=True))
+    assert all(a.equal(b) for a, b in zip(first, epoch(0), strict=True))  # the skip applied once only

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from safetensors.torch import load_model, save_model
 from transformers.utils import logging as hf_logging
 
 hf_logging.disable_progress_bar()  # save_pretrained's shard bar would break the training progress bar
@@ -49,6 +53,14 @@ class Checkpointer:
         if self.per_epoch:
             self._export(model, processor, f"epoch{epoch:03d}")
         return improved
+
+    def state_dict(self) -> dict:
+        """Best-so-far metadata, saved in every training state."""
+        return {"best": self.best}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore the best-so-far metadata of a training state."""
+        self.best = state["best"]
 
     def load_best(self, model: torch.nn.Module) -> None:
         """Load the best weights into `model` through from_pretrained (safetensors: loading runs no code)."""
@@ -108,7 +120,107 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _save_synced(obj, path: Path) -> None:
+    with open(path, "wb") as fh:
+        torch.save(obj, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
 def _fsync_tree(folder: Path) -> None:
     for path in folder.iterdir():
         with open(path, "rb") as fh:
             os.fsync(fh.fileno())
+
+
+STATE_DIR = "state"
+COMPLETE = "COMPLETE"
+FINISHED = "FINISHED"
+
+
+class TrainingStates:
+    """Complete training states in RUN/state/step-NNNNNNNN: every rank writes into a temporary folder, then it is
+    flushed, marked complete and renamed; older states are deleted only after that."""
+
+    def __init__(self, run_dir: Path, accelerator, keep_last: int):
+        self.folder, self.accelerator, self.keep_last = run_dir / STATE_DIR, accelerator, keep_last
+        if accelerator.is_main_process and self.folder.is_dir():
+            for stale in self.folder.glob(".tmp-step-*"):  # a save that a crash cut short; never complete
+                shutil.rmtree(stale, ignore_errors=True)
+
+    def save(self, step: int, model: torch.nn.Module, shared: dict, per_rank: dict, identity: dict) -> Path:
+        """Save the model and `shared` state dicts (main process), `per_rank` ones and RNG states (every rank), atomically."""
+        acc, main = self.accelerator, self.accelerator.is_main_process
+        tmp, final = self.folder / f".tmp-step-{step:08d}", self.folder / f"step-{step:08d}"
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier save of this step
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        rank_state = {"rng": rng_state(), **{name: obj.state_dict() for name, obj in per_rank.items()}}
+        _save_synced(rank_state, tmp / f"rank{acc.process_index}.pt")
+        if main:
+            save_model(model, str(tmp / "model.safetensors"))
+            _save_synced({name: obj.state_dict() for name, obj in shared.items()}, tmp / "trainer.pt")
+            (tmp / "identity.json").write_text(json.dumps(identity, indent=1, default=str))
+            time.sleep(float(os.environ.get("UTP_DIST_TEST_SLOW_SAVE", "0")))  # test hook: widen the crash window
+        acc.wait_for_everyone()
+        if main:
+            _fsync_tree(tmp)
+            _atomic_write(tmp / COMPLETE, str(step))
+            if final.exists():
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            for old in complete_states(self.folder)[: -self.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+        return final
+
+    def load(self, path: Path, model: torch.nn.Module, shared: dict, per_rank: dict) -> None:
+        """Load a state saved by save(): safetensors for weights, weights_only pickles for the rest (no code runs)."""
+        load_model(model, str(path / "model.safetensors"))
+        state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
+        for name, obj in shared.items():
+            if name in state:
+                obj.load_state_dict(state[name])
+        own = path / f"rank{self.accelerator.process_index}.pt"
+        # a rank that did not exist when the state was saved (more processes, epoch boundary) takes rank 0's RNG
+        rank_state = torch.load(own if own.exists() else path / "rank0.pt", map_location="cpu", weights_only=True)
+        set_rng_state(rank_state["rng"])
+        if own.exists():
+            for name, obj in per_rank.items():
+                obj.load_state_dict(rank_state[name])
+
+    def mark_finished(self) -> None:
+        """Tell checkpoint.resume=auto that this run has nothing left to continue."""
+        if self.accelerator.is_main_process:
+            _atomic_write(self.folder.parent / FINISHED, "finished\n")
+
+
+def complete_states(folder: Path) -> list[Path]:
+    """Complete states in a state folder, oldest first (by the step in their name, which save() wrote)."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.glob("step-*") if (p / COMPLETE).is_file())
+
+
+def rng_state() -> dict:
+    """This process's python, numpy, torch and CUDA RNG states, in types that weights_only loading accepts."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.copy()), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what rng_state() returned."""
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy(), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -175,6 +175,29 @@ class OutputConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """Full training state for exact resume: when to save, how many to keep, what to resume."""
+
+    every_n_steps: int | None = None
+    """Save the training state every N optimizer steps; null = not by step count."""
+    every_n_minutes: float | None = 30.0
+    """Save the training state when this many minutes passed since the last save; null = not by time."""
+    every_epoch: bool = True
+    """Save the training state at the end of every epoch."""
+    keep_last: int = 2
+    """Complete training states kept (older ones are deleted once a newer one is complete)."""
+    resume: str = "auto"
+    """auto = continue this config's newest unfinished run if any; never = always a new run; or a state/run PATH."""
+    allow_changes: bool = False
+    """Resume even when the config or the data differ from the saved state."""
+
+    def __post_init__(self) -> None:
+        _positive("checkpoint.every_n_steps", self.every_n_steps)
+        _positive("checkpoint.every_n_minutes", self.every_n_minutes)
+        _positive("checkpoint.keep_last", self.keep_last)
+
+
+@dataclass
 class Config:
     """The whole run: one section per component."""
 
@@ -183,6 +206,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def to_dict(self) -> dict:
         """Plain nested dict of every field."""
@@ -196,6 +220,13 @@ class Config:
         """Stable hash of the resolved config without the dotted keys in `exclude`."""
         flat = {k: v for k, v in flatten(self.to_dict()).items() if not any(k == e or k.startswith(e + ".") for e in exclude)}
         return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# fields that may differ between a saved training state and the run that resumes it
+MAY_CHANGE_ON_RESUME = (
+    "train.epochs", "train.max_steps", "train.log_every_n_steps", "output", "checkpoint",
+    "data.num_workers", "data.prefetch_factor", "data.persistent_workers", "data.pin_memory", "data.eval_batch_size",
+)
 
 
 def metric_names(topk: list[int]) -> list[str]:

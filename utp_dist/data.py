@@ -157,21 +157,28 @@ class EpochSampler(Sampler):
     """Seeded per-epoch order (identical on every rank), cut to whole global batches when asked."""
 
     def __init__(self, length: int, seed: int, shuffle: bool, multiple_of: int = 1):
-        self.length, self.seed, self.shuffle, self.multiple_of, self.epoch = length, seed, shuffle, multiple_of, 0
+        self.length, self.seed, self.shuffle, self.multiple_of = length, seed, shuffle, multiple_of
+        self.epoch, self.skip = 0, 0
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the order of `epoch`."""
+        """Select the order of `epoch` (accelerate's DataLoaderShard.set_epoch calls this on every iteration)."""
         self.epoch = epoch
 
+    def skip_once(self, samples: int) -> None:
+        """Leave out the first `samples` of the next iteration only (trained before a resume)."""
+        self.skip = samples
+
     def __len__(self) -> int:
-        return self.length - self.length % self.multiple_of
+        return self.length - self.length % self.multiple_of - self.skip
 
     def __iter__(self):
         if self.shuffle:
             order = torch.randperm(self.length, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
         else:
             order = list(range(self.length))
-        return iter([(self.epoch, i) for i in order[: len(self)]])
+        start, end = self.skip, self.skip + len(self)
+        self.skip = 0
+        return iter([(self.epoch, i) for i in order[start:end]])
 
 
 def build_transforms(spec: InputSpec, augment: str) -> tuple[v2.Transform, v2.Transform]:

@@ -8,7 +8,6 @@ import os
 from pathlib import Path
 
 import matplotlib.pyplot as plt
-import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
@@ -18,12 +17,15 @@ from utp_dist.metrics import confusion_figure, confusion_markdown, roc_figure
 class Tracker:
     """Writes every log of one run under its log folder."""
 
-    def __init__(self, log_dir: Path, total_steps: int):
+    def __init__(self, log_dir: Path, total_steps: int, resume_step: int | None = None):
         self.log_dir = log_dir
         self.figures = log_dir / "figures"
         self.figures.mkdir(parents=True, exist_ok=True)
-        self.writer = SummaryWriter(str(log_dir))
-        self.bar = tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True)
+        if resume_step is not None:
+            self._drop_metrics_after(resume_step)
+        # purge_step: TensorBoard drops what a killed segment logged after the state we resume from
+        self.writer = SummaryWriter(str(log_dir), purge_step=None if resume_step is None else resume_step + 1)
+        self.bar = tqdm(total=total_steps, initial=resume_step or 0, desc="train", unit="step", dynamic_ncols=True)
 
     def write_text(self, name: str, text: str) -> None:
         """Write a file into the log folder (config.yaml and the like)."""
@@ -67,6 +69,18 @@ class Tracker:
         self.bar.close()
         self.writer.close()
 
+    def _drop_metrics_after(self, step: int) -> None:
+        """Keep metrics.jsonl lines up to `step` (the resumed state), so no evaluation appears twice."""
+        path = self.log_dir / "metrics.jsonl"
+        if not path.exists():
+            return
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        # the test split is evaluated only after the last state, so it is always redone
+        keep = [line for line in lines if line.strip() and (rec := json.loads(line))["step"] <= step and rec["split"] != "test"]
+        tmp = path.with_name(".metrics.jsonl.tmp")
+        tmp.write_text("".join(keep), encoding="utf-8")
+        os.replace(tmp, path)
+
     def _figure(self, tag: str, fig: plt.Figure, step: int, name: str) -> None:
         fig.savefig(self.figures / f"{tag.split('/')[1]}_{name}.png")
         self.writer.add_figure(tag, fig, step, close=True)
@@ -104,7 +118,3 @@ def _finite(value: float) -> float | None:
     # JSON has no NaN: an undefined metric (e.g. AUROC of a single-class split) is written as null
     return value if isinstance(value, (int, float)) and math.isfinite(value) else None
 
-
-def to_python(value):
-    """Tensors to plain numbers for JSON."""
-    return value.item() if isinstance(value, torch.Tensor) else value

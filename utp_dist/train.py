@@ -9,6 +9,7 @@ import sys
 import warnings
 
 from utp_dist.errors import UserError
+from utp_dist.preemption import EXIT_RESUMABLE, Stopped
 
 EXIT_USER_ERROR = 2
 
@@ -53,6 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"utp_dist: error: {one_line(err)}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("utp_dist: interrupted; the newest complete training state (if any) continues the run", file=sys.stderr)
+        return 130
+    except Stopped as stop:
+        print(f"utp_dist: {stop}; exit {EXIT_RESUMABLE} = stopped to be resumed", file=sys.stderr)
+        return EXIT_RESUMABLE
 
 
 def one_line(err: Exception) -> str:

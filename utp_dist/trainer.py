@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -13,14 +16,16 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object, set_seed
 
 from utp_dist import __version__
-from utp_dist.checkpoint import Checkpointer, NullCheckpointer
+from utp_dist.checkpoint import Checkpointer, NullCheckpointer, TrainingStates
 from utp_dist.config import Config
 from utp_dist.data import IGNORE_LABEL, ImageFolderSplit, build_loader, build_transforms, index_splits
 from utp_dist.errors import UserError
 from utp_dist.metrics import EvalMetrics
 from utp_dist.model import Normalize, build_model, input_spec
 from utp_dist.optim import build_optimizer, build_scheduler, optimizer_steps
-from utp_dist.runs import base_name, create_run
+from utp_dist.preemption import Stopped, StopRequest
+from utp_dist.resume import check, find_state, identity, read_identity
+from utp_dist.runs import RunPaths, base_name, create_run
 from utp_dist.tracking import NullTracker, Tracker
 
 log = logging.getLogger(__name__)
@@ -111,44 +116,82 @@ class Trainer:
         ])
 
     def fit(self) -> dict:
-        """Train for the configured epochs/steps, evaluate every epoch, test the best weights; return the summary."""
-        start = time.time()
+        """Train (or continue) the run: evaluate every epoch, save states, test the best weights; return the summary."""
         self._open_run()
+        stop = StopRequest().install()
         try:
-            return self._fit(start)
+            return self._fit(stop)
         finally:
+            stop.uninstall()
             self.tracker.close()  # flushes TensorBoard and ends the progress bar line, also on errors
 
-    def _fit(self, start: float) -> dict:
-        cfg, acc = self.cfg, self.accelerator
-        meter, step, epoch, last = Meter(acc), 0, 0, {}
-        for epoch in range(cfg.train.epochs):
-            self.samplers["train"].set_epoch(epoch)
+    def _fit(self, stop: StopRequest) -> dict:
+        cfg, acc, p = self.cfg, self.accelerator, self.progress
+        micro_batch = cfg.data.batch_size * acc.num_processes
+        while p.epoch < cfg.train.epochs and p.step < self.total_steps:
+            self.loaders["train"].set_epoch(p.epoch)  # accelerate's loader passes it to the sampler on every iteration
+            self.samplers["train"].skip_once(p.position * micro_batch)
             self.model.train()
-            meter.resume()
+            self.meter.resume()
             for images, labels in self.loaders["train"]:
                 with acc.accumulate(self.model):
-                    meter.add(self.train_step(images, labels))
+                    self.meter.add(self.train_step(images, labels))
+                p.position += 1
                 if not acc.sync_gradients:
                     continue
-                step += 1
-                if step % cfg.train.log_every_n_steps == 0 or step == self.total_steps:
-                    self._log_train(meter, step, epoch)
-                if step >= self.total_steps:
+                p.step += 1
+                if p.step % cfg.train.log_every_n_steps == 0 or p.step == self.total_steps:
+                    self._log_train(p.step, p.epoch)
+                if p.step >= self.total_steps:
                     break
-            self._log_train(meter, step, epoch, end_of_epoch=True)
-            last = self.evaluate("val", epoch, step)
-            self.checkpointer.update(acc.unwrap_model(self.model), self.processor, last, epoch, step)
-            if step >= self.total_steps:
-                break
+                if not acc.gradient_state.end_of_dataloader:  # the epoch end saves after its evaluation instead
+                    self._maybe_save(stop, every_epoch=False)
+            self._log_train(p.step, p.epoch, end_of_epoch=True)
+            p.last_val = self.evaluate("val", p.epoch, p.step)
+            self.checkpointer.update(acc.unwrap_model(self.model), self.processor, p.last_val, p.epoch, p.step)
+            p.epoch, p.position = p.epoch + 1, 0
+            self._maybe_save(stop, every_epoch=cfg.checkpoint.every_epoch and p.step < self.total_steps)
         acc.wait_for_everyone()  # the best weights are on disk before any rank reads them
         test = {}
         if "test" in self.loaders:
             self.checkpointer.load_best(acc.unwrap_model(self.model))
-            test = self.evaluate("test", epoch, step)
-        summary = self._summary(step, epoch, last, test, meter, time.time() - start)
+            test = self.evaluate("test", p.epoch - 1, p.step)
+        summary = self._summary(test)
         self.tracker.write_summary(summary)
+        self.states.mark_finished()
         return summary
+
+    def _maybe_save(self, stop: StopRequest, every_epoch: bool) -> None:
+        """Save the training state when due (steps, minutes, epoch end) or asked by a signal; all ranks agree first."""
+        cfg, p = self.cfg.checkpoint, self.progress
+        due_by_steps = bool(cfg.every_n_steps) and p.step % cfg.every_n_steps == 0
+        due_by_time = bool(cfg.every_n_minutes) and time.time() - self.last_save >= 60 * cfg.every_n_minutes
+        flags = torch.tensor([stop.requested, due_by_time], device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            # one rank's signal or clock decides for all: no rank may block alone in a collective
+            flags = self.accelerator.reduce(flags.int(), "max")
+        stopping, due_by_time = bool(flags[0]), bool(flags[1])
+        if every_epoch or due_by_steps or due_by_time or stopping:
+            self.save_state()
+        if stopping:
+            raise Stopped(f"stopped by signal at step {p.step}; the saved state continues the run")
+
+    def save_state(self) -> Path:
+        """Save everything resumable (model, optimizer, scheduler, scaler, progress, meter, best, RNG) atomically."""
+        self.progress.wall_time = self._wall_time()
+        self.segment_start = time.time()  # wall_time now holds everything up to here
+        where = {"step": self.progress.step, "epoch": self.progress.epoch, "position": self.progress.position}
+        path = self.states.save(self.progress.step, self.accelerator.unwrap_model(self.model), *self._resumable(), {**self.identity, **where})
+        self.last_save = time.time()
+        log.info("saved training state %s", path)
+        return path
+
+    def _resumable(self) -> tuple[dict, dict]:
+        """(objects shared by all ranks, objects each rank keeps for itself), each with state_dict/load_state_dict."""
+        shared = {"optimizer": self.optimizer, "scheduler": self.scheduler, "progress": self.progress, "best": self.checkpointer}
+        if self.accelerator.scaler is not None:
+            shared["scaler"] = self.accelerator.scaler
+        return shared, {"meter": self.meter}
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Forward, backward, clip and step (accelerate skips the step while accumulating); returns [loss sum, correct, n, skipped]."""
@@ -181,22 +224,50 @@ class Trainer:
         return values
 
     def _open_run(self) -> None:
-        """Choose the run name on the main process, share it, and build the trackers for this rank."""
+        """Continue a saved state or claim a new run folder (main process decides), then build this rank's writers."""
         acc, cfg = self.accelerator, self.cfg
-        paths = [create_run(cfg.output.root, self.splits.name, base_name(cfg)) if acc.is_main_process else None]
-        self.paths = broadcast_object_list(paths, from_process=0)[0]
+        base = base_name(cfg)
+        found = [find_state(cfg, self.splits.name, base) if acc.is_main_process else None]
+        found = broadcast_object_list(found, from_process=0)[0]
+        micro_batch = cfg.data.batch_size * acc.num_processes
+        images = sum(len(v) for v in self.splits.samples.values())
+        data_hash = hashlib.sha256(json.dumps(self.splits.fingerprint()).encode()).hexdigest()[:16]
+        if found is not None:
+            saved = read_identity(found)
+            current = identity(cfg, data_hash, images, __version__, micro_batch, saved["paths"])
+            check(found, saved, current, cfg.checkpoint.allow_changes, mid_epoch=saved["position"] > 0)
+            self.paths = RunPaths(**{k: Path(v) if k != "name" else v for k, v in saved["paths"].items()})
+        else:
+            paths = [create_run(cfg.output.root, self.splits.name, base) if acc.is_main_process else None]
+            self.paths = broadcast_object_list(paths, from_process=0)[0]
+        self.identity = identity(cfg, data_hash, images, __version__, micro_batch,
+                                 {"name": self.paths.name, "logs": str(self.paths.logs), "checkpoints": str(self.paths.checkpoints)})
         main = acc.is_main_process
-        self.tracker = Tracker(self.paths.logs, self.total_steps) if main else NullTracker()
+        self.progress, self.meter = Progress(), Meter(acc)
         ckpt_cls = Checkpointer if main else NullCheckpointer
         self.checkpointer = ckpt_cls(self.paths.checkpoints, cfg.train.monitor_metric, cfg.train.monitor_mode, cfg.output.save_per_epoch_checkpoint)
+        self.states = TrainingStates(self.paths.checkpoints, acc, cfg.checkpoint.keep_last)
+        if found is not None:
+            self.states.load(found, acc.unwrap_model(self.model), *self._resumable())
+            self.progress.restarts += 1
+            acc.step = 0  # states are saved right after an optimizer step: accumulation restarts from zero
+            log.info("resuming %s from %s (step %d, epoch %d, restart %d)", self.paths.name, found,
+                     self.progress.step, self.progress.epoch, self.progress.restarts)
+        resume_step = self.progress.step if found is not None else None
+        self.tracker = Tracker(self.paths.logs, self.total_steps, resume_step) if main else NullTracker()
+        self.segment_start = self.last_save = time.time()
         self.tracker.write_text("config.yaml", cfg.to_yaml())
-        self.tracker.log_text("config", "```yaml\n" + cfg.to_yaml() + "\n```")
-        self.tracker.log_text("run", self.describe().replace("\n", "  \n"))
+        self.tracker.log_text("config", "```yaml\n" + cfg.to_yaml() + "\n```", self.progress.step)
+        self.tracker.log_text("run", self.describe().replace("\n", "  \n"), self.progress.step)
         log.info("run %s: logs in %s, checkpoints in %s", self.paths.name, self.paths.logs, self.paths.checkpoints)
 
-    def _log_train(self, meter: Meter, step: int, epoch: int, end_of_epoch: bool = False) -> None:
+    def _wall_time(self) -> float:
+        """Seconds of this run over all its segments (restarts included)."""
+        return self.progress.wall_time + time.time() - self.segment_start
+
+    def _log_train(self, step: int, epoch: int, end_of_epoch: bool = False) -> None:
         """Log mean training loss/acc over all ranks since the last point (or the epoch), the lr and img/s."""
-        window = meter.flush(step, end_of_epoch)
+        window = self.meter.flush(step, end_of_epoch)
         if window is None:
             return
         lr, values = self.scheduler.get_last_lr()[0], {}
@@ -210,20 +281,22 @@ class Trainer:
         postfix = {"epoch": str(epoch), "loss": f"{window['loss']:.4f}", "lr": f"{lr:.2e}", "img/s": f"{window['img_per_s']:.0f}"}
         self.tracker.progress(window["steps"], postfix)
 
-    def _summary(self, step: int, epoch: int, last: dict, test: dict, meter: Meter, wall: float) -> dict:
-        acc, best = self.accelerator, self.checkpointer.best or {}
+    def _summary(self, test: dict) -> dict:
+        acc, best, p, meter = self.accelerator, self.checkpointer.best or {}, self.progress, self.meter
+        last = p.last_val
         return {
             "run_name": self.paths.name,
             "version": __version__,
             "best": {"metric": self.cfg.train.monitor_metric, "mode": self.cfg.train.monitor_mode, **best},
             "final_val": last,
             "test": test,
-            "steps": step,
-            "last_epoch": epoch,
+            "steps": p.step,
+            "last_epoch": p.epoch - 1,
+            "restarts": p.restarts,
             "train_images": meter.images,
             "skipped_images": {"train": meter.skipped, "val": last.get("val_skipped_images", 0), "test": test.get("test_skipped_images", 0)},
             "train_img_per_s": meter.images / max(meter.train_time, 1e-9),
-            "wall_time_s": wall,
+            "wall_time_s": self._wall_time(),
             "world_size": acc.num_processes,
             "distributed_type": acc.distributed_type.value,
             "backend": acc.state.backend or "none",
@@ -244,6 +317,18 @@ class Meter:
         self.epoch = torch.zeros(4, device=device, dtype=torch.float64)
         self.skipped = 0
         self.images, self.train_time, self.logged_step, self.tick = 0, 0.0, 0, time.perf_counter()
+
+    def state_dict(self) -> dict:
+        """Unreported sums and totals, so a resumed run logs exactly what an uninterrupted one would."""
+        return {"window": self.window.cpu(), "epoch": self.epoch.cpu(), "skipped": self.skipped, "images": self.images,
+                "train_time": self.train_time, "logged_step": self.logged_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what state_dict() returned."""
+        self.window.copy_(state["window"])
+        self.epoch.copy_(state["epoch"])
+        self.skipped, self.images, self.train_time, self.logged_step = (
+            state["skipped"], state["images"], state["train_time"], state["logged_step"])
 
     def add(self, stats: torch.Tensor) -> None:
         """Add one micro-batch's [loss sum, correct, count] without a host sync."""
@@ -273,3 +358,29 @@ class Meter:
             "loss": loss / max(count, 1), "acc": correct / max(count, 1), "img_per_s": count / max(elapsed, 1e-9),
             "epoch_loss": e_loss / max(e_count, 1), "epoch_acc": e_correct / max(e_count, 1), "steps": steps, "count": count,
         }
+
+
+@dataclass
+class Progress:
+    """Where the run stands; part of every training state."""
+
+    step: int = 0
+    """Optimizer steps done."""
+    epoch: int = 0
+    """Epoch in progress (or the next one, at an epoch end)."""
+    position: int = 0
+    """Micro-batches of `epoch` this rank has trained."""
+    restarts: int = 0
+    """How many times the run was resumed."""
+    wall_time: float = 0.0
+    """Seconds spent in earlier segments."""
+    last_val: dict = field(default_factory=dict)
+    """Metrics of the latest validation."""
+
+    def state_dict(self) -> dict:
+        """All fields, as plain values."""
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore all fields."""
+        self.__dict__.update(state)

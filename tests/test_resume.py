@@ -1,0 +1,216 @@
+"""Exact resume: real signals to real processes, kill -9 during a save, refused and allowed config changes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+from conftest import REPO, make_image_folder, tiny_config
+from conftest import run_cli as _run_cli
+from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from utp_dist.preemption import EXIT_RESUMABLE
+from utp_dist.train import main
+
+# bit-identical float results need the same thread count in every segment: pin it for all runs here
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return _run_cli(*args, OMP_NUM_THREADS="1")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp("resume") / "shapes", per_class={"train": 24, "val": 7, "test": 4})
+
+
+def _config(root: Path, out: Path, **sections) -> Path:
+    base = {"data": {"augment": "standard", "num_workers": 2, "image_size": None},
+            "train": {"epochs": 2, "log_every_n_steps": 1},
+            "checkpoint": {"every_n_steps": 4, "every_n_minutes": None, "keep_last": 2}}
+    for section, values in sections.items():
+        base.setdefault(section, {}).update(values)
+    raw = tiny_config(root, out, **base)
+    raw["model"]["config"]["image_size"] = 16  # the size comes from the model's processor, not data.image_size
+    path = out.with_suffix(".yaml")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _start(cmd: list[str], slow_save: float = 0.0) -> subprocess.Popen:
+    env = {**ENV, "UTP_DIST_TEST_SLOW_SAVE": str(slow_save)}
+    return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 90) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def _run(out: Path) -> tuple[Path, Path]:
+    (logs,) = (out / "logs" / "shapes").iterdir()
+    (ckpt,) = (out / "checkpoints" / "shapes").iterdir()
+    return logs, ckpt
+
+
+def _states(ckpt: Path) -> list[Path]:
+    return sorted((ckpt / "state").glob("step-*/COMPLETE"))
+
+
+def _scalars(logs: Path, tag: str) -> list[tuple[int, float]]:
+    acc = EventAccumulator(str(logs), size_guidance={"scalars": 0})
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars(tag)]
+
+
+def _assert_same_run(reference: Path, resumed: Path) -> None:
+    """Bit-identical weights, identical metrics.jsonl, each TensorBoard step exactly once with the same value."""
+    (ref_logs, ref_ckpt), (res_logs, res_ckpt) = _run(reference), _run(resumed)
+    for name in ("best/model.safetensors", sorted(p.name for p in (ref_ckpt / "state").iterdir())[-1] + "/model.safetensors"):
+        a, b = load_file(ref_ckpt / "state" / name if name.startswith("step") else ref_ckpt / name), \
+            load_file(res_ckpt / "state" / name if name.startswith("step") else res_ckpt / name)
+        assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a), name
+    assert (ref_logs / "metrics.jsonl").read_text() == (res_logs / "metrics.jsonl").read_text()
+    for tag in ("train/loss", "train/lr", "epoch/train_loss", "val/acc@1", "val/loss"):
+        assert _scalars(ref_logs, tag) == _scalars(res_logs, tag), tag
+
+
+def _train_cmd(config: Path, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "utp_dist.train", str(config), *overrides]
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory) -> Path:
+    """One uninterrupted run that the interrupted ones must reproduce bit for bit."""
+    out = tmp_path_factory.mktemp("reference") / "ref"
+    proc = run_cli(str(_config(data, out)))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out
+
+
+def test_sigterm_and_sigusr1_stops_resume_bit_identical(data, reference, tmp_path):
+    config = _config(data, tmp_path / "cut")
+    ckpt_parent = tmp_path / "cut" / "checkpoints" / "shapes"
+
+    def newest() -> str:
+        return max((p.parent.name for run in ckpt_parent.iterdir() for p in _states(run)), default="") if ckpt_parent.exists() else ""
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        proc = _start(_train_cmd(config), slow_save=0.3)
+        before = newest()
+        _wait_for(lambda before=before: newest() > before, proc)  # a new state was written: we are mid-run
+        proc.send_signal(sig)
+        proc.send_signal(sig)  # a second signal during the save changes nothing
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == EXIT_RESUMABLE, err[-3000:]
+        assert f"exit {EXIT_RESUMABLE} = stopped to be resumed" in err
+    final = run_cli(str(config))  # checkpoint.resume: auto continues the same run folder
+    assert final.returncode == 0, final.stderr[-3000:]
+    _assert_same_run(reference, tmp_path / "cut")
+    summary = json.loads((_run(tmp_path / "cut")[0] / "summary.json").read_text())
+    assert summary["restarts"] == 2
+    assert summary["wall_time_s"] > json.loads((_run(reference)[0] / "summary.json").read_text())["wall_time_s"] * 0.5
+
+
+def test_kill_9_during_a_save_keeps_the_previous_state(data, reference, tmp_path):
+    config = _config(data, tmp_path / "cut")
+    proc = _start(_train_cmd(config), slow_save=2.0)
+    state_dir = lambda: next((tmp_path / "cut" / "checkpoints" / "shapes").iterdir()) / "state"  # noqa: E731
+    _wait_for(lambda: (tmp_path / "cut" / "checkpoints" / "shapes").exists() and state_dir().is_dir()
+              and len(_states(state_dir().parent)) >= 1 and any(state_dir().glob(".tmp-step-*")), proc)
+    time.sleep(0.5)  # inside the slowed save: the model and optimizer files are written, COMPLETE is not
+    proc.kill()
+    proc.communicate()
+    assert any(state_dir().glob(".tmp-step-*"))  # the cut save is there, incomplete
+    complete_before = _states(state_dir().parent)
+    final = run_cli(str(config))
+    assert final.returncode == 0, final.stderr[-3000:]
+    assert "resuming" in final.stderr and complete_before[-1].parent.name in final.stderr
+    assert not any(state_dir().glob(".tmp-step-*"))
+    _assert_same_run(reference, tmp_path / "cut")
+
+
+def test_changed_config_is_refused_with_a_diff_unless_allowed(data, tmp_path, capsys, fresh_accelerate):
+    config = _config(data, tmp_path / "run", train={"epochs": 1}, data={"num_workers": 0})
+    assert main([str(config)]) == 0
+    logs, ckpt = _run(tmp_path / "run")
+    state = _states(ckpt)[-1].parent
+    capsys.readouterr()
+    assert main([str(config), f"checkpoint.resume={state}", "optim.lr=0.5", "train.epochs=2"]) == 2
+    err = capsys.readouterr().err
+    assert "optim.lr: 0.003 -> 0.5" in err and "checkpoint.allow_changes=true" in err and err.count("\n") == 1
+
+    assert main([str(config), f"checkpoint.resume={ckpt}", "optim.lr=0.5", "train.epochs=2", "checkpoint.allow_changes=true"]) == 0
+    assert _run(tmp_path / "run") == (logs, ckpt)  # the same run continued, no -v1
+    lines = [json.loads(line) for line in (logs / "metrics.jsonl").read_text().splitlines()]
+    assert [(line["split"], line["epoch"]) for line in lines] == [("val", 0), ("val", 1), ("test", 1)]
+    assert json.loads((logs / "summary.json").read_text())["restarts"] == 1
+
+    # that run is finished now: checkpoint.resume=auto starts a new one instead of continuing it
+    assert main([str(config), "train.epochs=2"]) == 0
+    assert sorted(p.name for p in logs.parent.iterdir()) == ["vit__cross_entropy__scratch", "vit__cross_entropy__scratch-v1"]
+
+
+def _workers(torchrun: subprocess.Popen, n: int) -> list[psutil.Process]:
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        kids = []
+        for child in psutil.Process(torchrun.pid).children():  # the ranks; their DataLoader workers are grandchildren
+            try:
+                if "utp_dist.train" in " ".join(child.cmdline()):
+                    kids.append(child)
+            except psutil.Error:
+                pass
+        if len(kids) == n:
+            return kids
+        time.sleep(0.1)
+    raise AssertionError("workers did not start")
+
+
+def test_two_processes_stop_on_one_ranks_signal_and_resume_bit_identical(data, tmp_path, capsys, fresh_accelerate):
+    def torchrun(config: Path, *extra: str, nproc: int = 2) -> list[str]:
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(_free_port()),
+                "-m", "utp_dist.train", str(config), *extra]
+
+    sections = {"train": {"epochs": 2}, "data": {"batch_size": 4}}
+    reference = subprocess.run(torchrun(_config(data, tmp_path / "ref", **sections)), env=ENV, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    config = _config(data, tmp_path / "cut", **sections)
+    proc = _start(torchrun(config), slow_save=0.3)
+    ckpt_parent = tmp_path / "cut" / "checkpoints" / "shapes"
+    _wait_for(lambda: ckpt_parent.exists() and any(_states(p) for p in ckpt_parent.iterdir()), proc)
+    rank1 = sorted(_workers(proc, 2), key=lambda p: p.environ().get("RANK", ""))[1]
+    rank1.send_signal(signal.SIGUSR2)  # only rank 1 is signalled: both must agree, save once and stop
+    _, err = proc.communicate(timeout=90)
+    assert proc.returncode != 0 and err.count(f"exit {EXIT_RESUMABLE} = stopped to be resumed") == 2, err[-3000:]
+
+    # a mid-epoch state cannot continue on another world size (here: this one process)
+    assert main([str(config)]) == 2
+    assert "mid-epoch" in capsys.readouterr().err
+
+    final = subprocess.run(torchrun(config), env=ENV, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert final.returncode == 0, final.stderr[-3000:]
+    _assert_same_run(tmp_path / "ref", tmp_path / "cut")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
