@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import matplotlib
-
-matplotlib.use("Agg")  # figures are files and TensorBoard images; never a window
-
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from torchmetrics import MetricCollection  # noqa: E402
-from torchmetrics.classification import (  # noqa: E402
+import torch
+from matplotlib.figure import Figure  # not pyplot: figures are drawn off the main thread, without a window
+from torchmetrics import MetricCollection
+from torchmetrics.classification import (
     MulticlassAccuracy,
     MulticlassAUROC,
     MulticlassAveragePrecision,
@@ -73,10 +69,11 @@ def confusion_markdown(matrix: torch.Tensor, classes: list[str]) -> str:
     return head + "\n".join(rows)
 
 
-def confusion_figure(matrix: torch.Tensor, classes: list[str], title: str) -> plt.Figure:
+def confusion_figure(matrix: torch.Tensor, classes: list[str], title: str) -> Figure:
     """Heat map of the confusion matrix with counts."""
     n = len(classes)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.55 * n, 1 + 0.5 * n), dpi=100)
+    fig = Figure(figsize=(1.2 + 0.55 * n, 1 + 0.5 * n), dpi=100)
+    ax = fig.subplots()
     ax.imshow(matrix.numpy(), cmap="Blues")
     ax.set(xticks=range(n), yticks=range(n), xlabel="predicted", ylabel="true", title=title)
     ax.set_xticklabels(classes, rotation=45, ha="right")
@@ -90,9 +87,10 @@ def confusion_figure(matrix: torch.Tensor, classes: list[str], title: str) -> pl
     return fig
 
 
-def roc_figure(fpr: torch.Tensor, tpr: torch.Tensor, auc: float | None, title: str) -> plt.Figure:
+def roc_figure(fpr: torch.Tensor, tpr: torch.Tensor, auc: float | None, title: str) -> Figure:
     """Micro-averaged ROC curve."""
-    fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=100)
+    fig = Figure(figsize=(4.5, 4.5), dpi=100)
+    ax = fig.subplots()
     ax.plot(fpr.numpy(), tpr.numpy(), label="micro" + (f" (macro AUROC {auc:.3f})" if auc is not None else ""))
     ax.plot([0, 1], [0, 1], linestyle="--", color="grey")
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title, xlim=(0, 1), ylim=(0, 1.01))

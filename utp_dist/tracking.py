@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 from utp_dist.metrics import confusion_figure, confusion_markdown, roc_figure
+
+log = logging.getLogger(__name__)
 
 
 class Tracker:
@@ -26,6 +29,8 @@ class Tracker:
         # purge_step: TensorBoard drops what a killed segment logged after the state we resume from
         self.writer = SummaryWriter(str(log_dir), purge_step=None if resume_step is None else resume_step + 1)
         self.bar = tqdm(total=total_steps, initial=resume_step or 0, desc="train", unit="step", dynamic_ncols=True)
+        # drawing figures takes ~0.5 s per evaluation: one background thread keeps it off the training loop
+        self.painter, self.paintings = ThreadPoolExecutor(max_workers=1, thread_name_prefix="figures"), []
 
     def write_text(self, name: str, text: str) -> None:
         """Write a file into the log folder (config.yaml and the like)."""
@@ -49,10 +54,10 @@ class Tracker:
         """One evaluation: scalars, confusion matrix (text + figure), ROC figure, and a metrics.jsonl line."""
         self.log_scalars({f"{split}/{k.removeprefix(split + '_')}": v for k, v in values.items()}, step)
         self.log_text(f"{split}/confusion_matrix", confusion_markdown(confusion, classes), step)
-        tag = f"{split}_epoch{epoch:03d}" if split == "val" else split
-        self._figure(f"{split}/confusion_matrix", confusion_figure(confusion, classes, f"{split} epoch {epoch}"), step, tag)
-        fig = roc_figure(*roc, values.get(f"{split}_auroc_macro"), f"{split} ROC (micro)")
-        self._figure(f"{split}/roc_micro", fig, step, tag)
+        name = f"{split}_epoch{epoch:03d}" if split == "val" else split
+        auc = values.get(f"{split}_auroc_macro")
+        self._figure(f"{split}/confusion_matrix", lambda: confusion_figure(confusion, classes, f"{split} epoch {epoch}"), step, name)
+        self._figure(f"{split}/roc_micro", lambda: roc_figure(*roc, auc, f"{split} ROC (micro)"), step, name)
         line = {"split": split, "epoch": epoch, "step": step, **{k: _finite(v) for k, v in values.items()}}
         with open(self.log_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
             fh.write(json.dumps(line) + "\n")
@@ -65,7 +70,11 @@ class Tracker:
         os.replace(tmp, self.log_dir / "summary.json")
 
     def close(self) -> None:
-        """Flush and close the writer and the progress bar."""
+        """Finish the figures, flush and close the writer and the progress bar."""
+        self.painter.shutdown(wait=True)
+        for painting in self.paintings:
+            if painting.exception() is not None:  # a figure is not worth failing a run for
+                log.warning("could not draw a figure: %s", painting.exception())
         self.bar.close()
         self.writer.close()
 
@@ -81,9 +90,13 @@ class Tracker:
         tmp.write_text("".join(keep), encoding="utf-8")
         os.replace(tmp, path)
 
-    def _figure(self, tag: str, fig: plt.Figure, step: int, name: str) -> None:
-        fig.savefig(self.figures / f"{tag.split('/')[1]}_{name}.png")
-        self.writer.add_figure(tag, fig, step, close=True)
+    def _figure(self, tag: str, draw, step: int, name: str) -> None:
+        def paint() -> None:
+            fig = draw()
+            fig.savefig(self.figures / f"{tag.split('/')[1]}_{name}.png")
+            self.writer.add_figure(tag, fig, step, close=False)
+
+        self.paintings.append(self.painter.submit(paint))
 
 
 class NullTracker(Tracker):
