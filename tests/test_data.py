@@ -239,7 +239,7 @@ def dataset(root: Path, train: bool = True, augment: str = "standard", seed: int
     splits = index_splits(DataConfig(root=str(root)), seed=0)
     train_tf, eval_tf = build_transforms(SPEC, augment)
     samples = splits.samples["train" if train else "val"]
-    return ImageFolderSplit(samples, train_tf if train else eval_tf, seed, on_bad_image)
+    return ImageFolderSplit(samples, train_tf if train else eval_tf, seed, on_bad_image, random=train and augment != "none")
 
 
 def test_items_are_uint8_of_spec_size(image_root):

@@ -130,8 +130,9 @@ def decode(path: str) -> torch.Tensor:
 class ImageFolderSplit(Dataset):
     """One split as uint8 tensors; items are keyed by (epoch, index) so augmentation is reproducible."""
 
-    def __init__(self, samples: list[tuple[str, int]], transform: v2.Transform, seed: int, on_bad_image: str):
+    def __init__(self, samples: list[tuple[str, int]], transform: v2.Transform, seed: int, on_bad_image: str, random: bool):
         self.samples, self.transform, self.seed, self.on_bad_image = samples, transform, seed, on_bad_image
+        self.random = random  # the transform draws random numbers: reseed it per sample
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -147,10 +148,17 @@ class ImageFolderSplit(Dataset):
             log.warning("skipping unreadable image %s: %s", path, err)
             # a placeholder keeps batch shapes and eval counts exact; its label is ignored by loss and metrics
             image, label = torch.zeros(3, 8, 8, dtype=torch.uint8), IGNORE_LABEL
-        # augmentation randomness depends only on (seed, epoch, index): not on workers or iterator state
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(hash((self.seed, epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF)
+        if not self.random:
             return self.transform(image), label
+        # augmentation randomness depends only on (seed, epoch, index): not on workers or iterator state.
+        # The CPU generator alone: torch.manual_seed would also queue CUDA seeding (~150 us per image).
+        generator = torch.default_generator
+        saved = generator.get_state()
+        generator.manual_seed(hash((self.seed, epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF)
+        try:
+            return self.transform(image), label
+        finally:
+            generator.set_state(saved)  # the caller's RNG stream (in-process loading) is left untouched
 
 
 class EpochSampler(Sampler):
@@ -182,7 +190,8 @@ class EpochSampler(Sampler):
 
 
 def build_transforms(spec: InputSpec, augment: str) -> tuple[v2.Transform, v2.Transform]:
-    """(train, eval) transforms on uint8 tensors; normalisation happens later, on the device."""
+    """(train, eval) transforms on uint8 tensors; normalisation happens later, on the device. Only a
+    `standard` train transform is random."""
     eval_tf = v2.Compose([v2.Resize(spec.resize, antialias=True), v2.CenterCrop(spec.size)])
     if augment == "none":
         return eval_tf, eval_tf

@@ -9,6 +9,9 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from PIL import Image
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
@@ -92,9 +95,11 @@ class Tracker:
 
     def _figure(self, tag: str, draw, step: int, name: str) -> None:
         def paint() -> None:
-            fig = draw()
-            fig.savefig(self.figures / f"{tag.split('/')[1]}_{name}.png")
-            self.writer.add_figure(tag, fig, step, close=False)
+            canvas = FigureCanvasAgg(draw())
+            canvas.draw()  # rendered once, for both the PNG file and TensorBoard
+            rgb = np.asarray(canvas.buffer_rgba())[..., :3]
+            Image.fromarray(rgb).save(self.figures / f"{tag.split('/')[1]}_{name}.png")
+            self.writer.add_image(tag, rgb, step, dataformats="HWC")
 
         self.paintings.append(self.painter.submit(paint))
 

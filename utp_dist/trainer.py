@@ -74,7 +74,8 @@ class Trainer:
         self.loaders, self.samplers = {}, {}
         for split, samples in self.splits.samples.items():
             train = split == "train"
-            dataset = ImageFolderSplit(samples, train_tf if train else eval_tf, cfg.train.seed, cfg.data.on_bad_image)
+            random = train and cfg.data.augment != "none"
+            dataset = ImageFolderSplit(samples, train_tf if random else eval_tf, cfg.train.seed, cfg.data.on_bad_image, random)
             self.loaders[split], self.samplers[split] = build_loader(
                 dataset, cfg.data, cfg.train.seed, train, acc.num_processes, pin
             )
@@ -90,6 +91,7 @@ class Trainer:
         # the scheduler is not prepared: accelerate would step it num_processes times per optimizer step
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.total_steps)
         self.normalize = Normalize(self.spec).to(acc.device)
+        self.metrics: dict[str, EvalMetrics] = {}  # one suite per split, reset before each evaluation
         if cfg.train.sync_batchnorm and acc.num_processes > 1:
             if acc.device.type != "cuda":
                 raise UserError("train.sync_batchnorm: torch's SyncBatchNorm works on GPUs only; set it to false on CPU")
@@ -214,7 +216,10 @@ class Trainer:
     def evaluate(self, split: str, epoch: int, step: int) -> dict[str, float]:
         """Every metric over exactly the whole split (gather_for_metrics drops the sampler's padding)."""
         self.model.eval()
-        metrics = EvalMetrics(len(self.classes), self.cfg.train.eval_topk, self.accelerator.device)
+        if split not in self.metrics:
+            self.metrics[split] = EvalMetrics(len(self.classes), self.cfg.train.eval_topk, self.accelerator.device)
+        metrics = self.metrics[split]
+        metrics.reset()
         for images, labels in self.loaders[split]:
             logits = self.model(pixel_values=self.normalize(images)).logits
             metrics.update(*self.accelerator.gather_for_metrics((logits, labels)))
