@@ -168,10 +168,10 @@ class Trainer:
         cfg, p = self.cfg.checkpoint, self.progress
         due_by_steps = bool(cfg.every_n_steps) and p.step % cfg.every_n_steps == 0
         due_by_time = bool(cfg.every_n_minutes) and time.time() - self.last_save >= 60 * cfg.every_n_minutes
-        flags = torch.tensor([stop.requested, due_by_time], device=self.accelerator.device)
+        flags = [stop.requested, due_by_time]  # plain bools: a single process never waits for the device here
         if self.accelerator.num_processes > 1:
             # one rank's signal or clock decides for all: no rank may block alone in a collective
-            flags = self.accelerator.reduce(flags.int(), "max")
+            flags = self.accelerator.reduce(torch.tensor(flags, device=self.accelerator.device).int(), "max").tolist()
         stopping, due_by_time = bool(flags[0]), bool(flags[1])
         if every_epoch or due_by_steps or due_by_time or stopping:
             self.save_state()
