@@ -120,13 +120,6 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _save_synced(obj, path: Path) -> None:
-    with open(path, "wb") as fh:
-        torch.save(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
 def _fsync_tree(folder: Path) -> None:
     for path in folder.iterdir():
         with open(path, "rb") as fh:
@@ -157,15 +150,15 @@ class TrainingStates:
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
         rank_state = {"rng": rng_state(), **{name: obj.state_dict() for name, obj in per_rank.items()}}
-        _save_synced(rank_state, tmp / f"rank{acc.process_index}.pt")
+        torch.save(rank_state, tmp / f"rank{acc.process_index}.pt")
         if main:
             save_model(model, str(tmp / "model.safetensors"))
-            _save_synced({name: obj.state_dict() for name, obj in shared.items()}, tmp / "trainer.pt")
+            torch.save({name: obj.state_dict() for name, obj in shared.items()}, tmp / "trainer.pt")
             (tmp / "identity.json").write_text(json.dumps(identity, indent=1, default=str))
             time.sleep(float(os.environ.get("UTP_DIST_TEST_SLOW_SAVE", "0")))  # test hook: widen the crash window
         acc.wait_for_everyone()
         if main:
-            _fsync_tree(tmp)
+            _fsync_tree(tmp)  # every rank's files are on disk before COMPLETE says so
             _atomic_write(tmp / COMPLETE, str(step))
             if final.exists():
                 shutil.rmtree(final)
