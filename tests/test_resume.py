@@ -214,3 +214,15 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_resumed_tracker_drops_later_and_cut_metrics_lines(tmp_path):
+    from utp_dist.tracking import Tracker
+
+    lines = [{"split": "val", "epoch": 0, "step": 9}, {"split": "val", "epoch": 1, "step": 18}, {"split": "test", "epoch": 1, "step": 18}]
+    text = "".join(json.dumps(line) + "\n" for line in lines)
+    (tmp_path / "metrics.jsonl").write_text(text + '{"split": "val", "epo')  # a kill -9 cut the last line short
+    tracker = Tracker(tmp_path, total_steps=30, resume_step=18)
+    tracker.close()
+    kept = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert kept == lines[:2]  # later steps, the test split and the broken line are gone

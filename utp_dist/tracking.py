@@ -86,9 +86,15 @@ class Tracker:
         path = self.log_dir / "metrics.jsonl"
         if not path.exists():
             return
-        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-        # the test split is evaluated only after the last state, so it is always redone
-        keep = [line for line in lines if line.strip() and (rec := json.loads(line))["step"] <= step and rec["split"] != "test"]
+        keep = []
+        for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+            try:
+                record = json.loads(line)
+            except ValueError:  # a line cut short by a kill -9 in the middle of writing it
+                continue
+            # the test split is evaluated only after the last state, so it is always redone
+            if record["step"] <= step and record["split"] != "test":
+                keep.append(line if line.endswith("\n") else line + "\n")
         tmp = path.with_name(".metrics.jsonl.tmp")
         tmp.write_text("".join(keep), encoding="utf-8")
         os.replace(tmp, path)

@@ -84,7 +84,7 @@ class Trainer:
         if per_rank_batches == 0:
             raise UserError(
                 f"data.batch_size: {cfg.data.batch_size} x {acc.num_processes} processes is more than the "
-                f"{len(self.samplers['train']) or len(self.splits.samples['train'])} training images; lower it"
+                f"{len(self.splits.samples['train'])} training images; lower it"
             )
         self.total_steps = optimizer_steps(per_rank_batches, cfg.train.epochs, cfg.optim.grad_accum_steps, cfg.train.max_steps)
         self.optimizer = build_optimizer(self.model, cfg.optim, fused=acc.device.type == "cuda")
@@ -308,7 +308,7 @@ class Trainer:
             "device": str(acc.device),
             "mixed_precision": acc.mixed_precision,
             "global_batch": self.global_batch,
-            "paths": {"logs": str(self.paths.logs), "checkpoints": str(self.paths.checkpoints), "best_model": str(Path(self.paths.checkpoints) / "best")},
+            "paths": {"logs": str(self.paths.logs), "checkpoints": str(self.paths.checkpoints), "best_model": str(self.checkpointer.best_dir)},
         }
 
 
