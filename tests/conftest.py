@@ -56,13 +56,11 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300, module: str
 @pytest.fixture
 def fresh_accelerate():
     """Accelerate keeps process-wide singletons: reset them so each in-process run configures its own."""
-    from accelerate.state import AcceleratorState, GradientState
+    from utp_dist.trainer import reset_accelerate
 
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate()
     yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate()
 
 
 def tiny_config(image_root: Path, out: Path, **sections) -> dict:

@@ -72,6 +72,8 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(data, tmp_pa
     for one, two in zip(_val_lines(logs1), _val_lines(logs2), strict=True):
         assert two["val_images"] == 21  # padding from the distributed sampler is not counted
         for key, value in one.items():
+            if key == "train_img_per_s":  # wall-clock speed, not a result
+                continue
             assert two[key] == pytest.approx(value, abs=1e-4), key
     w1 = load_file(ckpt1 / "best" / "model.safetensors")
     w2 = load_file(ckpt2 / "best" / "model.safetensors")

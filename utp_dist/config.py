@@ -252,7 +252,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Co
     raw: dict = {}
     source = str(path) if path is not None else "<defaults>"
     if path is not None:
-        raw = _read_yaml(path)
+        raw = read_yaml(path)
     for item in overrides:
         _apply_override(raw, item)
     return from_dict(raw, source)
@@ -261,12 +261,13 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Co
 def from_dict(raw: dict, source: str = "<config>") -> Config:
     """Build and validate a Config from a nested dict."""
     try:
-        return _build(Config, raw, "")
+        return build_section(Config, raw, "")
     except ConfigError as err:
         raise ConfigError(f"{source}: {err}") from None
 
 
-def _read_yaml(path: str | os.PathLike) -> dict:
+def read_yaml(path: str | os.PathLike) -> dict:
+    """A YAML file whose top level is a mapping; errors name the file and the line."""
     try:
         with open(path, encoding="utf-8") as fh:
             raw = yaml.safe_load(fh)
@@ -295,6 +296,11 @@ def _apply_override(raw: dict, item: str) -> None:
         value = yaml.safe_load(text) if text else None
     except yaml.YAMLError:
         raise ConfigError(f"override '{item}': the value is not valid YAML") from None
+    set_dotted(raw, key, value)
+
+
+def set_dotted(raw: dict, key: str, value: Any) -> None:
+    """raw['a']['b'] = value for key 'a.b', creating mappings on the way."""
     parts = key.split(".")
     node = raw
     for part in parts[:-1]:
@@ -305,7 +311,8 @@ def _apply_override(raw: dict, item: str) -> None:
     node[parts[-1]] = value
 
 
-def _build(cls: type, raw: Any, prefix: str) -> Any:
+def build_section(cls: type, raw: Any, prefix: str) -> Any:
+    """Build dataclass `cls` from a mapping; unknown keys and wrong types are ConfigErrors naming `prefix`+key."""
     if not isinstance(raw, dict):
         raise ConfigError(f"'{prefix.rstrip('.') or 'config'}' must be a mapping, got {_yaml_type(raw)}")
     hints = typing.get_type_hints(cls)
@@ -323,7 +330,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
             continue
         hint, value, full = hints[name], raw[name], f"{prefix}{name}"
         if dataclasses.is_dataclass(hint):
-            kwargs[name] = _build(hint, value if value is not None else {}, full + ".")
+            kwargs[name] = build_section(hint, value if value is not None else {}, full + ".")
         else:
             kwargs[name] = _coerce(full, value, hint)
     return cls(**kwargs)

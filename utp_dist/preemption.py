@@ -40,3 +40,8 @@ class StopRequest:
 
 class Stopped(Exception):
     """Raised out of the loop after the state was saved because a stop signal arrived."""
+
+    def __init__(self, message: str, signum: int | None = None):
+        super().__init__(message)
+        self.signum = signum
+        """The signal this process received (None when another rank's signal stopped the run)."""

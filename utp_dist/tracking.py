@@ -53,15 +53,15 @@ class Tracker:
         self.bar.set_postfix(postfix, refresh=False)
         self.bar.update(steps)
 
-    def log_eval(self, split: str, values: dict, epoch: int, step: int, confusion, roc, classes: list[str]) -> None:
-        """One evaluation: scalars, confusion matrix (text + figure), ROC figure, and a metrics.jsonl line."""
+    def log_eval(self, split: str, values: dict, epoch: int, step: int, confusion, roc, classes: list[str], extra: dict) -> None:
+        """One evaluation: scalars, confusion matrix (text + figure), ROC figure, and a metrics.jsonl line (+ `extra`)."""
         self.log_scalars({f"{split}/{k.removeprefix(split + '_')}": v for k, v in values.items()}, step)
         self.log_text(f"{split}/confusion_matrix", confusion_markdown(confusion, classes), step)
         name = f"{split}_epoch{epoch:03d}" if split == "val" else split
         auc = values.get(f"{split}_auroc_macro")
         self._figure(f"{split}/confusion_matrix", lambda: confusion_figure(confusion, classes, f"{split} epoch {epoch}"), step, name)
         self._figure(f"{split}/roc_micro", lambda: roc_figure(*roc, auc, f"{split} ROC (micro)"), step, name)
-        line = {"split": split, "epoch": epoch, "step": step, **{k: _finite(v) for k, v in values.items()}}
+        line = {"split": split, "epoch": epoch, "step": step, **{k: _finite(v) for k, v in values.items()}, **extra}
         with open(self.log_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
             fh.write(json.dumps(line) + "\n")
         self.writer.flush()

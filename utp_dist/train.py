@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import warnings
+from dataclasses import dataclass
 
 from utp_dist.errors import UserError
 from utp_dist.preemption import EXIT_RESUMABLE, Stopped
@@ -24,8 +25,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_intermixed_args(argv)  # flags may come before, between or after overrides
 
 
+@dataclass(frozen=True)
+class Outcome:
+    """How a run ended: the exit code and, when a signal stopped it, which one."""
+
+    code: int
+    stop_signal: int | None = None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command; user errors become one line on stderr and exit code 2."""
+    return run(argv).code
+
+
+def run(argv: list[str] | None = None) -> Outcome:
+    """The command, returning its Outcome (the sweep launcher needs the stopping signal, not only the code)."""
     args = parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -37,29 +51,29 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         if args.print_config:
             print(cfg.to_yaml(), end="")
-            return 0
+            return Outcome(0)
         from utp_dist.trainer import Trainer
 
         trainer = Trainer(cfg)
         if args.dry_run:
             print(trainer.describe())
-            return 0
+            return Outcome(0)
         summary = trainer.fit()
         best = summary["best"]
         logging.getLogger("utp_dist").info(
             "done: best %s = %.4f at epoch %s; model exported to %s",
             best["metric"], best.get("value", float("nan")), best.get("epoch"), summary["paths"]["best_model"],
         )
-        return 0
+        return Outcome(0)
     except UserError as err:
         print(f"utp_dist: error: {one_line(err)}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return Outcome(EXIT_USER_ERROR)
     except KeyboardInterrupt:
         print("utp_dist: interrupted; the newest complete training state (if any) continues the run", file=sys.stderr)
-        return 130
+        return Outcome(130)
     except Stopped as stop:
         print(f"utp_dist: {stop}; exit {EXIT_RESUMABLE} = stopped to be resumed", file=sys.stderr)
-        return EXIT_RESUMABLE
+        return Outcome(EXIT_RESUMABLE, stop.signum)
 
 
 def one_line(err: Exception) -> str:

@@ -31,6 +31,14 @@ from utp_dist.tracking import NullTracker, Tracker
 log = logging.getLogger(__name__)
 
 
+def reset_accelerate() -> None:
+    """Forget Accelerate's process-wide state, so another run in this process (debug executor, tests) configures its own."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
 def build_accelerator(cfg: Config) -> Accelerator:
     """An Accelerator that is really distributed on CPU too (gloo), with the configured precision."""
     cuda = torch.cuda.is_available()
@@ -176,7 +184,7 @@ class Trainer:
         if every_epoch or due_by_steps or due_by_time or stopping:
             self.save_state()
         if stopping:
-            raise Stopped(f"stopped by signal at step {p.step}; the saved state continues the run")
+            raise Stopped(f"stopped by signal at step {p.step}; the saved state continues the run", stop.signum)
 
     def save_state(self) -> Path:
         """Save everything resumable (model, optimizer, scheduler, scaler, progress, meter, best, RNG) atomically."""
@@ -224,7 +232,9 @@ class Trainer:
             logits = self.model(pixel_values=self.normalize(images)).logits
             metrics.update(*self.accelerator.gather_for_metrics((logits, labels)))
         values, confusion, roc = metrics.compute(split)
-        self.tracker.log_eval(split, values, epoch, step, confusion, roc, self.classes)
+        # training throughput so far rides along, so `submit status` reads progress and speed from one file
+        speed = {"train_img_per_s": round(self.meter.images / self.meter.train_time, 1)} if split == "val" and self.meter.train_time else {}
+        self.tracker.log_eval(split, values, epoch, step, confusion, roc, self.classes, speed)
         self.model.train()
         return values
 
@@ -292,6 +302,7 @@ class Trainer:
         return {
             "run_name": self.paths.name,
             "version": __version__,
+            "config_hash": self.cfg.fingerprint(),
             "best": {"metric": self.cfg.train.monitor_metric, "mode": self.cfg.train.monitor_mode, **best},
             "final_val": last,
             "test": test,

@@ -1,0 +1,175 @@
+"""Grid files: a base config plus a sweep block, expanded into N validated configs with readable run names."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from utp_dist.config import Config, ConfigError, flatten, from_dict, read_yaml, set_dotted
+from utp_dist.runs import base_name, sanitize
+
+GRID_KEYS = ("name", "base", "sweep", "resources")
+# swept keys that the automatic run name already shows (model, loss, pretrained-ness), so the suffix skips them
+IN_BASE_NAME = ("model.flavour", "model.pretrained", "train.loss", "output.suffix", "output.run_name")
+SHORT = {"optim.lr": "lr", "data.batch_size": "bs", "optim.weight_decay": "wd", "train.epochs": "ep",
+         "optim.grad_accum_steps": "accum", "train.label_smoothing": "ls", "optim.warmup_ratio": "warmup"}
+
+
+@dataclass(frozen=True)
+class Task:
+    """One expanded grid point: its index, swept values, resolved config and run name."""
+
+    index: int
+    swept: dict[str, Any]
+    config: Config
+
+    @property
+    def name(self) -> str:
+        """The pinned run name (output.run_name of the resolved config)."""
+        return self.config.output.run_name
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A parsed grid file."""
+
+    path: Path
+    name: str
+    raw: dict
+    tasks: list[Task]
+    resources: dict
+
+
+def load_grid(path: str | os.PathLike) -> Grid:
+    """Read GRID.yaml and expand it; every error is one line naming the file and the key."""
+    path = Path(path)
+    raw = read_yaml(path)
+    unknown = sorted(set(raw) - set(GRID_KEYS))
+    if unknown:
+        raise ConfigError(f"{path}: unknown top-level key '{unknown[0]}'; valid keys: {', '.join(GRID_KEYS)}")
+    base = _base(path, raw.get("base"))
+    axes = _axes(path, raw.get("sweep") or {})
+    tasks = []
+    for index, combo in enumerate(itertools.product(*axes)):
+        swept = {k: v for group in combo for k, v in group.items()}
+        tasks.append(Task(index, swept, _resolve(path, base, swept)))
+    _check_unique(path, tasks)
+    resources = raw.get("resources") or {}
+    if not isinstance(resources, dict):
+        raise ConfigError(f"{path}: resources must be a mapping of profile keys, got {type(resources).__name__}")
+    name = sanitize(str(raw.get("name") or path.stem), f"{path}: name")
+    return Grid(path, name, raw, tasks, resources)
+
+
+def _base(path: Path, base: Any) -> dict:
+    """The base config as a raw dict: a path (relative to the grid file) or an inline mapping, validated alone."""
+    if base is None:
+        raw: dict = {}
+    elif isinstance(base, str):
+        base_path = (path.parent / base).resolve()
+        if not base_path.is_file():
+            raise ConfigError(f"{path}: base config '{base}' not found (looked for {base_path}); give a path relative to the grid file")
+        raw = read_yaml(base_path)
+        path = base_path
+    elif isinstance(base, dict):
+        raw = base
+    else:
+        raise ConfigError(f"{path}: base must be a config file path or an inline config mapping, got {type(base).__name__}")
+    from_dict(copy.deepcopy(raw), str(path))  # a broken base is reported as the base's error, not once per grid point
+    return raw
+
+
+def _axes(path: Path, sweep: Any) -> list[list[dict]]:
+    """One axis per plain key (its values) and per zip group (its rows); the grid is their cartesian product."""
+    if not isinstance(sweep, dict):
+        raise ConfigError(f"{path}: sweep must be a mapping of dotted keys to lists of values")
+    axes = []
+    for key, values in sweep.items():
+        if key == "zip":
+            groups = values if isinstance(values, list) else [values]
+            for number, group in enumerate(groups):
+                axes.append(_zip_rows(path, number, group))
+            continue
+        _check_values(path, f"sweep.{key}", values)
+        axes.append([{key: v} for v in values])
+    return axes
+
+
+def _zip_rows(path: Path, number: int, group: Any) -> list[dict]:
+    where = f"sweep.zip[{number}]"
+    if not isinstance(group, dict) or not group:
+        raise ConfigError(f"{path}: {where} must be a mapping of dotted keys to equally long lists")
+    for key, values in group.items():
+        _check_values(path, f"{where}.{key}", values)
+    lengths = {key: len(values) for key, values in group.items()}
+    if len(set(lengths.values())) > 1:
+        listed = ", ".join(f"{k} has {n}" for k, n in lengths.items())
+        raise ConfigError(f"{path}: {where}: the lists of a zip group must be equally long ({listed})")
+    return [dict(zip(group, row, strict=True)) for row in zip(*group.values(), strict=True)]
+
+
+def _check_values(path: Path, where: str, values: Any) -> None:
+    if not isinstance(values, list):
+        raise ConfigError(f"{path}: {where} must be a list of values, got {values!r}; write [{values!r}] for a single value")
+    if not values:
+        raise ConfigError(f"{path}: {where} is an empty list; give at least one value or remove the key")
+
+
+def _resolve(path: Path, base: dict, swept: dict) -> Config:
+    """Base + swept values -> a validated Config with absolute paths and a pinned run name."""
+    raw = copy.deepcopy(base)
+    for key, value in swept.items():
+        set_dotted(raw, key, copy.deepcopy(value))
+    listed = ", ".join(f"{k}={v!r}" for k, v in swept.items())
+    try:
+        cfg = from_dict(raw, "")
+    except ConfigError as err:
+        raise ConfigError(f"{path}: sweep ({listed}){err}") from None
+    # the task runs from another working directory (Slurm, a pinned local process): relative paths would move
+    cfg.output.root = os.path.abspath(cfg.output.root)
+    if not cfg.data.root.startswith("builtin:"):
+        cfg.data.root = os.path.abspath(cfg.data.root)
+    if os.path.isdir(cfg.model.flavour):
+        cfg.model.flavour = os.path.abspath(cfg.model.flavour)
+    suffix = _suffix(swept, flatten(cfg.to_dict()))
+    cfg.output.run_name = sanitize(f"{base_name(cfg)}__{suffix}" if suffix else base_name(cfg), f"{path}: run name")
+    return cfg
+
+
+def _suffix(swept: dict, resolved: dict) -> str:
+    """'lr=0.0003_bs=64': short key names (the last dotted part unless two keys share it) and the resolved values."""
+    named_model = any(k in IN_BASE_NAME for k in swept)
+    # a whole mapping (model.config) zipped with the flavour is already told apart by the flavour in the name
+    keys = [k for k in swept if k not in IN_BASE_NAME and not (isinstance(swept[k], dict) and named_model)]
+    short = {k: SHORT.get(k, k.rsplit(".", 1)[-1]) for k in keys}
+    clashes = {s for s in short.values() if list(short.values()).count(s) > 1}
+    return "_".join(f"{k if short[k] in clashes else short[k]}={_short_value(resolved.get(k, swept[k]))}" for k in keys)
+
+
+def _short_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, str) and os.sep in value:
+        return Path(value.rstrip(os.sep)).name
+    if isinstance(value, (list, tuple)):
+        return "-".join(_short_value(v) for v in value)
+    if isinstance(value, dict):
+        return "-".join(f"{k}{_short_value(v)}" for k, v in value.items())
+    return str(value)
+
+
+def _check_unique(path: Path, tasks: list[Task]) -> None:
+    seen: dict[str, int] = {}
+    for task in tasks:
+        if task.name in seen:
+            raise ConfigError(
+                f"{path}: grid points {seen[task.name]} and {task.index} get the same run name '{task.name}'; "
+                "two identical points would share one run folder: remove the duplicate value"
+            )
+        seen[task.name] = task.index

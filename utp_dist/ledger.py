@@ -1,0 +1,90 @@
+"""The sweep ledger: OUTPUT_ROOT/sweeps/NAME/sweep.json records the grid, its tasks and every submission of them."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from utp_dist.errors import UserError
+from utp_dist.grid import Grid
+
+LEDGER = "sweep.json"
+CONFIGS = "configs"
+
+
+def create_sweep(grid: Grid, executor: str, profile: str | None, resources: dict) -> Path:
+    """Claim OUTPUT_ROOT/sweeps/NAME (or NAME-v1, ...) atomically, write each task's resolved config and the ledger."""
+    root = Path(grid.tasks[0].config.output.root) / "sweeps"
+    root.mkdir(parents=True, exist_ok=True)
+    for version in range(10_000):
+        folder = root / (grid.name if version == 0 else f"{grid.name}-v{version}")
+        try:
+            folder.mkdir()
+            break
+        except FileExistsError:
+            continue
+    else:
+        raise UserError(f"{grid.path}: 10,000 sweeps named '{grid.name}' exist in '{root}'; set another name: in the grid")
+    (folder / CONFIGS).mkdir()
+    tasks = []
+    for task in grid.tasks:
+        config = folder / CONFIGS / f"{task.index:03d}_{task.name}.yaml"
+        config.write_text(task.config.to_yaml(), encoding="utf-8")
+        tasks.append({"index": task.index, "name": task.name, "config": str(config), "config_hash": task.config.fingerprint(),
+                      "swept": task.swept, "output_root": task.config.output.root,
+                      "monitor": [task.config.train.monitor_metric, task.config.train.monitor_mode], "jobs": []})
+    write(folder, {"name": folder.name, "grid_file": str(grid.path.resolve()), "grid": grid.raw, "executor": executor,
+                   "profile": profile, "resources": resources, "created": time.time(), "tasks": tasks, "submissions": []})
+    return folder
+
+
+def read(folder: str | os.PathLike) -> dict:
+    """The ledger of SWEEP_DIR; a one-line error when the folder is not a sweep."""
+    path = Path(folder) / LEDGER
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{folder}: no {LEDGER} here; give a sweep folder made by `python -m utp_dist.submit GRID.yaml` "
+                        "(OUTPUT_ROOT/sweeps/NAME)") from None
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: not a valid ledger ({err.msg} at line {err.lineno})") from None
+
+
+def write(folder: Path, ledger: dict) -> None:
+    """Replace the ledger atomically, so a crash never leaves half a file."""
+    tmp = folder / f".{LEDGER}.tmp{os.getpid()}"
+    tmp.write_text(json.dumps(ledger, indent=2, default=str), encoding="utf-8")
+    os.replace(tmp, folder / LEDGER)
+
+
+def record_submission(folder: Path, ledger: dict, executor: str, job_ids: dict[int, str], pid: int | None = None) -> None:
+    """Append one submission (which tasks, which job ids or pid) and point each task at its newest job."""
+    ledger["submissions"].append({"time": time.time(), "executor": executor, "pid": pid,
+                                  "tasks": {str(i): job for i, job in job_ids.items()}})
+    for index, job in job_ids.items():
+        ledger["tasks"][index]["jobs"].append(job)
+    write(folder, ledger)
+
+
+def find_run(output_root: str, name: str) -> tuple[Path, Path] | None:
+    """The newest (logs, checkpoints) folder pair of run NAME (or NAME-vN) below output_root, if one was created."""
+    logs = Path(output_root) / "logs"
+    found = [p for p in logs.glob(f"*/{name}") if p.is_dir()] + [p for p in logs.glob(f"*/{name}-v*") if p.is_dir()]
+    if not found:
+        return None
+    newest = max(found, key=lambda p: p.stat().st_mtime)
+    return newest, Path(output_root) / "checkpoints" / newest.parent.name / newest.name
+
+
+def completed_run(output_root: str, name: str, config_hash: str) -> Path | None:
+    """A finished run of this exact resolved config (summary.json with the same config_hash), if any."""
+    logs = Path(output_root) / "logs"
+    for summary in [*logs.glob(f"*/{name}/summary.json"), *logs.glob(f"*/{name}-v*/summary.json")]:
+        try:
+            if json.loads(summary.read_text()).get("config_hash") == config_hash:
+                return summary.parent
+        except (OSError, json.JSONDecodeError):
+            continue
+    return None

@@ -1,0 +1,199 @@
+"""`python -m utp_dist.submit GRID.yaml` and its ledger commands: status, resubmit, leaderboard."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from utp_dist import executors, ledger
+from utp_dist.config import build_section
+from utp_dist.errors import UserError
+from utp_dist.resources import Resources, as_dict, load_resources
+from utp_dist.sweep_status import COLUMNS, RESUBMITTABLE, leaderboard, markdown, rows
+from utp_dist.train import EXIT_USER_ERROR, one_line
+
+COMMANDS = ("status", "resubmit", "leaderboard")
+DONE = {"COMPLETED"} | RESUBMITTABLE
+DRY_RUN_DIR = ".dry-run"
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Either GRID.yaml with submission flags, or one of the ledger commands on a sweep folder."""
+    if argv and argv[0] in COMMANDS + ("_run-local", "_task"):
+        parser = argparse.ArgumentParser(prog=f"python -m utp_dist.submit {argv[0]}")
+        parser.add_argument("sweep_dir", help="OUTPUT_ROOT/sweeps/NAME, as printed by the submission")
+        if argv[0] == "resubmit":
+            parser.add_argument("--failed", action="store_true", help="the failed, cancelled, timed-out and lost tasks")
+            parser.add_argument("--tasks", help="comma-separated task indices, instead of --failed")
+            parser.add_argument("--wait", action="store_true", help="wait for the tasks, showing their status")
+            parser.add_argument("--poll", type=float, default=10.0, help=argparse.SUPPRESS)
+        if argv[0] == "_run-local":
+            parser.add_argument("--tasks", required=True)
+            parser.add_argument("--parallel", action="store_true")
+        if argv[0] == "_task":
+            parser.add_argument("index", type=int)
+        args = parser.parse_args(argv[1:])
+        args.command = argv[0]
+        return args
+    parser = argparse.ArgumentParser(
+        prog="python -m utp_dist.submit",
+        description=f"Run a config grid as one Slurm array job, local processes or in-process. Ledger commands: {', '.join(COMMANDS)} SWEEP_DIR.",
+    )
+    parser.add_argument("grid", help="grid YAML: base config + sweep block (+ resources)")
+    parser.add_argument("--executor", choices=executors.EXECUTORS, default="slurm", help="where the tasks run (default: slurm)")
+    parser.add_argument("--profile", help="cluster profile YAML, e.g. slurm/profiles/example.yaml")
+    parser.add_argument("--dry-run", action="store_true", help="expand and validate, print the runs, write the sbatch script; submit nothing")
+    parser.add_argument("--wait", action="store_true", help="block until every task ended, showing a live status table")
+    parser.add_argument("--parallel", action="store_true", help="local executor: one task per visible GPU at once")
+    parser.add_argument("--force", action="store_true", help="also rerun grid points whose exact config already completed")
+    parser.add_argument("--poll", type=float, default=10.0, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.command = "submit"
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command; user errors become one line on stderr and exit code 2."""
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        return {"submit": submit, "status": status, "resubmit": resubmit, "leaderboard": board,
+                "_run-local": _run_local, "_task": _task}[args.command](args)
+    except UserError as err:
+        print(f"utp_dist: error: {one_line(err)}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+def submit(args: argparse.Namespace) -> int:
+    """Expand, validate, skip what already completed, then submit (or with --dry-run only show and write the script)."""
+    from utp_dist.grid import load_grid
+
+    grid = load_grid(args.grid)
+    resources = load_resources(args.profile, grid.resources, str(grid.path))
+    todo, skipped = [], []
+    for task in grid.tasks:
+        done = None if args.force else ledger.completed_run(task.config.output.root, task.name, task.config.fingerprint())
+        (skipped if done else todo).append((task, done))
+    print(_plan(grid, todo, skipped, resources))
+    if args.dry_run:
+        folder = Path(grid.tasks[0].config.output.root) / "sweeps" / DRY_RUN_DIR / grid.name
+        folder.mkdir(parents=True, exist_ok=True)
+        script = folder / "array.sbatch"
+        script.write_text(executors.sbatch_script(folder, resources, grid.name, len(todo)))
+        for task, _ in todo:
+            (folder / f"{task.index:03d}_{task.name}.yaml").write_text(task.config.to_yaml())
+        print(f"dry run: nothing submitted; the sbatch script and the resolved configs are in {folder}")
+        return 0
+    if not todo:
+        print("nothing to submit: every grid point already completed (--force reruns them)")
+        return 0
+    if args.executor == "slurm":
+        executors.slurm_client("sbatch")  # before the sweep folder is created: nothing is half-submitted
+    folder = ledger.create_sweep(grid, args.executor, args.profile, as_dict(resources))
+    record = ledger.read(folder)
+    return _launch(folder, record, args.executor, [task.index for task, _ in todo], resources, args)
+
+
+def _plan(grid, todo: list, skipped: list, resources: Resources) -> str:
+    """The table of runs: index, name, swept values, resources; then what is skipped."""
+    table = [{"task": t.index, "run": t.name, "swept": ", ".join(f"{k}={'{...}' if isinstance(v, dict) else v}" for k, v in t.swept.items()) or "-",
+              "resources": resources.summary()} for t, _ in todo]
+    lines = [f"grid {grid.path}: {len(grid.tasks)} run(s), {len(todo)} to submit", markdown(table, ("task", "run", "swept", "resources"))]
+    lines += [f"skipped task {t.index} ({t.name}): this exact config already completed in {done}" for t, done in skipped]
+    return "\n".join(lines)
+
+
+def _launch(folder: Path, record: dict, executor: str, indices: list[int], resources: Resources, args) -> int:
+    """Submit `indices` with `executor`, note it in the ledger, and report (or wait)."""
+    if executor == "slurm":
+        jobs = executors.submit_slurm(folder, record, indices, resources)
+        ledger.record_submission(folder, record, executor, jobs)
+    elif executor == "local":
+        jobs = executors.submit_local(folder, record, indices, getattr(args, "parallel", False))
+        ledger.record_submission(folder, record, executor, jobs, pid=int(next(iter(jobs.values())).removeprefix("pid:")))
+    else:
+        ledger.record_submission(folder, record, executor, {i: f"pid:{os.getpid()}" for i in indices}, pid=os.getpid())
+        failures = executors.run_debug(folder, record, indices, resources)
+        print(markdown(rows(folder, ledger.read(folder)), COLUMNS))
+        return 1 if failures else 0
+    print(f"submitted {len(indices)} task(s) with the {executor} executor: {', '.join(sorted(set(jobs.values())))}")
+    print(f"sweep folder: {folder}\n  status:      python -m utp_dist.submit status {folder}\n"
+          f"  leaderboard: python -m utp_dist.submit leaderboard {folder}")
+    return wait(folder, indices, args.poll) if args.wait else 0
+
+
+def wait(folder: Path, indices: list[int], poll: float) -> int:
+    """Print the status table whenever it changes until every task in `indices` ended; 0 if all completed."""
+    shown = None
+    while True:
+        table = [r for r in rows(folder, ledger.read(folder)) if r["task"] in indices]
+        text = markdown(table, COLUMNS)
+        if text != shown:
+            print(time.strftime("%H:%M:%S"), flush=True)
+            print(text, flush=True)
+            shown = text
+        if all(r["state"] in DONE for r in table):
+            return 0 if all(r["state"] == "COMPLETED" for r in table) else 1
+        time.sleep(poll)
+
+
+def status(args: argparse.Namespace) -> int:
+    """Print one row per task: state, restarts, epoch/step, best metric so far, img/s, job id."""
+    folder = Path(args.sweep_dir)
+    print(markdown(rows(folder, ledger.read(folder)), COLUMNS))
+    return 0
+
+
+def resubmit(args: argparse.Namespace) -> int:
+    """Submit again the failed (or the listed) tasks; each continues from its run's newest training state."""
+    folder = Path(args.sweep_dir)
+    record = ledger.read(folder)
+    if args.tasks:
+        indices = _indices(args.tasks, len(record["tasks"]))
+    elif args.failed:
+        indices = [r["task"] for r in rows(folder, record) if r["state"] in RESUBMITTABLE]
+    else:
+        raise UserError("resubmit: say which tasks: --failed, or --tasks 0,3")
+    if not indices:
+        print("nothing to resubmit: no task failed, was cancelled, timed out or got lost")
+        return 0
+    resources = build_section(Resources, record["resources"], f"{folder / ledger.LEDGER}: resources.")
+    return _launch(folder, record, record["executor"], indices, resources, args)
+
+
+def _indices(text: str, count: int) -> list[int]:
+    try:
+        indices = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise UserError(f"--tasks '{text}' must be comma-separated task indices, e.g. 0,3") from None
+    bad = [i for i in indices if not 0 <= i < count]
+    if bad:
+        raise UserError(f"--tasks: no task {bad[0]} in this sweep (it has tasks 0 to {count - 1})")
+    return indices
+
+
+def board(args: argparse.Namespace) -> int:
+    """Print the runs ranked by the monitored metric and write leaderboard.md and leaderboard.csv into the sweep."""
+    folder = Path(args.sweep_dir)
+    text, table = leaderboard(folder, ledger.read(folder))
+    (folder / "leaderboard.md").write_text(text + "\n")
+    (folder / "leaderboard.csv").write_text(table)
+    print(text)
+    print(f"written: {folder / 'leaderboard.md'}, {folder / 'leaderboard.csv'}")
+    return 0
+
+
+def _run_local(args: argparse.Namespace) -> int:
+    folder = Path(args.sweep_dir)
+    return 1 if executors.run_local(folder, ledger.read(folder), _indices(args.tasks, 10**9), args.parallel) else 0
+
+
+def _task(args: argparse.Namespace) -> int:
+    folder = Path(args.sweep_dir)
+    return executors.run_task(folder, ledger.read(folder), args.index)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""One grid task as submitit runs it: the training entry on its config, checkpointable so Slurm can requeue it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+
+from utp_dist.preemption import EXIT_RESUMABLE
+
+TASKS_DIR = "tasks"
+
+
+class TaskFailed(RuntimeError):
+    """The training command ended with an error (its message is in the task's log)."""
+
+
+class TrainTask:
+    """Callable submitted per grid point: runs `utp_dist.train CONFIG` in this process (one per GPU under Slurm)."""
+
+    def __init__(self, config: str, sweep_dir: str, index: int, max_requeues: int, requeues: int = 0):
+        self.config, self.sweep_dir, self.index = config, sweep_dir, index
+        self.max_requeues, self.requeues = max_requeues, requeues
+
+    def __call__(self) -> int:
+        """Train; on a stop signal the run saves, then submitit's own USR2 handler requeues the job."""
+        requeue = signal.getsignal(signal.SIGUSR2)  # submitit's checkpoint-and-requeue handler, when under Slurm
+        rank = _export_rank_environment()
+        record = TaskRecord(Path(self.sweep_dir), self.index) if rank == 0 else None
+        if record:
+            record.started()
+        from utp_dist.train import run  # imported here: submitting a grid should not pay for torch
+
+        outcome = run([self.config])
+        if record:
+            record.ended(outcome.code)
+        if outcome.stop_signal == signal.SIGUSR2 and callable(requeue):
+            # Slurm's timeout/preemption warning: the run saved at a step boundary; submitit requeues the job (rank 0)
+            requeue(signal.SIGUSR2, None)
+            return outcome.code
+        if outcome.code != 0:
+            raise TaskFailed(f"utp_dist.train {self.config} exited with {outcome.code}; the log above says why")
+        return outcome.code
+
+    def checkpoint(self) -> object:
+        """What submitit requeues: the same task, which resumes from the run's newest training state."""
+        import submitit
+
+        if self.requeues >= self.max_requeues:
+            return None  # submitit then ends the job instead of requeuing it
+        return submitit.helpers.DelayedSubmission(TrainTask(self.config, self.sweep_dir, self.index, self.max_requeues, self.requeues + 1))
+
+
+def _export_rank_environment() -> int:
+    """Under Slurm, export RANK/WORLD_SIZE/MASTER_* from the job (what torchrun would set) so Accelerate builds DDP."""
+    if not os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_EXECUTOR") != "slurm":
+        return int(os.environ.get("RANK", "0"))
+    from submitit.helpers import TorchDistributedEnvironment
+
+    # every process keeps all GPUs of its node visible: Accelerate binds cuda:LOCAL_RANK itself
+    env = TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+    return env.rank
+
+
+class TaskRecord:
+    """SWEEP_DIR/tasks/N.json: what the task itself knows (attempts, host, pid, exit code), for `submit status`."""
+
+    def __init__(self, sweep_dir: Path, index: int):
+        self.path = sweep_dir / TASKS_DIR / f"{index}.json"
+
+    def read(self) -> dict:
+        """The record, or {} before the task first started."""
+        try:
+            return json.loads(self.path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {}
+
+    def started(self) -> None:
+        """Count an attempt and mark the task running."""
+        old = self.read()
+        self._write({"state": "RUNNING", "attempts": old.get("attempts", 0) + 1, "host": socket.gethostname(), "pid": os.getpid(),
+                     "job_id": _job_id(), "started": time.time()})
+
+    def ended(self, code: int) -> None:
+        """Mark the task COMPLETED, STOPPED (saved to be resumed) or FAILED."""
+        state = "COMPLETED" if code == 0 else "STOPPED" if code == EXIT_RESUMABLE else "FAILED"
+        self._write({**self.read(), "state": state, "exit_code": code, "ended": time.time()})
+
+    def _write(self, record: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(record))
+        os.replace(tmp, self.path)
+
+
+def _job_id() -> str | None:
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    return f"{array}_{task}" if array and task else os.environ.get("SLURM_JOB_ID")
