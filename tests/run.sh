@@ -2,5 +2,15 @@
 # The whole test suite, as the README runs it: install this checkout (with test extras) if needed, then pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# the Slurm tests start a private cluster from Debian's packages: install them when missing (root, as in CI)
+SLURM_PACKAGES="slurmctld slurmd slurm-client slurmdbd munge mariadb-server"
+if ! command -v slurmctld >/dev/null || ! command -v slurmdbd >/dev/null || ! command -v munged >/dev/null || ! command -v mariadbd >/dev/null; then
+    if [ "$(id -u)" != 0 ]; then
+        echo "tests/run.sh: the Slurm tests need: apt-get install $SLURM_PACKAGES (run as root, or install them first)" >&2
+        exit 1
+    fi
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $SLURM_PACKAGES >/dev/null
+fi
 python -m pip install -q -e ".[test]"
 python -m pytest -q "$@"

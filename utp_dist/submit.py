@@ -13,6 +13,7 @@ from utp_dist.config import build_section
 from utp_dist.errors import UserError
 from utp_dist.resources import Resources, as_dict, load_resources
 from utp_dist.sweep_status import COLUMNS, RESUBMITTABLE, leaderboard, markdown, rows
+from utp_dist.sweep_task import TaskRecord
 from utp_dist.train import EXIT_USER_ERROR, one_line
 
 COMMANDS = ("status", "resubmit", "leaderboard")
@@ -107,6 +108,8 @@ def _plan(grid, todo: list, skipped: list, resources: Resources) -> str:
 
 def _launch(folder: Path, record: dict, executor: str, indices: list[int], resources: Resources, args) -> int:
     """Submit `indices` with `executor`, note it in the ledger, and report (or wait)."""
+    for index in indices:  # before submitting: the new attempt may start (and finish) before sbatch even returns
+        TaskRecord(folder, index).queued()
     if executor == "slurm":
         jobs = executors.submit_slurm(folder, record, indices, resources)
         ledger.record_submission(folder, record, executor, jobs)

@@ -87,7 +87,7 @@ def _local_state(record: dict, job: str | None) -> str:
     """State of a local/debug task from its own record; a RUNNING record whose process is gone is LOST."""
     if not job:
         return "NOT_SUBMITTED"
-    if not record:
+    if not record or record["state"] == "PENDING":
         return "PENDING" if _alive(job) else "LOST"
     if record["state"] == "RUNNING" and not _alive(str(record.get("pid"))):
         return "LOST"

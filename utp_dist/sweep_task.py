@@ -78,6 +78,11 @@ class TaskRecord:
         except (FileNotFoundError, json.JSONDecodeError):
             return {}
 
+    def queued(self) -> None:
+        """Mark the task submitted again: a stale FAILED must not end a `--wait` before the new attempt ran."""
+        if self.path.exists():
+            self._write({**self.read(), "state": "PENDING", "exit_code": None})
+
     def started(self) -> None:
         """Count an attempt and mark the task running."""
         old = self.read()

@@ -71,6 +71,7 @@ class Trainer:
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
+        self.test_step_sleep = float(os.environ.get("UTP_DIST_TEST_STEP_SLEEP", "0"))
         self.accelerator = acc = build_accelerator(cfg)
         set_seed(cfg.train.seed)
         self.splits = index_splits(cfg.data, cfg.train.seed)
@@ -205,6 +206,7 @@ class Trainer:
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Forward, backward, clip and step (accelerate skips the step while accumulating); returns [loss sum, correct, n, skipped]."""
+        time.sleep(self.test_step_sleep)  # test hook (UTP_DIST_TEST_STEP_SLEEP): lets Slurm's timers catch a tiny run mid-training
         logits = self.model(pixel_values=self.normalize(images)).logits
         loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.cfg.train.label_smoothing, ignore_index=IGNORE_LABEL)
         self.accelerator.backward(loss)

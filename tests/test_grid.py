@@ -1,0 +1,154 @@
+"""Grid files, cluster profiles and the submit command without a cluster: expansion, names, bad input, dry run, executors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO, make_image_folder, run_cli, tiny_config
+
+from utp_dist.config import ConfigError
+from utp_dist.grid import load_grid
+from utp_dist.resources import load_resources
+
+GOLDEN = Path(__file__).parent / "golden" / "lr_x_model.sbatch"
+
+
+def write_grid(path: Path, grid: dict) -> Path:
+    path.write_text(yaml.safe_dump(grid))
+    return path
+
+
+def test_cartesian_product_and_zip_groups_with_readable_unique_names(tmp_path):
+    grid = load_grid(REPO / "configs" / "sweeps" / "lr_x_model.yaml")
+    assert len(grid.tasks) == 6 and grid.name == "lr_x_model"
+    names = [t.name for t in grid.tasks]
+    assert names[:2] == ["resnet__cross_entropy__scratch__lr=0.001_bs=64", "vit__cross_entropy__scratch__lr=0.001_bs=128"]
+    assert len(set(names)) == 6
+    # zip keys vary together; every config is complete, validated and pinned to its name
+    for task in grid.tasks:
+        cfg = task.config
+        assert (cfg.model.flavour, cfg.data.batch_size) in {("resnet", 64), ("vit", 128)}
+        assert ("hidden_size" in cfg.model.config) == (cfg.model.flavour == "vit")
+        assert cfg.output.run_name == task.name and os.path.isabs(cfg.output.root)
+        assert cfg.optim.lr == task.swept["optim.lr"] and cfg.train.epochs == 5  # the rest comes from the base
+    assert grid.resources == {"time_min": 30, "cpus_per_task": 3}
+
+
+def test_base_path_is_relative_to_the_grid_and_inline_bases_work(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump({"data": {"root": "imgs"}, "train": {"epochs": 1}}))
+    by_path = load_grid(write_grid(tmp_path / "sub" / "g.yaml", {"base": "../base.yaml", "sweep": {"train.seed": [1, 2]}}))
+    inline = load_grid(write_grid(tmp_path / "g2.yaml", {"base": {"train": {"epochs": 1}}, "sweep": {"optim.lr": ["1e-3", 0.01]}}))
+    assert [t.config.train.seed for t in by_path.tasks] == [1, 2]
+    assert by_path.tasks[0].config.data.root == str(tmp_path / "imgs")  # relative data paths are fixed at submission
+    assert [t.name.rsplit("__", 1)[1] for t in inline.tasks] == ["lr=0.001", "lr=0.01"]  # '1e-3' is shown as resolved
+
+
+@pytest.mark.parametrize("grid, message", [
+    ({"sweep": {"optim.lrr": [1, 2]}}, "sweep (optim.lrr=1): unknown key 'optim.lrr'; did you mean 'optim.lr'?"),
+    ({"sweep": {"optim.lr": []}}, "sweep.optim.lr is an empty list; give at least one value or remove the key"),
+    ({"sweep": {"optim.lr": 0.1}}, "sweep.optim.lr must be a list of values, got 0.1; write [0.1] for a single value"),
+    ({"sweep": {"zip": [{"optim.lr": [1, 2], "train.seed": [1]}]}}, "the lists of a zip group must be equally long (optim.lr has 2, train.seed has 1)"),
+    ({"sweep": {"optim.lr": [0.1, 0.1]}}, "grid points 0 and 1 get the same run name 'vit__cross_entropy__scratch__lr=0.1'"),
+    ({"sweeps": {}}, "unknown top-level key 'sweeps'; valid keys: name, base, sweep, resources"),
+    ({"base": "missing.yaml"}, "base config 'missing.yaml' not found"),
+    ({"sweep": {"train.epochs": [0]}}, "sweep (train.epochs=0): train.epochs must be > 0"),
+])
+def test_bad_grids_are_one_line_errors_naming_the_file(tmp_path, grid, message):
+    path = write_grid(tmp_path / "bad.yaml", {"base": {"model": {"flavour": "vit"}}, **grid})
+    with pytest.raises(ConfigError) as err:
+        load_grid(path)
+    assert str(err.value).startswith(str(path)) and message in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("profile, message", [
+    ({"partitio": "gpu"}, "unknown key 'partitio'; did you mean 'partition'?"),
+    ({"sbatch": {"mail-typ": "END"}}, "sbatch.mail-typ is not an sbatch option; valid ones: acctg-freq, "),
+    ({"sbatch": {"time": "10"}}, "sbatch.time: set it with the profile key 'time_min', not in the sbatch block"),
+    ({"gpus_per_node": -1}, "gpus_per_node must be >= 0"),
+])
+def test_bad_profiles_name_the_file_and_the_valid_choices(tmp_path, profile, message):
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(profile))
+    with pytest.raises(ConfigError) as err:
+        load_resources(path, {}, "grid.yaml")
+    assert str(err.value).startswith(str(path)) and message in str(err.value)
+
+
+def test_grid_resources_override_the_profile():
+    resources = load_resources(REPO / "slurm" / "profiles" / "example.yaml", {"time_min": 30, "gpus_per_node": 4}, "g.yaml")
+    params = resources.submitit_parameters("sweep")
+    assert (params["time"], params["gpus_per_node"], params["ntasks_per_node"], params["partition"]) == (30, 4, 4, "gpu")
+    assert params["additional_parameters"] == {"requeue": True, "mail-type": "FAIL"}
+
+
+def test_dry_run_writes_the_golden_sbatch_script_and_submits_nothing(tmp_path):
+    shutil.copytree(REPO / "configs", tmp_path / "configs")
+    shutil.copytree(REPO / "slurm" / "profiles", tmp_path / "profiles")
+    result = run_cli("configs/sweeps/lr_x_model.yaml", "--profile", "profiles/example.yaml", "--dry-run",
+                     cwd=tmp_path, module="utp_dist.submit", PATH="/usr/bin:/bin")  # no sbatch needed for a dry run
+    assert result.returncode == 0, result.stderr
+    assert "6 run(s), 6 to submit" in result.stdout and "| 5 | vit__cross_entropy__scratch__lr=0.01_bs=128 |" in result.stdout
+    folder = tmp_path / "experiments" / "sweeps" / ".dry-run" / "lr_x_model"
+    script = (folder / "array.sbatch").read_text().replace(str(folder), "{SWEEP}").replace(sys.executable, "{PYTHON}")
+    assert script == GOLDEN.read_text()
+    assert len(list(folder.glob("*.yaml"))) == 6
+    assert [p.name for p in (tmp_path / "experiments" / "sweeps").iterdir()] == [".dry-run"]  # no sweep, no ledger
+
+
+def test_without_a_slurm_client_nothing_is_created(tmp_path):
+    grid = write_grid(tmp_path / "g.yaml", {"base": {"output": {"root": str(tmp_path / "out")}}, "sweep": {"optim.lr": [0.1]}})
+    result = run_cli(str(grid), cwd=tmp_path, module="utp_dist.submit", PATH=f"{Path(sys.executable).parent}:/nonexistent")
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("utp_dist: error: no Slurm client found ('sbatch' is not on PATH); "
+                                     "install slurm-client or use --executor local")
+    assert not (tmp_path / "out" / "sweeps").exists()
+
+
+def test_ledger_commands_on_a_folder_that_is_not_a_sweep(tmp_path):
+    result = run_cli("status", str(tmp_path), module="utp_dist.submit")
+    assert result.returncode == 2 and f"{tmp_path}: no sweep.json here" in result.stderr
+
+
+@pytest.fixture
+def tiny_grid(tmp_path) -> Path:
+    """A grid of two tiny runs: the second reads a data folder that does not exist yet."""
+    make_image_folder(tmp_path / "shapes", per_class={"train": 8, "val": 4})
+    base = tiny_config(tmp_path / "shapes", tmp_path / "out", train={"epochs": 1})
+    return write_grid(tmp_path / "grid.yaml", {"name": "tiny", "base": base,
+                                               "sweep": {"data.root": [str(tmp_path / "shapes"), str(tmp_path / "later")]}})
+
+
+def test_local_executor_runs_each_task_in_its_own_process_and_the_ledger_tracks_it(tiny_grid, tmp_path):
+    result = run_cli(str(tiny_grid), "--executor", "local", "--wait", "--poll", "1", module="utp_dist.submit", timeout=300)
+    assert result.returncode == 1, result.stderr  # one of the two failed: its data is missing
+    sweep = tmp_path / "out" / "sweeps" / "tiny"
+    ledger = json.loads((sweep / "sweep.json").read_text())
+    assert ledger["executor"] == "local" and [t["name"] for t in ledger["tasks"]] == [
+        "vit__cross_entropy__scratch__root=shapes", "vit__cross_entropy__scratch__root=later"]
+    assert f"data.root: folder '{tmp_path / 'later'}' does not exist" in (sweep / "local" / "task-1.log").read_text()
+    status = run_cli("status", str(sweep), module="utp_dist.submit")
+    lines = status.stdout.splitlines()
+    assert " | COMPLETED | 0 | 0 | 3 | " in lines[2] and " | FAILED | 0 | - | - | - | - | " in lines[3], status.stdout
+
+    # the missing data appears; resubmit --failed runs only that task (debug executor: same ledger, in-process)
+    make_image_folder(tmp_path / "later", per_class={"train": 8, "val": 4})
+    again = run_cli("resubmit", str(sweep), "--failed", "--wait", "--poll", "1", module="utp_dist.submit", timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert "submitted 1 task(s)" in again.stdout
+    status = run_cli("status", str(sweep), module="utp_dist.submit").stdout.splitlines()
+    assert " | COMPLETED | 1 | 0 | 3 | " in status[3]  # one restart: the resubmission
+    board = run_cli("leaderboard", str(sweep), module="utp_dist.submit")
+    assert board.returncode == 0 and board.stdout.startswith("| rank | run | data.root | best val_acc@1 | epoch | test_acc@1 | state |")
+    assert (sweep / "leaderboard.csv").read_text().splitlines()[0] == "rank,run,data.root,best val_acc@1,epoch,test_acc@1,state,logs"
+
+    # the same grid again: both exact configs completed, so nothing is submitted
+    skip = run_cli(str(tiny_grid), "--executor", "debug", module="utp_dist.submit")
+    assert skip.returncode == 0 and "nothing to submit" in skip.stdout and skip.stdout.count("skipped task") == 2

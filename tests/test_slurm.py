@@ -1,0 +1,202 @@
+"""The grid launcher against a real private Slurm (slurmctld, slurmd, slurmdbd, MariaDB, munge) started for this module.
+
+Never skipped: when Slurm cannot start, these tests fail with the daemon's message.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO, make_image_folder, run_cli, tiny_config
+from safetensors.torch import load_file
+
+THREADS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # bit-identical resume needs the same thread count everywhere
+
+
+def _cluster_module():
+    spec = importlib.util.spec_from_file_location("utp_slurm_cluster", REPO / "slurm" / "cluster.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    """A private single-node Slurm with accounting and 2 fake GPUs; the env that points clients at it."""
+    cluster = _cluster_module()
+    folder = tmp_path_factory.mktemp("slurm")
+    env = cluster.start(folder, gpus=2)
+    yield env
+    cluster.stop(folder)
+
+
+def submit(slurm: dict, *args: str, timeout: int = 300, **env: str) -> subprocess.CompletedProcess:
+    """`python -m utp_dist.submit ...` with the private cluster's config."""
+    return run_cli(*args, module="utp_dist.submit", timeout=timeout, **slurm, **THREADS, **env)
+
+
+def sacct(slurm: dict, job: str, fields: str = "JobID,State,Start,End") -> list[dict]:
+    """Accounting rows of a job (array tasks included), retried while sacct lags."""
+    for _ in range(20):
+        out = subprocess.run(["sacct", "-n", "-X", "-P", f"--format={fields}", "-j", job], capture_output=True, text=True,
+                             timeout=30, env={**os.environ, **slurm})
+        rows = [dict(zip(fields.split(","), line.split("|"), strict=True)) for line in out.stdout.splitlines()]
+        if rows and all(r["State"] not in ("PENDING", "RUNNING", "REQUEUED") for r in rows):
+            return rows
+        time.sleep(1)
+    return rows
+
+
+def grid_file(folder: Path, base: dict, sweep: dict, resources: dict, name: str) -> Path:
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({"name": name, "base": base, "sweep": sweep, "resources": resources}))
+    return path
+
+
+def ledger(out: Path, name: str) -> tuple[Path, dict]:
+    folder = out / "sweeps" / name
+    return folder, json.loads((folder / "sweep.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp("data") / "shapes", per_class={"train": 16, "val": 4})
+
+
+# 60 steps: still training when the timeout warning comes (the timeout run sleeps 0.9 s per step, the preempted one 0.4 s)
+REQUEUE_BASE = {"train": {"epochs": 5, "seed": 5}, "data": {"batch_size": 4}}
+
+
+def _scontrol(slurm: dict, *args: str) -> None:
+    subprocess.run(["scontrol", *args], check=True, timeout=30, env={**os.environ, **slurm}, capture_output=True)
+
+
+def _interrupt(slurm: dict, sweeps: dict[str, Path]) -> None:
+    """Preempt one run with USR2 once it trains; let the other time out once, then give it time to finish."""
+    deadline, preempted, extended = time.time() + 240, False, False
+    while time.time() < deadline and not (preempted and extended):
+        if not preempted and any((sweeps["preempt"] / "logs").glob("*/*/events.out.tfevents.*")):
+            time.sleep(3)  # inside the training loop now
+            job = json.loads((sweeps["preempt"] / "sweeps" / "preempt" / "sweep.json").read_text())["tasks"][0]["jobs"][0]
+            subprocess.run(["scancel", "--signal=USR2", job], check=True, timeout=30, env={**os.environ, **slurm})
+            preempted = True
+        record = sweeps["timeout"] / "sweeps" / "timeout" / "tasks" / "0.json"
+        if not extended and record.is_file() and json.loads(record.read_text())["state"] == "STOPPED":
+            # the 1-minute limit would time the resumed run out again: the second attempt gets 20 minutes
+            job = json.loads((sweeps["timeout"] / "sweeps" / "timeout" / "sweep.json").read_text())["tasks"][0]["jobs"][0]
+            _scontrol(slurm, "update", f"JobId={job}", "TimeLimit=20")
+            extended = True
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def requeue_sweeps(slurm, data, tmp_path_factory):
+    """Submitted first, checked last: a run that hits its time limit, and one preempted by USR2 (they mostly sleep)."""
+    folder = tmp_path_factory.mktemp("requeue")
+    sweeps = {}
+    # USR2 comes signal_delay_s before the limit, but slurmctld checks limits every 30 s: here 30 to 60 s after the start
+    for kind, resources, sleep in (("timeout", {"time_min": 1, "signal_delay_s": 30}, "0.9"), ("preempt", {"time_min": 20}, "0.4")):
+        base = tiny_config(data, folder / kind, **{k: dict(v) for k, v in REQUEUE_BASE.items()})
+        grid = grid_file(folder, base, {"train.label_smoothing": [0.0]}, {**resources, "max_requeues": 2}, kind)
+        result = submit(slurm, str(grid), UTP_DIST_TEST_STEP_SLEEP=sleep)
+        assert result.returncode == 0, result.stderr
+        sweeps[kind] = folder / kind
+    interrupter = threading.Thread(target=_interrupt, args=(slurm, sweeps), daemon=True)
+    interrupter.start()
+    return folder, sweeps, interrupter
+
+
+def test_grid_of_four_is_one_array_job_with_parallelism_and_resubmit_failed(slurm, data, tmp_path):
+    base = tiny_config(data, tmp_path / "out", train={"epochs": 1})
+    sweep = {"zip": [{"data.root": [str(data)] * 3 + [str(tmp_path / "later")], "train.seed": [1, 2, 3, 4]}]}
+    grid = grid_file(tmp_path, base, sweep, {"array_parallelism": 2, "cpus_per_task": 1, "time_min": 20}, "four")
+    result = submit(slurm, str(grid), "--wait", "--poll", "2")
+    assert result.returncode == 1, result.stdout + result.stderr  # the fourth point's data does not exist yet
+    folder, record = ledger(tmp_path / "out", "four")
+    jobs = [t["jobs"][-1] for t in record["tasks"]]
+    array = jobs[0].split("_")[0]
+    assert jobs == [f"{array}_{i}" for i in range(4)]  # one array job, one task per grid point
+
+    rows = sacct(slurm, array)
+    assert sorted(r["JobID"] for r in rows) == jobs
+    assert [r["State"] for r in sorted(rows, key=lambda r: r["JobID"])] == ["COMPLETED"] * 3 + ["FAILED"]
+    spans = [(datetime.fromisoformat(r["Start"]), datetime.fromisoformat(r["End"])) for r in rows]
+    running_at = [sum(s <= start < e for s, e in spans) for start, _ in spans]
+    assert max(running_at) == 2, spans  # array_parallelism=2: two at once, never more
+    for task in record["tasks"][:3]:
+        logs = next((tmp_path / "out" / "logs" / "shapes").glob(task["name"]))
+        assert json.loads((logs / "summary.json").read_text())["steps"] == 6
+        assert (tmp_path / "out" / "checkpoints" / "shapes" / task["name"] / "best" / "model.safetensors").is_file()
+
+    status = submit(slurm, "status", str(folder)).stdout.splitlines()
+    assert "| FAILED | 0 | - | - | - | - |" in status[5] and "| COMPLETED | 0 | 0 | 6 |" in status[2], status
+
+    make_image_folder(tmp_path / "later", per_class={"train": 16, "val": 4})
+    again = submit(slurm, "resubmit", str(folder), "--failed", "--wait", "--poll", "2")
+    assert again.returncode == 0, again.stdout + again.stderr
+    _, record = ledger(tmp_path / "out", "four")
+    new_job = record["tasks"][3]["jobs"][-1]
+    assert new_job.split("_")[0] != array and [t["jobs"] for t in record["tasks"][:3]] == [[j] for j in jobs[:3]]
+    assert [r["State"] for r in sacct(slurm, new_job)] == ["COMPLETED"]
+    assert "| COMPLETED | 1 | 0 | 6 |" in submit(slurm, "status", str(folder)).stdout.splitlines()[5]
+
+
+def test_two_fake_gpus_train_as_world_size_two(slurm, data, tmp_path):
+    base = tiny_config(data, tmp_path / "out", train={"epochs": 1})
+    grid = grid_file(tmp_path, base, {"train.seed": [7]}, {"gpus_per_node": 2, "time_min": 20}, "ddp")
+    result = submit(slurm, str(grid), "--wait", "--poll", "2")
+    assert result.returncode == 0, result.stdout + result.stderr
+    _, record = ledger(tmp_path / "out", "ddp")
+    (job,) = record["tasks"][0]["jobs"]
+    assert "_" not in job  # a grid of one is a plain job, not an array
+    logs = next((tmp_path / "out" / "logs" / "shapes").iterdir())
+    summary = json.loads((logs / "summary.json").read_text())
+    assert (summary["world_size"], summary["distributed_type"], summary["backend"]) == (2, "MULTI_CPU", "gloo")
+    assert summary["global_batch"] == 16
+    task_logs = sorted((tmp_path / "out" / "sweeps" / "ddp" / "slurm").glob(f"{job}_*_log.out"))
+    assert len(task_logs) == 2
+
+
+@pytest.fixture(scope="module")
+def reference_weights(data, tmp_path_factory) -> dict:
+    """The same run, never interrupted."""
+    folder = tmp_path_factory.mktemp("reference")
+    config = tiny_config(data, folder, **{k: dict(v) for k, v in REQUEUE_BASE.items()})
+    (folder / "reference.yaml").write_text(yaml.safe_dump(config))
+    result = run_cli(str(folder / "reference.yaml"), **THREADS)
+    assert result.returncode == 0, result.stderr
+    (run,) = (folder / "checkpoints" / "shapes").iterdir()
+    return load_file(run / "best" / "model.safetensors")
+
+
+@pytest.mark.parametrize("kind, case", [("timeout", "timed-out"), ("preempt", "preempted")])
+def test_requeued_task_resumes_and_ends_with_the_uninterrupted_weights(requeue_sweeps, reference_weights, slurm, kind, case):
+    _, sweeps, interrupter = requeue_sweeps
+    interrupter.join(timeout=240)
+    out = sweeps[kind]
+    sweep_dir, record = ledger(out, kind)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        state = submit(slurm, "status", str(sweep_dir)).stdout.splitlines()[2]
+        if "| COMPLETED |" in state or "| FAILED |" in state:
+            break
+        time.sleep(3)
+    assert "| COMPLETED |" in state, state
+    assert int(state.split("|")[4]) == 1, state  # the ledger shows the restart
+    (job,) = record["tasks"][0]["jobs"]
+    log = "".join(p.read_text() for p in (sweep_dir / "slurm").glob(f"{job}_0_log.*"))
+    assert f"this job is {case}" in log and "Requeued job" in log
+    assert "the saved state continues the run" in log  # the run itself took the signal and saved at a step boundary
+    (logs,) = (out / "logs" / "shapes").iterdir()  # resumed in the same run folder
+    assert json.loads((logs / "summary.json").read_text())["restarts"] == 1
+    weights = load_file(out / "checkpoints" / "shapes" / logs.name / "best" / "model.safetensors")
+    assert weights.keys() == reference_weights.keys() and all(weights[k].equal(reference_weights[k]) for k in weights)
