@@ -8,6 +8,8 @@ import pytest
 from conftest import REPO
 
 from utp_dist.config import Config, load_config
+from utp_dist.grid import load_grid
+from utp_dist.resources import Resources, load_resources
 
 
 def test_readme_documents_every_config_key():
@@ -17,9 +19,23 @@ def test_readme_documents_every_config_key():
             assert f"`{section.name}.{field.name}`" in readme, f"README lacks {section.name}.{field.name}"
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "configs").rglob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_example_configs_are_valid(path):
     load_config(path)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
+def test_example_grids_and_profiles_are_valid(path):
+    grid = load_grid(path)
+    assert grid.tasks
+    for profile in (REPO / "slurm" / "profiles").glob("*.yaml"):
+        load_resources(profile, grid.resources, str(path))
+
+
+def test_readme_documents_every_profile_key():
+    readme = (REPO / "README.md").read_text()
+    for field in dataclasses.fields(Resources):
+        assert f"`{field.name}`" in readme, f"README lacks the profile key {field.name}"
 
 
 def test_readme_commands_exist():
