@@ -187,12 +187,14 @@ def _workers(torchrun: subprocess.Popen, n: int) -> list[psutil.Process]:
     raise AssertionError("workers did not start")
 
 
-def test_two_processes_stop_on_one_ranks_signal_and_resume_bit_identical(data, tmp_path, capsys, fresh_accelerate):
+def test_two_processes_with_gpu_augment_stop_on_one_ranks_signal_and_resume_bit_identical(data, tmp_path, capsys, fresh_accelerate):
     def torchrun(config: Path, *extra: str, nproc: int = 2) -> list[str]:
         return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(_free_port()),
                 "-m", "utp_dist.train", str(config), *extra]
 
-    sections = {"train": {"epochs": 2}, "data": {"batch_size": 4}}
+    # augmentation on the device (Kornia) here, on the CPU workers in the single-process tests: both resume exactly
+    gpu_augment = ["random_resized_crop", "horizontal_flip", "color_jitter"]
+    sections = {"train": {"epochs": 2}, "data": {"batch_size": 4, "augment": "none", "gpu_augment": gpu_augment}}
     reference = subprocess.run(torchrun(_config(data, tmp_path / "ref", **sections)), env=ENV, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert reference.returncode == 0, reference.stderr[-3000:]
 

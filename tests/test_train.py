@@ -12,6 +12,8 @@ import yaml
 from conftest import REPO, run_cli, save_tiny_vit, tiny_config, write_image
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import AutoModelForImageClassification
 
 from utp_dist.config import from_dict
 from utp_dist.runs import create_run, sanitize
@@ -35,7 +37,7 @@ def _events(log_dir: Path) -> EventAccumulator:
 def test_cli_run_writes_every_output(image_root, tmp_path):
     cfg = tmp_path / "run.yaml"
     cfg.write_text(yaml.safe_dump(tiny_config(image_root, tmp_path / "out")))
-    proc = run_cli(str(cfg), "train.eval_topk=[1,2]", "output.suffix=e2e")
+    proc = run_cli(str(cfg), "train.eval_topk=[1,2]", "output.suffix=e2e", "train.peak_tflops=0.5")
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     logs = tmp_path / "out" / "logs" / "shapes" / "vit__cross_entropy__scratch__e2e"
@@ -54,11 +56,21 @@ def test_cli_run_writes_every_output(image_root, tmp_path):
     assert summary["world_size"] == 1 and summary["steps"] == 2 * (72 // 8)
     assert summary["best"]["value"] == max(line["val_acc@1"] for line in lines[:2])
     assert summary["train_img_per_s"] > 0 and summary["wall_time_s"] > 0
+    # FLOPs are counted once on a meta-device twin; they must equal a count on the real model (eager attention: the
+    # counter has no formula for the CPU's fused attention kernel, and would leave attention out)
+    model = AutoModelForImageClassification.from_pretrained(ckpt / "best", attn_implementation="eager")
+    with FlopCounterMode(display=False) as counter:
+        model(pixel_values=torch.zeros(1, 3, 16, 16)).logits.sum().backward()
+    assert summary["train_gflops_per_image"] * 1e9 == pytest.approx(counter.get_total_flops()) and counter.get_total_flops() > 0
+    assert summary["mfu"] == pytest.approx(summary["train_img_per_s"] * counter.get_total_flops() / 0.5e12)
+    assert 0 <= summary["data_wait_fraction"] < 1
     assert json.loads((ckpt / "_best_meta.json").read_text())["value"] == summary["best"]["value"]
 
     events = _events(logs)
     steps = [e.step for e in events.Scalars("train/loss")]
     assert steps == sorted(set(steps)) and steps[0] == 2 and steps[-1] == summary["steps"]
+    assert [e.step for e in events.Scalars("train/mfu")] == [e.step for e in events.Scalars("train/data_wait")] == steps
+    assert all(0 <= e.value <= 1 for e in events.Scalars("train/data_wait"))
     assert [e.step for e in events.Scalars("val/acc@1")] == [9, 18]
     assert [e.step for e in events.Images("val/confusion_matrix")] == [9, 18]
     assert [e.step for e in events.Images("test/roc_micro")] == [18]

@@ -18,6 +18,7 @@ import yaml
 from utp_dist.errors import UserError
 
 SPLITS = ("train", "val", "test")
+GPU_AUGMENTS = ("random_resized_crop", "horizontal_flip", "color_jitter", "grayscale")  # built in gpu_augment.py
 Cap = int | dict | None
 
 
@@ -51,12 +52,19 @@ class DataConfig:
     """Square input size; null = the image processor's size."""
     on_bad_image: Literal["error", "skip"] = "error"
     """An unreadable image stops the run (error) or is skipped and counted (skip)."""
+    gpu_augment: list[str] = field(default_factory=list)
+    """Augmentation on the device with Kornia, in order: random_resized_crop, horizontal_flip, color_jitter, grayscale."""
 
     def __post_init__(self) -> None:
         _positive("data.batch_size", self.batch_size)
         _positive("data.eval_batch_size", self.eval_batch_size)
         _positive("data.image_size", self.image_size)
         _positive("data.prefetch_factor", self.prefetch_factor)
+        unknown = [name for name in self.gpu_augment if name not in GPU_AUGMENTS]
+        if unknown:
+            raise ConfigError(f"data.gpu_augment: unknown op '{unknown[0]}'; choose from {', '.join(GPU_AUGMENTS)}")
+        if self.gpu_augment and self.augment != "none":
+            raise ConfigError("data.gpu_augment replaces the CPU augmentation: set data.augment: none (the loader then only resizes)")
         if self.num_workers < 0:
             raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
         self.max_datapoints_per_class = _check_caps(self.max_datapoints_per_class)
@@ -81,6 +89,10 @@ class ModelConfig:
     """Train only the classification head (linear probe)."""
     config: dict = field(default_factory=dict)
     """Overrides for the model config, e.g. {hidden_size: 192, patch_size: 4}."""
+    attention: Literal["auto", "sdpa", "eager"] = "auto"
+    """Attention kernel: auto = PyTorch SDPA where the model supports it; sdpa insists; eager = plain matmuls."""
+    channels_last: bool | None = None
+    """Channels-last memory format; null = on for convolutional models on CUDA, where it is faster."""
 
 
 @dataclass
@@ -138,11 +150,16 @@ class TrainConfig:
     """Optimizer steps between logged training loss/acc/lr points."""
     sync_batchnorm: bool = False
     """Synchronise batch-norm statistics across processes (for batch-norm models under DDP)."""
+    compile: bool = False
+    """torch.compile the model; a model that fails to compile runs eager after one warning."""
+    peak_tflops: float | None = None
+    """Peak dense TFLOP/s of one device for MFU; null = the bf16 peak of known GPUs (no MFU on CPU)."""
 
     def __post_init__(self) -> None:
         _positive("train.epochs", self.epochs)
         _positive("train.max_steps", self.max_steps)
         _positive("train.log_every_n_steps", self.log_every_n_steps)
+        _positive("train.peak_tflops", self.peak_tflops)
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if not self.eval_topk or any(k < 1 for k in self.eval_topk):

@@ -12,7 +12,7 @@ from transformers.models.auto import image_processing_auto
 
 from utp_dist.config import ModelConfig
 from utp_dist.data import InputSpec
-from utp_dist.errors import UserError
+from utp_dist.errors import UserError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -25,14 +25,19 @@ def build_model(cfg: ModelConfig, classes: list[str], image_size: int | None):
     """(model, image_processor) with num_labels and label maps taken from the data."""
     labels = {"num_labels": len(classes), "id2label": dict(enumerate(classes)), "label2id": {c: i for i, c in enumerate(classes)}}
     overrides = dict(cfg.config)
+    # auto leaves the choice to transformers, which takes SDPA wherever the model implements it
+    attention = {} if cfg.attention == "auto" else {"attn_implementation": cfg.attention}
     if cfg.pretrained:
-        model = _load_pretrained(cfg.flavour, labels, overrides)
+        model = _load_pretrained(cfg.flavour, labels, overrides, attention)
         processor = _load_processor(cfg.flavour, model)
     else:
         model_config = _scratch_config(cfg.flavour, labels, overrides)
         if image_size is not None and hasattr(model_config, "image_size") and "image_size" not in overrides:
             model_config.image_size = image_size  # e.g. ViT's position embeddings follow data.image_size
-        model = AutoModelForImageClassification.from_config(model_config)
+        try:
+            model = AutoModelForImageClassification.from_config(model_config, **attention)
+        except ValueError as err:
+            raise ModelError(f"model.attention: {cfg.attention} is not available for {cfg.flavour}: {first_line(err)}; use auto") from None
         processor = _default_processor(model_config)
     if cfg.freeze_backbone:
         _freeze_backbone(model)
@@ -66,15 +71,14 @@ def input_spec(processor, image_size: int | None) -> InputSpec:
     return InputSpec(size=tuple(final), resize=resize, mean=mean, std=std)
 
 
-def _load_pretrained(flavour: str, labels: dict, overrides: dict):
+def _load_pretrained(flavour: str, labels: dict, overrides: dict, attention: dict):
     if not os.path.isdir(flavour) and os.environ.get("HF_HUB_OFFLINE") == "1":
         raise ModelError(f"model.flavour: '{flavour}' is not a local folder and HF_HUB_OFFLINE=1 forbids downloads")
     try:
         # a head of the wrong size (e.g. ImageNet's 1000 classes) is replaced by a fresh one
-        return AutoModelForImageClassification.from_pretrained(flavour, ignore_mismatched_sizes=True, **labels, **overrides)
+        return AutoModelForImageClassification.from_pretrained(flavour, ignore_mismatched_sizes=True, **labels, **overrides, **attention)
     except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelError(f"model.flavour: cannot load pretrained '{flavour}': {first}") from None
+        raise ModelError(f"model.flavour: cannot load pretrained '{flavour}': {first_line(err)}") from None
 
 
 def _load_processor(flavour: str, model):
@@ -142,14 +146,28 @@ def _classifier(model) -> torch.nn.Module:
     raise ModelError(f"model.freeze_backbone: cannot find the classification head of {type(model).__name__}")
 
 
-class Normalize(torch.nn.Module):
-    """uint8 images -> normalised float on the device (4x fewer bytes through the loader and the copy)."""
+class DeviceInput(torch.nn.Module):
+    """uint8 batch on the device -> (GPU augmentation while training) -> normalised float, in the model's memory format.
 
-    def __init__(self, spec: InputSpec):
+    Images travel as uint8 (4x fewer bytes through the loader and the copy); everything else happens here, on the device.
+    """
+
+    def __init__(self, spec: InputSpec, augment: torch.nn.Module | None = None, channels_last: bool = False):
         super().__init__()
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1) * 255, persistent=False)
+        self.augment = augment
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Return (images - mean) / std in float32."""
-        return (images.float() - self.mean) / self.std
+    def forward(self, images: torch.Tensor, augment: bool = False) -> torch.Tensor:
+        """(augmented) (images - mean) / std in float32."""
+        pixels = images.float()
+        if augment and self.augment is not None:
+            # Kornia works on [0, 1]; the statistics are applied after it, so they stay those of the processor
+            pixels = self.augment(pixels / 255).clamp_(0, 1) * 255
+        return ((pixels - self.mean) / self.std).contiguous(memory_format=self.memory_format)
+
+
+def is_convolutional(model: torch.nn.Module) -> bool:
+    """More than one Conv2d: a conv net (a ViT's single patch-embedding conv does not count)."""
+    return sum(isinstance(m, torch.nn.Conv2d) for m in model.modules()) > 1

@@ -19,9 +19,11 @@ from utp_dist import __version__
 from utp_dist.checkpoint import Checkpointer, NullCheckpointer, TrainingStates
 from utp_dist.config import Config
 from utp_dist.data import IGNORE_LABEL, ImageFolderSplit, build_loader, build_transforms, index_splits
-from utp_dist.errors import UserError
+from utp_dist.errors import UserError, first_line
 from utp_dist.metrics import EvalMetrics
-from utp_dist.model import Normalize, build_model, input_spec
+from utp_dist.flops import peak_tflops, train_flops_per_image
+from utp_dist.gpu_augment import build_gpu_augment
+from utp_dist.model import DeviceInput, build_model, input_spec, is_convolutional
 from utp_dist.optim import build_optimizer, build_scheduler, optimizer_steps
 from utp_dist.preemption import Stopped, StopRequest
 from utp_dist.resume import check, find_state, identity, read_identity
@@ -37,6 +39,21 @@ def reset_accelerate() -> None:
 
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
+
+
+def compiled(model: torch.nn.Module, device_input: DeviceInput, spec) -> torch.nn.Module:
+    """torch.compile the model, tried once on a batch of two; a model that fails to compile runs eager after one warning."""
+    try:
+        fast = torch.compile(model)
+        probe = torch.zeros(2, 3, *spec.size, dtype=torch.uint8, device=device_input.mean.device)
+        model.eval()  # the probe must not move batch-norm statistics or draw dropout randomness
+        with torch.no_grad():
+            fast(pixel_values=device_input(probe))
+        model.train()
+        return fast
+    except Exception as err:  # compilers fail in many ways (no C compiler, unsupported op): eager always works
+        log.warning("train.compile: torch.compile failed (%s: %s); training eager", type(err).__name__, first_line(err))
+        return model
 
 
 def build_accelerator(cfg: Config) -> Accelerator:
@@ -99,7 +116,13 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.optim, fused=acc.device.type == "cuda")
         # the scheduler is not prepared: accelerate would step it num_processes times per optimizer step
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.total_steps)
-        self.normalize = Normalize(self.spec).to(acc.device)
+        channels_last = cfg.model.channels_last if cfg.model.channels_last is not None else (
+            acc.device.type == "cuda" and is_convolutional(self.model))
+        self.model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        augment = build_gpu_augment(cfg.data.gpu_augment, self.spec.size)
+        self.device_input = DeviceInput(self.spec, augment, channels_last).to(acc.device)
+        self.flops_per_image = train_flops_per_image(self.model, self.spec.size)
+        self.peak_tflops = peak_tflops(cfg.train.peak_tflops, acc.device, acc.mixed_precision)
         self.metrics: dict[str, EvalMetrics] = {}  # one suite per split, reset before each evaluation
         if cfg.train.sync_batchnorm and acc.num_processes > 1:
             if acc.device.type != "cuda":
@@ -107,6 +130,8 @@ class Trainer:
             self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.model, self.optimizer, *loaders = acc.prepare(self.model, self.optimizer, *self.loaders.values())
         self.loaders = dict(zip(self.loaders, loaders, strict=True))
+        if cfg.train.compile:
+            self.model = compiled(self.model, self.device_input, self.spec)
 
     def describe(self) -> str:
         """What --dry-run prints: classes, images per split after caps, parameters, steps, batches."""
@@ -144,7 +169,7 @@ class Trainer:
             self.samplers["train"].skip_once(p.position * micro_batch)
             self.model.train()
             self.meter.resume()
-            for images, labels in self.loaders["train"]:
+            for images, labels in self.meter.timed(self.loaders["train"]):
                 with acc.accumulate(self.model):
                     self.meter.add(self.train_step(images, labels))
                 p.position += 1
@@ -207,7 +232,7 @@ class Trainer:
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Forward, backward, clip and step (accelerate skips the step while accumulating); returns [loss sum, correct, n, skipped]."""
         time.sleep(self.test_step_sleep)  # test hook (UTP_DIST_TEST_STEP_SLEEP): lets Slurm's timers catch a tiny run mid-training
-        logits = self.model(pixel_values=self.normalize(images)).logits
+        logits = self.model(pixel_values=self.device_input(images, augment=True)).logits
         loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.cfg.train.label_smoothing, ignore_index=IGNORE_LABEL)
         self.accelerator.backward(loss)
         if self.accelerator.sync_gradients and self.cfg.optim.max_grad_norm:
@@ -231,7 +256,7 @@ class Trainer:
         metrics = self.metrics[split]
         metrics.reset()
         for images, labels in self.loaders[split]:
-            logits = self.model(pixel_values=self.normalize(images)).logits
+            logits = self.model(pixel_values=self.device_input(images)).logits
             metrics.update(*self.accelerator.gather_for_metrics((logits, labels)))
         values, confusion, roc = metrics.compute(split)
         # training throughput so far rides along, so `submit status` reads progress and speed from one file
@@ -288,15 +313,24 @@ class Trainer:
         if window is None:
             return
         lr, values = self.scheduler.get_last_lr()[0], {}
+        mfu = self._mfu(window["img_per_s"])
         if window["count"]:
-            values = {"train/loss": window["loss"], "train/acc": window["acc"], "train/lr": lr, "train/img_per_s": window["img_per_s"]}
+            values = {"train/loss": window["loss"], "train/acc": window["acc"], "train/lr": lr, "train/img_per_s": window["img_per_s"],
+                      "train/data_wait": window["data_wait"], **({"train/mfu": mfu} if mfu is not None else {})}
         if end_of_epoch:
             values.update({"epoch/train_loss": window["epoch_loss"], "epoch/train_acc": window["epoch_acc"]})
         self.tracker.log_scalars(values, step)
         if not window["count"]:
             return
-        postfix = {"epoch": str(epoch), "loss": f"{window['loss']:.4f}", "lr": f"{lr:.2e}", "img/s": f"{window['img_per_s']:.0f}"}
+        postfix = {"epoch": str(epoch), "loss": f"{window['loss']:.4f}", "lr": f"{lr:.2e}", "img/s": f"{window['img_per_s']:.0f}",
+                   "wait": f"{window['data_wait']:.0%}", **({"mfu": f"{mfu:.0%}"} if mfu is not None else {})}
         self.tracker.progress(window["steps"], postfix)
+
+    def _mfu(self, img_per_s: float) -> float | None:
+        """Model FLOPs utilisation: achieved training FLOP/s over the peak of all devices; None without a peak or a count."""
+        if self.flops_per_image is None or self.peak_tflops is None:
+            return None
+        return img_per_s * self.flops_per_image / (self.peak_tflops * 1e12 * self.accelerator.num_processes)
 
     def _summary(self, test: dict) -> dict:
         acc, best, p, meter = self.accelerator, self.checkpointer.best or {}, self.progress, self.meter
@@ -314,6 +348,10 @@ class Trainer:
             "train_images": meter.images,
             "skipped_images": {"train": meter.skipped, "val": last.get("val_skipped_images", 0), "test": test.get("test_skipped_images", 0)},
             "train_img_per_s": meter.images / max(meter.train_time, 1e-9),
+            "data_wait_fraction": meter.wait_time / max(meter.train_time, 1e-9),
+            "mfu": self._mfu(meter.images / max(meter.train_time, 1e-9)),
+            "train_gflops_per_image": self.flops_per_image / 1e9 if self.flops_per_image else None,
+            "peak_tflops_per_device": self.peak_tflops,
             "wall_time_s": self._wall_time(),
             "world_size": acc.num_processes,
             "distributed_type": acc.distributed_type.value,
@@ -335,11 +373,12 @@ class Meter:
         self.epoch = torch.zeros(4, device=device, dtype=torch.float64)
         self.skipped = 0
         self.images, self.train_time, self.logged_step, self.tick = 0, 0.0, 0, time.perf_counter()
+        self.wait, self.wait_time = 0.0, 0.0  # seconds the loop waited for batches: this window, all windows
 
     def state_dict(self) -> dict:
         """Unreported sums and totals, so a resumed run logs exactly what an uninterrupted one would."""
         return {"window": self.window.cpu(), "epoch": self.epoch.cpu(), "skipped": self.skipped, "images": self.images,
-                "train_time": self.train_time, "logged_step": self.logged_step}
+                "train_time": self.train_time, "logged_step": self.logged_step, "wait_time": self.wait_time}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what state_dict() returned."""
@@ -347,6 +386,19 @@ class Meter:
         self.epoch.copy_(state["epoch"])
         self.skipped, self.images, self.train_time, self.logged_step = (
             state["skipped"], state["images"], state["train_time"], state["logged_step"])
+        self.wait_time = state.get("wait_time", 0.0)
+
+    def timed(self, loader):
+        """Iterate `loader`, adding the time spent waiting for each batch to the data-wait clock."""
+        batches = iter(loader)
+        while True:
+            start = time.perf_counter()
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            self.wait += time.perf_counter() - start
+            yield batch
 
     def add(self, stats: torch.Tensor) -> None:
         """Add one micro-batch's [loss sum, correct, count] without a host sync."""
@@ -371,9 +423,12 @@ class Meter:
         elapsed, self.tick = now - self.tick, now
         self.train_time += elapsed
         self.images += int(count)
+        wait, self.wait = self.wait, 0.0
+        self.wait_time += wait
         steps, self.logged_step = step - self.logged_step, step
         return {
             "loss": loss / max(count, 1), "acc": correct / max(count, 1), "img_per_s": count / max(elapsed, 1e-9),
+            "data_wait": min(1.0, wait / max(elapsed, 1e-9)),
             "epoch_loss": e_loss / max(e_count, 1), "epoch_acc": e_correct / max(e_count, 1), "steps": steps, "count": count,
         }
 
