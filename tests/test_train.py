@@ -143,6 +143,15 @@ def test_bad_image_error_and_skip(image_root, tmp_path, fresh_accelerate, caplog
     assert str(bad) in caplog.text
 
 
+def test_asking_sdpa_of_a_model_without_attention_is_one_line(image_root, tmp_path, capsys, fresh_accelerate):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_config(image_root, tmp_path / "out")))
+    assert main([str(cfg), "model.flavour=resnet", "model.config={}", "model.attention=sdpa", "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("utp_dist: error: model.attention: sdpa is not available for resnet") and err.endswith("use auto")
+    assert "\n" not in err
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [
@@ -151,11 +160,13 @@ def test_bad_image_error_and_skip(image_root, tmp_path, fresh_accelerate, caplog
         ("data.batch_size=0", "data.batch_size must be > 0"),
         ("train.monitor_metric=val_acc@5", "train.monitor_metric 'val_acc@5' is never produced"),
         ("model.flavour=notamodel", "model.flavour: 'notamodel' is neither a local folder nor a known model type"),
+        ("data.gpu_augment=[flip]", "data.gpu_augment: unknown op 'flip'; choose from random_resized_crop, horizontal_flip"),
+        ("data.gpu_augment=[horizontal_flip]", "data.gpu_augment replaces the CPU augmentation: set data.augment: none"),
     ],
 )
 def test_user_errors_are_one_line(image_root, tmp_path, override, message, capsys, fresh_accelerate):
     cfg = tmp_path / "run.yaml"
-    cfg.write_text(yaml.safe_dump(tiny_config(image_root, tmp_path / "out")))
+    cfg.write_text(yaml.safe_dump(tiny_config(image_root, tmp_path / "out", data={"augment": "standard"})))
     assert main([str(cfg), override, "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("utp_dist: error: ") and message in err
@@ -240,3 +251,19 @@ def test_epochs_have_their_own_order_and_skip_resumes_mid_epoch(image_root, tmp_
     resumed = epoch(0, skip=2 * 8)  # two batches were trained before the stop
     assert len(resumed) == 7 and all(a.equal(b) for a, b in zip(first[2:], resumed, strict=True))
     assert all(a.equal(b) for a, b in zip(first, epoch(0), strict=True))  # the skip applied once only
+
+
+def test_compile_failure_warns_once_and_trains_eager(caplog):
+    from utp_dist.data import InputSpec
+    from utp_dist.model import DeviceInput
+    from utp_dist.trainer import compiled
+
+    class NoCompiler(torch.nn.Module):
+        def forward(self, pixel_values):
+            raise RuntimeError("no C compiler found")
+
+    spec = InputSpec(size=(8, 8), resize=(8, 8), mean=(0.5,) * 3, std=(0.5,) * 3)
+    model = NoCompiler()
+    assert compiled(model, DeviceInput(spec), spec) is model
+    warnings = [r.getMessage() for r in caplog.records if "train.compile" in r.getMessage()]
+    assert warnings == ["train.compile: torch.compile failed (RuntimeError: no C compiler found); training eager"]

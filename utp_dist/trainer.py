@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
+from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import broadcast_object_list, gather_object, set_seed
 
 from utp_dist import __version__
@@ -20,9 +20,9 @@ from utp_dist.checkpoint import Checkpointer, NullCheckpointer, TrainingStates
 from utp_dist.config import Config
 from utp_dist.data import IGNORE_LABEL, ImageFolderSplit, build_loader, build_transforms, index_splits
 from utp_dist.errors import UserError, first_line
-from utp_dist.metrics import EvalMetrics
 from utp_dist.flops import peak_tflops, train_flops_per_image
 from utp_dist.gpu_augment import build_gpu_augment
+from utp_dist.metrics import EvalMetrics
 from utp_dist.model import DeviceInput, build_model, input_spec, is_convolutional
 from utp_dist.optim import build_optimizer, build_scheduler, optimizer_steps
 from utp_dist.preemption import Stopped, StopRequest
@@ -67,6 +67,9 @@ def build_accelerator(cfg: Config) -> Accelerator:
         cpu=not cuda,
         mixed_precision="no" if precision == "fp32" else precision,
         gradient_accumulation_steps=cfg.optim.grad_accum_steps,
+        # Accelerate's loader already fetches one batch ahead; non-blocking copies from pinned memory then overlap
+        # the next batch's transfer with this step's compute (the CUDA prefetch), without a loader of our own
+        dataloader_config=DataLoaderConfiguration(non_blocking=cuda),
     )
     expected = int(os.environ.get("WORLD_SIZE", "1"))
     if accelerator.num_processes != expected:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU checks, one prepared script for a CUDA machine (run from the repo root): bash tests/gpu/run.sh
-# 1. the quickstart on CUDA (bf16 by default), 2. utp_dist vs a plain PyTorch loop on ViT-B/16 and ResNet-50
-# at 224 px from generated JPEGs, 3. the end-to-end and resume tests on CUDA. Logs go to $OUT (default /tmp/gpu-out).
+# 1. the quickstart on CUDA (bf16 by default, with MFU and data wait in its summary), 2. python -m utp_dist.bench on
+# ViT-B/16 and ResNet-50 at 224 px from generated JPEGs (plain, Kornia GPU augmentation, torch.compile),
+# 3. the end-to-end and resume tests on CUDA. Logs go to $OUT (default /tmp/gpu-out).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export PYTHONPATH=$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 UTP_DIST_CACHE=/tmp/utp-cache
@@ -10,10 +11,20 @@ nvidia-smi -L; python -c "import torch, transformers, accelerate, torchmetrics; 
 python tests/gpu/make_jpegs.py /tmp/gpu-jpegs
 timeout 120 python -m utp_dist.train configs/quickstart.yaml output.root="$OUT/quickstart" checkpoint.resume=never 2> "$OUT/quickstart.log"
 echo "quickstart exit $?"
-for model in vit_b16 resnet50; do
-  timeout 200 python benchmarks/plain_vs_utp.py tests/gpu/$model.yaml --repeats 1 > "$OUT/bench_$model.log" 2>&1
-  echo "bench $model exit $?"
-done
+# python -m utp_dist.bench: model step, data path, end to end and the plain loop, at 224 px from the JPEGs
+bench() {  # NAME CONFIG [overrides...]
+  local name=$1; shift
+  timeout 150 python -m utp_dist.bench "$@" data.root=/tmp/gpu-jpegs --steps 60 --warmup 15 > "$OUT/bench_$name.log" 2>&1
+  echo "bench $name exit $?"
+}
+bench vit_b16 tests/gpu/vit_b16.yaml
+bench resnet50 tests/gpu/resnet50.yaml
+if python -c "import kornia" 2>/dev/null; then
+  bench vit_b16_gpu_augment tests/gpu/vit_b16.yaml data.augment=none "data.gpu_augment=[random_resized_crop,horizontal_flip]"
+else
+  echo "kornia missing on this machine: no data.gpu_augment bench" | tee "$OUT/bench_vit_b16_gpu_augment.log"
+fi
+bench resnet50_compile tests/gpu/resnet50.yaml train.compile=true
 timeout 150 python -m pytest -q -x tests/test_train.py tests/test_resume.py -k "not quickstart and not races and not two_processes" > "$OUT/pytest.log" 2>&1
 echo "pytest exit $? ($(tail -1 "$OUT/pytest.log"))"
 echo; echo "== summary =="
@@ -23,8 +34,9 @@ out = sys.argv[1]
 for path in glob.glob(f"{out}/quickstart/logs/*/*/summary.json"):
     s = json.load(open(path))
     print(f"quickstart: val acc@1 {s['best']['value']:.4f}, test acc@1 {s['test'].get('test_acc@1', float('nan')):.4f}, "
-          f"{s['train_img_per_s']:.0f} img/s, wall {s['wall_time_s']:.1f}s, {s['mixed_precision']} on {s['device']}")
-for model in ("vit_b16", "resnet50"):
-    lines = open(f"{out}/bench_{model}.log").read().splitlines()
-    print(f"-- {model}"); print("\n".join(line for line in lines if "img/s" in line or "ratio" in line or "hardware" in line))
+          f"{s['train_img_per_s']:.0f} img/s, data wait {s.get('data_wait_fraction', 0):.1%}, MFU {s.get('mfu') or 0:.1%}, "
+          f"wall {s['wall_time_s']:.1f}s, {s['mixed_precision']} on {s['device']}")
+for name in ("vit_b16", "resnet50", "vit_b16_gpu_augment", "resnet50_compile"):
+    lines = open(f"{out}/bench_{name}.log").read().splitlines()
+    print(f"-- {name}"); print("\n".join(line for line in lines if line.startswith("|") or "bottleneck" in line or "kornia" in line))
 PY
