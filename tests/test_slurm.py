@@ -150,6 +150,15 @@ def test_grid_of_four_is_one_array_job_with_parallelism_and_resubmit_failed(slur
     assert "| COMPLETED | 1 | 0 | 6 |" in submit(slurm, "status", str(folder)).stdout.splitlines()[5]
 
 
+def test_sbatch_refusing_the_job_is_one_line_with_slurms_message(slurm, data, tmp_path):
+    grid = grid_file(tmp_path, tiny_config(data, tmp_path / "out"), {"train.seed": [1, 2]}, {"partition": "nope"}, "refused")
+    result = submit(slurm, str(grid))
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("utp_dist: error: sbatch refused the job: invalid partition specified: nope; "
+                                    "Batch job submission failed: Invalid partition name specified")
+    assert not (tmp_path / "out" / "sweeps" / "refused").exists()
+
+
 def test_two_fake_gpus_train_as_world_size_two(slurm, data, tmp_path):
     base = tiny_config(data, tmp_path / "out", train={"epochs": 1})
     grid = grid_file(tmp_path, base, {"train.seed": [7]}, {"gpus_per_node": 2, "time_min": 20}, "ddp")

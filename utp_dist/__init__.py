@@ -1,3 +1,3 @@
 """utp_dist: one training loop for Hugging Face image classifiers, from a laptop CPU to Slurm arrays."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -52,6 +52,8 @@ class DataConfig:
     """Square input size; null = the image processor's size."""
     on_bad_image: Literal["error", "skip"] = "error"
     """An unreadable image stops the run (error) or is skipped and counted (skip)."""
+    decode: Literal["cpu", "gpu"] = "cpu"
+    """Where JPEGs are decoded: cpu = in the workers; gpu = workers read bytes, nvjpeg decodes whole batches (CUDA)."""
     gpu_augment: list[str] = field(default_factory=list)
     """Augmentation on the device with Kornia, in order: random_resized_crop, horizontal_flip, color_jitter, grayscale."""
 

@@ -20,6 +20,7 @@ from utp_dist.errors import UserError
 log = logging.getLogger(__name__)
 
 TORCHVISION_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif")
+JPEG_EXTENSIONS = (".jpg", ".jpeg")
 PIL_EXTENSIONS = (".bmp", ".tif", ".tiff", ".ppm", ".pgm")  # torchvision.io cannot decode these
 IGNORE_LABEL = -100  # cross_entropy's default ignore_index: marks a skipped bad image
 
@@ -128,37 +129,64 @@ def decode(path: str) -> torch.Tensor:
 
 
 class ImageFolderSplit(Dataset):
-    """One split as uint8 tensors; items are keyed by (epoch, index) so augmentation is reproducible."""
+    """One split as uint8 tensors; items are keyed by (epoch, index) so augmentation is reproducible.
 
-    def __init__(self, samples: list[tuple[str, int]], transform: v2.Transform, seed: int, on_bad_image: str, random: bool):
+    With `encoded_jpeg`, JPEG files are returned as their bytes (Encoded) for batched decoding on the GPU;
+    other formats are still decoded and transformed here.
+    """
+
+    def __init__(self, samples: list[tuple[str, int]], transform: v2.Transform, seed: int, on_bad_image: str, random: bool,
+                 encoded_jpeg: bool = False):
         self.samples, self.transform, self.seed, self.on_bad_image = samples, transform, seed, on_bad_image
         self.random = random  # the transform draws random numbers: reseed it per sample
+        self.encoded_jpeg = encoded_jpeg
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor | Encoded, int]:
         epoch, index = key
         path, label = self.samples[index]
+        if self.encoded_jpeg and path.lower().endswith(JPEG_EXTENSIONS):
+            return Encoded(read_file(path), path, key), label
         try:
             image = decode(path)
         except (RuntimeError, OSError, ValueError) as err:
-            if self.on_bad_image == "error":
-                raise DataError(f"cannot decode image '{path}' ({err}); fix or delete it, or set data.on_bad_image=skip") from None
-            log.warning("skipping unreadable image %s: %s", path, err)
-            # a placeholder keeps batch shapes and eval counts exact; its label is ignored by loss and metrics
-            image, label = torch.zeros(3, 8, 8, dtype=torch.uint8), IGNORE_LABEL
-        if not self.random:
-            return self.transform(image), label
-        # augmentation randomness depends only on (seed, epoch, index): not on workers or iterator state.
-        # The CPU generator alone: torch.manual_seed would also queue CUDA seeding (~150 us per image).
-        generator = torch.default_generator
-        saved = generator.get_state()
-        generator.manual_seed(hash((self.seed, epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF)
-        try:
-            return self.transform(image), label
-        finally:
-            generator.set_state(saved)  # the caller's RNG stream (in-process loading) is left untouched
+            image, label = bad_image(path, err, self.on_bad_image)
+        return keyed_transform(self.transform, image, self.seed, key, self.random), label
+
+
+@dataclass
+class Encoded:
+    """A JPEG file's bytes, decoded later on the device; its (epoch, index) key seeds its random crop."""
+
+    data: torch.Tensor
+    path: str
+    key: tuple[int, int]
+
+
+def bad_image(path: str, err: Exception, on_bad_image: str) -> tuple[torch.Tensor, int]:
+    """Per data.on_bad_image: raise a one-line DataError, or a placeholder that loss and metrics ignore."""
+    if on_bad_image == "error":
+        raise DataError(f"cannot decode image '{path}' ({err}); fix or delete it, or set data.on_bad_image=skip") from None
+    log.warning("skipping unreadable image %s: %s", path, err)
+    # a placeholder keeps batch shapes and eval counts exact; its label is ignored by loss and metrics
+    return torch.zeros(3, 8, 8, dtype=torch.uint8), IGNORE_LABEL
+
+
+def keyed_transform(transform: v2.Transform, image: torch.Tensor, seed: int, key: tuple[int, int], random: bool) -> torch.Tensor:
+    """Apply `transform`; a random one draws from the CPU generator seeded by (seed, epoch, index), then restored."""
+    if not random:
+        return transform(image)
+    # augmentation randomness depends only on (seed, epoch, index): not on workers, iterator state or the device.
+    # The CPU generator alone: torch.manual_seed would also queue CUDA seeding (~150 us per image).
+    generator = torch.default_generator
+    saved = generator.get_state()
+    generator.manual_seed(hash((seed, *key)) & 0x7FFF_FFFF_FFFF_FFFF)
+    try:
+        return transform(image)
+    finally:
+        generator.set_state(saved)  # the caller's RNG stream (in-process loading) is left untouched
 
 
 class EpochSampler(Sampler):
@@ -216,8 +244,22 @@ def build_loader(
         persistent_workers=cfg.persistent_workers and workers > 0,
         worker_init_fn=_seed_worker,
         generator=torch.Generator().manual_seed(seed),
+        collate_fn=collate_encoded if dataset.encoded_jpeg else None,
     )
     return loader, sampler
+
+
+@dataclass
+class EncodedBatch:
+    """A batch of Encoded JPEGs and already-decoded images. It has no .to(): Accelerate's device placement leaves
+    it on the host, where nvjpeg wants the bytes."""
+
+    items: list
+
+
+def collate_encoded(batch: list) -> tuple[EncodedBatch, torch.Tensor]:
+    """(EncodedBatch, labels) for a data.decode: gpu loader."""
+    return EncodedBatch([item for item, _ in batch]), torch.tensor([label for _, label in batch])
 
 
 def _seed_worker(worker_id: int) -> None:

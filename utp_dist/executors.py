@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
 import shlex
@@ -37,7 +39,8 @@ def submit_slurm(folder: Path, ledger: dict, indices: list[int], resources: Reso
     executor = submitit.SlurmExecutor(folder=folder / SUBMITIT_DIR, max_num_timeout=resources.max_requeues)
     executor.update_parameters(**resources.submitit_parameters(ledger["name"]))
     try:
-        with executor.batch():
+        # submitit echoes sbatch's stderr before raising; the error below carries it, as one line
+        with contextlib.redirect_stderr(io.StringIO()), executor.batch():
             jobs = [executor.submit(_task(folder, ledger, i, resources)) for i in indices]
     except (submitit.core.utils.FailedJobError, subprocess.CalledProcessError, OSError) as err:
         raise UserError(f"sbatch refused the job: {_slurm_message(str(err))}") from None
@@ -45,10 +48,10 @@ def submit_slurm(folder: Path, ledger: dict, indices: list[int], resources: Reso
 
 
 def _slurm_message(text: str) -> str:
-    """Slurm's own error line out of submitit's exception text."""
+    """Slurm's own error lines out of submitit's exception text, joined into one."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    errors = [re.sub(r"^sbatch: error:\s*", "", line) for line in lines if "error" in line.lower() and "sbatch" in line]
-    return errors[-1] if errors else (lines[-1] if lines else "no message")
+    errors = [re.sub(r"^sbatch: error:\s*", "", line) for line in lines if line.startswith("sbatch: error:")]
+    return "; ".join(dict.fromkeys(errors)) if errors else (lines[-1] if lines else "no message")
 
 
 def submit_local(folder: Path, ledger: dict, indices: list[int], parallel: bool) -> dict[int, str]:

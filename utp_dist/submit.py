@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -94,7 +95,12 @@ def submit(args: argparse.Namespace) -> int:
         executors.slurm_client("sbatch")  # before the sweep folder is created: nothing is half-submitted
     folder = ledger.create_sweep(grid, args.executor, args.profile, as_dict(resources))
     record = ledger.read(folder)
-    return _launch(folder, record, args.executor, [task.index for task, _ in todo], resources, args)
+    try:
+        return _launch(folder, record, args.executor, [task.index for task, _ in todo], resources, args)
+    except UserError:
+        if not ledger.read(folder)["submissions"]:
+            shutil.rmtree(folder)  # refused before anything ran: no half-made sweep is left behind
+        raise
 
 
 def _plan(grid, todo: list, skipped: list, resources: Resources) -> str:

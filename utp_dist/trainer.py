@@ -22,6 +22,7 @@ from utp_dist.data import IGNORE_LABEL, ImageFolderSplit, build_loader, build_tr
 from utp_dist.errors import UserError, first_line
 from utp_dist.flops import peak_tflops, train_flops_per_image
 from utp_dist.gpu_augment import build_gpu_augment
+from utp_dist.gpu_decode import build_decoder
 from utp_dist.metrics import EvalMetrics
 from utp_dist.model import DeviceInput, build_model, input_spec, is_convolutional
 from utp_dist.optim import build_optimizer, build_scheduler, optimizer_steps
@@ -101,13 +102,18 @@ class Trainer:
         train_tf, eval_tf = build_transforms(self.spec, cfg.data.augment)
         pin = cfg.data.pin_memory if cfg.data.pin_memory is not None else acc.device.type == "cuda"
         self.loaders, self.samplers = {}, {}
+        if cfg.data.decode == "gpu" and acc.device.type != "cuda":
+            raise UserError(f"data.decode: gpu decodes JPEGs with nvjpeg and needs CUDA; this run is on {acc.device}: set data.decode: cpu")
+        self.decoders = {}
         for split, samples in self.splits.samples.items():
             train = split == "train"
             random = train and cfg.data.augment != "none"
-            dataset = ImageFolderSplit(samples, train_tf if random else eval_tf, cfg.train.seed, cfg.data.on_bad_image, random)
+            transform = train_tf if random else eval_tf
+            dataset = ImageFolderSplit(samples, transform, cfg.train.seed, cfg.data.on_bad_image, random, cfg.data.decode == "gpu")
             self.loaders[split], self.samplers[split] = build_loader(
                 dataset, cfg.data, cfg.train.seed, train, acc.num_processes, pin
             )
+            self.decoders[split] = build_decoder(cfg.data.decode, acc.device, transform, cfg.train.seed, random, cfg.data.on_bad_image)
         self.global_batch = cfg.data.batch_size * acc.num_processes * cfg.optim.grad_accum_steps
         per_rank_batches = len(self.samplers["train"]) // (cfg.data.batch_size * acc.num_processes)
         if per_rank_batches == 0:
@@ -235,6 +241,7 @@ class Trainer:
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Forward, backward, clip and step (accelerate skips the step while accumulating); returns [loss sum, correct, n, skipped]."""
         time.sleep(self.test_step_sleep)  # test hook (UTP_DIST_TEST_STEP_SLEEP): lets Slurm's timers catch a tiny run mid-training
+        images, labels = self.decoders["train"](images, labels)  # data.decode: gpu; a no-op otherwise
         logits = self.model(pixel_values=self.device_input(images, augment=True)).logits
         loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.cfg.train.label_smoothing, ignore_index=IGNORE_LABEL)
         self.accelerator.backward(loss)
@@ -259,6 +266,7 @@ class Trainer:
         metrics = self.metrics[split]
         metrics.reset()
         for images, labels in self.loaders[split]:
+            images, labels = self.decoders[split](images, labels)
             logits = self.model(pixel_values=self.device_input(images)).logits
             metrics.update(*self.accelerator.gather_for_metrics((logits, labels)))
         values, confusion, roc = metrics.compute(split)

@@ -14,7 +14,7 @@ echo "quickstart exit $?"
 # python -m utp_dist.bench: model step, data path, end to end and the plain loop, at 224 px from the JPEGs
 bench() {  # NAME CONFIG [overrides...]
   local name=$1; shift
-  timeout 150 python -m utp_dist.bench "$@" data.root=/tmp/gpu-jpegs --steps 60 --warmup 15 > "$OUT/bench_$name.log" 2>&1
+  timeout 100 python -m utp_dist.bench "$@" data.root=/tmp/gpu-jpegs --steps 40 --warmup 10 --repeats 1 > "$OUT/bench_$name.log" 2>&1
   echo "bench $name exit $?"
 }
 bench vit_b16 tests/gpu/vit_b16.yaml
@@ -25,7 +25,9 @@ else
   echo "kornia missing on this machine: no data.gpu_augment bench" | tee "$OUT/bench_vit_b16_gpu_augment.log"
 fi
 bench resnet50_compile tests/gpu/resnet50.yaml train.compile=true
-timeout 150 python -m pytest -q -x tests/test_train.py tests/test_resume.py -k "not quickstart and not races and not two_processes" > "$OUT/pytest.log" 2>&1
+bench resnet50_nvjpeg tests/gpu/resnet50.yaml data.decode=gpu
+bench vit_b16_nvjpeg tests/gpu/vit_b16.yaml data.decode=gpu
+timeout 120 python -m pytest -q -x tests/test_gpu_decode.py tests/test_train.py tests/test_resume.py -k "not quickstart and not races and not two_processes" > "$OUT/pytest.log" 2>&1
 echo "pytest exit $? ($(tail -1 "$OUT/pytest.log"))"
 echo; echo "== summary =="
 python - "$OUT" <<'PY'
@@ -36,7 +38,7 @@ for path in glob.glob(f"{out}/quickstart/logs/*/*/summary.json"):
     print(f"quickstart: val acc@1 {s['best']['value']:.4f}, test acc@1 {s['test'].get('test_acc@1', float('nan')):.4f}, "
           f"{s['train_img_per_s']:.0f} img/s, data wait {s.get('data_wait_fraction', 0):.1%}, MFU {s.get('mfu') or 0:.1%}, "
           f"wall {s['wall_time_s']:.1f}s, {s['mixed_precision']} on {s['device']}")
-for name in ("vit_b16", "resnet50", "vit_b16_gpu_augment", "resnet50_compile"):
+for name in ("vit_b16", "resnet50", "vit_b16_gpu_augment", "resnet50_compile", "resnet50_nvjpeg", "vit_b16_nvjpeg"):
     lines = open(f"{out}/bench_{name}.log").read().splitlines()
     print(f"-- {name}"); print("\n".join(line for line in lines if line.startswith("|") or "bottleneck" in line or "kornia" in line))
 PY

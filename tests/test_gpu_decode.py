@@ -1,0 +1,66 @@
+"""data.decode: gpu: workers read JPEG bytes, the batch is decoded and transformed on the device.
+
+The decoder is device-agnostic, so these tests run it on the CPU (libjpeg) and require exactly the CPU path's pixels;
+on a CUDA machine (tests/gpu/run.sh) the same comparison runs with nvjpeg, within a small tolerance.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_image_folder
+
+from utp_dist.config import DataConfig
+from utp_dist.data import IGNORE_LABEL, DataError, ImageFolderSplit, InputSpec, build_loader, build_transforms, index_splits
+from utp_dist.gpu_decode import DeviceDecoder
+
+SPEC = InputSpec(size=(16, 16), resize=(18, 18), mean=(0.5,) * 3, std=(0.5,) * 3)
+
+
+def batches(root, encoded: bool, augment: str, on_bad_image: str = "error", epoch: int = 1, device: str = "cpu"):
+    """Every train batch of one epoch, through the CPU path or the encoded path (decoded by DeviceDecoder)."""
+    cfg = DataConfig(root=str(root), batch_size=8, num_workers=0, augment=augment, on_bad_image=on_bad_image)
+    samples = index_splits(cfg, seed=3).samples["train"]
+    train_tf, eval_tf = build_transforms(SPEC, augment)
+    random = augment != "none"
+    dataset = ImageFolderSplit(samples, train_tf if random else eval_tf, 3, on_bad_image, random, encoded_jpeg=encoded)
+    loader, sampler = build_loader(dataset, cfg, 3, True, 1, False)
+    sampler.set_epoch(epoch)
+    return list(loader), DeviceDecoder(torch.device(device), train_tf if random else eval_tf, 3, random, on_bad_image)
+
+
+@pytest.mark.parametrize("augment", ["none", "standard"])
+def test_encoded_batches_decode_to_exactly_the_cpu_pixels(tmp_path, augment):
+    root = make_image_folder(tmp_path / "mixed", per_class={"train": 8, "val": 2})  # half JPEG, half PNG (decoded by the workers)
+    cpu, _ = batches(root, encoded=False, augment=augment)
+    encoded, decoder = batches(root, encoded=True, augment=augment)
+    assert sum(isinstance(item, torch.Tensor) for b in encoded for item in b[0].items) == 12  # the PNGs
+    for (images, labels), (batch, enc_labels) in zip(cpu, encoded, strict=True):
+        decoded, dec_labels = decoder(batch, enc_labels)
+        assert decoded.dtype == torch.uint8 and decoded.device.type == "cpu"
+        assert torch.equal(decoded.cpu(), images) and torch.equal(dec_labels.cpu(), labels)
+    assert decoder.cpu_fallbacks == 0
+
+
+def test_an_undecodable_jpeg_in_the_batch_is_skipped_or_a_one_line_error(tmp_path):
+    root = make_image_folder(tmp_path / "mixed", per_class={"train": 8, "val": 2})
+    bad = root / "train" / "cat" / "zz_broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    encoded, decoder = batches(root, encoded=True, augment="none", on_bad_image="skip")
+    labels = torch.cat([decoder(b, labels)[1] for b, labels in encoded])
+    assert (labels == IGNORE_LABEL).sum() == 1 and len(labels) == 24  # the good files of the batch still decode
+    encoded, decoder = batches(root, encoded=True, augment="none", on_bad_image="error")
+    with pytest.raises(DataError, match=f"cannot decode image '{bad}'"):
+        for batch, labels in encoded:
+            decoder(batch, labels)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="nvjpeg needs CUDA: tests/gpu/run.sh runs this on a GPU machine")
+def test_nvjpeg_matches_the_cpu_path_within_tolerance(tmp_path):
+    root = make_image_folder(tmp_path / "mixed", per_class={"train": 8, "val": 2})
+    cpu, _ = batches(root, encoded=False, augment="standard")
+    encoded, decoder = batches(root, encoded=True, augment="standard", device="cuda")
+    for (images, _), (batch, labels) in zip(cpu, encoded, strict=True):
+        decoded, _ = decoder(batch, labels.cuda())
+        assert decoded.device.type == "cuda"
+        assert (decoded.cpu().float() - images.float()).abs().mean() < 3  # IDCT rounding differs between decoders
