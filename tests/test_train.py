@@ -268,3 +268,14 @@ def test_compile_failure_warns_once_and_trains_eager(caplog):
     assert compiled(model, DeviceInput(spec), spec) is model
     warnings = [r.getMessage() for r in caplog.records if "train.compile" in r.getMessage()]
     assert warnings == ["train.compile: torch.compile failed (RuntimeError: no C compiler found); training eager"]
+
+
+def test_counted_flops_follow_frozen_parameters():
+    from utp_dist.config import ModelConfig
+    from utp_dist.flops import train_flops_per_image
+    from utp_dist.model import build_model
+
+    vit = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64, "patch_size": 4}
+    full = train_flops_per_image(build_model(ModelConfig(flavour="vit", config=vit), ["a", "b"], 16)[0], (16, 16))
+    probe = train_flops_per_image(build_model(ModelConfig(flavour="vit", config=vit, freeze_backbone=True), ["a", "b"], 16)[0], (16, 16))
+    assert 0 < probe < full  # a linear probe does no backward through the backbone

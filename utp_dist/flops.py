@@ -20,6 +20,9 @@ def train_flops_per_image(model: torch.nn.Module, size: tuple[int, int]) -> floa
     try:
         with torch.device("meta"):
             twin = type(model)(model.config)
+        frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+        for name, param in twin.named_parameters():
+            param.requires_grad_(name not in frozen)  # a linear probe has no backward through the frozen backbone
         pixels = torch.zeros(2, 3, *size, device="meta")
         with FlopCounterMode(display=False) as counter:
             twin(pixel_values=pixels).logits.float().sum().backward()
