@@ -77,7 +77,8 @@ def rows(folder: Path, ledger: dict) -> list[dict]:
         record = TaskRecord(folder, task["index"]).read()
         job = jobs.get(task["index"])
         state = states.get(job, "SUBMITTED") if slurm and job else _local_state(record, job)
-        progress = _progress(task)
+        submitted = max((sub["time"] for sub in ledger["submissions"] if str(task["index"]) in sub["tasks"]), default=0.0)
+        progress = _progress(task, submitted)
         out.append({"task": task["index"], "run": task["name"], "state": state, "restarts": max(0, record.get("attempts", 1) - 1),
                     **progress, "job": job or "-"})
     return out
@@ -104,13 +105,16 @@ def _alive(pid: str) -> bool:
     return True
 
 
-def _progress(task: dict) -> dict:
+def _progress(task: dict, submitted: float) -> dict:
     """Epoch, step, best monitored value so far and train img/s, read from the run's metrics.jsonl and summary.json."""
     metric, mode = task["monitor"]
     found = find_run(task["output_root"], task["name"])
     result = {"epoch": None, "step": None, "best": None, "img/s": None, "test": None, "logs": None}
     if found is None:
         return result
+    summary = found[0] / "summary.json"
+    if summary.is_file() and summary.stat().st_mtime < submitted:
+        return result  # a rerun that has not made its own run folder yet: the run finished before it is not its progress
     logs = found[0]
     result["logs"] = str(logs)
     lines = []
