@@ -41,6 +41,8 @@ class TrainTask:
             # Slurm's timeout/preemption warning: the run saved at a step boundary; submitit requeues the job (rank 0)
             requeue(signal.SIGUSR2, None)
             return outcome.code
+        if outcome.code == EXIT_RESUMABLE and rank != 0:
+            return outcome.code  # stopped together with rank 0, which decides about the requeue
         if outcome.code != 0:
             raise TaskFailed(f"utp_dist.train {self.config} exited with {outcome.code}; the log above says why")
         return outcome.code
