@@ -43,14 +43,14 @@ def test_encoded_batches_decode_to_exactly_the_cpu_pixels(tmp_path, augment):
 
 
 def test_an_undecodable_jpeg_in_the_batch_is_skipped_or_a_one_line_error(tmp_path):
-    root = make_image_folder(tmp_path / "mixed", per_class={"train": 8, "val": 2})
-    bad = root / "train" / "cat" / "zz_broken.jpg"
-    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    root = make_image_folder(tmp_path / "mixed", per_class={"train": 10, "val": 2})  # 30 + 2 bad = 4 whole batches
+    (root / "train" / "cat" / "zz_broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")  # fails on the device
+    (root / "train" / "dog" / "zz_empty.jpg").write_bytes(b"")  # fails already in the worker, reading the bytes
     encoded, decoder = batches(root, encoded=True, augment="none", on_bad_image="skip")
     labels = torch.cat([decoder(b, labels)[1] for b, labels in encoded])
-    assert (labels == IGNORE_LABEL).sum() == 1 and len(labels) == 24  # the good files of the batch still decode
-    encoded, decoder = batches(root, encoded=True, augment="none", on_bad_image="error")
-    with pytest.raises(DataError, match=f"cannot decode image '{bad}'"):
+    assert (labels == IGNORE_LABEL).sum() == 2 and len(labels) == 32  # the good files of each batch still decode
+    with pytest.raises(DataError, match="cannot decode image '.*zz_(broken|empty).jpg'"):
+        encoded, decoder = batches(root, encoded=True, augment="none", on_bad_image="error")
         for batch, labels in encoded:
             decoder(batch, labels)
 

@@ -73,6 +73,7 @@ def test_bad_grids_are_one_line_errors_naming_the_file(tmp_path, grid, message):
     ({"sbatch": {"mail-typ": "END"}}, "sbatch.mail-typ is not an sbatch option; valid ones: acctg-freq, "),
     ({"sbatch": {"time": "10"}}, "sbatch.time: set it with the profile key 'time_min', not in the sbatch block"),
     ({"gpus_per_node": -1}, "gpus_per_node must be >= 0"),
+    ({"time_min": 1}, "signal_delay_s (120) must be shorter than the time limit (time_min 1 = 60 s)"),
 ])
 def test_bad_profiles_name_the_file_and_the_valid_choices(tmp_path, profile, message):
     path = tmp_path / "p.yaml"
@@ -87,6 +88,7 @@ def test_grid_resources_override_the_profile():
     params = resources.submitit_parameters("sweep")
     assert (params["time"], params["gpus_per_node"], params["ntasks_per_node"], params["partition"]) == (30, 4, 4, "gpu")
     assert params["additional_parameters"] == {"requeue": True, "mail-type": "FAIL"}
+    assert params["srun_args"] == ["--cpus-per-task", "8"]  # srun of Slurm 22.05-23.02 does not inherit it from sbatch
 
 
 def test_dry_run_writes_the_golden_sbatch_script_and_submits_nothing(tmp_path):

@@ -265,7 +265,7 @@ def test_compile_failure_warns_once_and_trains_eager(caplog):
 
     spec = InputSpec(size=(8, 8), resize=(8, 8), mean=(0.5,) * 3, std=(0.5,) * 3)
     model = NoCompiler()
-    assert compiled(model, DeviceInput(spec), spec) is model
+    assert compiled(model, DeviceInput(spec), spec, batch_size=2) is model
     warnings = [r.getMessage() for r in caplog.records if "train.compile" in r.getMessage()]
     assert warnings == ["train.compile: torch.compile failed (RuntimeError: no C compiler found); training eager"]
 

@@ -71,7 +71,8 @@ def measure(cfg, warmup: int, steps: int, repeats: int) -> dict[str, float]:
     plain = PlainLoop(cfg, trainer)
     ours, theirs = endless(trainer.loaders["train"]), endless(plain.loader)  # workers persist across measurements
     runs = {"model step (synthetic batches)": (itertools.repeat(synthetic), train),
-            "data path (loader -> device)": (ours, lambda b: len(b[1])),
+            # with data.decode: gpu the decoding happens after the loader: it belongs to the data path
+            "data path (loader -> device)": (ours, lambda b: len(trainer.decoders["train"](*b)[1])),
             "utp_dist end to end": (ours, train),
             "plain data path (ImageFolder + PIL)": (theirs, plain.to_device),
             "plain loop end to end": (theirs, plain.step)}

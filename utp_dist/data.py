@@ -147,9 +147,9 @@ class ImageFolderSplit(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor | Encoded, int]:
         epoch, index = key
         path, label = self.samples[index]
-        if self.encoded_jpeg and path.lower().endswith(JPEG_EXTENSIONS):
-            return Encoded(read_file(path), path, key), label
         try:
+            if self.encoded_jpeg and path.lower().endswith(JPEG_EXTENSIONS):
+                return Encoded(read_file(path), path, key), label
             image = decode(path)
         except (RuntimeError, OSError, ValueError) as err:
             image, label = bad_image(path, err, self.on_bad_image)

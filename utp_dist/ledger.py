@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 
+import yaml
+
+from utp_dist.config import from_dict
 from utp_dist.errors import UserError
 from utp_dist.grid import Grid
 
@@ -68,10 +72,9 @@ def record_submission(folder: Path, ledger: dict, executor: str, job_ids: dict[i
     write(folder, ledger)
 
 
-def find_run(output_root: str, name: str) -> tuple[Path, Path] | None:
-    """The newest (logs, checkpoints) folder pair of run NAME (or NAME-vN) below output_root, if one was created."""
-    logs = Path(output_root) / "logs"
-    found = [p for p in logs.glob(f"*/{name}") if p.is_dir()] + [p for p in logs.glob(f"*/{name}-v*") if p.is_dir()]
+def find_run(output_root: str, name: str, config_hash: str) -> tuple[Path, Path] | None:
+    """The newest (logs, checkpoints) folder pair of run NAME (or NAME-vN) trained from this exact config, if any."""
+    found = [logs for logs in _runs_named(output_root, name) if _config_hash(logs) == config_hash]
     if not found:
         return None
     newest = max(found, key=lambda p: p.stat().st_mtime)
@@ -80,11 +83,24 @@ def find_run(output_root: str, name: str) -> tuple[Path, Path] | None:
 
 def completed_run(output_root: str, name: str, config_hash: str) -> Path | None:
     """A finished run of this exact resolved config (summary.json with the same config_hash), if any."""
-    logs = Path(output_root) / "logs"
-    for summary in [*logs.glob(f"*/{name}/summary.json"), *logs.glob(f"*/{name}-v*/summary.json")]:
+    for logs in _runs_named(output_root, name):
         try:
-            if json.loads(summary.read_text()).get("config_hash") == config_hash:
-                return summary.parent
+            if json.loads((logs / "summary.json").read_text()).get("config_hash") == config_hash:
+                return logs
         except (OSError, json.JSONDecodeError):
             continue
     return None
+
+
+def _runs_named(output_root: str, name: str) -> list[Path]:
+    """Log folders OUTPUT_ROOT/logs/DATASET/NAME and NAME-vN (not NAME-other)."""
+    same_name = re.compile(rf"{re.escape(name)}(-v\d+)?")
+    return [p for p in (Path(output_root) / "logs").glob("*/*") if same_name.fullmatch(p.name) and p.is_dir()]
+
+
+def _config_hash(logs: Path) -> str | None:
+    """The fingerprint of the config a run wrote into its logs (config.yaml), None if unreadable."""
+    try:
+        return from_dict(yaml.safe_load((logs / "config.yaml").read_text())).fingerprint()
+    except (OSError, yaml.YAMLError, UserError):
+        return None

@@ -71,6 +71,9 @@ class Resources:
         for key in ("tasks_per_node", "cpus_per_task"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1 or null, got {getattr(self, key)}")
+        if self.signal_delay_s >= 60 * self.time_min:
+            raise ConfigError(f"signal_delay_s ({self.signal_delay_s}) must be shorter than the time limit "
+                              f"(time_min {self.time_min} = {60 * self.time_min} s), or every attempt is stopped at once")
         self.sbatch = {_option(str(k)): v for k, v in self.sbatch.items()}
 
     @property
@@ -86,6 +89,8 @@ class Resources:
                   "additional_parameters": {"requeue": True, **self.sbatch}, "setup": list(self.setup)}
         optional = {"partition": self.partition, "account": self.account, "qos": self.qos, "cpus_per_task": self.cpus_per_task,
                     "mem": self.mem, "constraint": self.constraint, "gpus_per_node": self.gpus_per_node or None}
+        if self.cpus_per_task:  # srun of Slurm 22.05-23.02 no longer inherits sbatch's --cpus-per-task
+            params["srun_args"] = ["--cpus-per-task", str(self.cpus_per_task)]
         return params | {k: v for k, v in optional.items() if v is not None}
 
     def summary(self) -> str:

@@ -30,6 +30,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         if argv[0] == "resubmit":
             parser.add_argument("--failed", action="store_true", help="the failed, cancelled, timed-out and lost tasks")
             parser.add_argument("--tasks", help="comma-separated task indices, instead of --failed")
+            parser.add_argument("--force", action="store_true", help="with --tasks: also tasks that are still pending or running")
             parser.add_argument("--wait", action="store_true", help="wait for the tasks, showing their status")
             parser.add_argument("--poll", type=float, default=10.0, help=argparse.SUPPRESS)
         if argv[0] == "_run-local":
@@ -161,6 +162,10 @@ def resubmit(args: argparse.Namespace) -> int:
     record = ledger.read(folder)
     if args.tasks:
         indices = _indices(args.tasks, len(record["tasks"]))
+        busy = [r for r in rows(folder, record) if r["task"] in indices and r["state"] not in DONE]
+        if busy and not args.force:
+            raise UserError(f"resubmit: task {busy[0]['task']} is {busy[0]['state']}; a second job would write into the same run "
+                            "(wait for it, scancel it, or add --force)")
     elif args.failed:
         indices = [r["task"] for r in rows(folder, record) if r["state"] in RESUBMITTABLE]
     else:

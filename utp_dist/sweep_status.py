@@ -35,7 +35,8 @@ def sacct_states(job_ids: list[str], attempts: int = 5) -> dict[str, str]:
     if not job_ids:
         return {}
     slurm_client("sacct")
-    states: dict[str, str] = {}
+    states: dict[str, str] | None = None
+    error = "timed out"
     for attempt in range(attempts):
         try:
             out = subprocess.run(["sacct", "-n", "-X", "-P", "--format=JobID,State", "-j", ",".join(job_ids)],
@@ -46,7 +47,11 @@ def sacct_states(job_ids: list[str], attempts: int = 5) -> dict[str, str]:
             states = _parse_sacct(out.stdout)
             if all(j in states for j in job_ids):
                 break
+        elif out is not None:
+            error = (out.stderr.strip().splitlines() or [f"exit {out.returncode}"])[-1]
         time.sleep(min(2.0, 0.5 * (attempt + 1)))
+    if states is None:
+        raise UserError(f"sacct failed ({error}); job states come from Slurm accounting: slurmdbd must be running")
     return states
 
 
@@ -96,19 +101,24 @@ def _local_state(record: dict, job: str | None) -> str:
 
 
 def _alive(pid: str) -> bool:
+    """Whether the process runs; a zombie (exited, not yet reaped by its parent) counts as gone."""
     try:
-        os.kill(int(pid.removeprefix("pid:")), 0)
+        number = int(pid.removeprefix("pid:"))
+        os.kill(number, 0)
     except (ValueError, ProcessLookupError):
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        return Path(f"/proc/{number}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True  # no /proc (macOS): kill(0) said it exists
 
 
 def _progress(task: dict, submitted: float) -> dict:
     """Epoch, step, best monitored value so far and train img/s, read from the run's metrics.jsonl and summary.json."""
     metric, mode = task["monitor"]
-    found = find_run(task["output_root"], task["name"])
+    found = find_run(task["output_root"], task["name"], task["config_hash"])
     result = {"epoch": None, "step": None, "best": None, "img/s": None, "test": None, "logs": None}
     if found is None:
         return result

@@ -16,7 +16,7 @@ from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import broadcast_object_list, gather_object, set_seed
 
 from utp_dist import __version__
-from utp_dist.checkpoint import Checkpointer, NullCheckpointer, TrainingStates
+from utp_dist.checkpoint import Checkpointer, NullCheckpointer, TrainingStates, rng_state, set_rng_state
 from utp_dist.config import Config
 from utp_dist.data import IGNORE_LABEL, ImageFolderSplit, build_loader, build_transforms, index_splits
 from utp_dist.errors import UserError, first_line
@@ -42,19 +42,25 @@ def reset_accelerate() -> None:
     GradientState._reset_state()
 
 
-def compiled(model: torch.nn.Module, device_input: DeviceInput, spec) -> torch.nn.Module:
-    """torch.compile the model, tried once on a batch of two; a model that fails to compile runs eager after one warning."""
+def compiled(model: torch.nn.Module, device_input: DeviceInput, spec, batch_size: int) -> torch.nn.Module:
+    """torch.compile the model and try a training forward + backward at the real batch size, so the graphs training
+    uses are the ones compiled; a model that fails to compile runs eager after one warning."""
+    fast = torch.compile(model)
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    rng = rng_state()
     try:
-        fast = torch.compile(model)
-        probe = torch.zeros(2, 3, *spec.size, dtype=torch.uint8, device=device_input.mean.device)
-        model.eval()  # the probe must not move batch-norm statistics or draw dropout randomness
-        with torch.no_grad():
-            fast(pixel_values=device_input(probe))
-        model.train()
+        probe = torch.zeros(batch_size, 3, *spec.size, dtype=torch.uint8, device=device_input.mean.device)
+        fast(pixel_values=device_input(probe)).logits.float().sum().backward()
         return fast
     except Exception as err:  # compilers fail in many ways (no C compiler, unsupported op): eager always works
         log.warning("train.compile: torch.compile failed (%s: %s); training eager", type(err).__name__, first_line(err))
         return model
+    finally:  # the probe leaves no trace: no gradients, batch-norm statistics and random streams as they were
+        model.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for name, buffer in model.named_buffers():
+                buffer.copy_(buffers[name])
+        set_rng_state(rng)
 
 
 def build_accelerator(cfg: Config) -> Accelerator:
@@ -140,7 +146,7 @@ class Trainer:
         self.model, self.optimizer, *loaders = acc.prepare(self.model, self.optimizer, *self.loaders.values())
         self.loaders = dict(zip(self.loaders, loaders, strict=True))
         if cfg.train.compile:
-            self.model = compiled(self.model, self.device_input, self.spec)
+            self.model = compiled(self.model, self.device_input, self.spec, cfg.data.batch_size)
 
     def describe(self) -> str:
         """What --dry-run prints: classes, images per split after caps, parameters, steps, batches."""
