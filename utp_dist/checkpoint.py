@@ -15,6 +15,8 @@ import torch
 from safetensors.torch import load_model, save_model
 from transformers.utils import logging as hf_logging
 
+from utp_dist import atomic
+
 hf_logging.disable_progress_bar()  # save_pretrained's shard bar would break the training progress bar
 
 BEST_LINK = "best"
@@ -89,7 +91,7 @@ class Checkpointer:
             shutil.rmtree(self.folder / old, ignore_errors=True)
 
     def _write_meta(self) -> None:
-        _atomic_write(self.folder / META, json.dumps(self.best, indent=2))
+        atomic.write_text(self.folder / META, json.dumps(self.best, indent=2), fsync=True)
 
     def _read_meta(self) -> dict | None:
         try:
@@ -109,15 +111,6 @@ class NullCheckpointer(Checkpointer):
 
     def _write_meta(self) -> None:
         pass
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -159,7 +152,7 @@ class TrainingStates:
         acc.wait_for_everyone()
         if main:
             _fsync_tree(tmp)  # every rank's files are on disk before COMPLETE says so
-            _atomic_write(tmp / COMPLETE, str(step))
+            atomic.write_text(tmp / COMPLETE, str(step), fsync=True)
             if final.exists():
                 shutil.rmtree(final)
             os.rename(tmp, final)
@@ -186,7 +179,7 @@ class TrainingStates:
     def mark_finished(self) -> None:
         """Tell checkpoint.resume=auto that this run has nothing left to continue."""
         if self.accelerator.is_main_process:
-            _atomic_write(self.folder.parent / FINISHED, "finished\n")
+            atomic.write_text(self.folder.parent / FINISHED, "finished\n", fsync=True)
 
 
 def complete_states(folder: Path) -> list[Path]:

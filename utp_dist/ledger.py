@@ -10,6 +10,7 @@ from pathlib import Path
 
 import yaml
 
+from utp_dist import atomic
 from utp_dist.config import from_dict
 from utp_dist.errors import UserError
 from utp_dist.grid import Grid
@@ -58,9 +59,7 @@ def read(folder: str | os.PathLike) -> dict:
 
 def write(folder: Path, ledger: dict) -> None:
     """Replace the ledger atomically, so a crash never leaves half a file."""
-    tmp = folder / f".{LEDGER}.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(ledger, indent=2, default=str), encoding="utf-8")
-    os.replace(tmp, folder / LEDGER)
+    atomic.write_text(folder / LEDGER, json.dumps(ledger, indent=2, default=str))
 
 
 def record_submission(folder: Path, ledger: dict, executor: str, job_ids: dict[int, str], pid: int | None = None) -> None:

@@ -9,6 +9,7 @@ import socket
 import time
 from pathlib import Path
 
+from utp_dist import atomic
 from utp_dist.preemption import EXIT_RESUMABLE
 
 TASKS_DIR = "tasks"
@@ -98,9 +99,7 @@ class TaskRecord:
 
     def _write(self, record: dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(record))
-        os.replace(tmp, self.path)
+        atomic.write_text(self.path, json.dumps(record))
 
 
 def _job_id() -> str | None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from PIL import Image
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
+from utp_dist import atomic
 from utp_dist.metrics import confusion_figure, confusion_markdown, roc_figure
 
 log = logging.getLogger(__name__)
@@ -68,9 +68,7 @@ class Tracker:
 
     def write_summary(self, summary: dict) -> None:
         """summary.json, written atomically."""
-        tmp = self.log_dir / "summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
-        os.replace(tmp, self.log_dir / "summary.json")
+        atomic.write_text(self.log_dir / "summary.json", json.dumps(summary, indent=2, default=str))
 
     def close(self) -> None:
         """Finish the figures, flush and close the writer and the progress bar."""
@@ -95,9 +93,7 @@ class Tracker:
             # the test split is evaluated only after the last state, so it is always redone
             if record["step"] <= step and record["split"] != "test":
                 keep.append(line if line.endswith("\n") else line + "\n")
-        tmp = path.with_name(".metrics.jsonl.tmp")
-        tmp.write_text("".join(keep), encoding="utf-8")
-        os.replace(tmp, path)
+        atomic.write_text(path, "".join(keep))
 
     def _figure(self, tag: str, draw, step: int, name: str) -> None:
         def paint() -> None:
