@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from utp_dist import atomic
 from utp_dist.config import from_dict
 from utp_dist.errors import UserError
 from utp_dist.grid import Grid
+from utp_dist.runs import MAX_VERSIONS, is_version_of, versions
 
 LEDGER = "sweep.json"
 CONFIGS = "configs"
@@ -22,16 +22,19 @@ CONFIGS = "configs"
 def create_sweep(grid: Grid, executor: str, profile: str | None, resources: dict) -> Path:
     """Claim OUTPUT_ROOT/sweeps/NAME (or NAME-v1, ...) atomically, write each task's resolved config and the ledger."""
     root = Path(grid.tasks[0].config.output.root) / "sweeps"
-    root.mkdir(parents=True, exist_ok=True)
-    for version in range(10_000):
-        folder = root / (grid.name if version == 0 else f"{grid.name}-v{version}")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"output.root: cannot create '{root}': {err.strerror}") from None
+    for name in versions(grid.name):
+        folder = root / name
         try:
             folder.mkdir()
             break
         except FileExistsError:
             continue
     else:
-        raise UserError(f"{grid.path}: 10,000 sweeps named '{grid.name}' exist in '{root}'; set another name: in the grid")
+        raise UserError(f"{grid.path}: {MAX_VERSIONS:,} sweeps named '{grid.name}' exist in '{root}'; set another name: in the grid")
     (folder / CONFIGS).mkdir()
     tasks = []
     for task in grid.tasks:
@@ -93,8 +96,7 @@ def completed_run(output_root: str, name: str, config_hash: str) -> Path | None:
 
 def _runs_named(output_root: str, name: str) -> list[Path]:
     """Log folders OUTPUT_ROOT/logs/DATASET/NAME and NAME-vN (not NAME-other)."""
-    same_name = re.compile(rf"{re.escape(name)}(-v\d+)?")
-    return [p for p in (Path(output_root) / "logs").glob("*/*") if same_name.fullmatch(p.name) and p.is_dir()]
+    return [p for p in (Path(output_root) / "logs").glob("*/*") if is_version_of(name, p.name) and p.is_dir()]
 
 
 def _config_hash(logs: Path) -> str | None:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 from utp_dist.checkpoint import COMPLETE, FINISHED, STATE_DIR, complete_states
 from utp_dist.config import MAY_CHANGE_ON_RESUME, Config, flatten
 from utp_dist.errors import UserError
+from utp_dist.runs import is_version_of
 
 IDENTITY = "identity.json"
 
@@ -24,8 +24,7 @@ def find_state(cfg: Config, dataset: str, base: str) -> Path | None:
         return None
     if mode == "auto":
         parent = Path(cfg.output.root) / "checkpoints" / dataset
-        same_name = re.compile(rf"{re.escape(base)}(-v\d+)?")
-        runs = [r for r in parent.iterdir() if same_name.fullmatch(r.name) and not (r / FINISHED).exists()] if parent.is_dir() else []
+        runs = [r for r in parent.iterdir() if is_version_of(base, r.name) and not (r / FINISHED).exists()] if parent.is_dir() else []
         newest = [states[-1] for r in runs if (states := complete_states(r / STATE_DIR))]
         return max(newest, key=lambda p: (p / COMPLETE).stat().st_mtime) if newest else None
     path = Path(mode).expanduser()

@@ -41,6 +41,20 @@ def sanitize(name: str, key: str) -> str:
     return clean[:200]
 
 
+MAX_VERSIONS = 10_000
+
+
+def versions(name: str):
+    """NAME, NAME-v1, NAME-v2, ...: the names a new run (or sweep) tries in turn."""
+    yield name
+    yield from (f"{name}-v{version}" for version in range(1, MAX_VERSIONS))
+
+
+def is_version_of(name: str, candidate: str) -> bool:
+    """Whether `candidate` is NAME or NAME-vN (and not NAME-other)."""
+    return re.fullmatch(rf"{re.escape(name)}(-v\d+)?", candidate) is not None
+
+
 def create_run(root: str | os.PathLike, dataset: str, name: str) -> RunPaths:
     """Claim logs/DATASET/NAME (or NAME-v1, -v2, ...) with an atomic mkdir, so concurrent starts never share one."""
     logs_parent = Path(root) / "logs" / dataset
@@ -50,8 +64,7 @@ def create_run(root: str | os.PathLike, dataset: str, name: str) -> RunPaths:
         ckpt_parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise UserError(f"output.root: cannot create '{logs_parent}': {err.strerror}") from None
-    for version in range(10_000):
-        candidate = name if version == 0 else f"{name}-v{version}"
+    for candidate in versions(name):
         try:
             (logs_parent / candidate).mkdir()
         except FileExistsError:
@@ -62,4 +75,4 @@ def create_run(root: str | os.PathLike, dataset: str, name: str) -> RunPaths:
             (logs_parent / candidate).rmdir()
             continue
         return RunPaths(candidate, logs_parent / candidate, ckpt_parent / candidate)
-    raise UserError(f"output.run_name: 10,000 runs named '{name}' already exist in '{logs_parent}'; choose another name")
+    raise UserError(f"output.run_name: {MAX_VERSIONS:,} runs named '{name}' already exist in '{logs_parent}'; choose another name")

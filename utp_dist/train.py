@@ -9,7 +9,7 @@ import sys
 import warnings
 from dataclasses import dataclass
 
-from utp_dist.errors import UserError
+from utp_dist.errors import UserError, first_line
 from utp_dist.preemption import EXIT_RESUMABLE, Stopped
 
 EXIT_USER_ERROR = 2
@@ -80,8 +80,8 @@ def one_line(err: Exception) -> str:
     """The user-facing line of an error, also when a DataLoader worker re-raised it with its traceback."""
     text = str(err).strip()
     if "Original Traceback" in text:  # torch wraps worker errors: the last line is "module.Class: message"
-        text = text.splitlines()[-1].split(": ", 1)[-1]
-    return text.splitlines()[0] if text else type(err).__name__
+        return text.splitlines()[-1].split(": ", 1)[-1]
+    return first_line(err)
 
 
 if __name__ == "__main__":

@@ -246,7 +246,8 @@ class Trainer:
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Forward, backward, clip and step (accelerate skips the step while accumulating); returns [loss sum, correct, n, skipped]."""
-        time.sleep(self.test_step_sleep)  # test hook (UTP_DIST_TEST_STEP_SLEEP): lets Slurm's timers catch a tiny run mid-training
+        if self.test_step_sleep:  # test hook (UTP_DIST_TEST_STEP_SLEEP): lets Slurm's timers catch a tiny run mid-training
+            time.sleep(self.test_step_sleep)
         images, labels = self.decoders["train"](images, labels)  # data.decode: gpu; a no-op otherwise
         logits = self.model(pixel_values=self.device_input(images, augment=True)).logits
         loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.cfg.train.label_smoothing, ignore_index=IGNORE_LABEL)
