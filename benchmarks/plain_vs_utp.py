@@ -35,10 +35,9 @@ warnings.filterwarnings("ignore", message=".*image decoding and encoding.*", cat
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from accelerate.state import AcceleratorState, GradientState  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
 from torchvision import datasets  # noqa: E402
-from torchvision import transforms as T  # noqa: E402
 
+from utp_dist.bench import plain_loader  # noqa: E402
 from utp_dist.checkpoint import Checkpointer  # noqa: E402
 from utp_dist.config import load_config  # noqa: E402
 from utp_dist.data import resolve_root  # noqa: E402
@@ -148,21 +147,10 @@ def run_plain(cfg_path: str, overrides: list[str]) -> dict:
     model, processor = build_model(cfg.model, classes, d.image_size)
     model.to(device)
     spec = input_spec(processor, d.image_size)
-    norm = [T.ToTensor(), T.Normalize(spec.mean, spec.std)]
-    eval_tf = T.Compose([T.Resize(spec.resize), T.CenterCrop(spec.size), *norm])
-    train_tf = eval_tf if d.augment == "none" else T.Compose([T.RandomResizedCrop(spec.size), T.RandomHorizontalFlip(), *norm])
-    train_ds = datasets.ImageFolder(str(root / "train"), transform=train_tf)
-    val_ds = datasets.ImageFolder(str(root / "val"), transform=eval_tf)
-    assert val_ds.classes == train_ds.classes == classes
-    loader_kw = {
-        "num_workers": d.num_workers,
-        "pin_memory": d.pin_memory if d.pin_memory is not None else device.type == "cuda",
-        "persistent_workers": d.persistent_workers and d.num_workers > 0,
-        "prefetch_factor": d.prefetch_factor if d.num_workers else None,
-    }
-    gen = torch.Generator().manual_seed(t.seed)
-    train_dl = DataLoader(train_ds, batch_size=d.batch_size, shuffle=True, drop_last=True, generator=gen, **loader_kw)
-    val_dl = DataLoader(val_ds, batch_size=d.eval_batch_size or 2 * d.batch_size, **loader_kw)
+    train_dl = plain_loader(d, spec, "train", device, generator=torch.Generator().manual_seed(t.seed))
+    val_dl = plain_loader(d, spec, "val", device)
+    val_ds = val_dl.dataset
+    assert val_ds.classes == train_dl.dataset.classes == classes
     total_steps = optimizer_steps(len(train_dl), t.epochs, 1, t.max_steps)
     optimizer = build_optimizer(model, o, fused=device.type == "cuda")
     scheduler = build_scheduler(optimizer, o, total_steps)
@@ -207,7 +195,7 @@ def main() -> None:
     parser.add_argument("config", nargs="?", default="configs/quickstart.yaml")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("overrides", nargs="*", help="key=value config overrides, applied to both")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()  # --repeats may come before or after the overrides, as the docstring shows
     if "=" in args.config:  # only overrides were given
         args.overrides, args.config = [args.config, *args.overrides], "configs/quickstart.yaml"
     results: dict[str, list[dict]] = {"utp": [], "plain": []}

@@ -83,30 +83,39 @@ def measure(cfg, warmup: int, steps: int, repeats: int) -> dict[str, float]:
     return results
 
 
+def plain_loader(data, spec, split: str, device, generator=None):
+    """What a user writes without utp_dist: torchvision ImageFolder + PIL transforms (float, normalised in the workers)
+    and a DataLoader with the config's loader settings; the train split is shuffled, augmented and drops its last batch."""
+    from torch.utils.data import DataLoader
+    from torchvision import datasets
+    from torchvision import transforms as T
+
+    from utp_dist.data import resolve_root
+
+    train = split == "train"
+    norm = [T.ToTensor(), T.Normalize(spec.mean, spec.std)]
+    resize = [T.Resize(spec.resize), T.CenterCrop(spec.size)]
+    augment = [T.RandomResizedCrop(spec.size), T.RandomHorizontalFlip()] if train and data.augment == "standard" else resize
+    dataset = datasets.ImageFolder(str(resolve_root(data.root) / split), transform=T.Compose([*augment, *norm]))
+    pin = device.type == "cuda" if data.pin_memory is None else data.pin_memory
+    batch = data.batch_size if train else (data.eval_batch_size or 2 * data.batch_size)
+    return DataLoader(dataset, batch_size=batch, shuffle=train, drop_last=train, num_workers=data.num_workers, pin_memory=pin,
+                      persistent_workers=data.persistent_workers and data.num_workers > 0, generator=generator,
+                      prefetch_factor=data.prefetch_factor if data.num_workers else None)
+
+
 class PlainLoop:
     """What a user writes without utp_dist: torchvision ImageFolder + PIL transforms, DataLoader, autocast, AdamW."""
 
     def __init__(self, cfg, trainer):
         import torch
-        from torch.utils.data import DataLoader
-        from torchvision import datasets
-        from torchvision import transforms as T
 
-        from utp_dist.data import resolve_root
         from utp_dist.model import build_model
 
-        d, spec = cfg.data, trainer.spec
         self.device = trainer.accelerator.device
         self.bf16 = trainer.accelerator.mixed_precision == "bf16"
-        norm = [T.ToTensor(), T.Normalize(spec.mean, spec.std)]
-        augment = [T.RandomResizedCrop(spec.size), T.RandomHorizontalFlip()] if d.augment == "standard" else [
-            T.Resize(spec.resize), T.CenterCrop(spec.size)]
-        dataset = datasets.ImageFolder(str(resolve_root(d.root) / "train"), transform=T.Compose([*augment, *norm]))
-        pin = trainer.accelerator.device.type == "cuda" if d.pin_memory is None else d.pin_memory
-        self.loader = DataLoader(dataset, batch_size=d.batch_size, shuffle=True, drop_last=True, num_workers=d.num_workers,
-                                 pin_memory=pin, persistent_workers=d.num_workers > 0,
-                                 prefetch_factor=d.prefetch_factor if d.num_workers else None)
-        self.model = build_model(cfg.model, trainer.classes, d.image_size)[0].to(self.device).train()
+        self.loader = plain_loader(cfg.data, trainer.spec, "train", self.device)
+        self.model = build_model(cfg.model, trainer.classes, cfg.data.image_size)[0].to(self.device).train()
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.optim.lr, fused=self.device.type == "cuda")
         self.max_grad_norm = cfg.optim.max_grad_norm
 
