@@ -154,3 +154,11 @@ def test_local_executor_runs_each_task_in_its_own_process_and_the_ledger_tracks_
     # the same grid again: both exact configs completed, so nothing is submitted
     skip = run_cli(str(tiny_grid), "--executor", "debug", module="utp_dist.submit")
     assert skip.returncode == 0 and "nothing to submit" in skip.stdout and skip.stdout.count("skipped task") == 2
+
+    # --force reruns them in this process (debug executor), each in a new run folder (-v1)
+    forced = run_cli(str(tiny_grid), "--executor", "debug", "--force", module="utp_dist.submit", timeout=300)
+    assert forced.returncode == 0, forced.stderr[-3000:]
+    rows = [line for line in forced.stdout.splitlines() if line.startswith("| 0 |") or line.startswith("| 1 |")][-2:]
+    assert all(" | COMPLETED | 0 | 0 | 3 | " in row for row in rows), forced.stdout
+    assert {p.name for p in (tmp_path / "out" / "logs" / "later").iterdir()} | {p.name for p in (tmp_path / "out" / "logs" / "shapes").iterdir()} >= {
+        "vit__cross_entropy__scratch__root=shapes-v1", "vit__cross_entropy__scratch__root=later-v1"}

@@ -41,7 +41,7 @@ def submit_slurm(folder: Path, ledger: dict, indices: list[int], resources: Reso
     try:
         # submitit echoes sbatch's stderr before raising; the error below carries it, as one line
         with contextlib.redirect_stderr(io.StringIO()), executor.batch():
-            jobs = [executor.submit(_task(folder, ledger, i, resources)) for i in indices]
+            jobs = [executor.submit(_task(folder, ledger, i, resources.max_requeues)) for i in indices]
     except (submitit.core.utils.FailedJobError, subprocess.CalledProcessError, OSError) as err:
         raise UserError(f"sbatch refused the job: {_slurm_message(str(err))}") from None
     return {i: job.job_id for i, job in zip(indices, jobs, strict=True)}
@@ -80,19 +80,12 @@ def run_local(folder: Path, ledger: dict, indices: list[int], parallel: bool) ->
                 proc = subprocess.Popen([sys.executable, "-m", "utp_dist.submit", "_task", str(folder), str(index)],
                                         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
             running[proc] = gpu
-        done = _wait_any(list(running))
+        pid, status = os.wait()  # the runner's only children are its tasks
+        done = next(proc for proc in running if proc.pid == pid)
+        done.returncode = os.waitstatus_to_exitcode(status)
         failures += done.returncode != 0
         running.pop(done)
     return failures
-
-
-def _wait_any(procs: list[subprocess.Popen]) -> subprocess.Popen:
-    pid, status = os.wait()
-    for proc in procs:
-        if proc.pid == pid:
-            proc.returncode = os.waitstatus_to_exitcode(status)
-            return proc
-    return _wait_any(procs)  # a child that is not one of ours (cannot happen in the runner; kept for safety)
 
 
 def _visible_gpus() -> list[str]:
@@ -106,31 +99,28 @@ def _visible_gpus() -> list[str]:
     return [line.strip() for line in out.stdout.splitlines() if line.strip().isdigit()] if out.returncode == 0 else []
 
 
-def run_debug(folder: Path, ledger: dict, indices: list[int], resources: Resources) -> int:
+def run_debug(folder: Path, ledger: dict, indices: list[int]) -> int:
     """Run the tasks in this process, one after another (for tests and debuggers); returns the failures."""
     from utp_dist.trainer import reset_accelerate
 
     failures = 0
     for index in indices:
         reset_accelerate()  # Accelerate's process-wide state belongs to the previous run
-        try:
-            _task(folder, ledger, index, resources)()
-        except TaskFailed as err:
-            print(f"utp_dist: task {index} failed: {err}", file=sys.stderr)
-            failures += 1
+        failures += run_task(folder, ledger, index) != 0
     return failures
 
 
 def run_task(folder: Path, ledger: dict, index: int) -> int:
-    """One task in this process (what the local runner starts per task)."""
+    """One task in this process (what the local runner starts per task, and debug runs in turn); 1 if it failed."""
     try:
-        _task(folder, ledger, index, None)()
+        _task(folder, ledger, index)()
     except TaskFailed as err:
-        print(f"utp_dist: {err}", file=sys.stderr)
+        print(f"utp_dist: task {index}: {err}", file=sys.stderr)
         return 1
     return 0
 
 
-def _task(folder: Path, ledger: dict, index: int, resources: Resources | None) -> TrainTask:
+def _task(folder: Path, ledger: dict, index: int, max_requeues: int = 0) -> TrainTask:
+    """The callable of task `index`; max_requeues matters only under Slurm, where submitit requeues it."""
     task = ledger["tasks"][index]
-    return TrainTask(task["config"], str(folder), index, resources.max_requeues if resources else 0)
+    return TrainTask(task["config"], str(folder), index, max_requeues)

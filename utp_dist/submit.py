@@ -125,7 +125,7 @@ def _launch(folder: Path, record: dict, executor: str, indices: list[int], resou
         ledger.record_submission(folder, record, executor, jobs, pid=int(next(iter(jobs.values())).removeprefix("pid:")))
     else:
         ledger.record_submission(folder, record, executor, {i: f"pid:{os.getpid()}" for i in indices}, pid=os.getpid())
-        failures = executors.run_debug(folder, record, indices, resources)
+        failures = executors.run_debug(folder, record, indices)
         print(markdown(rows(folder, ledger.read(folder)), COLUMNS))
         return 1 if failures else 0
     print(f"submitted {len(indices)} task(s) with the {executor} executor: {', '.join(sorted(set(jobs.values())))}")
@@ -201,7 +201,8 @@ def board(args: argparse.Namespace) -> int:
 
 def _run_local(args: argparse.Namespace) -> int:
     folder = Path(args.sweep_dir)
-    return 1 if executors.run_local(folder, ledger.read(folder), _indices(args.tasks, 10**9), args.parallel) else 0
+    record = ledger.read(folder)
+    return 1 if executors.run_local(folder, record, _indices(args.tasks, len(record["tasks"])), args.parallel) else 0
 
 
 def _task(args: argparse.Namespace) -> int:
