@@ -136,7 +136,8 @@ class Trainer:
         self.model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         augment = build_gpu_augment(cfg.data.gpu_augment, self.spec.size)
         self.device_input = DeviceInput(self.spec, augment, channels_last).to(acc.device)
-        self.flops_per_image = train_flops_per_image(self.model, self.spec.size)
+        # only the main process reports MFU: the other ranks skip the count (about 1 s for ViT-B/16)
+        self.flops_per_image = train_flops_per_image(self.model, self.spec.size) if acc.is_main_process else None
         self.peak_tflops = peak_tflops(cfg.train.peak_tflops, acc.device, acc.mixed_precision)
         self.metrics: dict[str, EvalMetrics] = {}  # one suite per split, reset before each evaluation
         if cfg.train.sync_batchnorm and acc.num_processes > 1:
