@@ -17,6 +17,8 @@ log = logging.getLogger(__name__)
 class PassThrough:
     """data.decode: cpu: batches arrive decoded; nothing to do."""
 
+    cpu_fallbacks = 0
+
     def __call__(self, images, labels):
         """Return the batch unchanged."""
         return images, labels

@@ -368,6 +368,7 @@ class Trainer:
             "skipped_images": {"train": meter.skipped, "val": last.get("val_skipped_images", 0), "test": test.get("test_skipped_images", 0)},
             "train_img_per_s": meter.images / max(meter.train_time, 1e-9),
             "data_wait_fraction": meter.wait_time / max(meter.train_time, 1e-9),
+            "decode_cpu_fallbacks": sum(decoder.cpu_fallbacks for decoder in self.decoders.values()),  # this rank's
             "mfu": self._mfu(meter.images / max(meter.train_time, 1e-9)),
             "train_gflops_per_image": self.flops_per_image / 1e9 if self.flops_per_image else None,
             "peak_tflops_per_device": self.peak_tflops,
