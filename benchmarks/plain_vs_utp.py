@@ -186,8 +186,16 @@ def run_plain(cfg_path: str, overrides: list[str]) -> dict:
             break
     wall = time.perf_counter() - start
     del train_dl, val_dl
-    return {"setup": setup, "wall": wall, "img_s": images / train_time, "final": accs[-1], "best": max(accs),
-            "train": train_time, "step": step_time, "eval": wall - train_time}
+    return {
+        "setup": setup,
+        "wall": wall,
+        "img_s": images / train_time,
+        "final": accs[-1],
+        "best": max(accs),
+        "train": train_time,
+        "step": step_time,
+        "eval": wall - train_time,
+    }
 
 
 def main() -> None:
@@ -202,31 +210,47 @@ def main() -> None:
     for i in range(args.repeats):
         for name, fn in (("utp", run_utp), ("plain", run_plain)):
             results[name].append(r := fn(args.config, args.overrides))
-            print(f"[repeat {i + 1}] {name:5s} setup {r['setup']:5.2f}s  fit/loop {r['wall']:6.2f}s  CPU {r['cpu']:6.1f}s  "
-                  f"train {r['img_s']:6.1f} img/s  val acc@1 final {r['final']:.4f} best {r['best']:.4f}  "
-                  f"(outside CPU {r['outside']:.0%})", flush=True)
+            print(
+                f"[repeat {i + 1}] {name:5s} setup {r['setup']:5.2f}s  fit/loop {r['wall']:6.2f}s  CPU {r['cpu']:6.1f}s  "
+                f"train {r['img_s']:6.1f} img/s  val acc@1 final {r['final']:.4f} best {r['best']:.4f}  "
+                f"(outside CPU {r['outside']:.0%})",
+                flush=True,
+            )
 
     def med(name: str, key: str) -> float:
         return statistics.median(r[key] for r in results[name])
 
-    print(f"\nhardware: {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} intra-op threads, "
-          f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}")
+    print(
+        f"\nhardware: {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} intra-op threads, "
+        f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}"
+    )
     outside = max(r["outside"] for rs in results.values() for r in rs)
-    print(f"config: {args.config} {' '.join(args.overrides)}   repeats: {args.repeats}   worst outside CPU load: {outside:.0%}"
-          + ("  << other processes competed: timings are unreliable" if outside > 0.1 else "") + "\n")
+    print(
+        f"config: {args.config} {' '.join(args.overrides)}   repeats: {args.repeats}   worst outside CPU load: {outside:.0%}"
+        + ("  << other processes competed: timings are unreliable" if outside > 0.1 else "")
+        + "\n"
+    )
     print(f"{'':30s}{'utp_dist':>10s}{'plain':>10s}{'utp/plain':>11s}   best-of-{args.repeats} utp/plain")
-    for label, key, pick in (("setup s", "setup", min), ("fit()/loop wall s", "wall", min),
-                             ("CPU s (setup+fit, +workers)", "cpu", min), ("train img/s", "img_s", max)):
+    for label, key, pick in (
+        ("setup s", "setup", min),
+        ("fit()/loop wall s", "wall", min),
+        ("CPU s (setup+fit, +workers)", "cpu", min),
+        ("train img/s", "img_s", max),
+    ):
         u, p = med("utp", key), med("plain", key)
         best = pick(r[key] for r in results["utp"]) / pick(r[key] for r in results["plain"])
         print(f"{label:30s}{u:10.2f}{p:10.2f}{u / p:11.3f}   {best:.3f}")
     for label, key in (("val acc@1 final", "final"), ("val acc@1 best", "best")):
         print(f"{label:30s}{med('utp', key):10.4f}{med('plain', key):10.4f}{med('utp', key) - med('plain', key):+11.4f}")
     speed = med("utp", "img_s") / med("plain", "img_s")
-    print(f"\ntrain speed within 5% of plain (medians): {'yes' if speed >= 0.95 else 'NO'} ({(speed - 1) * 100:+.1f}% img/s); "
-          f"fit() wall time {(med('utp', 'wall') / med('plain', 'wall') - 1) * 100:+.1f}%")
-    print(f"\nutp_dist fit() breakdown (median s; plain loop: train {med('plain', 'train'):.2f}s of which in the step "
-          f"{med('plain', 'step'):.2f}s, val eval {med('plain', 'eval'):.2f}s):")
+    print(
+        f"\ntrain speed within 5% of plain (medians): {'yes' if speed >= 0.95 else 'NO'} ({(speed - 1) * 100:+.1f}% img/s); "
+        f"fit() wall time {(med('utp', 'wall') / med('plain', 'wall') - 1) * 100:+.1f}%"
+    )
+    print(
+        f"\nutp_dist fit() breakdown (median s; plain loop: train {med('plain', 'train'):.2f}s of which in the step "
+        f"{med('plain', 'step'):.2f}s, val eval {med('plain', 'eval'):.2f}s):"
+    )
     for part in results["utp"][0]["parts"]:
         value = statistics.median(r["parts"].get(part, 0.0) for r in results["utp"])
         print(f"  {part:58s}{value:8.2f}  {value / med('utp', 'wall') * 100:5.1f}%")

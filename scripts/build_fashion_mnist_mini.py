@@ -14,8 +14,7 @@ import numpy as np
 
 DEFAULT_SRC = "/usr/share/datasets/fashion-mnist"
 DEFAULT_OUT = pathlib.Path(__file__).resolve().parent.parent / "utp_dist" / "assets" / "fashion_mnist_mini.npz"
-CLASSES = ("T-shirt_top", "Trouser", "Pullover", "Dress", "Coat",
-           "Sandal", "Shirt", "Sneaker", "Bag", "Ankle_boot")
+CLASSES = ("T-shirt_top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle_boot")
 SEED = 20240601
 N_TRAIN, N_VAL, N_TEST = 250, 60, 40  # per class
 
@@ -28,7 +27,7 @@ def read_idx(path: pathlib.Path) -> np.ndarray:
     if data[:3] != b"\x00\x00\x08":
         raise ValueError(f"{path}: not an unsigned-byte IDX file")
     ndim = data[3]
-    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
@@ -41,7 +40,7 @@ def pick(labels: np.ndarray, counts: tuple[int, ...], rng: np.random.Generator) 
         for k, n in enumerate(counts):
             if start + n > perm.size:
                 raise ValueError(f"class {c}: only {perm.size} images, need {sum(counts)}")
-            out[k].append(np.sort(perm[start:start + n]))
+            out[k].append(np.sort(perm[start : start + n]))
             start += n
     return [np.concatenate(parts) for parts in out]
 
@@ -58,21 +57,21 @@ def build(src: pathlib.Path, out: pathlib.Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(
         out,
-        train_x=tr_x[train_idx], train_y=tr_y[train_idx],
-        val_x=tr_x[val_idx], val_y=tr_y[val_idx],
-        test_x=te_x[test_idx], test_y=te_y[test_idx],
+        train_x=tr_x[train_idx],
+        train_y=tr_y[train_idx],
+        val_x=tr_x[val_idx],
+        val_y=tr_y[val_idx],
+        test_x=te_x[test_idx],
+        test_y=te_y[test_idx],
         classes=np.array(CLASSES),
     )
-    print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB): "
-          f"train {train_idx.size}, val {val_idx.size}, test {test_idx.size}")
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB): train {train_idx.size}, val {val_idx.size}, test {test_idx.size}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("src", nargs="?", default=DEFAULT_SRC,
-                    help=f"directory with the IDX .gz files (default {DEFAULT_SRC})")
-    ap.add_argument("--out", default=str(DEFAULT_OUT),
-                    help="output .npz (default utp_dist/assets/fashion_mnist_mini.npz)")
+    ap.add_argument("src", nargs="?", default=DEFAULT_SRC, help=f"directory with the IDX .gz files (default {DEFAULT_SRC})")
+    ap.add_argument("--out", default=str(DEFAULT_OUT), help="output .npz (default utp_dist/assets/fashion_mnist_mini.npz)")
     args = ap.parse_args()
     build(pathlib.Path(args.src), pathlib.Path(args.out))
 

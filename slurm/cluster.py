@@ -8,6 +8,7 @@
 Importable: start(dir, gpus=2) -> {"SLURM_CONF": ...}; stop(dir). Needs root and the Debian packages
 slurmctld slurmd slurmdbd slurm-client munge mariadb-server. Stdlib only.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,15 @@ _PROCS: dict[int, subprocess.Popen] = {}  # keeps in-process children referenced
 
 def _layout(d: Path) -> dict[str, Path]:
     sock = Path((d / "run" / "sockdir").read_text().strip()) if (d / "run" / "sockdir").exists() else d / "run"
-    return {"etc": d / "etc", "log": d / "log", "run": d / "run", "var": d / "var", "dev": d / "dev",
-            "sock": sock, "conf": d / "etc" / "slurm.conf"}
+    return {
+        "etc": d / "etc",
+        "log": d / "log",
+        "run": d / "run",
+        "var": d / "var",
+        "dev": d / "dev",
+        "sock": sock,
+        "conf": d / "etc" / "slurm.conf",
+    }
 
 
 def _client_env(conf: Path | None) -> dict[str, str]:
@@ -100,6 +108,7 @@ def _alive(pid: int, d: Path) -> bool:
 
 def _kill_jobs(d: Path) -> None:
     """SIGKILL the sessions of this cluster's slurmstepd processes: stopping slurmd leaves jobs running."""
+
     def procs():
         for p in Path("/proc").iterdir():
             if p.name.isdigit():
@@ -107,6 +116,7 @@ def _kill_jobs(d: Path) -> None:
                     yield int(p.name), _stat(int(p.name))
                 except (OSError, IndexError, ValueError):
                     pass
+
     sids = {sid for pid, (comm, _, sid) in procs() if comm == "slurmstepd" and _alive(pid, d)}
     for _ in range(50):
         left = [pid for pid, (_, state, sid) in procs() if sid in sids and state != "Z"]
@@ -142,8 +152,7 @@ def _console(d: Path, name: str) -> Path:
 
 def _spawn(d: Path, name: str, cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
     log = open(_console(d, name), "ab")
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                            env=env, start_new_session=True, cwd=d)
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=d)
     log.close()
     _PROCS[proc.pid] = proc
     (d / "run" / f"{name}.pid").write_text(f"{proc.pid}\n")
@@ -171,8 +180,10 @@ def _node_line(gpus: int) -> str:
     cpus = max(MIN_CPUS, int(hw["CPUs"]))
     mem = int(int(hw["RealMemory"]) * 0.9)  # below the real figure so slurmd never drains the node for memory
     gres = f" Gres=gpu:{gpus}" if gpus else ""
-    return (f"NodeName={NODE} NodeHostname={socket.gethostname()} NodeAddr=127.0.0.1 CPUs={cpus} Boards=1 "
-            f"SocketsPerBoard=1 CoresPerSocket={cpus} ThreadsPerCore=1 RealMemory={mem}{gres} State=UNKNOWN")
+    return (
+        f"NodeName={NODE} NodeHostname={socket.gethostname()} NodeAddr=127.0.0.1 CPUs={cpus} Boards=1 "
+        f"SocketsPerBoard=1 CoresPerSocket={cpus} ThreadsPerCore=1 RealMemory={mem}{gres} State=UNKNOWN"
+    )
 
 
 def _write_configs(d: Path, p: dict[str, Path], ports: dict[str, int], gpus: int, dbpass: str) -> None:
@@ -181,14 +192,14 @@ def _write_configs(d: Path, p: dict[str, Path], ports: dict[str, int], gpus: int
     (p["etc"] / "slurm.conf").write_text(f"""\
 ClusterName={CLUSTER}
 SlurmctldHost=localhost
-SlurmctldPort={ports['slurmctld']}
-SlurmdPort={ports['slurmd']}
+SlurmctldPort={ports["slurmctld"]}
+SlurmdPort={ports["slurmd"]}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 AuthInfo=socket={munge},cred_expire=10
 StateSaveLocation={var}/state
-SlurmdSpoolDir={p['sock']}/spool
+SlurmdSpoolDir={p["sock"]}/spool
 SlurmctldPidFile={var}/slurmctld.pid
 SlurmdPidFile={var}/slurmd.pid
 SlurmctldLogFile={log}/slurmctld.log
@@ -201,7 +212,7 @@ TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/linux
 AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=localhost
-AccountingStoragePort={ports['slurmdbd']}
+AccountingStoragePort={ports["slurmdbd"]}
 AccountingStoragePass={munge}
 AccountingStorageTRES=gres/gpu
 JobCompType=jobcomp/none
@@ -221,8 +232,7 @@ GresTypes=gpu
 PartitionName={PARTITION} Nodes={NODE} Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 """)
     last = f"-{gpus - 1}" if gpus > 1 else ""
-    (p["etc"] / "gres.conf").write_text(
-        f"AutoDetect=off\nNodeName={NODE} Name=gpu File={p['dev']}/fakegpu[0{last}]\n" if gpus else "")
+    (p["etc"] / "gres.conf").write_text(f"AutoDetect=off\nNodeName={NODE} Name=gpu File={p['dev']}/fakegpu[0{last}]\n" if gpus else "")
     dbd = p["etc"] / "slurmdbd.conf"
     dbd.touch(mode=0o600)
     dbd.chmod(0o600)  # slurmdbd refuses a conf readable by others
@@ -230,14 +240,14 @@ PartitionName={PARTITION} Nodes={NODE} Default=YES MaxTime=INFINITE State=UP Ove
 AuthType=auth/munge
 AuthInfo=socket={munge}
 DbdHost=localhost
-DbdPort={ports['slurmdbd']}
+DbdPort={ports["slurmdbd"]}
 SlurmUser=root
 DebugLevel=info
 LogFile={log}/slurmdbd.log
 PidFile={var}/slurmdbd.pid
 StorageType=accounting_storage/mysql
 StorageHost=127.0.0.1
-StoragePort={ports['mariadbd']}
+StoragePort={ports["mariadbd"]}
 StorageUser=slurm
 StoragePass={dbpass}
 StorageLoc=slurm_acct_db
@@ -288,28 +298,58 @@ def _start(d: Path, gpus: int) -> None:
     env = _client_env(conf)
     denv = {**env, MARKER: str(d)}
     # --force: munged otherwise refuses a socket under a dir that is not world-executable (pytest's are 0700).
-    proc = _spawn(d, "munged", ["munged", "-F", "--force", f"--socket={sock}/munge.socket",
-                                f"--key-file={key}", f"--pid-file={p['var']}/munged.pid",
-                                f"--seed-file={p['var']}/munged.seed"], denv)
+    proc = _spawn(
+        d,
+        "munged",
+        [
+            "munged",
+            "-F",
+            "--force",
+            f"--socket={sock}/munge.socket",
+            f"--key-file={key}",
+            f"--pid-file={p['var']}/munged.pid",
+            f"--seed-file={p['var']}/munged.seed",
+        ],
+        denv,
+    )
     _wait(d, "munged", proc, lambda: _ok(["munge", "-n", "-S", f"{sock}/munge.socket"]))
 
-    mariadb_opts = ["--no-defaults", f"--datadir={db}", "--user=root", "--innodb-buffer-pool-size=512M",
-                    "--innodb-log-file-size=64M", "--innodb-lock-wait-timeout=900"]  # below these slurmdbd logs an error
+    mariadb_opts = [
+        "--no-defaults",
+        f"--datadir={db}",
+        "--user=root",
+        "--innodb-buffer-pool-size=512M",
+        "--innodb-log-file-size=64M",
+        "--innodb-lock-wait-timeout=900",
+    ]  # below these slurmdbd logs an error
     if not (db / "mysql").exists():
-        r = _run(["mariadb-install-db", *mariadb_opts, "--auth-root-authentication-method=normal",
-                  "--skip-test-db", "--skip-name-resolve"], timeout=120)
+        r = _run(
+            ["mariadb-install-db", *mariadb_opts, "--auth-root-authentication-method=normal", "--skip-test-db", "--skip-name-resolve"],
+            timeout=120,
+        )
         if r.returncode:
             (p["log"] / "mariadbd.log").write_text(r.stdout + r.stderr)
-            raise RuntimeError(f"mariadb-install-db failed; log {p['log']}/mariadbd.log: "
-                               f"{_tail(p['log'] / 'mariadbd.log')}")
-    proc = _spawn(d, "mariadbd", ["mariadbd", *mariadb_opts, f"--socket={sock}/mysql.sock",
-                                  f"--port={ports['mariadbd']}", "--bind-address=127.0.0.1",
-                                  "--skip-name-resolve", f"--pid-file={p['var']}/mariadbd.pid"], denv)
-    sql = ("CREATE DATABASE IF NOT EXISTS slurm_acct_db; "
-           f"CREATE OR REPLACE USER 'slurm'@'127.0.0.1' IDENTIFIED BY '{dbpass}'; "
-           "GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1';")
-    _wait(d, "mariadbd", proc, lambda: _ok(["mariadb", "--no-defaults", "-S", f"{sock}/mysql.sock",
-                                            "-u", "root", "-e", sql]))
+            raise RuntimeError(f"mariadb-install-db failed; log {p['log']}/mariadbd.log: {_tail(p['log'] / 'mariadbd.log')}")
+    proc = _spawn(
+        d,
+        "mariadbd",
+        [
+            "mariadbd",
+            *mariadb_opts,
+            f"--socket={sock}/mysql.sock",
+            f"--port={ports['mariadbd']}",
+            "--bind-address=127.0.0.1",
+            "--skip-name-resolve",
+            f"--pid-file={p['var']}/mariadbd.pid",
+        ],
+        denv,
+    )
+    sql = (
+        "CREATE DATABASE IF NOT EXISTS slurm_acct_db; "
+        f"CREATE OR REPLACE USER 'slurm'@'127.0.0.1' IDENTIFIED BY '{dbpass}'; "
+        "GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1';"
+    )
+    _wait(d, "mariadbd", proc, lambda: _ok(["mariadb", "--no-defaults", "-S", f"{sock}/mysql.sock", "-u", "root", "-e", sql]))
 
     proc = _spawn(d, "slurmdbd", ["slurmdbd", "-D"], denv)
     _wait(d, "slurmdbd", proc, lambda: _ok(["sacctmgr", "-n", "list", "cluster"], env))

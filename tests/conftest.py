@@ -19,7 +19,7 @@ def write_image(path: Path, rng: np.random.Generator, label: int, mode: str = "R
     arr = rng.integers(0, 60, size=(size, size, 3), dtype=np.uint8)
     q = size // 2
     r, c = divmod(label % 4, 2)
-    arr[r * q:(r + 1) * q, c * q:(c + 1) * q] += np.uint8(150)
+    arr[r * q : (r + 1) * q, c * q : (c + 1) * q] += np.uint8(150)
     img = Image.fromarray(arr)
     if mode != "RGB":
         img = img.convert(mode)
@@ -45,12 +45,12 @@ def image_root(tmp_path) -> Path:
     return make_image_folder(tmp_path / "shapes")
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300, module: str = "utp_dist.train", **env_vars: str) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, cwd: Path | None = None, timeout: int = 300, module: str = "utp_dist.train", **env_vars: str
+) -> subprocess.CompletedProcess:
     """Run `python -m utp_dist.train ...` in a subprocess, importing this checkout."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **env_vars}
-    return subprocess.run(
-        [sys.executable, "-m", module, *args], cwd=cwd or REPO, env=env, capture_output=True, text=True, timeout=timeout
-    )
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd or REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture
@@ -67,8 +67,10 @@ def tiny_config(image_root: Path, out: Path, **sections) -> dict:
     """A raw config dict for a tiny ViT from scratch that trains in seconds on the test images."""
     raw = {
         "data": {"root": str(image_root), "batch_size": 8, "num_workers": 0, "image_size": 16, "augment": "none"},
-        "model": {"flavour": "vit", "config": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
-                                               "intermediate_size": 64, "patch_size": 4}},
+        "model": {
+            "flavour": "vit",
+            "config": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64, "patch_size": 4},
+        },
         "optim": {"lr": 3e-3},
         "train": {"epochs": 2, "log_every_n_steps": 2},
         "output": {"root": str(out)},
@@ -82,8 +84,9 @@ def save_tiny_vit(folder: Path, num_labels: int = 5) -> Path:
     """A tiny pretrained-style ViT (model + image processor) saved with save_pretrained, as a hub folder would be."""
     from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
-    config = ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, patch_size=4,
-                       image_size=16, num_labels=num_labels)
+    config = ViTConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, patch_size=4, image_size=16, num_labels=num_labels
+    )
     ViTForImageClassification(config).save_pretrained(folder)
     ViTImageProcessor(size={"height": 16, "width": 16}, image_mean=[0.4, 0.4, 0.4], image_std=[0.3, 0.3, 0.3]).save_pretrained(folder)
     return folder

@@ -14,8 +14,13 @@ def test_bench_prints_five_measurements_with_ratios(image_root, tmp_path):
     result = run_cli(str(config), "data.batch_size=4", "--steps", "3", "--warmup", "1", "--repeats", "1", module="utp_dist.bench")
     assert result.returncode == 0, result.stderr[-3000:]
     rows = dict(re.findall(r"^\| ([^|]+?) \| ([\d,]+) \|", result.stdout, re.M))
-    assert list(rows) == ["model step (synthetic batches)", "data path (loader -> device)", "utp_dist end to end",
-                          "plain data path (ImageFolder + PIL)", "plain loop end to end"]
+    assert list(rows) == [
+        "model step (synthetic batches)",
+        "data path (loader -> device)",
+        "utp_dist end to end",
+        "plain data path (ImageFolder + PIL)",
+        "plain loop end to end",
+    ]
     values = {k: float(v.replace(",", "")) for k, v in rows.items()}
     assert all(v > 0 for v in values.values())
     ratio = float(re.search(r"\| ([\d.]+)x plain data path \|", result.stdout).group(1))

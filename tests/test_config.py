@@ -355,7 +355,10 @@ def test_fingerprint_exclude_covers_mapping_fields():
     # BUG: flatten() expands non-empty dict fields into 'model.config.hidden_size' etc., so excluding the
     # field's own dotted key only works while the field is empty/scalar
     base = load_config(None)
-    for key, override in [("model.config", "model.config.hidden_size=64"), ("data.max_datapoints_per_class", "data.max_datapoints_per_class.val=3")]:
+    for key, override in [
+        ("model.config", "model.config.hidden_size=64"),
+        ("data.max_datapoints_per_class", "data.max_datapoints_per_class.val=3"),
+    ]:
         changed = load_config(None, [override])
         assert changed.fingerprint(exclude=(key,)) == base.fingerprint(exclude=(key,)), key
 

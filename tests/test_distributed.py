@@ -30,8 +30,20 @@ def _launch(cmd: list[str], timeout: int = 120) -> subprocess.CompletedProcess:
 
 
 def _torchrun(*args: str, nproc: int = 2) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-            "--master_addr", "127.0.0.1", "--master_port", str(_port()), "-m", "utp_dist.train", *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_port()),
+        "-m",
+        "utp_dist.train",
+        *args,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -82,9 +94,21 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(data, tmp_pa
 
 def test_accelerate_launch_multi_gpu_config_runs_distributed_on_cpu(data, tmp_path):
     # the ready-made 1-node config, asked for 2 processes, on a machine without GPUs
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "launch/1node_multi_gpu.yaml",
-           "--num_processes", "2", "--main_process_port", str(_port()), "-m", "utp_dist.train",
-           str(_config(data, tmp_path / "out", tmp_path, 4)), "train.epochs=1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        "launch/1node_multi_gpu.yaml",
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        str(_port()),
+        "-m",
+        "utp_dist.train",
+        str(_config(data, tmp_path / "out", tmp_path, 4)),
+        "train.epochs=1",
+    ]
     proc = _launch(cmd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     logs, _ = _only_run(tmp_path / "out")
@@ -96,9 +120,25 @@ def _two_nodes(config: Path, node_args: tuple[list[str], list[str]]) -> list[sub
     port = _port()
     procs = []
     for rank, extra in enumerate(node_args):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank),
-               "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port),
-               "-m", "utp_dist.train", str(config), *extra]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes",
+            "2",
+            "--node_rank",
+            str(rank),
+            "--nproc_per_node",
+            "1",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(port),
+            "-m",
+            "utp_dist.train",
+            str(config),
+            *extra,
+        ]
         procs.append(subprocess.Popen(cmd, env=ENV, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     return procs
 

@@ -51,16 +51,22 @@ def test_base_path_is_relative_to_the_grid_and_inline_bases_work(tmp_path, monke
     assert [t.name.rsplit("__", 1)[1] for t in inline.tasks] == ["lr=0.001", "lr=0.01"]  # '1e-3' is shown as resolved
 
 
-@pytest.mark.parametrize("grid, message", [
-    ({"sweep": {"optim.lrr": [1, 2]}}, "sweep (optim.lrr=1): unknown key 'optim.lrr'; did you mean 'optim.lr'?"),
-    ({"sweep": {"optim.lr": []}}, "sweep.optim.lr is an empty list; give at least one value or remove the key"),
-    ({"sweep": {"optim.lr": 0.1}}, "sweep.optim.lr must be a list of values, got 0.1; write [0.1] for a single value"),
-    ({"sweep": {"zip": [{"optim.lr": [1, 2], "train.seed": [1]}]}}, "the lists of a zip group must be equally long (optim.lr has 2, train.seed has 1)"),
-    ({"sweep": {"optim.lr": [0.1, 0.1]}}, "grid points 0 and 1 get the same run name 'vit__cross_entropy__scratch__lr=0.1'"),
-    ({"sweeps": {}}, "unknown top-level key 'sweeps'; valid keys: name, base, sweep, resources"),
-    ({"base": "missing.yaml"}, "base config 'missing.yaml' not found"),
-    ({"sweep": {"train.epochs": [0]}}, "sweep (train.epochs=0): train.epochs must be > 0"),
-])
+@pytest.mark.parametrize(
+    "grid, message",
+    [
+        ({"sweep": {"optim.lrr": [1, 2]}}, "sweep (optim.lrr=1): unknown key 'optim.lrr'; did you mean 'optim.lr'?"),
+        ({"sweep": {"optim.lr": []}}, "sweep.optim.lr is an empty list; give at least one value or remove the key"),
+        ({"sweep": {"optim.lr": 0.1}}, "sweep.optim.lr must be a list of values, got 0.1; write [0.1] for a single value"),
+        (
+            {"sweep": {"zip": [{"optim.lr": [1, 2], "train.seed": [1]}]}},
+            "the lists of a zip group must be equally long (optim.lr has 2, train.seed has 1)",
+        ),
+        ({"sweep": {"optim.lr": [0.1, 0.1]}}, "grid points 0 and 1 get the same run name 'vit__cross_entropy__scratch__lr=0.1'"),
+        ({"sweeps": {}}, "unknown top-level key 'sweeps'; valid keys: name, base, sweep, resources"),
+        ({"base": "missing.yaml"}, "base config 'missing.yaml' not found"),
+        ({"sweep": {"train.epochs": [0]}}, "sweep (train.epochs=0): train.epochs must be > 0"),
+    ],
+)
 def test_bad_grids_are_one_line_errors_naming_the_file(tmp_path, grid, message):
     path = write_grid(tmp_path / "bad.yaml", {"base": {"model": {"flavour": "vit"}}, **grid})
     with pytest.raises(ConfigError) as err:
@@ -68,13 +74,16 @@ def test_bad_grids_are_one_line_errors_naming_the_file(tmp_path, grid, message):
     assert str(err.value).startswith(str(path)) and message in str(err.value) and "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize("profile, message", [
-    ({"partitio": "gpu"}, "unknown key 'partitio'; did you mean 'partition'?"),
-    ({"sbatch": {"mail-typ": "END"}}, "sbatch.mail-typ is not an sbatch option; valid ones: acctg-freq, "),
-    ({"sbatch": {"time": "10"}}, "sbatch.time: set it with the profile key 'time_min', not in the sbatch block"),
-    ({"gpus_per_node": -1}, "gpus_per_node must be >= 0"),
-    ({"time_min": 1}, "signal_delay_s (120) must be shorter than the time limit (time_min 1 = 60 s)"),
-])
+@pytest.mark.parametrize(
+    "profile, message",
+    [
+        ({"partitio": "gpu"}, "unknown key 'partitio'; did you mean 'partition'?"),
+        ({"sbatch": {"mail-typ": "END"}}, "sbatch.mail-typ is not an sbatch option; valid ones: acctg-freq, "),
+        ({"sbatch": {"time": "10"}}, "sbatch.time: set it with the profile key 'time_min', not in the sbatch block"),
+        ({"gpus_per_node": -1}, "gpus_per_node must be >= 0"),
+        ({"time_min": 1}, "signal_delay_s (120) must be shorter than the time limit (time_min 1 = 60 s)"),
+    ],
+)
 def test_bad_profiles_name_the_file_and_the_valid_choices(tmp_path, profile, message):
     path = tmp_path / "p.yaml"
     path.write_text(yaml.safe_dump(profile))
@@ -94,8 +103,15 @@ def test_grid_resources_override_the_profile():
 def test_dry_run_writes_the_golden_sbatch_script_and_submits_nothing(tmp_path):
     shutil.copytree(REPO / "configs", tmp_path / "configs")
     shutil.copytree(REPO / "slurm" / "profiles", tmp_path / "profiles")
-    result = run_cli("configs/sweeps/lr_x_model.yaml", "--profile", "profiles/example.yaml", "--dry-run",
-                     cwd=tmp_path, module="utp_dist.submit", PATH="/usr/bin:/bin")  # no sbatch needed for a dry run
+    result = run_cli(
+        "configs/sweeps/lr_x_model.yaml",
+        "--profile",
+        "profiles/example.yaml",
+        "--dry-run",
+        cwd=tmp_path,
+        module="utp_dist.submit",
+        PATH="/usr/bin:/bin",
+    )  # no sbatch needed for a dry run
     assert result.returncode == 0, result.stderr
     assert "6 run(s), 6 to submit" in result.stdout and "| 5 | vit__cross_entropy__scratch__lr=0.01_bs=128 |" in result.stdout
     folder = tmp_path / "experiments" / "sweeps" / ".dry-run" / "lr_x_model"
@@ -109,8 +125,9 @@ def test_without_a_slurm_client_nothing_is_created(tmp_path):
     grid = write_grid(tmp_path / "g.yaml", {"base": {"output": {"root": str(tmp_path / "out")}}, "sweep": {"optim.lr": [0.1]}})
     result = run_cli(str(grid), cwd=tmp_path, module="utp_dist.submit", PATH=f"{Path(sys.executable).parent}:/nonexistent")
     assert result.returncode == 2
-    assert result.stderr.strip() == ("utp_dist: error: no Slurm client found ('sbatch' is not on PATH); "
-                                     "install slurm-client or use --executor local")
+    assert result.stderr.strip() == (
+        "utp_dist: error: no Slurm client found ('sbatch' is not on PATH); install slurm-client or use --executor local"
+    )
     assert not (tmp_path / "out" / "sweeps").exists()
 
 
@@ -124,8 +141,9 @@ def tiny_grid(tmp_path) -> Path:
     """A grid of two tiny runs: the second reads a data folder that does not exist yet."""
     make_image_folder(tmp_path / "shapes", per_class={"train": 8, "val": 4})
     base = tiny_config(tmp_path / "shapes", tmp_path / "out", train={"epochs": 1})
-    return write_grid(tmp_path / "grid.yaml", {"name": "tiny", "base": base,
-                                               "sweep": {"data.root": [str(tmp_path / "shapes"), str(tmp_path / "later")]}})
+    return write_grid(
+        tmp_path / "grid.yaml", {"name": "tiny", "base": base, "sweep": {"data.root": [str(tmp_path / "shapes"), str(tmp_path / "later")]}}
+    )
 
 
 def test_local_executor_runs_each_task_in_its_own_process_and_the_ledger_tracks_it(tiny_grid, tmp_path):
@@ -134,7 +152,9 @@ def test_local_executor_runs_each_task_in_its_own_process_and_the_ledger_tracks_
     sweep = tmp_path / "out" / "sweeps" / "tiny"
     ledger = json.loads((sweep / "sweep.json").read_text())
     assert ledger["executor"] == "local" and [t["name"] for t in ledger["tasks"]] == [
-        "vit__cross_entropy__scratch__root=shapes", "vit__cross_entropy__scratch__root=later"]
+        "vit__cross_entropy__scratch__root=shapes",
+        "vit__cross_entropy__scratch__root=later",
+    ]
     assert f"data.root: folder '{tmp_path / 'later'}' does not exist" in (sweep / "local" / "task-1.log").read_text()
     status = run_cli("status", str(sweep), module="utp_dist.submit")
     lines = status.stdout.splitlines()
@@ -160,5 +180,6 @@ def test_local_executor_runs_each_task_in_its_own_process_and_the_ledger_tracks_
     assert forced.returncode == 0, forced.stderr[-3000:]
     rows = [line for line in forced.stdout.splitlines() if line.startswith("| 0 |") or line.startswith("| 1 |")][-2:]
     assert all(" | COMPLETED | 0 | 0 | 3 | " in row for row in rows), forced.stdout
-    assert {p.name for p in (tmp_path / "out" / "logs" / "later").iterdir()} | {p.name for p in (tmp_path / "out" / "logs" / "shapes").iterdir()} >= {
-        "vit__cross_entropy__scratch__root=shapes-v1", "vit__cross_entropy__scratch__root=later-v1"}
+    assert {p.name for p in (tmp_path / "out" / "logs" / "later").iterdir()} | {
+        p.name for p in (tmp_path / "out" / "logs" / "shapes").iterdir()
+    } >= {"vit__cross_entropy__scratch__root=shapes-v1", "vit__cross_entropy__scratch__root=later-v1"}

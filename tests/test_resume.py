@@ -35,9 +35,11 @@ def data(tmp_path_factory) -> Path:
 
 
 def _config(root: Path, out: Path, **sections) -> Path:
-    base = {"data": {"augment": "standard", "num_workers": 2, "image_size": None},
-            "train": {"epochs": 2, "log_every_n_steps": 1},
-            "checkpoint": {"every_n_steps": 4, "every_n_minutes": None, "keep_last": 2}}
+    base = {
+        "data": {"augment": "standard", "num_workers": 2, "image_size": None},
+        "train": {"epochs": 2, "log_every_n_steps": 1},
+        "checkpoint": {"every_n_steps": 4, "every_n_minutes": None, "keep_last": 2},
+    }
     for section, values in sections.items():
         base.setdefault(section, {}).update(values)
     raw = tiny_config(root, out, **base)
@@ -87,8 +89,10 @@ def _assert_same_run(reference: Path, resumed: Path) -> None:
     """Bit-identical weights, identical metrics.jsonl, each TensorBoard step exactly once with the same value."""
     (ref_logs, ref_ckpt), (res_logs, res_ckpt) = _run(reference), _run(resumed)
     for name in ("best/model.safetensors", sorted(p.name for p in (ref_ckpt / "state").iterdir())[-1] + "/model.safetensors"):
-        a, b = load_file(ref_ckpt / "state" / name if name.startswith("step") else ref_ckpt / name), \
-            load_file(res_ckpt / "state" / name if name.startswith("step") else res_ckpt / name)
+        a, b = (
+            load_file(ref_ckpt / "state" / name if name.startswith("step") else ref_ckpt / name),
+            load_file(res_ckpt / "state" / name if name.startswith("step") else res_ckpt / name),
+        )
         assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a), name
     assert _metrics(ref_logs) == _metrics(res_logs)
     for tag in ("train/loss", "train/lr", "epoch/train_loss", "val/acc@1", "val/loss"):
@@ -136,8 +140,15 @@ def test_kill_9_during_a_save_keeps_the_previous_state(data, reference, tmp_path
     config = _config(data, tmp_path / "cut")
     proc = _start(_train_cmd(config), slow_save=2.0)
     state_dir = lambda: next((tmp_path / "cut" / "checkpoints" / "shapes").iterdir()) / "state"  # noqa: E731
-    _wait_for(lambda: (tmp_path / "cut" / "checkpoints" / "shapes").exists() and state_dir().is_dir()
-              and len(_states(state_dir().parent)) >= 1 and any(state_dir().glob(".tmp-step-*")), proc)
+    _wait_for(
+        lambda: (
+            (tmp_path / "cut" / "checkpoints" / "shapes").exists()
+            and state_dir().is_dir()
+            and len(_states(state_dir().parent)) >= 1
+            and any(state_dir().glob(".tmp-step-*"))
+        ),
+        proc,
+    )
     time.sleep(0.5)  # inside the slowed save: the model and optimizer files are written, COMPLETE is not
     proc.kill()
     proc.communicate()
@@ -189,13 +200,26 @@ def _workers(torchrun: subprocess.Popen, n: int) -> list[psutil.Process]:
 
 def test_two_processes_with_gpu_augment_stop_on_one_ranks_signal_and_resume_bit_identical(data, tmp_path, capsys, fresh_accelerate):
     def torchrun(config: Path, *extra: str, nproc: int = 2) -> list[str]:
-        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(_free_port()),
-                "-m", "utp_dist.train", str(config), *extra]
+        return [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(nproc),
+            "--master_port",
+            str(_free_port()),
+            "-m",
+            "utp_dist.train",
+            str(config),
+            *extra,
+        ]
 
     # augmentation on the device (Kornia) here, on the CPU workers in the single-process tests: both resume exactly
     gpu_augment = ["random_resized_crop", "horizontal_flip", "color_jitter"]
     sections = {"train": {"epochs": 2}, "data": {"batch_size": 4, "augment": "none", "gpu_augment": gpu_augment}}
-    reference = subprocess.run(torchrun(_config(data, tmp_path / "ref", **sections)), env=ENV, cwd=REPO, capture_output=True, text=True, timeout=120)
+    reference = subprocess.run(
+        torchrun(_config(data, tmp_path / "ref", **sections)), env=ENV, cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert reference.returncode == 0, reference.stderr[-3000:]
 
     config = _config(data, tmp_path / "cut", **sections)

@@ -47,8 +47,13 @@ def submit(slurm: dict, *args: str, timeout: int = 300, **env: str) -> subproces
 def sacct(slurm: dict, job: str, fields: str = "JobID,State,Start,End") -> list[dict]:
     """Accounting rows of a job (array tasks included), retried while sacct lags."""
     for _ in range(20):
-        out = subprocess.run(["sacct", "-n", "-X", "-P", f"--format={fields}", "-j", job], capture_output=True, text=True,
-                             timeout=30, env={**os.environ, **slurm})
+        out = subprocess.run(
+            ["sacct", "-n", "-X", "-P", f"--format={fields}", "-j", job],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env={**os.environ, **slurm},
+        )
         rows = [dict(zip(fields.split(","), line.split("|"), strict=True)) for line in out.stdout.splitlines()]
         if rows and all(r["State"] not in ("PENDING", "RUNNING", "REQUEUED") for r in rows):
             return rows
@@ -154,8 +159,10 @@ def test_sbatch_refusing_the_job_is_one_line_with_slurms_message(slurm, data, tm
     grid = grid_file(tmp_path, tiny_config(data, tmp_path / "out"), {"train.seed": [1, 2]}, {"partition": "nope"}, "refused")
     result = submit(slurm, str(grid))
     assert result.returncode == 2
-    assert result.stderr.strip() == ("utp_dist: error: sbatch refused the job: invalid partition specified: nope; "
-                                    "Batch job submission failed: Invalid partition name specified")
+    assert result.stderr.strip() == (
+        "utp_dist: error: sbatch refused the job: invalid partition specified: nope; "
+        "Batch job submission failed: Invalid partition name specified"
+    )
     assert not (tmp_path / "out" / "sweeps" / "refused").exists()
 
 

@@ -47,8 +47,17 @@ def test_cli_run_writes_every_output(image_root, tmp_path):
 
     lines = [json.loads(line) for line in (logs / "metrics.jsonl").read_text().splitlines()]
     assert [(line["split"], line["epoch"]) for line in lines] == [("val", 0), ("val", 1), ("test", 1)]
-    for key in ("val_loss", "val_acc@1", "val_acc@2", "val_f1_macro", "val_map_macro", "val_auroc_macro",
-                "val_kappa", "val_recall_micro", "val_recall_macro"):
+    for key in (
+        "val_loss",
+        "val_acc@1",
+        "val_acc@2",
+        "val_f1_macro",
+        "val_map_macro",
+        "val_auroc_macro",
+        "val_kappa",
+        "val_recall_micro",
+        "val_recall_macro",
+    ):
         assert 0 <= lines[0][key] <= (10 if key == "val_loss" else 1), key
     assert lines[0]["val_images"] == 24 and lines[2]["test_images"] == 18
 
@@ -99,8 +108,12 @@ def test_export_loads_in_pipeline_and_matches_training(image_root, tmp_path, fre
 def test_pretrained_local_folder_replaces_head_and_freezes_backbone(image_root, tmp_path, fresh_accelerate):
     folder = save_tiny_vit(tmp_path / "tiny-vit", num_labels=5)
     before = load_file(folder / "model.safetensors")
-    raw = tiny_config(image_root, tmp_path / "out", model={"flavour": str(folder), "pretrained": True, "freeze_backbone": True, "config": {}},
-                      data={"image_size": None})
+    raw = tiny_config(
+        image_root,
+        tmp_path / "out",
+        model={"flavour": str(folder), "pretrained": True, "freeze_backbone": True, "config": {}},
+        data={"image_size": None},
+    )
     summary = _fit(raw)
     assert summary["run_name"] == "tiny-vit__cross_entropy__pretrained"
     after = load_file(Path(summary["paths"]["best_model"]) / "model.safetensors")

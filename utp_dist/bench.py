@@ -66,16 +66,20 @@ def measure(cfg, warmup: int, steps: int, repeats: int) -> dict[str, float]:
         return len(labels)
 
     model.train()
-    synthetic = (torch.randint(0, 256, (batch, 3, *trainer.spec.size), dtype=torch.uint8, device=acc.device),
-                 torch.randint(0, len(trainer.classes), (batch,), device=acc.device))
+    synthetic = (
+        torch.randint(0, 256, (batch, 3, *trainer.spec.size), dtype=torch.uint8, device=acc.device),
+        torch.randint(0, len(trainer.classes), (batch,), device=acc.device),
+    )
     plain = PlainLoop(cfg, trainer)
     ours, theirs = endless(trainer.loaders["train"]), endless(plain.loader)  # workers persist across measurements
-    runs = {"model step (synthetic batches)": (itertools.repeat(synthetic), train),
-            # with data.decode: gpu the decoding happens after the loader: it belongs to the data path
-            "data path (loader -> device)": (ours, lambda b: len(trainer.decoders["train"](*b)[1])),
-            "utp_dist end to end": (ours, train),
-            "plain data path (ImageFolder + PIL)": (theirs, plain.to_device),
-            "plain loop end to end": (theirs, plain.step)}
+    runs = {
+        "model step (synthetic batches)": (itertools.repeat(synthetic), train),
+        # with data.decode: gpu the decoding happens after the loader: it belongs to the data path
+        "data path (loader -> device)": (ours, lambda b: len(trainer.decoders["train"](*b)[1])),
+        "utp_dist end to end": (ours, train),
+        "plain data path (ImageFolder + PIL)": (theirs, plain.to_device),
+        "plain loop end to end": (theirs, plain.step),
+    }
     results = dict.fromkeys(runs, 0.0)
     for _ in range(repeats):  # interleaved rounds: a noisy moment on the machine does not hit one side only
         for name, (batches, work) in runs.items():
@@ -99,9 +103,17 @@ def plain_loader(data, spec, split: str, device, generator=None):
     dataset = datasets.ImageFolder(str(resolve_root(data.root) / split), transform=T.Compose([*augment, *norm]))
     pin = device.type == "cuda" if data.pin_memory is None else data.pin_memory
     batch = data.batch_size if train else (data.eval_batch_size or 2 * data.batch_size)
-    return DataLoader(dataset, batch_size=batch, shuffle=train, drop_last=train, num_workers=data.num_workers, pin_memory=pin,
-                      persistent_workers=data.persistent_workers and data.num_workers > 0, generator=generator,
-                      prefetch_factor=data.prefetch_factor if data.num_workers else None)
+    return DataLoader(
+        dataset,
+        batch_size=batch,
+        shuffle=train,
+        drop_last=train,
+        num_workers=data.num_workers,
+        pin_memory=pin,
+        persistent_workers=data.persistent_workers and data.num_workers > 0,
+        generator=generator,
+        prefetch_factor=data.prefetch_factor if data.num_workers else None,
+    )
 
 
 class PlainLoop:
@@ -145,9 +157,13 @@ def table(results: dict[str, float]) -> str:
     """Markdown table: img/s and the ratio that answers each question."""
     model, data, e2e = results["model step (synthetic batches)"], results["data path (loader -> device)"], results["utp_dist end to end"]
     plain_data, plain = results["plain data path (ImageFolder + PIL)"], results["plain loop end to end"]
-    ratios = {"model step (synthetic batches)": "the ceiling", "data path (loader -> device)": f"{data / plain_data:.2f}x plain data path",
-              "utp_dist end to end": f"{e2e / plain:.2f}x plain loop, {e2e / model:.0%} of the model step",
-              "plain data path (ImageFolder + PIL)": "", "plain loop end to end": f"{plain / model:.0%} of the model step"}
+    ratios = {
+        "model step (synthetic batches)": "the ceiling",
+        "data path (loader -> device)": f"{data / plain_data:.2f}x plain data path",
+        "utp_dist end to end": f"{e2e / plain:.2f}x plain loop, {e2e / model:.0%} of the model step",
+        "plain data path (ImageFolder + PIL)": "",
+        "plain loop end to end": f"{plain / model:.0%} of the model step",
+    }
     lines = ["| measurement | img/s | ratio |", "|---|---:|---|"]
     lines += [f"| {name} | {value:,.0f} | {ratios[name]} |" for name, value in results.items()]
     verdict = "the data path is the bottleneck" if data < model else "the model step is the bottleneck"
@@ -170,8 +186,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
-    print(f"{args.config} {' '.join(args.overrides)} on {device}: batch {cfg.data.batch_size}, {cfg.data.num_workers} workers, "
-          f"precision {cfg.train.precision}, best of {args.repeats} rounds of {args.warmup} warm-up + {args.steps} timed batches")
+    print(
+        f"{args.config} {' '.join(args.overrides)} on {device}: batch {cfg.data.batch_size}, {cfg.data.num_workers} workers, "
+        f"precision {cfg.train.precision}, best of {args.repeats} rounds of {args.warmup} warm-up + {args.steps} timed batches"
+    )
     print(table(results))
     return 0
 

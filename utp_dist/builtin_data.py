@@ -30,8 +30,7 @@ def default_cache_dir() -> pathlib.Path:
 def materialize(name: str, cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
     """Write built-in data set `name` as CACHE/NAME/{train,val,test}/CLASS/NNNNN.png and return its root."""
     if name not in BUILTIN_DATASETS:
-        raise ValueError(f"unknown built-in data set {name!r}; valid: "
-                         + ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_DATASETS))
+        raise ValueError(f"unknown built-in data set {name!r}; valid: " + ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_DATASETS))
     cache = pathlib.Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     root = cache / name
     if (root / _MARKER).is_file():

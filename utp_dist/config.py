@@ -173,10 +173,7 @@ class TrainConfig:
         if self.monitor_metric not in produced:
             close = difflib.get_close_matches(self.monitor_metric, produced, n=1)
             hint = f"did you mean '{close[0]}'? " if close else ""
-            raise ConfigError(
-                f"train.monitor_metric '{self.monitor_metric}' is never produced; {hint}"
-                f"choose one of: {', '.join(produced)}"
-            )
+            raise ConfigError(f"train.monitor_metric '{self.monitor_metric}' is never produced; {hint}choose one of: {', '.join(produced)}")
 
 
 @dataclass
@@ -243,8 +240,16 @@ class Config:
 
 # fields that may differ between a saved training state and the run that resumes it
 MAY_CHANGE_ON_RESUME = (
-    "train.epochs", "train.max_steps", "train.log_every_n_steps", "output", "checkpoint",
-    "data.num_workers", "data.prefetch_factor", "data.persistent_workers", "data.pin_memory", "data.eval_batch_size",
+    "train.epochs",
+    "train.max_steps",
+    "train.log_every_n_steps",
+    "output",
+    "checkpoint",
+    "data.num_workers",
+    "data.prefetch_factor",
+    "data.persistent_workers",
+    "data.pin_memory",
+    "data.eval_batch_size",
 )
 
 

@@ -63,7 +63,7 @@ def resolve_root(root: str) -> Path:
     """The ImageFolder root for `data.root`, materialising builtin: data sets."""
     if root.startswith(BUILTIN_PREFIX):
         try:
-            return materialize(root[len(BUILTIN_PREFIX):])
+            return materialize(root[len(BUILTIN_PREFIX) :])
         except ValueError as err:
             raise DataError(f"data.root: {err}") from None
     path = Path(root).expanduser()
@@ -96,14 +96,14 @@ def _index_split(folder: Path, classes: list[str], cap: int | dict | None, seed:
     if isinstance(cap, dict):
         unknown = [c for c in cap if c not in classes]
         if unknown:
-            raise DataError(
-                f"data.max_datapoints_per_class: class '{unknown[0]}' is not in the data; classes are {', '.join(classes)}"
-            )
+            raise DataError(f"data.max_datapoints_per_class: class '{unknown[0]}' is not in the data; classes are {', '.join(classes)}")
     samples = []
     for label, name in enumerate(classes):
-        files = sorted(
-            str(p) for p in (folder / name).glob("*") if p.suffix.lower() in TORCHVISION_EXTENSIONS + PIL_EXTENSIONS
-        ) if (folder / name).is_dir() else []
+        files = (
+            sorted(str(p) for p in (folder / name).glob("*") if p.suffix.lower() in TORCHVISION_EXTENSIONS + PIL_EXTENSIONS)
+            if (folder / name).is_dir()
+            else []
+        )
         if not files and folder.name == "train":
             raise DataError(f"data.root: class folder '{folder / name}' has no images")
         limit = cap.get(name) if isinstance(cap, dict) else cap
@@ -135,8 +135,15 @@ class ImageFolderSplit(Dataset):
     other formats are still decoded and transformed here.
     """
 
-    def __init__(self, samples: list[tuple[str, int]], transform: v2.Transform, seed: int, on_bad_image: str, random: bool,
-                 encoded_jpeg: bool = False):
+    def __init__(
+        self,
+        samples: list[tuple[str, int]],
+        transform: v2.Transform,
+        seed: int,
+        on_bad_image: str,
+        random: bool,
+        encoded_jpeg: bool = False,
+    ):
         self.samples, self.transform, self.seed, self.on_bad_image = samples, transform, seed, on_bad_image
         self.random = random  # the transform draws random numbers: reseed it per sample
         self.encoded_jpeg = encoded_jpeg

@@ -27,8 +27,9 @@ def sbatch_script(folder: Path, resources: Resources, job_name: str, count: int)
 
     submitit_folder = folder / SUBMITIT_DIR
     command = " ".join([shlex.quote(sys.executable), "-u -m submitit.core._submit", shlex.quote(str(submitit_folder))])
-    return _make_sbatch_string(command=command, folder=submitit_folder, map_count=count if count > 1 else None,
-                               **resources.submitit_parameters(job_name))
+    return _make_sbatch_string(
+        command=command, folder=submitit_folder, map_count=count if count > 1 else None, **resources.submitit_parameters(job_name)
+    )
 
 
 def submit_slurm(folder: Path, ledger: dict, indices: list[int], resources: Resources) -> dict[int, str]:
@@ -77,8 +78,13 @@ def run_local(folder: Path, ledger: dict, indices: list[int], parallel: bool) ->
             index = queue.pop(0)
             env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else dict(os.environ)
             with open(folder / LOCAL_LOGS / f"task-{index}.log", "ab") as log:
-                proc = subprocess.Popen([sys.executable, "-m", "utp_dist.submit", "_task", str(folder), str(index)],
-                                        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "utp_dist.submit", "_task", str(folder), str(index)],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    env=env,
+                )
             running[proc] = gpu
         pid, status = os.wait()  # the runner's only children are its tasks
         done = next(proc for proc in running if proc.pid == pid)

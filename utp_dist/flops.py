@@ -9,8 +9,20 @@ import torch
 log = logging.getLogger(__name__)
 
 # dense bf16/fp16 tensor-core peaks (TFLOP/s) of common GPUs, from the vendors' data sheets; the first match wins
-KNOWN_PEAK_TFLOPS = (("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0),
-                     ("A10G", 125.0), ("A10", 125.0), ("RTX 4090", 165.0), ("RTX 3090", 71.0), ("V100", 125.0), ("T4", 65.0))
+KNOWN_PEAK_TFLOPS = (
+    ("H200", 989.0),
+    ("H100 PCIe", 756.0),
+    ("H100", 989.0),
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("L4", 121.0),
+    ("A10G", 125.0),
+    ("A10", 125.0),
+    ("RTX 4090", 165.0),
+    ("RTX 3090", 71.0),
+    ("V100", 125.0),
+    ("T4", 65.0),
+)
 
 
 def train_flops_per_image(model: torch.nn.Module, size: tuple[int, int]) -> float | None:

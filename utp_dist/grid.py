@@ -15,8 +15,15 @@ from utp_dist.runs import base_name, sanitize
 GRID_KEYS = ("name", "base", "sweep", "resources")
 # swept keys that the automatic run name already shows (model, loss, pretrained-ness), so the suffix skips them
 IN_BASE_NAME = ("model.flavour", "model.pretrained", "train.loss", "output.suffix", "output.run_name")
-SHORT = {"optim.lr": "lr", "data.batch_size": "bs", "optim.weight_decay": "wd", "train.epochs": "ep",
-         "optim.grad_accum_steps": "accum", "train.label_smoothing": "ls", "optim.warmup_ratio": "warmup"}
+SHORT = {
+    "optim.lr": "lr",
+    "data.batch_size": "bs",
+    "optim.weight_decay": "wd",
+    "train.epochs": "ep",
+    "optim.grad_accum_steps": "accum",
+    "train.label_smoothing": "ls",
+    "optim.warmup_ratio": "warmup",
+}
 
 
 @dataclass(frozen=True)

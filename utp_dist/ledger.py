@@ -40,11 +40,32 @@ def create_sweep(grid: Grid, executor: str, profile: str | None, resources: dict
     for task in grid.tasks:
         config = folder / CONFIGS / f"{task.index:03d}_{task.name}.yaml"
         config.write_text(task.config.to_yaml(), encoding="utf-8")
-        tasks.append({"index": task.index, "name": task.name, "config": str(config), "config_hash": task.config.fingerprint(),
-                      "swept": task.swept, "output_root": task.config.output.root,
-                      "monitor": [task.config.train.monitor_metric, task.config.train.monitor_mode], "jobs": []})
-    write(folder, {"name": folder.name, "grid_file": str(grid.path.resolve()), "grid": grid.raw, "executor": executor,
-                   "profile": profile, "resources": resources, "created": time.time(), "tasks": tasks, "submissions": []})
+        tasks.append(
+            {
+                "index": task.index,
+                "name": task.name,
+                "config": str(config),
+                "config_hash": task.config.fingerprint(),
+                "swept": task.swept,
+                "output_root": task.config.output.root,
+                "monitor": [task.config.train.monitor_metric, task.config.train.monitor_mode],
+                "jobs": [],
+            }
+        )
+    write(
+        folder,
+        {
+            "name": folder.name,
+            "grid_file": str(grid.path.resolve()),
+            "grid": grid.raw,
+            "executor": executor,
+            "profile": profile,
+            "resources": resources,
+            "created": time.time(),
+            "tasks": tasks,
+            "submissions": [],
+        },
+    )
     return folder
 
 
@@ -54,8 +75,9 @@ def read(folder: str | os.PathLike) -> dict:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
-        raise UserError(f"{folder}: no {LEDGER} here; give a sweep folder made by `python -m utp_dist.submit GRID.yaml` "
-                        "(OUTPUT_ROOT/sweeps/NAME)") from None
+        raise UserError(
+            f"{folder}: no {LEDGER} here; give a sweep folder made by `python -m utp_dist.submit GRID.yaml` (OUTPUT_ROOT/sweeps/NAME)"
+        ) from None
     except json.JSONDecodeError as err:
         raise UserError(f"{path}: not a valid ledger ({err.msg} at line {err.lineno})") from None
 
@@ -67,8 +89,9 @@ def write(folder: Path, ledger: dict) -> None:
 
 def record_submission(folder: Path, ledger: dict, executor: str, job_ids: dict[int, str], pid: int | None = None) -> None:
     """Append one submission (which tasks, which job ids or pid) and point each task at its newest job."""
-    ledger["submissions"].append({"time": time.time(), "executor": executor, "pid": pid,
-                                  "tasks": {str(i): job for i, job in job_ids.items()}})
+    ledger["submissions"].append(
+        {"time": time.time(), "executor": executor, "pid": pid, "tasks": {str(i): job for i, job in job_ids.items()}}
+    )
     for index, job in job_ids.items():
         ledger["tasks"][index]["jobs"].append(job)
     write(folder, ledger)

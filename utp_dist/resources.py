@@ -8,7 +8,8 @@ from pathlib import Path
 from utp_dist.config import ConfigError, build_section, read_yaml
 
 # sbatch's long options (Slurm 22.05 `man sbatch`), for the profile's free `sbatch:` block
-SBATCH_OPTIONS = frozenset("""
+SBATCH_OPTIONS = frozenset(
+    """
 account acctg-freq array batch bb bbf begin chdir cluster-constraint clusters comment constraint container contiguous
 core-spec cores-per-socket cpu-freq cpus-per-gpu cpus-per-task deadline delay-boot dependency distribution error
 exclude exclusive export export-file extra-node-info get-user-env gid gpu-bind gpu-freq gpus gpus-per-node
@@ -18,12 +19,27 @@ nodelist nodes ntasks ntasks-per-core ntasks-per-gpu ntasks-per-node ntasks-per-
 oversubscribe parsable partition power prefer priority profile propagate qos quiet reboot requeue reservation
 signal sockets-per-node spread-job switches test-only thread-spec threads-per-core time time-min tmp uid use-min-nodes
 verbose wait wait-all-nodes wckey wrap
-""".split())
+""".split()
+)
 # options the profile sets through its own keys, or that submitit must own for the array and its logs
-OWNED = {"account": "account", "array": "array_parallelism", "constraint": "constraint", "cpus-per-task": "cpus_per_task",
-         "error": "(submitit's log files)", "gpus-per-node": "gpus_per_node", "job-name": "(the sweep name)", "mem": "mem",
-         "nodes": "nodes", "ntasks-per-node": "tasks_per_node", "output": "(submitit's log files)", "partition": "partition",
-         "qos": "qos", "signal": "signal_delay_s", "time": "time_min", "wrap": "(the task command)"}
+OWNED = {
+    "account": "account",
+    "array": "array_parallelism",
+    "constraint": "constraint",
+    "cpus-per-task": "cpus_per_task",
+    "error": "(submitit's log files)",
+    "gpus-per-node": "gpus_per_node",
+    "job-name": "(the sweep name)",
+    "mem": "mem",
+    "nodes": "nodes",
+    "ntasks-per-node": "tasks_per_node",
+    "output": "(submitit's log files)",
+    "partition": "partition",
+    "qos": "qos",
+    "signal": "signal_delay_s",
+    "time": "time_min",
+    "wrap": "(the task command)",
+}
 
 
 @dataclass
@@ -72,8 +88,10 @@ class Resources:
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1 or null, got {getattr(self, key)}")
         if self.signal_delay_s >= 60 * self.time_min:
-            raise ConfigError(f"signal_delay_s ({self.signal_delay_s}) must be shorter than the time limit "
-                              f"(time_min {self.time_min} = {60 * self.time_min} s), or every attempt is stopped at once")
+            raise ConfigError(
+                f"signal_delay_s ({self.signal_delay_s}) must be shorter than the time limit "
+                f"(time_min {self.time_min} = {60 * self.time_min} s), or every attempt is stopped at once"
+            )
         self.sbatch = {_option(str(k)): v for k, v in self.sbatch.items()}
 
     @property
@@ -83,12 +101,26 @@ class Resources:
 
     def submitit_parameters(self, job_name: str) -> dict:
         """Keyword arguments for submitit's SlurmExecutor.update_parameters."""
-        params = {"job_name": job_name, "time": self.time_min, "nodes": self.nodes, "ntasks_per_node": self.processes_per_node,
-                  "array_parallelism": self.array_parallelism, "signal_delay_s": self.signal_delay_s,
-                  # scontrol requeue (submitit's requeue) is refused on clusters whose default is --no-requeue
-                  "additional_parameters": {"requeue": True, **self.sbatch}, "setup": list(self.setup)}
-        optional = {"partition": self.partition, "account": self.account, "qos": self.qos, "cpus_per_task": self.cpus_per_task,
-                    "mem": self.mem, "constraint": self.constraint, "gpus_per_node": self.gpus_per_node or None}
+        params = {
+            "job_name": job_name,
+            "time": self.time_min,
+            "nodes": self.nodes,
+            "ntasks_per_node": self.processes_per_node,
+            "array_parallelism": self.array_parallelism,
+            "signal_delay_s": self.signal_delay_s,
+            # scontrol requeue (submitit's requeue) is refused on clusters whose default is --no-requeue
+            "additional_parameters": {"requeue": True, **self.sbatch},
+            "setup": list(self.setup),
+        }
+        optional = {
+            "partition": self.partition,
+            "account": self.account,
+            "qos": self.qos,
+            "cpus_per_task": self.cpus_per_task,
+            "mem": self.mem,
+            "constraint": self.constraint,
+            "gpus_per_node": self.gpus_per_node or None,
+        }
         if self.cpus_per_task:  # srun of Slurm 22.05-23.02 no longer inherits sbatch's --cpus-per-task
             params["srun_args"] = ["--cpus-per-task", str(self.cpus_per_task)]
         return params | {k: v for k, v in optional.items() if v is not None}

@@ -32,7 +32,9 @@ def find_state(cfg: Config, dataset: str, base: str) -> Path | None:
         return path
     states = complete_states(path / STATE_DIR) or complete_states(path)
     if not states:
-        raise ResumeError(f"checkpoint.resume: no complete training state in '{mode}'; give a run's checkpoint folder or one of its state/step-* folders")
+        raise ResumeError(
+            f"checkpoint.resume: no complete training state in '{mode}'; give a run's checkpoint folder or one of its state/step-* folders"
+        )
     return states[-1]
 
 
@@ -40,7 +42,11 @@ def identity(cfg: Config, data_hash: str, images: int, version: str, micro_batch
     """What a state records about the run that wrote it."""
     return {
         "config": json.loads(json.dumps(flatten(cfg.to_dict()), default=str)),
-        "data_hash": data_hash, "images": images, "version": version, "micro_batch": micro_batch, "paths": paths,
+        "data_hash": data_hash,
+        "images": images,
+        "version": version,
+        "micro_batch": micro_batch,
+        "paths": paths,
     }
 
 
@@ -74,4 +80,3 @@ def check(state: Path, saved: dict, current: dict, allow_changes: bool, mid_epoc
             "launch the same number of processes, or resume from a state saved at an epoch end"
         )
     return diffs
-

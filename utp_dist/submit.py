@@ -48,7 +48,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("grid", help="grid YAML: base config + sweep block (+ resources)")
     parser.add_argument("--executor", choices=executors.EXECUTORS, default="slurm", help="where the tasks run (default: slurm)")
     parser.add_argument("--profile", help="cluster profile YAML, e.g. slurm/profiles/example.yaml")
-    parser.add_argument("--dry-run", action="store_true", help="expand and validate, print the runs, write the sbatch script; submit nothing")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="expand and validate, print the runs, write the sbatch script; submit nothing"
+    )
     parser.add_argument("--wait", action="store_true", help="block until every task ended, showing a live status table")
     parser.add_argument("--parallel", action="store_true", help="local executor: one task per visible GPU at once")
     parser.add_argument("--force", action="store_true", help="also rerun grid points whose exact config already completed")
@@ -62,8 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command; user errors become one line on stderr and exit code 2."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        return {"submit": submit, "status": status, "resubmit": resubmit, "leaderboard": board,
-                "_run-local": _run_local, "_task": _task}[args.command](args)
+        return {"submit": submit, "status": status, "resubmit": resubmit, "leaderboard": board, "_run-local": _run_local, "_task": _task}[
+            args.command
+        ](args)
     except UserError as err:
         print(f"utp_dist: error: {one_line(err)}", file=sys.stderr)
         return EXIT_USER_ERROR
@@ -106,8 +109,15 @@ def submit(args: argparse.Namespace) -> int:
 
 def _plan(grid, todo: list, skipped: list, resources: Resources) -> str:
     """The table of runs: index, name, swept values, resources; then what is skipped."""
-    table = [{"task": t.index, "run": t.name, "swept": ", ".join(f"{k}={'{...}' if isinstance(v, dict) else v}" for k, v in t.swept.items()) or "-",
-              "resources": resources.summary()} for t, _ in todo]
+    table = [
+        {
+            "task": t.index,
+            "run": t.name,
+            "swept": ", ".join(f"{k}={'{...}' if isinstance(v, dict) else v}" for k, v in t.swept.items()) or "-",
+            "resources": resources.summary(),
+        }
+        for t, _ in todo
+    ]
     lines = [f"grid {grid.path}: {len(grid.tasks)} run(s), {len(todo)} to submit", markdown(table, ("task", "run", "swept", "resources"))]
     lines += [f"skipped task {t.index} ({t.name}): this exact config already completed in {done}" for t, done in skipped]
     return "\n".join(lines)
@@ -129,8 +139,10 @@ def _launch(folder: Path, record: dict, executor: str, indices: list[int], resou
         print(markdown(rows(folder, ledger.read(folder)), COLUMNS))
         return 1 if failures else 0
     print(f"submitted {len(indices)} task(s) with the {executor} executor: {', '.join(sorted(set(jobs.values())))}")
-    print(f"sweep folder: {folder}\n  status:      python -m utp_dist.submit status {folder}\n"
-          f"  leaderboard: python -m utp_dist.submit leaderboard {folder}")
+    print(
+        f"sweep folder: {folder}\n  status:      python -m utp_dist.submit status {folder}\n"
+        f"  leaderboard: python -m utp_dist.submit leaderboard {folder}"
+    )
     return wait(folder, indices, args.poll) if args.wait else 0
 
 
@@ -164,8 +176,10 @@ def resubmit(args: argparse.Namespace) -> int:
         indices = _indices(args.tasks, len(record["tasks"]))
         busy = [r for r in rows(folder, record) if r["task"] in indices and r["state"] not in DONE]
         if busy and not args.force:
-            raise UserError(f"resubmit: task {busy[0]['task']} is {busy[0]['state']}; a second job would write into the same run "
-                            "(wait for it, scancel it, or add --force)")
+            raise UserError(
+                f"resubmit: task {busy[0]['task']} is {busy[0]['state']}; a second job would write into the same run "
+                "(wait for it, scancel it, or add --force)"
+            )
     elif args.failed:
         indices = [r["task"] for r in rows(folder, record) if r["state"] in RESUBMITTABLE]
     else:

@@ -39,8 +39,9 @@ def sacct_states(job_ids: list[str], attempts: int = 5) -> dict[str, str]:
     error = "timed out"
     for attempt in range(attempts):
         try:
-            out = subprocess.run(["sacct", "-n", "-X", "-P", "--format=JobID,State", "-j", ",".join(job_ids)],
-                                 capture_output=True, text=True, timeout=30)
+            out = subprocess.run(
+                ["sacct", "-n", "-X", "-P", "--format=JobID,State", "-j", ",".join(job_ids)], capture_output=True, text=True, timeout=30
+            )
         except subprocess.TimeoutExpired:
             out = None
         if out is not None and out.returncode == 0:
@@ -84,8 +85,16 @@ def rows(folder: Path, ledger: dict) -> list[dict]:
         state = states.get(job, "SUBMITTED") if slurm and job else _local_state(record, job)
         submitted = max((sub["time"] for sub in ledger["submissions"] if str(task["index"]) in sub["tasks"]), default=0.0)
         progress = _progress(task, submitted)
-        out.append({"task": task["index"], "run": task["name"], "state": state, "restarts": max(0, record.get("attempts", 1) - 1),
-                    **progress, "job": job or "-"})
+        out.append(
+            {
+                "task": task["index"],
+                "run": task["name"],
+                "state": state,
+                "restarts": max(0, record.get("attempts", 1) - 1),
+                **progress,
+                "job": job or "-",
+            }
+        )
     return out
 
 
@@ -137,8 +146,12 @@ def _progress(task: dict, submitted: float) -> dict:
     val = [line for line in lines if line.get("split") == "val"]
     if val:
         values = [line[metric] for line in val if isinstance(line.get(metric), (int, float))]
-        result.update(epoch=val[-1]["epoch"], step=val[-1]["step"], best=(max if mode == "max" else min)(values) if values else None,
-                      **{"img/s": val[-1].get("train_img_per_s")})
+        result.update(
+            epoch=val[-1]["epoch"],
+            step=val[-1]["step"],
+            best=(max if mode == "max" else min)(values) if values else None,
+            **{"img/s": val[-1].get("train_img_per_s")},
+        )
     test = [line for line in lines if line.get("split") == "test"]
     if test:
         result["test"] = test[-1].get("test_acc@1")
@@ -165,9 +178,18 @@ def leaderboard(folder: Path, ledger: dict) -> tuple[str, str]:
     status = {row["task"]: row for row in rows(folder, ledger)}
     metric, mode = ledger["tasks"][0]["monitor"]
     swept = list(dict.fromkeys(k for t in ledger["tasks"] for k in t["swept"]))
-    board = [{"run": t["name"], **{k: t["swept"].get(k) for k in swept}, f"best {metric}": status[t["index"]]["best"],
-              "epoch": status[t["index"]]["epoch"], "test_acc@1": status[t["index"]]["test"], "state": status[t["index"]]["state"],
-              "logs": status[t["index"]]["logs"]} for t in ledger["tasks"]]
+    board = [
+        {
+            "run": t["name"],
+            **{k: t["swept"].get(k) for k in swept},
+            f"best {metric}": status[t["index"]]["best"],
+            "epoch": status[t["index"]]["epoch"],
+            "test_acc@1": status[t["index"]]["test"],
+            "state": status[t["index"]]["state"],
+            "logs": status[t["index"]]["logs"],
+        }
+        for t in ledger["tasks"]
+    ]
     sign = -1 if mode == "max" else 1
     board.sort(key=lambda r: (r[f"best {metric}"] is None, sign * (r[f"best {metric}"] or 0)))
     for rank, row in enumerate(board, 1):

@@ -89,8 +89,16 @@ class TaskRecord:
     def started(self) -> None:
         """Count an attempt and mark the task running."""
         old = self.read()
-        self._write({"state": "RUNNING", "attempts": old.get("attempts", 0) + 1, "host": socket.gethostname(), "pid": os.getpid(),
-                     "job_id": _job_id(), "started": time.time()})
+        self._write(
+            {
+                "state": "RUNNING",
+                "attempts": old.get("attempts", 0) + 1,
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "job_id": _job_id(),
+                "started": time.time(),
+            }
+        )
 
     def ended(self, code: int) -> None:
         """Mark the task COMPLETED, STOPPED (saved to be resumed) or FAILED."""

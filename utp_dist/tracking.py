@@ -137,4 +137,3 @@ class NullTracker(Tracker):
 def _finite(value: float) -> float | None:
     # JSON has no NaN: an undefined metric (e.g. AUROC of a single-class split) is written as null
     return value if isinstance(value, (int, float)) and math.isfinite(value) else None
-

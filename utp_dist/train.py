@@ -62,7 +62,10 @@ def run(argv: list[str] | None = None) -> Outcome:
         best = summary["best"]
         logging.getLogger("utp_dist").info(
             "done: best %s = %.4f at epoch %s; model exported to %s",
-            best["metric"], best.get("value", float("nan")), best.get("epoch"), summary["paths"]["best_model"],
+            best["metric"],
+            best.get("value", float("nan")),
+            best.get("epoch"),
+            summary["paths"]["best_model"],
         )
         return Outcome(0)
     except UserError as err:

@@ -116,9 +116,7 @@ class Trainer:
             random = train and cfg.data.augment != "none"
             transform = train_tf if random else eval_tf
             dataset = ImageFolderSplit(samples, transform, cfg.train.seed, cfg.data.on_bad_image, random, cfg.data.decode == "gpu")
-            self.loaders[split], self.samplers[split] = build_loader(
-                dataset, cfg.data, cfg.train.seed, train, acc.num_processes, pin
-            )
+            self.loaders[split], self.samplers[split] = build_loader(dataset, cfg.data, cfg.train.seed, train, acc.num_processes, pin)
             self.decoders[split] = build_decoder(cfg.data.decode, acc.device, transform, cfg.train.seed, random, cfg.data.on_bad_image)
         self.global_batch = cfg.data.batch_size * acc.num_processes * cfg.optim.grad_accum_steps
         per_rank_batches = len(self.samplers["train"]) // (cfg.data.batch_size * acc.num_processes)
@@ -131,8 +129,9 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.optim, fused=acc.device.type == "cuda")
         # the scheduler is not prepared: accelerate would step it num_processes times per optimizer step
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.total_steps)
-        channels_last = cfg.model.channels_last if cfg.model.channels_last is not None else (
-            acc.device.type == "cuda" and is_convolutional(self.model))
+        channels_last = (
+            cfg.model.channels_last if cfg.model.channels_last is not None else (acc.device.type == "cuda" and is_convolutional(self.model))
+        )
         self.model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         augment = build_gpu_augment(cfg.data.gpu_augment, self.spec.size)
         self.device_input = DeviceInput(self.spec, augment, channels_last).to(acc.device)
@@ -155,17 +154,19 @@ class Trainer:
         total = sum(p.numel() for p in model.parameters())
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         counts = ", ".join(f"{s} {len(v)}" for s, v in self.splits.samples.items())
-        return "\n".join([
-            f"data: {self.splits.root} ({len(self.classes)} classes: {', '.join(self.classes)})",
-            f"images after caps: {counts}",
-            f"model: {type(model).__name__} ({model.config.model_type}), {total:,} parameters, {trainable:,} trainable",
-            f"input: {self.spec.size[0]}x{self.spec.size[1]}, mean {self.spec.mean}, std {self.spec.std}",
-            f"world size {self.accelerator.num_processes} ({self.accelerator.distributed_type.value}), "
-            f"device {self.accelerator.device}, precision {self.accelerator.mixed_precision}",
-            f"global batch {self.global_batch} = {self.cfg.data.batch_size} per device x "
-            f"{self.accelerator.num_processes} processes x {self.cfg.optim.grad_accum_steps} accumulation",
-            f"optimizer steps: {self.total_steps} over {self.cfg.train.epochs} epochs",
-        ])
+        return "\n".join(
+            [
+                f"data: {self.splits.root} ({len(self.classes)} classes: {', '.join(self.classes)})",
+                f"images after caps: {counts}",
+                f"model: {type(model).__name__} ({model.config.model_type}), {total:,} parameters, {trainable:,} trainable",
+                f"input: {self.spec.size[0]}x{self.spec.size[1]}, mean {self.spec.mean}, std {self.spec.std}",
+                f"world size {self.accelerator.num_processes} ({self.accelerator.distributed_type.value}), "
+                f"device {self.accelerator.device}, precision {self.accelerator.mixed_precision}",
+                f"global batch {self.global_batch} = {self.cfg.data.batch_size} per device x "
+                f"{self.accelerator.num_processes} processes x {self.cfg.optim.grad_accum_steps} accumulation",
+                f"optimizer steps: {self.total_steps} over {self.cfg.train.epochs} epochs",
+            ]
+        )
 
     def fit(self) -> dict:
         """Train (or continue) the run: evaluate every epoch, save states, test the best weights; return the summary."""
@@ -233,7 +234,9 @@ class Trainer:
         self.progress.wall_time = self._wall_time()
         self.segment_start = time.time()  # wall_time now holds everything up to here
         where = {"step": self.progress.step, "epoch": self.progress.epoch, "position": self.progress.position}
-        path = self.states.save(self.progress.step, self.accelerator.unwrap_model(self.model), *self._resumable(), {**self.identity, **where})
+        path = self.states.save(
+            self.progress.step, self.accelerator.unwrap_model(self.model), *self._resumable(), {**self.identity, **where}
+        )
         self.last_save = time.time()
         log.info("saved training state %s", path)
         return path
@@ -301,19 +304,33 @@ class Trainer:
         else:
             paths = [create_run(cfg.output.root, self.splits.name, base) if acc.is_main_process else None]
             self.paths = broadcast_object_list(paths, from_process=0)[0]
-        self.identity = identity(cfg, data_hash, images, __version__, micro_batch,
-                                 {"name": self.paths.name, "logs": str(self.paths.logs), "checkpoints": str(self.paths.checkpoints)})
+        self.identity = identity(
+            cfg,
+            data_hash,
+            images,
+            __version__,
+            micro_batch,
+            {"name": self.paths.name, "logs": str(self.paths.logs), "checkpoints": str(self.paths.checkpoints)},
+        )
         main = acc.is_main_process
         self.progress, self.meter = Progress(), Meter(acc)
         ckpt_cls = Checkpointer if main else NullCheckpointer
-        self.checkpointer = ckpt_cls(self.paths.checkpoints, cfg.train.monitor_metric, cfg.train.monitor_mode, cfg.output.save_per_epoch_checkpoint)
+        self.checkpointer = ckpt_cls(
+            self.paths.checkpoints, cfg.train.monitor_metric, cfg.train.monitor_mode, cfg.output.save_per_epoch_checkpoint
+        )
         self.states = TrainingStates(self.paths.checkpoints, acc, cfg.checkpoint.keep_last)
         if found is not None:
             self.states.load(found, acc.unwrap_model(self.model), *self._resumable())
             self.progress.restarts += 1
             acc.step = 0  # states are saved right after an optimizer step: accumulation restarts from zero
-            log.info("resuming %s from %s (step %d, epoch %d, restart %d)", self.paths.name, found,
-                     self.progress.step, self.progress.epoch, self.progress.restarts)
+            log.info(
+                "resuming %s from %s (step %d, epoch %d, restart %d)",
+                self.paths.name,
+                found,
+                self.progress.step,
+                self.progress.epoch,
+                self.progress.restarts,
+            )
         resume_step = self.progress.step if found is not None else None
         self.tracker = Tracker(self.paths.logs, self.total_steps, resume_step) if main else NullTracker()
         self.segment_start = self.last_save = time.time()
@@ -334,15 +351,27 @@ class Trainer:
         lr, values = self.scheduler.get_last_lr()[0], {}
         mfu = self._mfu(window["img_per_s"])
         if window["count"]:
-            values = {"train/loss": window["loss"], "train/acc": window["acc"], "train/lr": lr, "train/img_per_s": window["img_per_s"],
-                      "train/data_wait": window["data_wait"], **({"train/mfu": mfu} if mfu is not None else {})}
+            values = {
+                "train/loss": window["loss"],
+                "train/acc": window["acc"],
+                "train/lr": lr,
+                "train/img_per_s": window["img_per_s"],
+                "train/data_wait": window["data_wait"],
+                **({"train/mfu": mfu} if mfu is not None else {}),
+            }
         if end_of_epoch:
             values.update({"epoch/train_loss": window["epoch_loss"], "epoch/train_acc": window["epoch_acc"]})
         self.tracker.log_scalars(values, step)
         if not window["count"]:
             return
-        postfix = {"epoch": str(epoch), "loss": f"{window['loss']:.4f}", "lr": f"{lr:.2e}", "img/s": f"{window['img_per_s']:.0f}",
-                   "wait": f"{window['data_wait']:.0%}", **({"mfu": f"{mfu:.0%}"} if mfu is not None else {})}
+        postfix = {
+            "epoch": str(epoch),
+            "loss": f"{window['loss']:.4f}",
+            "lr": f"{lr:.2e}",
+            "img/s": f"{window['img_per_s']:.0f}",
+            "wait": f"{window['data_wait']:.0%}",
+            **({"mfu": f"{mfu:.0%}"} if mfu is not None else {}),
+        }
         self.tracker.progress(window["steps"], postfix)
 
     def _mfu(self, img_per_s: float) -> float | None:
@@ -365,7 +394,11 @@ class Trainer:
             "last_epoch": p.epoch - 1,
             "restarts": p.restarts,
             "train_images": meter.images,
-            "skipped_images": {"train": meter.skipped, "val": last.get("val_skipped_images", 0), "test": test.get("test_skipped_images", 0)},
+            "skipped_images": {
+                "train": meter.skipped,
+                "val": last.get("val_skipped_images", 0),
+                "test": test.get("test_skipped_images", 0),
+            },
             "train_img_per_s": meter.images / max(meter.train_time, 1e-9),
             "data_wait_fraction": meter.wait_time / max(meter.train_time, 1e-9),
             "decode_cpu_fallbacks": sum(decoder.cpu_fallbacks for decoder in self.decoders.values()),  # this rank's
@@ -379,7 +412,11 @@ class Trainer:
             "device": str(acc.device),
             "mixed_precision": acc.mixed_precision,
             "global_batch": self.global_batch,
-            "paths": {"logs": str(self.paths.logs), "checkpoints": str(self.paths.checkpoints), "best_model": str(self.checkpointer.best_dir)},
+            "paths": {
+                "logs": str(self.paths.logs),
+                "checkpoints": str(self.paths.checkpoints),
+                "best_model": str(self.checkpointer.best_dir),
+            },
         }
 
 
@@ -397,15 +434,26 @@ class Meter:
 
     def state_dict(self) -> dict:
         """Unreported sums and totals, so a resumed run logs exactly what an uninterrupted one would."""
-        return {"window": self.window.cpu(), "epoch": self.epoch.cpu(), "skipped": self.skipped, "images": self.images,
-                "train_time": self.train_time, "logged_step": self.logged_step, "wait_time": self.wait_time}
+        return {
+            "window": self.window.cpu(),
+            "epoch": self.epoch.cpu(),
+            "skipped": self.skipped,
+            "images": self.images,
+            "train_time": self.train_time,
+            "logged_step": self.logged_step,
+            "wait_time": self.wait_time,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what state_dict() returned."""
         self.window.copy_(state["window"])
         self.epoch.copy_(state["epoch"])
         self.skipped, self.images, self.train_time, self.logged_step = (
-            state["skipped"], state["images"], state["train_time"], state["logged_step"])
+            state["skipped"],
+            state["images"],
+            state["train_time"],
+            state["logged_step"],
+        )
         self.wait_time = state.get("wait_time", 0.0)
 
     def timed(self, loader):
@@ -447,9 +495,14 @@ class Meter:
         self.wait_time += wait
         steps, self.logged_step = step - self.logged_step, step
         return {
-            "loss": loss / max(count, 1), "acc": correct / max(count, 1), "img_per_s": count / max(elapsed, 1e-9),
+            "loss": loss / max(count, 1),
+            "acc": correct / max(count, 1),
+            "img_per_s": count / max(elapsed, 1e-9),
             "data_wait": min(1.0, wait / max(elapsed, 1e-9)),
-            "epoch_loss": e_loss / max(e_count, 1), "epoch_acc": e_correct / max(e_count, 1), "steps": steps, "count": count,
+            "epoch_loss": e_loss / max(e_count, 1),
+            "epoch_acc": e_correct / max(e_count, 1),
+            "steps": steps,
+            "count": count,
         }
 
 
