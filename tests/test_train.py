@@ -16,7 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForImageClassification
 
 from utp_dist.config import from_dict
-from utp_dist.runs import create_run, sanitize
+from utp_dist.runs import RunDir, sanitize
 from utp_dist.train import main
 
 
@@ -208,7 +208,7 @@ def test_bad_yaml_names_line(tmp_path, capsys):
 
 def _claim(args):
     root, queue = args
-    queue.put(create_run(root, "data", "same").name)
+    queue.put(RunDir.create(root, "data", "same").name)
 
 
 def test_run_folders_are_unique_under_races(tmp_path):

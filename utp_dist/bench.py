@@ -13,8 +13,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 
-from utp_dist.errors import UserError
-from utp_dist.train import EXIT_USER_ERROR, one_line
+from utp_dist.errors import run_command
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -174,17 +173,17 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and print the table; user errors are one line and exit 2."""
     args = parse_args(argv)
     warnings.filterwarnings("ignore", message=".*image decoding and encoding.*")
-    try:
-        from utp_dist.config import load_config
+    return run_command(lambda: _bench(args))
 
-        with tempfile.TemporaryDirectory(prefix="utp-bench-") as out:
-            cfg = load_config(args.config, [*args.overrides, f"output.root={out}"])
-            results = measure(cfg, args.warmup, args.steps, args.repeats)
-    except UserError as err:
-        print(f"utp_dist: error: {one_line(err)}", file=sys.stderr)
-        return EXIT_USER_ERROR
+
+def _bench(args: argparse.Namespace) -> int:
     import torch
 
+    from utp_dist.config import load_config
+
+    with tempfile.TemporaryDirectory(prefix="utp-bench-") as out:
+        cfg = load_config(args.config, [*args.overrides, f"output.root={out}"])
+        results = measure(cfg, args.warmup, args.steps, args.repeats)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
     print(
         f"{args.config} {' '.join(args.overrides)} on {device}: batch {cfg.data.batch_size}, {cfg.data.num_workers} workers, "

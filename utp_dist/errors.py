@@ -1,4 +1,12 @@
-"""The error type that ends a run with a one-line message instead of a traceback."""
+"""Errors the user can fix, and the one wrapper that turns them into one line and an exit code for every command."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+EXIT_USER_ERROR = 2  # bad config, data or arguments: fix and run again
+EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report it
 
 
 class UserError(Exception):
@@ -9,3 +17,23 @@ def first_line(err: BaseException) -> str:
     """The first line of an exception's message (its type name when the message is empty)."""
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
+
+
+def one_line(err: BaseException) -> str:
+    """The user-facing line of an error, also when a DataLoader worker re-raised it with its traceback."""
+    text = str(err).strip()
+    if "Original Traceback" in text:  # torch wraps worker errors: the last line is "module.Class: message"
+        return text.splitlines()[-1].split(": ", 1)[-1]
+    return first_line(err)
+
+
+def run_command(command: Callable[[], int], interrupted: str = "interrupted") -> int:
+    """Run a command's body: a UserError becomes 'utp_dist: error: LINE' on stderr and exit 2, Ctrl-C exit 130."""
+    try:
+        return command()
+    except UserError as err:
+        print(f"utp_dist: error: {one_line(err)}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(f"utp_dist: {interrupted}", file=sys.stderr)
+        return EXIT_INTERRUPTED

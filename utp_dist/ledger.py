@@ -7,13 +7,10 @@ import os
 import time
 from pathlib import Path
 
-import yaml
-
 from utp_dist import atomic
-from utp_dist.config import from_dict
 from utp_dist.errors import UserError
 from utp_dist.grid import Grid
-from utp_dist.runs import MAX_VERSIONS, is_version_of, versions
+from utp_dist.runs import MAX_VERSIONS, RunDir, find_runs, versions
 
 LEDGER = "sweep.json"
 CONFIGS = "configs"
@@ -97,34 +94,12 @@ def record_submission(folder: Path, ledger: dict, executor: str, job_ids: dict[i
     write(folder, ledger)
 
 
-def find_run(output_root: str, name: str, config_hash: str) -> tuple[Path, Path] | None:
-    """The newest (logs, checkpoints) folder pair of run NAME (or NAME-vN) trained from this exact config, if any."""
-    found = [logs for logs in _runs_named(output_root, name) if _config_hash(logs) == config_hash]
-    if not found:
-        return None
-    newest = max(found, key=lambda p: p.stat().st_mtime)
-    return newest, Path(output_root) / "checkpoints" / newest.parent.name / newest.name
+def find_run(output_root: str, name: str, config_hash: str) -> RunDir | None:
+    """The newest run NAME (or NAME-vN) trained from this exact config, if any."""
+    found = [run for run in find_runs(output_root, name) if run.config_hash() == config_hash]
+    return max(found, key=lambda run: run.logs.stat().st_mtime) if found else None
 
 
-def completed_run(output_root: str, name: str, config_hash: str) -> Path | None:
+def completed_run(output_root: str, name: str, config_hash: str) -> RunDir | None:
     """A finished run of this exact resolved config (summary.json with the same config_hash), if any."""
-    for logs in _runs_named(output_root, name):
-        try:
-            if json.loads((logs / "summary.json").read_text()).get("config_hash") == config_hash:
-                return logs
-        except (OSError, json.JSONDecodeError):
-            continue
-    return None
-
-
-def _runs_named(output_root: str, name: str) -> list[Path]:
-    """Log folders OUTPUT_ROOT/logs/DATASET/NAME and NAME-vN (not NAME-other)."""
-    return [p for p in (Path(output_root) / "logs").glob("*/*") if is_version_of(name, p.name) and p.is_dir()]
-
-
-def _config_hash(logs: Path) -> str | None:
-    """The fingerprint of the config a run wrote into its logs (config.yaml), None if unreadable."""
-    try:
-        return from_dict(yaml.safe_load((logs / "config.yaml").read_text())).fingerprint()
-    except (OSError, yaml.YAMLError, UserError):
-        return None
+    return next((run for run in find_runs(output_root, name) if (run.read_summary() or {}).get("config_hash") == config_hash), None)

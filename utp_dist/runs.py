@@ -1,23 +1,213 @@
-"""Run naming and race-free creation of a run's log and checkpoint folders."""
+"""The output tree: run naming, race-free creation, and RunDir, the one owner of every path inside a run folder.
+
+A run named NAME on data set DATASET lives in two folders under OUTPUT_ROOT, so that `tensorboard --logdir
+OUTPUT_ROOT/logs` sees every run and checkpoints can sit on another quota:
+
+    logs/DATASET/NAME/          config.yaml, metrics.jsonl, summary.json, figures/, TensorBoard events
+    checkpoints/DATASET/NAME/   best -> best-stepNNNNNNNN/ (save_pretrained export), state/step-NNNNNNNN/, FINISHED
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import re
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
-from utp_dist.config import Config
+import yaml
+
+from utp_dist.config import Config, from_dict
 from utp_dist.errors import UserError
 
+LOGS, CHECKPOINTS = "logs", "checkpoints"
+CONFIG, METRICS, SUMMARY, FIGURES = "config.yaml", "metrics.jsonl", "summary.json", "figures"
+BEST, STATE_DIR, COMPLETE, FINISHED = "best", "state", "COMPLETE", "FINISHED"
+MAX_VERSIONS = 10_000
 
-@dataclass(frozen=True)
-class RunPaths:
-    """The folders one run writes to."""
 
-    name: str
-    logs: Path
-    checkpoints: Path
+class RunDir:
+    """One run's folders under an output root, and the tolerant readers of what the run wrote there."""
+
+    def __init__(self, root: str | os.PathLike, dataset: str, name: str):
+        self.root, self.dataset, self.name = Path(root), dataset, name
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.root)!r}, {self.dataset!r}, {self.name!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RunDir) and (self.root, self.dataset, self.name) == (other.root, other.dataset, other.name)
+
+    def __hash__(self) -> int:
+        return hash((self.root, self.dataset, self.name))
+
+    @property
+    def logs(self) -> Path:
+        """OUTPUT_ROOT/logs/DATASET/NAME: TensorBoard events, config.yaml, metrics.jsonl, summary.json, figures/."""
+        return self.root / LOGS / self.dataset / self.name
+
+    @property
+    def checkpoints(self) -> Path:
+        """OUTPUT_ROOT/checkpoints/DATASET/NAME: the best export and the training states."""
+        return self.root / CHECKPOINTS / self.dataset / self.name
+
+    @property
+    def config_file(self) -> Path:
+        """The resolved config the run trained with."""
+        return self.logs / CONFIG
+
+    @property
+    def metrics_file(self) -> Path:
+        """One JSON line per evaluation."""
+        return self.logs / METRICS
+
+    @property
+    def summary_file(self) -> Path:
+        """Written once the run finished."""
+        return self.logs / SUMMARY
+
+    @property
+    def figures(self) -> Path:
+        """Confusion-matrix and ROC PNGs of every evaluation."""
+        return self.logs / FIGURES
+
+    @property
+    def best(self) -> Path:
+        """The best model as a save_pretrained folder (a symlink swapped atomically to its newest version)."""
+        return self.checkpoints / BEST
+
+    @property
+    def state_dir(self) -> Path:
+        """Complete training states, one step-NNNNNNNN folder each."""
+        return self.checkpoints / STATE_DIR
+
+    @property
+    def finished_marker(self) -> Path:
+        """Present once the run trained to its end: checkpoint.resume=auto leaves it alone."""
+        return self.checkpoints / FINISHED
+
+    def is_finished(self) -> bool:
+        """Whether the run trained to its end."""
+        return self.finished_marker.exists()
+
+    def states(self) -> list[Path]:
+        """Complete training states, oldest first."""
+        return complete_states(self.state_dir)
+
+    def read_config(self) -> dict | None:
+        """The raw config mapping the run saved, None if missing or unreadable."""
+        try:
+            raw = yaml.safe_load(self.config_file.read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError):
+            return None
+        return raw if isinstance(raw, dict) else None
+
+    def config_hash(self) -> str | None:
+        """The fingerprint of the run's config, None if it cannot be read."""
+        raw = self.read_config()
+        try:
+            return from_dict(raw, str(self.config_file)).fingerprint() if raw is not None else None
+        except UserError:
+            return None
+
+    def read_summary(self) -> dict | None:
+        """summary.json, None while the run has not finished or when it is unreadable."""
+        try:
+            summary = json.loads(self.summary_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return summary if isinstance(summary, dict) else None
+
+    def read_metrics(self) -> list[dict]:
+        """Every well-formed line of metrics.jsonl (one a kill -9 cut short, or any malformed line, is left out)."""
+        return [record for _, record in self.metrics_lines()]
+
+    def metrics_lines(self) -> list[tuple[str, dict]]:
+        """(raw line, record) of every well-formed metrics.jsonl line: an evaluation with its split, epoch and step."""
+        try:
+            text = self.metrics_file.read_text(encoding="utf-8")
+        except OSError:
+            return []
+        lines = []
+        for line in text.splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:  # a line cut short by a kill -9 in the middle of writing it
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int) and isinstance(record.get("split"), str):
+                lines.append((line, record))
+        return lines
+
+    def exists(self) -> bool:
+        """Whether the run's log folder exists."""
+        return self.logs.is_dir()
+
+    def describe(self) -> dict:
+        """The run's paths, as summary.json records them."""
+        return {"logs": str(self.logs), "checkpoints": str(self.checkpoints), "best_model": str(self.best)}
+
+    @classmethod
+    def of_state(cls, state: Path) -> RunDir:
+        """The run a training state belongs to, located from where the state is (so a moved or copied run stays itself)."""
+        run = state.resolve().parent.parent  # OUTPUT_ROOT/checkpoints/DATASET/NAME/state/step-N
+        return cls(run.parent.parent.parent, run.parent.name, run.name)
+
+    @classmethod
+    def of_logs(cls, logs: Path) -> RunDir:
+        """The run whose log folder is `logs` (OUTPUT_ROOT/logs/DATASET/NAME)."""
+        return cls(logs.parent.parent.parent, logs.parent.name, logs.name)
+
+    @classmethod
+    def create(cls, root: str | os.PathLike, dataset: str, name: str) -> RunDir:
+        """Claim NAME (or NAME-v1, -v2, ...) with atomic mkdirs, so concurrent starts never share a run folder."""
+        first = cls(root, dataset, name)
+        try:
+            first.logs.parent.mkdir(parents=True, exist_ok=True)
+            first.checkpoints.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UserError(f"output.root: cannot create '{first.logs.parent}': {err.strerror}") from None
+        for candidate in versions(name):
+            run = cls(root, dataset, candidate)
+            try:
+                run.logs.mkdir()
+            except FileExistsError:
+                continue
+            try:
+                run.checkpoints.mkdir()
+            except FileExistsError:  # checkpoints without logs: leave them alone and take the next name
+                run.logs.rmdir()
+                continue
+            return run
+        raise UserError(
+            f"output.run_name: {MAX_VERSIONS:,} runs named '{name}' already exist in '{first.logs.parent}'; choose another name"
+        )
+
+    def remove_if_empty(self) -> None:
+        """Give the name back when the run failed before writing anything (so the next start is not named -v1)."""
+        for folder in (self.logs, self.checkpoints):
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (or already gone): it holds something of the run's
+                pass
+
+
+def find_runs(root: str | os.PathLike, name: str | None = None, dataset: str | None = None) -> Iterator[RunDir]:
+    """Runs under an output root (every data set, or one), all of them or those named NAME / NAME-vN."""
+    logs = Path(root) / LOGS
+    datasets = [logs / dataset] if dataset else (sorted(p for p in logs.iterdir() if p.is_dir()) if logs.is_dir() else [])
+    for folder in datasets:
+        if not folder.is_dir():
+            continue
+        for run in sorted(folder.iterdir()):
+            if run.is_dir() and (name is None or is_version_of(name, run.name)):
+                yield RunDir(root, folder.name, run.name)
+
+
+def complete_states(folder: Path) -> list[Path]:
+    """Complete states in a state folder, oldest first (by the step in their name, which the checkpointer wrote)."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.glob("step-*") if (p / COMPLETE).is_file())
 
 
 def base_name(cfg: Config) -> str:
@@ -41,9 +231,6 @@ def sanitize(name: str, key: str) -> str:
     return clean[:200]
 
 
-MAX_VERSIONS = 10_000
-
-
 def versions(name: str):
     """NAME, NAME-v1, NAME-v2, ...: the names a new run (or sweep) tries in turn."""
     yield name
@@ -53,26 +240,3 @@ def versions(name: str):
 def is_version_of(name: str, candidate: str) -> bool:
     """Whether `candidate` is NAME or NAME-vN (and not NAME-other)."""
     return re.fullmatch(rf"{re.escape(name)}(-v\d+)?", candidate) is not None
-
-
-def create_run(root: str | os.PathLike, dataset: str, name: str) -> RunPaths:
-    """Claim logs/DATASET/NAME (or NAME-v1, -v2, ...) with an atomic mkdir, so concurrent starts never share one."""
-    logs_parent = Path(root) / "logs" / dataset
-    ckpt_parent = Path(root) / "checkpoints" / dataset
-    try:
-        logs_parent.mkdir(parents=True, exist_ok=True)
-        ckpt_parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"output.root: cannot create '{logs_parent}': {err.strerror}") from None
-    for candidate in versions(name):
-        try:
-            (logs_parent / candidate).mkdir()
-        except FileExistsError:
-            continue
-        try:
-            (ckpt_parent / candidate).mkdir()
-        except FileExistsError:  # checkpoints without logs: leave them alone and take the next name
-            (logs_parent / candidate).rmdir()
-            continue
-        return RunPaths(candidate, logs_parent / candidate, ckpt_parent / candidate)
-    raise UserError(f"output.run_name: {MAX_VERSIONS:,} runs named '{name}' already exist in '{logs_parent}'; choose another name")

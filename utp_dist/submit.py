@@ -11,11 +11,10 @@ from pathlib import Path
 
 from utp_dist import executors, ledger
 from utp_dist.config import build_section
-from utp_dist.errors import UserError
+from utp_dist.errors import EXIT_USER_ERROR, UserError, one_line
 from utp_dist.resources import Resources, as_dict, load_resources
 from utp_dist.sweep_status import COLUMNS, RESUBMITTABLE, leaderboard, markdown, rows
 from utp_dist.sweep_task import TaskRecord
-from utp_dist.train import EXIT_USER_ERROR, one_line
 
 COMMANDS = ("status", "resubmit", "leaderboard")
 DONE = {"COMPLETED"} | RESUBMITTABLE

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import os
 import re
@@ -131,18 +130,10 @@ def _progress(task: dict, submitted: float) -> dict:
     result = {"epoch": None, "step": None, "best": None, "img/s": None, "test": None, "logs": None}
     if found is None:
         return result
-    summary = found[0] / "summary.json"
-    if summary.is_file() and summary.stat().st_mtime < submitted:
+    if found.summary_file.is_file() and found.summary_file.stat().st_mtime < submitted:
         return result  # a rerun that has not made its own run folder yet: the run finished before it is not its progress
-    logs = found[0]
-    result["logs"] = str(logs)
-    lines = []
-    if (logs / "metrics.jsonl").is_file():
-        for line in (logs / "metrics.jsonl").read_text().splitlines():
-            try:
-                lines.append(json.loads(line))
-            except json.JSONDecodeError:  # a line cut by kill -9
-                continue
+    result["logs"] = str(found.logs)
+    lines = found.read_metrics()
     val = [line for line in lines if line.get("split") == "val"]
     if val:
         values = [line[metric] for line in val if isinstance(line.get(metric), (int, float))]

@@ -9,10 +9,8 @@ import sys
 import warnings
 from dataclasses import dataclass
 
-from utp_dist.errors import UserError, first_line
+from utp_dist.errors import run_command
 from utp_dist.preemption import EXIT_RESUMABLE, Stopped
-
-EXIT_USER_ERROR = 2
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -45,46 +43,43 @@ def run(argv: list[str] | None = None) -> Outcome:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # torchvision 0.29 deprecates torchvision.io image decoding in favour of TorchCodec; it still works
     warnings.filterwarnings("ignore", message=".*image decoding and encoding.*")
-    try:
-        from utp_dist.config import load_config
+    stopped: list[int | None] = []
 
-        cfg = load_config(args.config, args.overrides)
-        if args.print_config:
-            print(cfg.to_yaml(), end="")
-            return Outcome(0)
-        from utp_dist.trainer import Trainer
+    def body() -> int:
+        try:
+            return _train(args)
+        except Stopped as stop:
+            print(f"utp_dist: {stop}; exit {EXIT_RESUMABLE} = stopped to be resumed", file=sys.stderr)
+            stopped.append(stop.signum)
+            return EXIT_RESUMABLE
 
-        trainer = Trainer(cfg)
-        if args.dry_run:
-            print(trainer.describe())
-            return Outcome(0)
-        summary = trainer.fit()
-        best = summary["best"]
-        logging.getLogger("utp_dist").info(
-            "done: best %s = %.4f at epoch %s; model exported to %s",
-            best["metric"],
-            best.get("value", float("nan")),
-            best.get("epoch"),
-            summary["paths"]["best_model"],
-        )
-        return Outcome(0)
-    except UserError as err:
-        print(f"utp_dist: error: {one_line(err)}", file=sys.stderr)
-        return Outcome(EXIT_USER_ERROR)
-    except KeyboardInterrupt:
-        print("utp_dist: interrupted; the newest complete training state (if any) continues the run", file=sys.stderr)
-        return Outcome(130)
-    except Stopped as stop:
-        print(f"utp_dist: {stop}; exit {EXIT_RESUMABLE} = stopped to be resumed", file=sys.stderr)
-        return Outcome(EXIT_RESUMABLE, stop.signum)
+    code = run_command(body, interrupted="interrupted; the newest complete training state (if any) continues the run")
+    return Outcome(code, stopped[0] if stopped else None)
 
 
-def one_line(err: Exception) -> str:
-    """The user-facing line of an error, also when a DataLoader worker re-raised it with its traceback."""
-    text = str(err).strip()
-    if "Original Traceback" in text:  # torch wraps worker errors: the last line is "module.Class: message"
-        return text.splitlines()[-1].split(": ", 1)[-1]
-    return first_line(err)
+def _train(args: argparse.Namespace) -> int:
+    from utp_dist.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        print(cfg.to_yaml(), end="")
+        return 0
+    from utp_dist.trainer import Trainer
+
+    trainer = Trainer(cfg)
+    if args.dry_run:
+        print(trainer.describe())
+        return 0
+    summary = trainer.fit()
+    best = summary["best"]
+    logging.getLogger("utp_dist").info(
+        "done: best %s = %s at epoch %s; model exported to %s",
+        best["metric"],
+        best.get("value"),
+        best.get("epoch"),
+        summary["paths"]["best_model"],
+    )
+    return 0
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from utp_dist.model import DeviceInput, build_model, input_spec, is_convolutiona
 from utp_dist.optim import build_optimizer, build_scheduler, optimizer_steps
 from utp_dist.preemption import Stopped, StopRequest
 from utp_dist.resume import check, find_state, identity, read_identity
-from utp_dist.runs import RunPaths, base_name, create_run
+from utp_dist.runs import RunDir, base_name
 from utp_dist.tracking import NullTracker, Tracker
 
 log = logging.getLogger(__name__)
@@ -300,9 +300,9 @@ class Trainer:
             saved = read_identity(found)
             current = identity(cfg, data_hash, images, __version__, micro_batch, saved["paths"])
             check(found, saved, current, cfg.checkpoint.allow_changes, mid_epoch=saved["position"] > 0)
-            self.paths = RunPaths(**{k: Path(v) if k != "name" else v for k, v in saved["paths"].items()})
+            self.paths = RunDir.of_state(found)
         else:
-            paths = [create_run(cfg.output.root, self.splits.name, base) if acc.is_main_process else None]
+            paths = [RunDir.create(cfg.output.root, self.splits.name, base) if acc.is_main_process else None]
             self.paths = broadcast_object_list(paths, from_process=0)[0]
         self.identity = identity(
             cfg,
