@@ -8,7 +8,7 @@ What it measures, alternating utp, plain, utp, plain ... so machine noise hits b
   * utp_dist: Trainer(load_config(CONFIG, overrides)).fit() with output in a temp dir. Setup (Trainer.__init__)
     and fit() are timed apart; fit() includes per-epoch evaluation with the full metric suite, figures,
     TensorBoard, checkpoints and the final test evaluation. Timing wrappers installed at runtime on
-    Trainer/Checkpointer/Tracker methods split fit() into training, evaluation, checkpointing and the rest.
+    Trainer/BestModel/Checkpointer/TensorBoardTracker methods split fit() into training, evaluation, checkpointing and the rest.
   * plain: what a user writes without utp_dist: torchvision ImageFolder + PIL transforms, torch DataLoader with
     the same loader settings, the same HF model (build_model), param groups (build_optimizer), schedule
     (build_scheduler), grad clipping, label smoothing, seed and epochs; top-1 val accuracy after each epoch.
@@ -38,12 +38,12 @@ from accelerate.state import AcceleratorState, GradientState  # noqa: E402
 from torchvision import datasets  # noqa: E402
 
 from utp_dist.bench import plain_loader  # noqa: E402
-from utp_dist.checkpoint import Checkpointer  # noqa: E402
+from utp_dist.checkpoint import BestModel, Checkpointer  # noqa: E402
 from utp_dist.config import load_config  # noqa: E402
 from utp_dist.data import resolve_root  # noqa: E402
 from utp_dist.model import build_model, input_spec  # noqa: E402
 from utp_dist.optim import build_optimizer, build_scheduler, optimizer_steps  # noqa: E402
-from utp_dist.tracking import Tracker  # noqa: E402
+from utp_dist.tracking import TensorBoardTracker  # noqa: E402
 from utp_dist.trainer import Trainer  # noqa: E402
 
 TIMES: dict[str, float] = defaultdict(float)  # seconds per instrumented method in the current utp_dist run
@@ -72,13 +72,13 @@ def _instrument(cls: type, name: str, key=lambda args, name: name) -> None:
 
 
 _instrument(Trainer, "evaluate", key=lambda args, _: f"eval_{args[0]}")
-_instrument(Tracker, "log_eval", key=lambda args, _: f"{NESTED}eval_{args[0]}: Tracker.log_eval (figures, TensorBoard)")
+_instrument(TensorBoardTracker, "log_eval", key=lambda args, _: f"{NESTED}eval_{args[0]}: Tracker.log_eval (figures, TensorBoard)")
 _instrument(Trainer, "train_step", key=lambda *_: f"{NESTED}train loop: in train_step (not waiting for data)")
-_instrument(Checkpointer, "update", key=lambda *_: "best-model export (Checkpointer.update)")
-_instrument(Checkpointer, "load_best")
-_instrument(Trainer, "_open_run")
-_instrument(Trainer, "save_state")  # resumable training state (newer utp_dist versions)
-_instrument(Tracker, "close", key=lambda *_: "Tracker.close (waits for background figures)")
+_instrument(BestModel, "update", key=lambda *_: "best-model export (BestModel.update)")
+_instrument(BestModel, "load_best")
+_instrument(Trainer, "_build_run")
+_instrument(Checkpointer, "save")  # resumable training state
+_instrument(TensorBoardTracker, "close", key=lambda *_: "Tracker.close (waits for background figures)")
 
 
 def cpu_s() -> float:

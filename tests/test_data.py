@@ -227,6 +227,21 @@ def test_cap_naming_an_unknown_class(image_root):
     assert "cat, dog, fox" in str(info.value) and "data.max_datapoints_per_class" in str(info.value)
 
 
+def test_a_class_named_like_a_split_is_cappable_and_the_ambiguous_map_is_refused(tmp_path):
+    root = make_image_folder(tmp_path / "named", classes=("cat", "test"), per_class={"train": 6, "val": 4, "test": 4})
+    with pytest.raises(DataError) as info:
+        index_splits(DataConfig(root=str(root), max_datapoints_per_class={"test": 2}), seed=0)
+    message = str(info.value)
+    assert "ambiguous" in message and "{per_split: {test: 2}}" in message and "{classes: {test: 2}}" in message
+    assert "\n" not in message
+    by_class = index_splits(DataConfig(root=str(root), max_datapoints_per_class={"classes": {"test": 2}}), seed=0)
+    assert per_class(by_class.samples["train"], by_class.classes) == {"cat": 6, "test": 2}
+    assert per_class(by_class.samples["test"], by_class.classes) == {"cat": 4, "test": 4}
+    by_split = index_splits(DataConfig(root=str(root), max_datapoints_per_class={"per_split": {"test": 2}}), seed=0)
+    assert per_class(by_split.samples["train"], by_split.classes) == {"cat": 6, "test": 6}
+    assert per_class(by_split.samples["test"], by_split.classes) == {"cat": 2, "test": 2}
+
+
 # --- ImageFolderSplit and transforms ------------------------------------------------------------------------
 
 
@@ -239,7 +254,7 @@ def dataset(root: Path, train: bool = True, augment: str = "standard", seed: int
     splits = index_splits(DataConfig(root=str(root)), seed=0)
     train_tf, eval_tf = build_transforms(SPEC, augment)
     samples = splits.samples["train" if train else "val"]
-    return ImageFolderSplit(samples, train_tf if train else eval_tf, seed, on_bad_image, random=train and augment != "none")
+    return ImageFolderSplit(samples, train_tf if train else eval_tf, seed, on_bad_image, randomized=train and augment != "none")
 
 
 def test_items_are_uint8_of_spec_size(image_root):

@@ -37,7 +37,7 @@ def data(tmp_path_factory) -> Path:
 def _config(root: Path, out: Path, **sections) -> Path:
     base = {
         "data": {"augment": "standard", "num_workers": 2, "image_size": None},
-        "train": {"epochs": 2, "log_every_n_steps": 1},
+        "train": {"epochs": 2, "log_every_n_steps": 1, "callbacks": ["tests.hooks:SlowSave"]},
         "checkpoint": {"every_n_steps": 4, "every_n_minutes": None, "keep_last": 2},
     }
     for section, values in sections.items():
@@ -51,7 +51,7 @@ def _config(root: Path, out: Path, **sections) -> Path:
 
 
 def _start(cmd: list[str], slow_save: float = 0.0) -> subprocess.Popen:
-    env = {**ENV, "UTP_DIST_TEST_SLOW_SAVE": str(slow_save)}
+    env = {**ENV, "UTP_TEST_SLOW_SAVE": str(slow_save)}
     return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -248,13 +248,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_resumed_tracker_drops_later_and_cut_metrics_lines(tmp_path):
-    from utp_dist.tracking import Tracker
+def test_resumed_tracker_drops_later_cut_and_malformed_metrics_lines(tmp_path):
+    from utp_dist.runs import RunDir
+    from utp_dist.tracking import TensorBoardTracker
 
+    run = RunDir(tmp_path, "data", "run")
+    run.logs.mkdir(parents=True)
     lines = [{"split": "val", "epoch": 0, "step": 9}, {"split": "val", "epoch": 1, "step": 18}, {"split": "test", "epoch": 1, "step": 18}]
     text = "".join(json.dumps(line) + "\n" for line in lines)
-    (tmp_path / "metrics.jsonl").write_text(text + '{"split": "val", "epo')  # a kill -9 cut the last line short
-    tracker = Tracker(tmp_path, total_steps=30, resume_step=18)
+    # an empty object, a list and a kill -9 that cut the last line short: none may block the resume
+    run.metrics_file.write_text(text + "{}\n[1]\n" + '{"split": "val", "epo')
+    tracker = TensorBoardTracker(run, total_steps=30, resume_step=18)
     tracker.close()
-    kept = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert kept == lines[:2]  # later steps, the test split and the broken line are gone
+    kept = [json.loads(line) for line in run.metrics_file.read_text().splitlines()]
+    assert kept == lines[:2]  # later steps, the test split and the broken lines are gone

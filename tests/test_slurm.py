@@ -78,7 +78,7 @@ def data(tmp_path_factory) -> Path:
 
 
 # 60 steps: still training when the timeout warning comes (the timeout run sleeps 0.9 s per step, the preempted one 0.4 s)
-REQUEUE_BASE = {"train": {"epochs": 5, "seed": 5}, "data": {"batch_size": 4}}
+REQUEUE_BASE = {"train": {"epochs": 5, "seed": 5, "callbacks": ["tests.hooks:SlowSteps"]}, "data": {"batch_size": 4}}
 
 
 def _scontrol(slurm: dict, *args: str) -> None:
@@ -112,7 +112,7 @@ def requeue_sweeps(slurm, data, tmp_path_factory):
     for kind, resources, sleep in (("timeout", {"time_min": 1, "signal_delay_s": 30}, "0.9"), ("preempt", {"time_min": 20}, "0.4")):
         base = tiny_config(data, folder / kind, **{k: dict(v) for k, v in REQUEUE_BASE.items()})
         grid = grid_file(folder, base, {"train.label_smoothing": [0.0]}, {**resources, "max_requeues": 2}, kind)
-        result = submit(slurm, str(grid), UTP_DIST_TEST_STEP_SLEEP=sleep)
+        result = submit(slurm, str(grid), UTP_TEST_STEP_SLEEP=sleep)
         assert result.returncode == 0, result.stderr
         sweeps[kind] = folder / kind
     interrupter = threading.Thread(target=_interrupt, args=(slurm, sweeps), daemon=True)

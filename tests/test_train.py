@@ -88,6 +88,18 @@ def test_cli_run_writes_every_output(image_root, tmp_path):
     assert sum(counts) == 24  # every val image counted exactly once
     assert {p.name for p in (logs / "figures").iterdir()} >= {"confusion_matrix_val_epoch000.png", "roc_micro_test.png"}
 
+    # one console line per evaluation, as Lightning and the HF Trainer print: the numbers are the logged ones
+    epoch_lines = [line for line in proc.stdout.splitlines() if line.startswith("epoch ")]
+    assert len(epoch_lines) == 2, proc.stdout
+    best = max(line["val_acc@1"] for line in lines[:2])
+    first = lines[0]
+    assert epoch_lines[0].startswith(f"epoch 1/2, train_loss {events.Scalars('epoch/train_loss')[0].value:.4f}, ")
+    assert (
+        f"val_loss {first['val_loss']:.4f}, val_acc@1 {first['val_acc@1']:.4f}, best val_acc@1 {first['val_acc@1']:.4f} (epoch 1)"
+        in epoch_lines[0]
+    )
+    assert f"best val_acc@1 {best:.4f}" in epoch_lines[1] and epoch_lines[1].endswith(" s")
+
 
 def test_export_loads_in_pipeline_and_matches_training(image_root, tmp_path, fresh_accelerate):
     from transformers import pipeline
@@ -269,7 +281,7 @@ def test_epochs_have_their_own_order_and_skip_resumes_mid_epoch(image_root, tmp_
 
 def test_compile_failure_warns_once_and_trains_eager(caplog):
     from utp_dist.data import InputSpec
-    from utp_dist.model import DeviceInput
+    from utp_dist.device_input import ModelInput
     from utp_dist.trainer import compiled
 
     class NoCompiler(torch.nn.Module):
@@ -278,7 +290,7 @@ def test_compile_failure_warns_once_and_trains_eager(caplog):
 
     spec = InputSpec(size=(8, 8), resize=(8, 8), mean=(0.5,) * 3, std=(0.5,) * 3)
     model = NoCompiler()
-    assert compiled(model, DeviceInput(spec), spec, batch_size=2) is model
+    assert compiled(model, ModelInput(spec), spec, batch_size=2) is model
     warnings = [r.getMessage() for r in caplog.records if "train.compile" in r.getMessage()]
     assert warnings == ["train.compile: torch.compile failed (RuntimeError: no C compiler found); training eager"]
 

@@ -53,7 +53,7 @@ def measure(cfg, warmup: int, steps: int, repeats: int) -> dict[str, float]:
 
     from utp_dist.trainer import Trainer
 
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, dry_run=True)  # the components only: no run folder is claimed
     acc, model = trainer.accelerator, trainer.model
     sync = torch.cuda.synchronize if acc.device.type == "cuda" else (lambda: None)
     batch = cfg.data.batch_size
@@ -74,7 +74,7 @@ def measure(cfg, warmup: int, steps: int, repeats: int) -> dict[str, float]:
     runs = {
         "model step (synthetic batches)": (itertools.repeat(synthetic), train),
         # with data.decode: gpu the decoding happens after the loader: it belongs to the data path
-        "data path (loader -> device)": (ours, lambda b: len(trainer.decoders["train"](*b)[1])),
+        "data path (loader -> device)": (ours, lambda b: len(trainer.inputs.decoders["train"](*b)[1])),
         "utp_dist end to end": (ours, train),
         "plain data path (ImageFolder + PIL)": (theirs, plain.to_device),
         "plain loop end to end": (theirs, plain.step),

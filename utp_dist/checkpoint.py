@@ -1,8 +1,10 @@
-"""Best and per-epoch weights: atomic writes, best tracking that survives restarts, a pipeline-ready export."""
+"""Saving a run: the Checkpointer (complete training states, atomic, with their cadence) and BestModel (the best
+weights as a pipeline-ready export, and per-epoch weights if asked)."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import shutil
@@ -16,24 +18,23 @@ from safetensors.torch import load_model, save_model
 from transformers.utils import logging as hf_logging
 
 from utp_dist import atomic
+from utp_dist.config import CheckpointConfig
+from utp_dist.preemption import Stopped, StopRequest
+from utp_dist.runs import COMPLETE, RunDir, complete_states
 
+log = logging.getLogger(__name__)
 hf_logging.disable_progress_bar()  # save_pretrained's shard bar would break the training progress bar
 
-BEST_LINK = "best"
 META = "_best_meta.json"
 
 
-class Checkpointer:
+class BestModel:
     """Keeps the best model (by monitor_metric) as a save_pretrained folder, and per-epoch weights if asked."""
 
-    def __init__(self, folder: Path, metric: str, mode: str, per_epoch: bool):
-        self.folder, self.metric, self.mode, self.per_epoch = folder, metric, mode, per_epoch
+    def __init__(self, run: RunDir, metric: str, mode: str, per_epoch: bool):
+        self.folder, self.best_dir = run.checkpoints, run.best
+        self.metric, self.mode, self.per_epoch = metric, mode, per_epoch
         self.best = self._read_meta()
-
-    @property
-    def best_dir(self) -> Path:
-        """The exported best model (a symlink swapped atomically to its newest version)."""
-        return self.folder / BEST_LINK
 
     def is_better(self, value: float) -> bool:
         """Whether `value` beats the best so far (NaN never does)."""
@@ -83,7 +84,7 @@ class Checkpointer:
     def _swap_link(self, name: str) -> None:
         # a symlink replaced with os.replace is never missing or half-written, even after a crash
         old = os.readlink(self.best_dir) if self.best_dir.is_symlink() else None
-        tmp_link = self.folder / f".{BEST_LINK}.tmp"
+        tmp_link = self.folder / f".{self.best_dir.name}.tmp"
         tmp_link.unlink(missing_ok=True)
         os.symlink(name, tmp_link)
         os.replace(tmp_link, self.best_dir)
@@ -100,7 +101,7 @@ class Checkpointer:
             return None
 
 
-class NullCheckpointer(Checkpointer):
+class NullBestModel(BestModel):
     """The checkpointer of every process but the main one: tracks the best, writes nothing."""
 
     def _export(self, *args, **kwargs) -> None:
@@ -119,23 +120,53 @@ def _fsync_tree(folder: Path) -> None:
             os.fsync(fh.fileno())
 
 
-STATE_DIR = "state"
-COMPLETE = "COMPLETE"
-FINISHED = "FINISHED"
+class Checkpointer:
+    """Complete training states in RUN/state/step-NNNNNNNN, and when to save them (steps, minutes, epoch ends, signals).
 
+    Every rank writes into a temporary folder, which is then flushed, marked complete and renamed; older states are
+    deleted only after that.
+    """
 
-class TrainingStates:
-    """Complete training states in RUN/state/step-NNNNNNNN: every rank writes into a temporary folder, then it is
-    flushed, marked complete and renamed; older states are deleted only after that."""
-
-    def __init__(self, run_dir: Path, accelerator, keep_last: int):
-        self.folder, self.accelerator, self.keep_last = run_dir / STATE_DIR, accelerator, keep_last
+    def __init__(self, run: RunDir, accelerator, cfg: CheckpointConfig, stop: StopRequest, agree_every: int, callbacks):
+        self.run, self.folder, self.accelerator, self.cfg, self.stop = run, run.state_dir, accelerator, cfg, stop
+        self.agree_every, self.callbacks = agree_every, callbacks
+        self.objects: tuple[torch.nn.Module, dict, dict, dict] | None = None
+        self.last_save = time.time()
         if accelerator.is_main_process and self.folder.is_dir():
             for stale in self.folder.glob(".tmp-step-*"):  # a save that a crash cut short; never complete
                 shutil.rmtree(stale, ignore_errors=True)
 
-    def save(self, step: int, model: torch.nn.Module, shared: dict, per_rank: dict, identity: dict) -> Path:
-        """Save the model and `shared` state dicts (main process), `per_rank` ones and RNG states (every rank), atomically."""
+    def track(self, model: torch.nn.Module, progress, shared: dict, per_rank: dict, identity: dict) -> None:
+        """What every state holds: the model, `shared` objects (main process), `per_rank` ones, and the run's identity;
+        `progress` (step, epoch, position) says where the run stands."""
+        self.progress, self.objects = progress, (model, shared, per_rank, identity)
+
+    def maybe_save(self, epoch_end: bool = False, save_epoch: bool = False) -> None:
+        """Save when due (steps, minutes, `save_epoch`) or asked by a signal, then raise Stopped for a signal.
+
+        Under DDP one rank's signal or clock decides for all, so the ranks agree on the flags; to keep the device
+        pipeline free of a host sync on every step, they agree only at log points, step saves and epoch ends, which
+        every rank reaches at the same step.
+        """
+        step = self.progress.step
+        due_by_steps = bool(self.cfg.every_n_steps) and step % self.cfg.every_n_steps == 0
+        due_by_time = bool(self.cfg.every_n_minutes) and time.time() - self.last_save >= 60 * self.cfg.every_n_minutes
+        flags = [self.stop.requested, due_by_time]  # plain bools: a single process never waits for the device here
+        if self.accelerator.num_processes > 1:
+            if not (epoch_end or due_by_steps or step % self.agree_every == 0):
+                return
+            flags = self.accelerator.reduce(torch.tensor(flags, device=self.accelerator.device).int(), "max").tolist()
+        stopping, due_by_time = bool(flags[0]), bool(flags[1])
+        if save_epoch or due_by_steps or due_by_time or stopping:
+            self.save()
+        if stopping:
+            raise Stopped(f"stopped by signal at step {step}; the saved state continues the run", self.stop.signum)
+
+    def save(self) -> Path:
+        """Save the model and shared state dicts (main process), per-rank ones and RNG states (every rank), atomically."""
+        model, shared, per_rank, identity = self.objects
+        p = self.progress
+        step, where = p.step, {"step": p.step, "epoch": p.epoch, "position": p.position}
         acc, main = self.accelerator, self.accelerator.is_main_process
         tmp, final = self.folder / f".tmp-step-{step:08d}", self.folder / f"step-{step:08d}"
         if main:
@@ -147,8 +178,8 @@ class TrainingStates:
         if main:
             save_model(model, str(tmp / "model.safetensors"))
             torch.save({name: obj.state_dict() for name, obj in shared.items()}, tmp / "trainer.pt")
-            (tmp / "identity.json").write_text(json.dumps(identity, indent=1, default=str))
-            time.sleep(float(os.environ.get("UTP_DIST_TEST_SLOW_SAVE", "0")))  # test hook: widen the crash window
+            (tmp / IDENTITY).write_text(json.dumps({**identity, **where}, indent=1, default=str))
+        self.callbacks.on_state_written(tmp)
         acc.wait_for_everyone()
         if main:
             _fsync_tree(tmp)  # every rank's files are on disk before COMPLETE says so
@@ -156,13 +187,17 @@ class TrainingStates:
             if final.exists():
                 shutil.rmtree(final)
             os.rename(tmp, final)
-            for old in complete_states(self.folder)[: -self.keep_last]:
+            for old in complete_states(self.folder)[: -self.cfg.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
+        self.last_save = time.time()
+        self.callbacks.on_save(final)
+        log.info("saved training state %s", final)
         return final
 
-    def load(self, path: Path, model: torch.nn.Module, shared: dict, per_rank: dict) -> None:
+    def load(self, path: Path) -> None:
         """Load a state saved by save(): safetensors for weights, weights_only pickles for the rest (no code runs)."""
+        model, shared, per_rank, _ = self.objects
         load_model(model, str(path / "model.safetensors"))
         state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
         for name, obj in shared.items():
@@ -179,14 +214,15 @@ class TrainingStates:
     def mark_finished(self) -> None:
         """Tell checkpoint.resume=auto that this run has nothing left to continue."""
         if self.accelerator.is_main_process:
-            atomic.write_text(self.folder.parent / FINISHED, "finished\n", fsync=True)
+            atomic.write_text(self.run.finished_marker, "finished\n", fsync=True)
 
 
-def complete_states(folder: Path) -> list[Path]:
-    """Complete states in a state folder, oldest first (by the step in their name, which save() wrote)."""
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.glob("step-*") if (p / COMPLETE).is_file())
+IDENTITY = "identity.json"
+
+
+def read_identity(state: Path) -> dict:
+    """The identity a state was saved with (config, data hash, version, where in the run)."""
+    return json.loads((state / IDENTITY).read_text())
 
 
 def rng_state() -> dict:

@@ -45,7 +45,8 @@ class DataConfig:
     pin_memory: bool | None = None
     """Pin host batches for faster copies; null = on when training on CUDA."""
     max_datapoints_per_class: Cap = None
-    """Per-class cap: null, an int, {class: int}, or per split {train: ..., val: ..., test: ...}."""
+    """Per-class cap: null, an int, {class: int}, or per split {train: ..., val: ..., test: ...}; explicit forms
+    {classes: {class: int}} and {per_split: {split: ...}} for data with a class named train, val or test."""
     augment: Literal["standard", "none"] = "standard"
     """Training augmentation: standard = random-resized-crop + flip; none = resize only."""
     image_size: int | None = None
@@ -74,9 +75,25 @@ class DataConfig:
     def cap_for(self, split: str) -> int | dict | None:
         """The cap for one split: a bare int or {class: int} applies to train only."""
         caps = self.max_datapoints_per_class
-        if isinstance(caps, dict) and caps and set(caps) <= set(SPLITS):
+        if isinstance(caps, dict) and set(caps) == {"per_split"}:
+            return caps["per_split"].get(split)
+        if isinstance(caps, dict) and set(caps) == {"classes"}:
+            caps = caps["classes"]
+        elif _per_split(caps):
             return caps.get(split)
         return caps if split == "train" else None
+
+    def ambiguous_cap(self, classes: list[str]) -> str | None:
+        """A one-line error when a bare {split: cap} map names a split that is also a class of the data, else None."""
+        caps = self.max_datapoints_per_class
+        clash = sorted(set(caps) & set(classes)) if _per_split(caps) else []
+        if not clash:
+            return None
+        name, value = clash[0], caps[clash[0]]
+        return (
+            f"data.max_datapoints_per_class: {{{name}: {value}}} is ambiguous because the data has a class named '{name}'; "
+            f"write {{per_split: {{{name}: {value}}}}} to cap the {name} split, or {{classes: {{{name}: {value}}}}} to cap the class"
+        )
 
 
 @dataclass
@@ -156,6 +173,8 @@ class TrainConfig:
     """torch.compile the model; a model that fails to compile runs eager after one warning."""
     peak_tflops: float | None = None
     """Peak dense TFLOP/s of one device for MFU; null = the bf16 peak of known GPUs (no MFU on CPU)."""
+    callbacks: list[str] = field(default_factory=list)
+    """Import paths module:attr of callbacks that observe the run (see utp_dist/callbacks.py)."""
 
     def __post_init__(self) -> None:
         _positive("train.epochs", self.epochs)
@@ -243,6 +262,7 @@ MAY_CHANGE_ON_RESUME = (
     "train.epochs",
     "train.max_steps",
     "train.log_every_n_steps",
+    "train.callbacks",
     "output",
     "checkpoint",
     "data.num_workers",
@@ -431,7 +451,22 @@ def _check_caps(caps: Any) -> Cap:
             return count(where, cap)
         raise ConfigError(f"{where} must be null, an int or a mapping of class to int; got {cap!r}")
 
+    def per_split(where: str, caps: dict) -> dict:
+        unknown = [k for k in caps if k not in SPLITS]
+        if unknown:
+            raise ConfigError(f"{where}.{unknown[0]}: not a split; use {', '.join(SPLITS)}")
+        return {split: one(f"{where}.{split}", cap) for split, cap in caps.items()}
+
     key = "data.max_datapoints_per_class"
-    if isinstance(caps, dict) and caps and set(caps) <= set(SPLITS):
-        return {split: one(f"{key}.{split}", cap) for split, cap in caps.items()}
+    if isinstance(caps, dict) and set(caps) == {"per_split"} and isinstance(caps["per_split"], dict):
+        return {"per_split": per_split(f"{key}.per_split", caps["per_split"])}
+    if isinstance(caps, dict) and set(caps) == {"classes"} and isinstance(caps["classes"], dict):
+        return {"classes": one(f"{key}.classes", caps["classes"])}
+    if _per_split(caps):
+        return per_split(key, caps)
     return one(key, caps)
+
+
+def _per_split(caps: Any) -> bool:
+    """Whether a cap mapping is the bare per-split form {train: ..., val: ..., test: ...}."""
+    return isinstance(caps, dict) and bool(caps) and set(caps) <= set(SPLITS)

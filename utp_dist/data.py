@@ -81,6 +81,9 @@ def index_splits(cfg: DataConfig, seed: int) -> Splits:
     classes = sorted(d.name for d in (root / "train").iterdir() if d.is_dir())
     if not classes:
         raise DataError(f"data.root: '{root / 'train'}' has no class folders")
+    ambiguous = cfg.ambiguous_cap(classes)
+    if ambiguous:
+        raise DataError(ambiguous)
     samples = {}
     for split in SPLITS:
         if (root / split).is_dir():
@@ -141,11 +144,11 @@ class ImageFolderSplit(Dataset):
         transform: v2.Transform,
         seed: int,
         on_bad_image: str,
-        random: bool,
+        randomized: bool,
         encoded_jpeg: bool = False,
     ):
         self.samples, self.transform, self.seed, self.on_bad_image = samples, transform, seed, on_bad_image
-        self.random = random  # the transform draws random numbers: reseed it per sample
+        self.randomized = randomized  # the transform draws random numbers: reseed it per sample
         self.encoded_jpeg = encoded_jpeg
 
     def __len__(self) -> int:
@@ -160,7 +163,7 @@ class ImageFolderSplit(Dataset):
             image = decode(path)
         except (RuntimeError, OSError, ValueError) as err:
             image, label = bad_image(path, err, self.on_bad_image)
-        return keyed_transform(self.transform, image, self.seed, key, self.random), label
+        return keyed_transform(self.transform, image, self.seed, key, self.randomized), label
 
 
 @dataclass
@@ -181,9 +184,9 @@ def bad_image(path: str, err: Exception, on_bad_image: str) -> tuple[torch.Tenso
     return torch.zeros(3, 8, 8, dtype=torch.uint8), IGNORE_LABEL
 
 
-def keyed_transform(transform: v2.Transform, image: torch.Tensor, seed: int, key: tuple[int, int], random: bool) -> torch.Tensor:
+def keyed_transform(transform: v2.Transform, image: torch.Tensor, seed: int, key: tuple[int, int], randomized: bool) -> torch.Tensor:
     """Apply `transform`; a random one draws from the CPU generator seeded by (seed, epoch, index), then restored."""
-    if not random:
+    if not randomized:
         return transform(image)
     # augmentation randomness depends only on (seed, epoch, index): not on workers, iterator state or the device.
     # The CPU generator alone: torch.manual_seed would also queue CUDA seeding (~150 us per image).
@@ -254,6 +257,29 @@ def build_loader(
         collate_fn=collate_encoded if dataset.encoded_jpeg else None,
     )
     return loader, sampler
+
+
+@dataclass
+class SplitLoader:
+    """One split's loader, its sampler, and the transform its images get (a random one only when `randomized`)."""
+
+    loader: DataLoader
+    sampler: EpochSampler
+    transform: v2.Transform
+    randomized: bool
+
+
+def build_loaders(splits: Splits, spec: InputSpec, cfg: DataConfig, seed: int, world_size: int, pin_memory: bool) -> dict[str, SplitLoader]:
+    """A loader per split present: train with the training transform, the others with the eval one."""
+    train_tf, eval_tf = build_transforms(spec, cfg.augment)
+    loaders = {}
+    for split, samples in splits.samples.items():
+        train = split == "train"
+        randomized = train and cfg.augment != "none"
+        transform = train_tf if randomized else eval_tf
+        dataset = ImageFolderSplit(samples, transform, seed, cfg.on_bad_image, randomized, cfg.decode == "gpu")
+        loaders[split] = SplitLoader(*build_loader(dataset, cfg, seed, train, world_size, pin_memory), transform, randomized)
+    return loaders
 
 
 @dataclass

@@ -146,28 +146,6 @@ def _classifier(model) -> torch.nn.Module:
     raise ModelError(f"model.freeze_backbone: cannot find the classification head of {type(model).__name__}")
 
 
-class DeviceInput(torch.nn.Module):
-    """uint8 batch on the device -> (GPU augmentation while training) -> normalised float, in the model's memory format.
-
-    Images travel as uint8 (4x fewer bytes through the loader and the copy); everything else happens here, on the device.
-    """
-
-    def __init__(self, spec: InputSpec, augment: torch.nn.Module | None = None, channels_last: bool = False):
-        super().__init__()
-        self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1) * 255, persistent=False)
-        self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1) * 255, persistent=False)
-        self.augment = augment
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-
-    def forward(self, images: torch.Tensor, augment: bool = False) -> torch.Tensor:
-        """(augmented) (images - mean) / std in float32."""
-        pixels = images.float()
-        if augment and self.augment is not None:
-            # Kornia works on [0, 1]; the statistics are applied after it, so they stay those of the processor
-            pixels = self.augment(pixels / 255).clamp_(0, 1) * 255
-        return ((pixels - self.mean) / self.std).contiguous(memory_format=self.memory_format)
-
-
 def is_convolutional(model: torch.nn.Module) -> bool:
     """More than one Conv2d: a conv net (a ViT's single patch-embedding conv does not count)."""
     return sum(isinstance(m, torch.nn.Conv2d) for m in model.modules()) > 1

@@ -1,31 +1,60 @@
-"""Which saved training state a run continues, and whether it may: config, data and version must match."""
+"""Which run a start continues or claims: find a saved state, check it may be continued, or create a new run folder."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
-from utp_dist.checkpoint import COMPLETE, FINISHED, STATE_DIR, complete_states
+from accelerate.utils import broadcast_object_list
+
+from utp_dist import __version__
+from utp_dist.checkpoint import read_identity
 from utp_dist.config import MAY_CHANGE_ON_RESUME, Config, flatten
 from utp_dist.errors import UserError
-from utp_dist.runs import is_version_of
-
-IDENTITY = "identity.json"
+from utp_dist.runs import COMPLETE, STATE_DIR, RunDir, base_name, complete_states, find_runs
 
 
 class ResumeError(UserError):
     """A saved state that cannot be continued as asked."""
 
 
-def find_state(cfg: Config, dataset: str, base: str) -> Path | None:
+@dataclass
+class OpenedRun:
+    """The run this start writes to, the state it continues (None for a new run) and the identity its states record."""
+
+    run: RunDir
+    state: Path | None
+    identity: dict
+
+
+def open_run(cfg: Config, accelerator, splits) -> OpenedRun:
+    """Continue a saved state or claim a new run folder; the main process decides and every rank gets its answer."""
+    main = accelerator.is_main_process
+    micro_batch = cfg.data.batch_size * accelerator.num_processes
+    images = sum(len(v) for v in splits.samples.values())
+    data_hash = hashlib.sha256(json.dumps(splits.fingerprint()).encode()).hexdigest()[:16]
+    current = identity(cfg, data_hash, images, micro_batch)
+    state = broadcast_object_list([find_state(cfg, splits.name) if main else None], from_process=0)[0]
+    if state is not None:
+        saved = read_identity(state)
+        check(state, saved, current, cfg.checkpoint.allow_changes, mid_epoch=saved["position"] > 0)
+        run = RunDir.of_state(state)
+    else:
+        run = broadcast_object_list([RunDir.create(cfg.output.root, splits.name, base_name(cfg)) if main else None], from_process=0)[0]
+    return OpenedRun(run, state, current)
+
+
+def find_state(cfg: Config, dataset: str) -> Path | None:
     """The state to continue per checkpoint.resume (auto | never | PATH), or None for a new run."""
     mode = cfg.checkpoint.resume
     if mode == "never":
         return None
     if mode == "auto":
-        parent = Path(cfg.output.root) / "checkpoints" / dataset
-        runs = [r for r in parent.iterdir() if is_version_of(base, r.name) and not (r / FINISHED).exists()] if parent.is_dir() else []
-        newest = [states[-1] for r in runs if (states := complete_states(r / STATE_DIR))]
+        newest = [
+            states[-1] for run in find_runs(cfg.output.root, base_name(cfg), dataset) if not run.is_finished() and (states := run.states())
+        ]
         return max(newest, key=lambda p: (p / COMPLETE).stat().st_mtime) if newest else None
     path = Path(mode).expanduser()
     if (path / COMPLETE).is_file():
@@ -38,21 +67,15 @@ def find_state(cfg: Config, dataset: str, base: str) -> Path | None:
     return states[-1]
 
 
-def identity(cfg: Config, data_hash: str, images: int, version: str, micro_batch: int, paths: dict) -> dict:
+def identity(cfg: Config, data_hash: str, images: int, micro_batch: int) -> dict:
     """What a state records about the run that wrote it."""
     return {
         "config": json.loads(json.dumps(flatten(cfg.to_dict()), default=str)),
         "data_hash": data_hash,
         "images": images,
-        "version": version,
+        "version": __version__,
         "micro_batch": micro_batch,
-        "paths": paths,
     }
-
-
-def read_identity(state: Path) -> dict:
-    """The identity a state was saved with."""
-    return json.loads((state / IDENTITY).read_text())
 
 
 def check(state: Path, saved: dict, current: dict, allow_changes: bool, mid_epoch: bool) -> list[str]:

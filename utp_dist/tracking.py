@@ -6,7 +6,7 @@ import json
 import logging
 import math
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -16,28 +16,60 @@ from tqdm.auto import tqdm
 
 from utp_dist import atomic
 from utp_dist.metrics import confusion_figure, confusion_markdown, roc_figure
+from utp_dist.runs import RunDir
 
 log = logging.getLogger(__name__)
 
 
-class Tracker:
+class Tracker(Protocol):
+    """Where a run's reports go: TensorBoardTracker on the main process, NullTracker on every other one."""
+
+    def write_config(self, text: str) -> None:
+        """The resolved config as config.yaml."""
+
+    def log_text(self, tag: str, text: str, step: int = 0) -> None:
+        """A Markdown text in TensorBoard's Text tab."""
+
+    def log_scalars(self, values: dict[str, float], step: int) -> None:
+        """Scalars named like 'train/loss' at `step`."""
+
+    def progress(self, steps: int, postfix: dict[str, str]) -> None:
+        """Advance the progress bar."""
+
+    def print(self, line: str) -> None:
+        """A line on the console, above the progress bar."""
+
+    def log_eval(self, split: str, values: dict, epoch: int, step: int, confusion, roc, classes: list[str], extra: dict) -> None:
+        """One evaluation's scalars, figures and metrics.jsonl line."""
+
+    def write_summary(self, summary: dict) -> None:
+        """summary.json."""
+
+    def close(self) -> None:
+        """Flush and close."""
+
+
+class TensorBoardTracker:
     """Writes every log of one run under its log folder."""
 
-    def __init__(self, log_dir: Path, total_steps: int, resume_step: int | None = None):
-        self.log_dir = log_dir
-        self.figures = log_dir / "figures"
+    def __init__(self, run: RunDir, total_steps: int, resume_step: int | None = None):
+        self.run, self.log_dir, self.figures = run, run.logs, run.figures
         self.figures.mkdir(parents=True, exist_ok=True)
         if resume_step is not None:
             self._drop_metrics_after(resume_step)
         # purge_step: TensorBoard drops what a killed segment logged after the state we resume from
-        self.writer = SummaryWriter(str(log_dir), purge_step=None if resume_step is None else resume_step + 1)
-        self.bar = tqdm(total=total_steps, initial=resume_step or 0, desc="train", unit="step", dynamic_ncols=True)
+        self.writer = SummaryWriter(str(self.log_dir), purge_step=None if resume_step is None else resume_step + 1)
+        self.bar = tqdm(total=total_steps, initial=min(resume_step or 0, total_steps), desc="train", unit="step", dynamic_ncols=True)
         # drawing figures takes ~0.5 s per evaluation: one background thread keeps it off the training loop
         self.painter, self.paintings = ThreadPoolExecutor(max_workers=1, thread_name_prefix="figures"), []
 
-    def write_text(self, name: str, text: str) -> None:
-        """Write a file into the log folder (config.yaml and the like)."""
-        (self.log_dir / name).write_text(text, encoding="utf-8")
+    def write_config(self, text: str) -> None:
+        """The resolved config as config.yaml."""
+        self.run.config_file.write_text(text, encoding="utf-8")
+
+    def print(self, line: str) -> None:
+        """A line on the console, above the progress bar (which tqdm redraws below it)."""
+        self.bar.write(line)
 
     def log_text(self, tag: str, text: str, step: int = 0) -> None:
         """A Markdown text in TensorBoard's Text tab."""
@@ -62,13 +94,13 @@ class Tracker:
         self._figure(f"{split}/confusion_matrix", lambda: confusion_figure(confusion, classes, f"{split} epoch {epoch}"), step, name)
         self._figure(f"{split}/roc_micro", lambda: roc_figure(*roc, auc, f"{split} ROC (micro)"), step, name)
         line = {"split": split, "epoch": epoch, "step": step, **{k: _finite(v) for k, v in values.items()}, **extra}
-        with open(self.log_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
+        with open(self.run.metrics_file, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(line) + "\n")
         self.writer.flush()
 
     def write_summary(self, summary: dict) -> None:
         """summary.json, written atomically."""
-        atomic.write_text(self.log_dir / "summary.json", json.dumps(summary, indent=2, default=str))
+        atomic.write_text(self.run.summary_file, json.dumps(summary, indent=2, default=str))
 
     def close(self) -> None:
         """Finish the figures, flush and close the writer and the progress bar."""
@@ -81,19 +113,11 @@ class Tracker:
 
     def _drop_metrics_after(self, step: int) -> None:
         """Keep metrics.jsonl lines up to `step` (the resumed state), so no evaluation appears twice."""
-        path = self.log_dir / "metrics.jsonl"
-        if not path.exists():
+        if not self.run.metrics_file.exists():
             return
-        keep = []
-        for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
-            try:
-                record = json.loads(line)
-            except ValueError:  # a line cut short by a kill -9 in the middle of writing it
-                continue
-            # the test split is evaluated only after the last state, so it is always redone
-            if record["step"] <= step and record["split"] != "test":
-                keep.append(line if line.endswith("\n") else line + "\n")
-        atomic.write_text(path, "".join(keep))
+        # the test split is evaluated only after the last state, so it is always redone; malformed lines are dropped
+        keep = [line + "\n" for line, record in self.run.metrics_lines() if record["step"] <= step and record["split"] != "test"]
+        atomic.write_text(self.run.metrics_file, "".join(keep))
 
     def _figure(self, tag: str, draw, step: int, name: str) -> None:
         def paint() -> None:
@@ -106,32 +130,20 @@ class Tracker:
         self.paintings.append(self.painter.submit(paint))
 
 
-class NullTracker(Tracker):
-    """The tracker of every process but the main one: reports nothing."""
+class NullTracker:
+    """The tracker of every process but the main one: every method the Tracker protocol declares does nothing."""
 
-    def __init__(self, *args, **kwargs):
-        pass
+    def __getattr__(self, name: str):
+        if name in TRACKER_METHODS:  # a method added to the protocol is a no-op here without a line of code
+            return _nothing
+        raise AttributeError(name)
 
-    def write_text(self, *args, **kwargs) -> None:
-        pass
 
-    def log_text(self, *args, **kwargs) -> None:
-        pass
+TRACKER_METHODS = frozenset(name for name in vars(Tracker) if not name.startswith("_"))
 
-    def log_scalars(self, *args, **kwargs) -> None:
-        pass
 
-    def progress(self, *args, **kwargs) -> None:
-        pass
-
-    def log_eval(self, *args, **kwargs) -> None:
-        pass
-
-    def write_summary(self, *args, **kwargs) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
+def _nothing(*args, **kwargs) -> None:
+    return None
 
 
 def _finite(value: float) -> float | None:

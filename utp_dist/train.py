@@ -66,7 +66,7 @@ def _train(args: argparse.Namespace) -> int:
         return 0
     from utp_dist.trainer import Trainer
 
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, dry_run=args.dry_run)
     if args.dry_run:
         print(trainer.describe())
         return 0

@@ -1,0 +1,35 @@
+"""Test seams: callbacks the tests register through `train.callbacks`, so the product carries no test hooks.
+
+Their durations come from the environment of the process under test, so one config serves the slowed-down run and
+its uninterrupted reference alike.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+
+class SlowSave:
+    """Sleeps after a state's files are written and before it is marked complete: the window a kill -9 test aims at."""
+
+    def __init__(self) -> None:
+        self.seconds = float(os.environ.get("UTP_TEST_SLOW_SAVE", "0"))
+
+    def on_state_written(self, folder: Path) -> None:
+        """Widen the crash window."""
+        time.sleep(self.seconds)
+
+
+class SlowSteps:
+    """Sleeps after every optimizer step on every rank, so Slurm's timers catch a tiny run mid-training."""
+
+    ranks = "all"
+
+    def __init__(self) -> None:
+        self.seconds = float(os.environ.get("UTP_TEST_STEP_SLEEP", "0"))
+
+    def on_step_end(self, step: int) -> None:
+        """Slow the run down."""
+        time.sleep(self.seconds)
