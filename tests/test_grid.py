@@ -13,8 +13,8 @@ import yaml
 from conftest import REPO, make_image_folder, run_cli, tiny_config
 
 from utp_dist.config import ConfigError
-from utp_dist.grid import load_grid
-from utp_dist.resources import load_resources
+from utp_dist.sweep.grid import load_grid
+from utp_dist.sweep.resources import load_resources
 
 GOLDEN = Path(__file__).parent / "golden" / "lr_x_model.sbatch"
 

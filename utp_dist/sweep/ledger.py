@@ -9,8 +9,8 @@ from pathlib import Path
 
 from utp_dist import atomic
 from utp_dist.errors import UserError
-from utp_dist.grid import Grid
 from utp_dist.runs import MAX_VERSIONS, RunDir, find_runs, versions
+from utp_dist.sweep.grid import Grid
 
 LEDGER = "sweep.json"
 CONFIGS = "configs"

@@ -9,12 +9,12 @@ import sys
 import time
 from pathlib import Path
 
-from utp_dist import executors, ledger
 from utp_dist.config import build_section
 from utp_dist.errors import EXIT_USER_ERROR, UserError, one_line
-from utp_dist.resources import Resources, as_dict, load_resources
-from utp_dist.sweep_status import COLUMNS, RESUBMITTABLE, leaderboard, markdown, rows
-from utp_dist.sweep_task import TaskRecord
+from utp_dist.sweep import executors, ledger
+from utp_dist.sweep.resources import Resources, as_dict, load_resources
+from utp_dist.sweep.status import COLUMNS, RESUBMITTABLE, leaderboard, markdown, rows
+from utp_dist.sweep.task import TaskRecord
 
 COMMANDS = ("status", "resubmit", "leaderboard")
 DONE = {"COMPLETED"} | RESUBMITTABLE
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def submit(args: argparse.Namespace) -> int:
     """Expand, validate, skip what already completed, then submit (or with --dry-run only show and write the script)."""
-    from utp_dist.grid import load_grid
+    from utp_dist.sweep.grid import load_grid
 
     grid = load_grid(args.grid)
     resources = load_resources(args.profile, grid.resources, str(grid.path))

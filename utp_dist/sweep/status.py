@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 from utp_dist.errors import UserError
-from utp_dist.ledger import find_run
-from utp_dist.sweep_task import TaskRecord
+from utp_dist.sweep.ledger import find_run
+from utp_dist.sweep.task import TaskRecord
 
 # task states that `resubmit --failed` continues; COMPLETED, RUNNING and PENDING are left alone
 RESUBMITTABLE = {"FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL", "DEADLINE", "STOPPED", "LOST"}

@@ -12,9 +12,9 @@ import sys
 from pathlib import Path
 
 from utp_dist.errors import UserError
-from utp_dist.resources import Resources
-from utp_dist.sweep_status import slurm_client
-from utp_dist.sweep_task import TaskFailed, TrainTask
+from utp_dist.sweep.resources import Resources
+from utp_dist.sweep.status import slurm_client
+from utp_dist.sweep.task import TaskFailed, TrainTask
 
 EXECUTORS = ("slurm", "local", "debug")
 SUBMITIT_DIR = "slurm"  # submitit's folder inside the sweep: pickles, sbatch files, task logs
