@@ -14,11 +14,17 @@ from utp_dist.sweep.grid import Grid
 
 LEDGER = "sweep.json"
 CONFIGS = "configs"
+SWEEPS = "sweeps"
+
+
+def sweeps_dir(output_root: str | os.PathLike) -> Path:
+    """OUTPUT_ROOT/sweeps: one folder per sweep, next to the runs' logs/ and checkpoints/."""
+    return Path(output_root) / SWEEPS
 
 
 def create_sweep(grid: Grid, executor: str, profile: str | None, resources: dict) -> Path:
     """Claim OUTPUT_ROOT/sweeps/NAME (or NAME-v1, ...) atomically, write each task's resolved config and the ledger."""
-    root = Path(grid.tasks[0].config.output.root) / "sweeps"
+    root = sweeps_dir(grid.tasks[0].config.output.root)
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -84,11 +90,9 @@ def write(folder: Path, ledger: dict) -> None:
     atomic.write_text(folder / LEDGER, json.dumps(ledger, indent=2, default=str))
 
 
-def record_submission(folder: Path, ledger: dict, executor: str, job_ids: dict[int, str], pid: int | None = None) -> None:
-    """Append one submission (which tasks, which job ids or pid) and point each task at its newest job."""
-    ledger["submissions"].append(
-        {"time": time.time(), "executor": executor, "pid": pid, "tasks": {str(i): job for i, job in job_ids.items()}}
-    )
+def record_submission(folder: Path, ledger: dict, executor: str, job_ids: dict[int, str]) -> None:
+    """Append one submission (which tasks, which job handles) and point each task at its newest job."""
+    ledger["submissions"].append({"time": time.time(), "executor": executor, "tasks": {str(i): job for i, job in job_ids.items()}})
     for index, job in job_ids.items():
         ledger["tasks"][index]["jobs"].append(job)
     write(folder, ledger)

@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 import time
 from pathlib import Path
 
-from utp_dist.config import build_section
 from utp_dist.errors import EXIT_USER_ERROR, UserError, one_line
-from utp_dist.sweep import executors, ledger
+from utp_dist.sweep import executors, ledger, states
 from utp_dist.sweep.resources import Resources, as_dict, load_resources
-from utp_dist.sweep.status import COLUMNS, RESUBMITTABLE, leaderboard, markdown, rows
+from utp_dist.sweep.status import COLUMNS, leaderboard, markdown, rows
 from utp_dist.sweep.task import TaskRecord
 
 COMMANDS = ("status", "resubmit", "leaderboard")
-DONE = {"COMPLETED"} | RESUBMITTABLE
 DRY_RUN_DIR = ".dry-run"
 
 
@@ -45,7 +42,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         description=f"Run a config grid as one Slurm array job, local processes or in-process. Ledger commands: {', '.join(COMMANDS)} SWEEP_DIR.",
     )
     parser.add_argument("grid", help="grid YAML: base config + sweep block (+ resources)")
-    parser.add_argument("--executor", choices=executors.EXECUTORS, default="slurm", help="where the tasks run (default: slurm)")
+    parser.add_argument("--executor", choices=list(executors.EXECUTORS), default="slurm", help="where the tasks run (default: slurm)")
     parser.add_argument("--profile", help="cluster profile YAML, e.g. slurm/profiles/example.yaml")
     parser.add_argument(
         "--dry-run", action="store_true", help="expand and validate, print the runs, write the sbatch script; submit nothing"
@@ -62,10 +59,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Run the command; user errors become one line on stderr and exit code 2."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    command = {"submit": submit, "status": status, "resubmit": resubmit, "leaderboard": board, "_run-local": _run_local, "_task": _task}
     try:
-        return {"submit": submit, "status": status, "resubmit": resubmit, "leaderboard": board, "_run-local": _run_local, "_task": _task}[
-            args.command
-        ](args)
+        return command[args.command](args)
     except UserError as err:
         print(f"utp_dist: error: {one_line(err)}", file=sys.stderr)
         return EXIT_USER_ERROR
@@ -77,29 +73,30 @@ def submit(args: argparse.Namespace) -> int:
 
     grid = load_grid(args.grid)
     resources = load_resources(args.profile, grid.resources, str(grid.path))
+    executor = executors.EXECUTORS[args.executor](resources, args.parallel)
     todo, skipped = [], []
     for task in grid.tasks:
         done = None if args.force else ledger.completed_run(task.config.output.root, task.name, task.config.fingerprint())
         (skipped if done else todo).append((task, done))
     print(_plan(grid, todo, skipped, resources))
     if args.dry_run:
-        folder = Path(grid.tasks[0].config.output.root) / "sweeps" / DRY_RUN_DIR / grid.name
+        folder = ledger.sweeps_dir(grid.tasks[0].config.output.root) / DRY_RUN_DIR / grid.name
         folder.mkdir(parents=True, exist_ok=True)
-        script = folder / "array.sbatch"
-        script.write_text(executors.sbatch_script(folder, resources, grid.name, len(todo)))
+        files = executor.dry_run_files(folder, grid.name, len(todo))
+        for name, text in files.items():
+            (folder / name).write_text(text)
         for task, _ in todo:
             (folder / f"{task.index:03d}_{task.name}.yaml").write_text(task.config.to_yaml())
-        print(f"dry run: nothing submitted; the sbatch script and the resolved configs are in {folder}")
+        print(f"dry run: nothing submitted; {' and '.join([*files, 'the resolved configs'])} are in {folder}")
         return 0
     if not todo:
         print("nothing to submit: every grid point already completed (--force reruns them)")
         return 0
-    if args.executor == "slurm":
-        executors.slurm_client("sbatch")  # before the sweep folder is created: nothing is half-submitted
-    folder = ledger.create_sweep(grid, args.executor, args.profile, as_dict(resources))
+    executor.check_available()  # before the sweep folder is created: nothing is half-submitted
+    folder = ledger.create_sweep(grid, executor.name, args.profile, as_dict(resources))
     record = ledger.read(folder)
     try:
-        return _launch(folder, record, args.executor, [task.index for task, _ in todo], resources, args)
+        return _launch(folder, record, executor, [task.index for task, _ in todo], args)
     except UserError:
         if not ledger.read(folder)["submissions"]:
             shutil.rmtree(folder)  # refused before anything ran: no half-made sweep is left behind
@@ -122,27 +119,19 @@ def _plan(grid, todo: list, skipped: list, resources: Resources) -> str:
     return "\n".join(lines)
 
 
-def _launch(folder: Path, record: dict, executor: str, indices: list[int], resources: Resources, args) -> int:
+def _launch(folder: Path, record: dict, executor: executors.Executor, indices: list[int], args) -> int:
     """Submit `indices` with `executor`, note it in the ledger, and report (or wait)."""
     for index in indices:  # before submitting: the new attempt may start (and finish) before sbatch even returns
         TaskRecord(folder, index).queued()
-    if executor == "slurm":
-        jobs = executors.submit_slurm(folder, record, indices, resources)
-        ledger.record_submission(folder, record, executor, jobs)
-    elif executor == "local":
-        jobs = executors.submit_local(folder, record, indices, getattr(args, "parallel", False))
-        ledger.record_submission(folder, record, executor, jobs, pid=int(next(iter(jobs.values())).removeprefix("pid:")))
-    else:
-        ledger.record_submission(folder, record, executor, {i: f"pid:{os.getpid()}" for i in indices}, pid=os.getpid())
-        failures = executors.run_debug(folder, record, indices)
-        print(markdown(rows(folder, ledger.read(folder)), COLUMNS))
-        return 1 if failures else 0
-    print(f"submitted {len(indices)} task(s) with the {executor} executor: {', '.join(sorted(set(jobs.values())))}")
+    jobs = executor.submit(folder, record, indices)
+    ledger.record_submission(folder, record, executor.name, jobs)
+    print(f"submitted {len(indices)} task(s) with the {executor.name} executor: {', '.join(sorted(set(jobs.values())))}")
     print(
         f"sweep folder: {folder}\n  status:      python -m utp_dist.submit status {folder}\n"
         f"  leaderboard: python -m utp_dist.submit leaderboard {folder}"
     )
-    return wait(folder, indices, args.poll) if args.wait else 0
+    ended = executor.run_here(folder, record, indices)  # the debug executor trains them now, in this process
+    return wait(folder, indices, args.poll) if args.wait or ended else 0
 
 
 def wait(folder: Path, indices: list[int], poll: float) -> int:
@@ -155,8 +144,8 @@ def wait(folder: Path, indices: list[int], poll: float) -> int:
             print(time.strftime("%H:%M:%S"), flush=True)
             print(text, flush=True)
             shown = text
-        if all(r["state"] in DONE for r in table):
-            return 0 if all(r["state"] == "COMPLETED" for r in table) else 1
+        if all(r["state"] in states.DONE for r in table):
+            return 0 if all(r["state"] == states.COMPLETED for r in table) else 1
         time.sleep(poll)
 
 
@@ -173,21 +162,20 @@ def resubmit(args: argparse.Namespace) -> int:
     record = ledger.read(folder)
     if args.tasks:
         indices = _indices(args.tasks, len(record["tasks"]))
-        busy = [r for r in rows(folder, record) if r["task"] in indices and r["state"] not in DONE]
+        busy = [r for r in rows(folder, record) if r["task"] in indices and r["state"] not in states.DONE]
         if busy and not args.force:
             raise UserError(
                 f"resubmit: task {busy[0]['task']} is {busy[0]['state']}; a second job would write into the same run "
                 "(wait for it, scancel it, or add --force)"
             )
     elif args.failed:
-        indices = [r["task"] for r in rows(folder, record) if r["state"] in RESUBMITTABLE]
+        indices = [r["task"] for r in rows(folder, record) if r["state"] in states.RESUBMITTABLE]
     else:
         raise UserError("resubmit: say which tasks: --failed, or --tasks 0,3")
     if not indices:
         print("nothing to resubmit: no task failed, was cancelled, timed out or got lost")
         return 0
-    resources = build_section(Resources, record["resources"], f"{folder / ledger.LEDGER}: resources.")
-    return _launch(folder, record, record["executor"], indices, resources, args)
+    return _launch(folder, record, executors.of_ledger(folder, record), indices, args)
 
 
 def _indices(text: str, count: int) -> list[int]:
@@ -215,13 +203,9 @@ def board(args: argparse.Namespace) -> int:
 def _run_local(args: argparse.Namespace) -> int:
     folder = Path(args.sweep_dir)
     record = ledger.read(folder)
-    return 1 if executors.run_local(folder, record, _indices(args.tasks, len(record["tasks"])), args.parallel) else 0
+    return 1 if executors.run_local(folder, _indices(args.tasks, len(record["tasks"])), args.parallel) else 0
 
 
 def _task(args: argparse.Namespace) -> int:
     folder = Path(args.sweep_dir)
     return executors.run_task(folder, ledger.read(folder), args.index)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
