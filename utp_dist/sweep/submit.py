@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from utp_dist.errors import EXIT_USER_ERROR, UserError, one_line
+from utp_dist.errors import UserError, run_command
 from utp_dist.sweep import executors, ledger, states
 from utp_dist.sweep.resources import Resources, as_dict, load_resources
 from utp_dist.sweep.status import COLUMNS, leaderboard, markdown, rows
@@ -60,11 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command; user errors become one line on stderr and exit code 2."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
     command = {"submit": submit, "status": status, "resubmit": resubmit, "leaderboard": board, "_run-local": _run_local, "_task": _task}
-    try:
-        return command[args.command](args)
-    except UserError as err:
-        print(f"utp_dist: error: {one_line(err)}", file=sys.stderr)
-        return EXIT_USER_ERROR
+    return run_command(lambda: command[args.command](args))
 
 
 def submit(args: argparse.Namespace) -> int:
