@@ -136,6 +136,17 @@ def test_ledger_commands_on_a_folder_that_is_not_a_sweep(tmp_path):
     assert result.returncode == 2 and f"{tmp_path}: no sweep.json here" in result.stderr
 
 
+def test_ledger_commands_on_a_file_say_the_same_one_line(tmp_path):
+    grid = write_grid(tmp_path / "g.yaml", {"sweep": {"optim.lr": [0.1]}})
+    for command in (["status"], ["resubmit", "--failed"], ["leaderboard"]):
+        result = run_cli(command[0], str(grid), *command[1:], module="utp_dist.submit")
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.strip() == (
+            f"utp_dist: error: {grid}: no sweep.json here; give a sweep folder made by `python -m utp_dist.submit GRID.yaml` "
+            "(OUTPUT_ROOT/sweeps/NAME)"
+        )
+
+
 @pytest.fixture
 def tiny_grid(tmp_path) -> Path:
     """A grid of two tiny runs: the second reads a data folder that does not exist yet."""

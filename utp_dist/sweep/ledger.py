@@ -77,10 +77,12 @@ def read(folder: str | os.PathLike) -> dict:
     path = Path(folder) / LEDGER
     try:
         return json.loads(path.read_text())
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # NotADirectoryError: a file was given instead of a folder
         raise UserError(
             f"{folder}: no {LEDGER} here; give a sweep folder made by `python -m utp_dist.submit GRID.yaml` (OUTPUT_ROOT/sweeps/NAME)"
         ) from None
+    except OSError as err:
+        raise UserError(f"{path}: cannot read the ledger: {err.strerror}") from None
     except json.JSONDecodeError as err:
         raise UserError(f"{path}: not a valid ledger ({err.msg} at line {err.lineno})") from None
 
