@@ -109,3 +109,12 @@ def find_run(output_root: str, name: str, config_hash: str) -> RunDir | None:
 def completed_run(output_root: str, name: str, config_hash: str) -> RunDir | None:
     """A finished run of this exact resolved config (summary.json with the same config_hash), if any."""
     return next((run for run in find_runs(output_root, name) if (run.read_summary() or {}).get("config_hash") == config_hash), None)
+
+
+def unreadable_summaries(output_root: str, name: str, config_hash: str) -> list[Path]:
+    """summary.json files of runs trained from this exact config that cannot be read (so they do not count as completed)."""
+    return [
+        run.summary_file
+        for run in find_runs(output_root, name)
+        if run.summary_file.exists() and run.read_summary() is None and run.config_hash() == config_hash
+    ]

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from utp_dist.errors import UserError, run_command
+from utp_dist.runs import RunDir
 from utp_dist.sweep import executors, ledger, states
 from utp_dist.sweep.resources import Resources, as_dict, load_resources
 from utp_dist.sweep.status import COLUMNS, leaderboard, markdown, rows
@@ -72,7 +73,7 @@ def submit(args: argparse.Namespace) -> int:
     executor = executors.EXECUTORS[args.executor](resources, args.parallel)
     todo, skipped = [], []
     for task in grid.tasks:
-        done = None if args.force else ledger.completed_run(task.config.output.root, task.name, task.config.fingerprint())
+        done = None if args.force else _completed(task)
         (skipped if done else todo).append((task, done))
     print(_plan(grid, todo, skipped, resources))
     if args.dry_run:
@@ -97,6 +98,16 @@ def submit(args: argparse.Namespace) -> int:
         if not ledger.read(folder)["submissions"]:
             shutil.rmtree(folder)  # refused before anything ran: no half-made sweep is left behind
         raise
+
+
+def _completed(task) -> RunDir | None:
+    """The completed run of this grid point's exact config; a warning names a summary.json that cannot be read."""
+    root, name, config_hash = task.config.output.root, task.name, task.config.fingerprint()
+    done = ledger.completed_run(root, name, config_hash)
+    if done is None:
+        for summary in ledger.unreadable_summaries(root, name, config_hash):
+            print(f"utp_dist: warning: task {task.index} ({name}) runs again: {summary} cannot be read; fix or delete it", file=sys.stderr)
+    return done
 
 
 def _plan(grid, todo: list, skipped: list, resources: Resources) -> str:
