@@ -8,8 +8,8 @@ import pytest
 from conftest import REPO
 
 from utp_dist.config import Config, load_config
-from utp_dist.grid import load_grid
-from utp_dist.resources import Resources, load_resources
+from utp_dist.sweep.grid import load_grid
+from utp_dist.sweep.resources import Resources, load_resources
 
 
 def test_readme_documents_every_config_key():

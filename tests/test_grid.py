@@ -13,8 +13,9 @@ import yaml
 from conftest import REPO, make_image_folder, run_cli, tiny_config
 
 from utp_dist.config import ConfigError
-from utp_dist.grid import load_grid
-from utp_dist.resources import load_resources
+from utp_dist.runs import RunDir
+from utp_dist.sweep.grid import load_grid
+from utp_dist.sweep.resources import load_resources
 
 GOLDEN = Path(__file__).parent / "golden" / "lr_x_model.sbatch"
 
@@ -134,6 +135,32 @@ def test_without_a_slurm_client_nothing_is_created(tmp_path):
 def test_ledger_commands_on_a_folder_that_is_not_a_sweep(tmp_path):
     result = run_cli("status", str(tmp_path), module="utp_dist.submit")
     assert result.returncode == 2 and f"{tmp_path}: no sweep.json here" in result.stderr
+
+
+def test_ledger_commands_on_a_file_say_the_same_one_line(tmp_path):
+    grid = write_grid(tmp_path / "g.yaml", {"sweep": {"optim.lr": [0.1]}})
+    for command in (["status"], ["resubmit", "--failed"], ["leaderboard"]):
+        result = run_cli(command[0], str(grid), *command[1:], module="utp_dist.submit")
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.strip() == (
+            f"utp_dist: error: {grid}: no sweep.json here; give a sweep folder made by `python -m utp_dist.submit GRID.yaml` "
+            "(OUTPUT_ROOT/sweeps/NAME)"
+        )
+
+
+def test_a_completed_run_with_an_unreadable_summary_is_named_before_it_runs_again(tmp_path):
+    grid = write_grid(tmp_path / "g.yaml", {"base": {"output": {"root": str(tmp_path / "out")}}, "sweep": {"optim.lr": [0.1, 0.2]}})
+    first, second = load_grid(grid).tasks
+    for task, summary in ((first, '{"config_hash": "'), (second, json.dumps({"config_hash": second.config.fingerprint()}))):
+        run = RunDir(tmp_path / "out", "shapes", task.name)  # what a finished run left, its summary.json cut short for the first
+        run.logs.mkdir(parents=True)
+        run.config_file.write_text(task.config.to_yaml())
+        run.summary_file.write_text(summary)
+    result = run_cli(str(grid), "--dry-run", module="utp_dist.submit", PATH="/usr/bin:/bin")
+    assert result.returncode == 0, result.stderr
+    assert "2 run(s), 1 to submit" in result.stdout and f"skipped task 1 ({second.name})" in result.stdout
+    summary = RunDir(tmp_path / "out", "shapes", first.name).summary_file
+    assert result.stderr.strip() == f"utp_dist: warning: task 0 ({first.name}) runs again: {summary} cannot be read; fix or delete it"
 
 
 @pytest.fixture

@@ -130,6 +130,8 @@ def test_grid_of_four_is_one_array_job_with_parallelism_and_resubmit_failed(slur
     jobs = [t["jobs"][-1] for t in record["tasks"]]
     array = jobs[0].split("_")[0]
     assert jobs == [f"{array}_{i}" for i in range(4)]  # one array job, one task per grid point
+    pickles = list((folder / "slurm").glob(f"{array}_*_submitted.pkl"))
+    assert pickles and all(b"utp_dist.sweep.task" in p.read_bytes() for p in pickles)  # the task class as submitit unpickles it
 
     rows = sacct(slurm, array)
     assert sorted(r["JobID"] for r in rows) == jobs

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from utp_dist import atomic
 from utp_dist.preemption import EXIT_RESUMABLE
+from utp_dist.sweep import states
 
 TASKS_DIR = "tasks"
 
@@ -84,14 +85,14 @@ class TaskRecord:
     def queued(self) -> None:
         """Mark the task submitted again: a stale FAILED must not end a `--wait` before the new attempt ran."""
         if self.path.exists():
-            self._write({**self.read(), "state": "PENDING", "exit_code": None})
+            self._write({**self.read(), "state": states.PENDING, "exit_code": None})
 
     def started(self) -> None:
         """Count an attempt and mark the task running."""
         old = self.read()
         self._write(
             {
-                "state": "RUNNING",
+                "state": states.RUNNING,
                 "attempts": old.get("attempts", 0) + 1,
                 "host": socket.gethostname(),
                 "pid": os.getpid(),
@@ -102,7 +103,7 @@ class TaskRecord:
 
     def ended(self, code: int) -> None:
         """Mark the task COMPLETED, STOPPED (saved to be resumed) or FAILED."""
-        state = "COMPLETED" if code == 0 else "STOPPED" if code == EXIT_RESUMABLE else "FAILED"
+        state = states.COMPLETED if code == 0 else states.STOPPED if code == EXIT_RESUMABLE else states.FAILED
         self._write({**self.read(), "state": state, "exit_code": code, "ended": time.time()})
 
     def _write(self, record: dict) -> None:

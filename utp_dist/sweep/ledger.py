@@ -9,16 +9,22 @@ from pathlib import Path
 
 from utp_dist import atomic
 from utp_dist.errors import UserError
-from utp_dist.grid import Grid
 from utp_dist.runs import MAX_VERSIONS, RunDir, find_runs, versions
+from utp_dist.sweep.grid import Grid
 
 LEDGER = "sweep.json"
 CONFIGS = "configs"
+SWEEPS = "sweeps"
+
+
+def sweeps_dir(output_root: str | os.PathLike) -> Path:
+    """OUTPUT_ROOT/sweeps: one folder per sweep, next to the runs' logs/ and checkpoints/."""
+    return Path(output_root) / SWEEPS
 
 
 def create_sweep(grid: Grid, executor: str, profile: str | None, resources: dict) -> Path:
     """Claim OUTPUT_ROOT/sweeps/NAME (or NAME-v1, ...) atomically, write each task's resolved config and the ledger."""
-    root = Path(grid.tasks[0].config.output.root) / "sweeps"
+    root = sweeps_dir(grid.tasks[0].config.output.root)
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -71,10 +77,12 @@ def read(folder: str | os.PathLike) -> dict:
     path = Path(folder) / LEDGER
     try:
         return json.loads(path.read_text())
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # NotADirectoryError: a file was given instead of a folder
         raise UserError(
             f"{folder}: no {LEDGER} here; give a sweep folder made by `python -m utp_dist.submit GRID.yaml` (OUTPUT_ROOT/sweeps/NAME)"
         ) from None
+    except OSError as err:
+        raise UserError(f"{path}: cannot read the ledger: {err.strerror}") from None
     except json.JSONDecodeError as err:
         raise UserError(f"{path}: not a valid ledger ({err.msg} at line {err.lineno})") from None
 
@@ -84,11 +92,9 @@ def write(folder: Path, ledger: dict) -> None:
     atomic.write_text(folder / LEDGER, json.dumps(ledger, indent=2, default=str))
 
 
-def record_submission(folder: Path, ledger: dict, executor: str, job_ids: dict[int, str], pid: int | None = None) -> None:
-    """Append one submission (which tasks, which job ids or pid) and point each task at its newest job."""
-    ledger["submissions"].append(
-        {"time": time.time(), "executor": executor, "pid": pid, "tasks": {str(i): job for i, job in job_ids.items()}}
-    )
+def record_submission(folder: Path, ledger: dict, executor: str, job_ids: dict[int, str]) -> None:
+    """Append one submission (which tasks, which job handles) and point each task at its newest job."""
+    ledger["submissions"].append({"time": time.time(), "executor": executor, "tasks": {str(i): job for i, job in job_ids.items()}})
     for index, job in job_ids.items():
         ledger["tasks"][index]["jobs"].append(job)
     write(folder, ledger)
@@ -103,3 +109,12 @@ def find_run(output_root: str, name: str, config_hash: str) -> RunDir | None:
 def completed_run(output_root: str, name: str, config_hash: str) -> RunDir | None:
     """A finished run of this exact resolved config (summary.json with the same config_hash), if any."""
     return next((run for run in find_runs(output_root, name) if (run.read_summary() or {}).get("config_hash") == config_hash), None)
+
+
+def unreadable_summaries(output_root: str, name: str, config_hash: str) -> list[Path]:
+    """summary.json files of runs trained from this exact config that cannot be read (so they do not count as completed)."""
+    return [
+        run.summary_file
+        for run in find_runs(output_root, name)
+        if run.summary_file.exists() and run.read_summary() is None and run.config_hash() == config_hash
+    ]

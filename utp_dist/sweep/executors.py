@@ -1,0 +1,300 @@
+"""Where grid tasks run: one class per backend behind one small interface, and the registry that names them.
+
+As in submitit's Executor/Job split, an executor submits tasks and hands back one job handle per task (the ledger
+records them); later it tells the state of those jobs in the one vocabulary of `utp_dist.sweep.states`. A new
+backend is one subclass of Executor and one line in EXECUTORS.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import io
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import ClassVar
+
+from utp_dist.config import build_section
+from utp_dist.errors import UserError
+from utp_dist.sweep import states
+from utp_dist.sweep.resources import Resources
+from utp_dist.sweep.task import TaskFailed, TaskRecord, TrainTask
+
+SUBMITIT_DIR = "slurm"  # submitit's folder inside the sweep: pickles, sbatch files, task logs
+LOCAL_LOGS = "local"
+# sacct's states (man sacct, JOB STATE CODES) that the vocabulary names otherwise; the others keep their name
+SLURM_STATES = {
+    "REQUEUED": states.PENDING,
+    "REQUEUE_FED": states.PENDING,
+    "REQUEUE_HOLD": states.PENDING,
+    "RESV_DEL_HOLD": states.PENDING,
+    "CONFIGURING": states.RUNNING,
+    "COMPLETING": states.RUNNING,
+    "RESIZING": states.RUNNING,
+    "SIGNALING": states.RUNNING,
+    "STAGE_OUT": states.RUNNING,
+    # Slurm's STOPPED (SIGSTOP) and SUSPENDED keep the allocation and go on: not our STOPPED, which has ended
+    "STOPPED": states.RUNNING,
+    "SUSPENDED": states.RUNNING,
+    "SPECIAL_EXIT": states.FAILED,
+    "REVOKED": states.CANCELLED,  # a federated sibling runs it elsewhere
+}
+
+
+class Executor(abc.ABC):
+    """One backend: submits a sweep's tasks, and tells the state of their jobs."""
+
+    name: ClassVar[str]
+
+    def __init__(self, resources: Resources, parallel: bool = False):
+        self.resources, self.parallel = resources, parallel
+
+    def check_available(self) -> None:
+        """Raise a UserError when this backend cannot run here (called before the sweep folder is created)."""
+        return None  # local processes need nothing beyond this Python
+
+    def dry_run_files(self, folder: Path, job_name: str, count: int) -> dict[str, str]:
+        """What --dry-run writes to show what would be submitted: {file name: text}."""
+        return {}
+
+    @abc.abstractmethod
+    def submit(self, folder: Path, ledger: dict, indices: list[int]) -> dict[int, str]:
+        """Start tasks `indices`; returns {task index: job handle} for ledger.record_submission."""
+
+    def run_here(self, folder: Path, ledger: dict, indices: list[int]) -> bool:
+        """Run the submitted tasks in this process when this backend does so; True when they have ended."""
+        return False
+
+    @abc.abstractmethod
+    def states(self, folder: Path, ledger: dict, jobs: dict[int, str]) -> dict[int, str]:
+        """{task index: state} of each task's newest job ({task index: job handle}), in the vocabulary of `states`."""
+
+
+class SlurmExecutor(Executor):
+    """The tasks as ONE Slurm array job through submitit; states from Slurm accounting."""
+
+    name = "slurm"
+
+    def check_available(self) -> None:
+        slurm_client("sbatch")
+
+    def dry_run_files(self, folder: Path, job_name: str, count: int) -> dict[str, str]:
+        from submitit.slurm.slurm import _make_sbatch_string
+
+        submitit_folder = folder / SUBMITIT_DIR
+        command = " ".join([shlex.quote(sys.executable), "-u -m submitit.core._submit", shlex.quote(str(submitit_folder))])
+        script = _make_sbatch_string(
+            command=command,
+            folder=submitit_folder,
+            map_count=count if count > 1 else None,
+            **self.resources.submitit_parameters(job_name),
+        )
+        return {"array.sbatch": script}
+
+    def submit(self, folder: Path, ledger: dict, indices: list[int]) -> dict[int, str]:
+        """One array job; the handles are 'ARRAYID_N' (or the plain job id for one task)."""
+        slurm_client("sbatch")
+        import submitit
+
+        max_requeues = self.resources.max_requeues
+        executor = submitit.SlurmExecutor(folder=folder / SUBMITIT_DIR, max_num_timeout=max_requeues)
+        executor.update_parameters(**self.resources.submitit_parameters(ledger["name"]))
+        try:
+            # submitit echoes sbatch's stderr before raising; the error below carries it, as one line
+            with contextlib.redirect_stderr(io.StringIO()), executor.batch():
+                jobs = [executor.submit(_train_task(folder, ledger, i, max_requeues)) for i in indices]
+        except (submitit.core.utils.FailedJobError, subprocess.CalledProcessError, OSError) as err:
+            raise UserError(f"sbatch refused the job: {_slurm_message(str(err))}") from None
+        return {i: job.job_id for i, job in zip(indices, jobs, strict=True)}
+
+    def states(self, folder: Path, ledger: dict, jobs: dict[int, str]) -> dict[int, str]:
+        accounting = sacct_states(sorted(set(jobs.values())))
+        # a job sacct does not list yet was submitted moments ago: accounting lags behind sbatch
+        return {index: _slurm_state(accounting.get(job, states.PENDING)) for index, job in jobs.items()}
+
+
+class LocalExecutor(Executor):
+    """A detached runner on this machine: the tasks one after another (or one per visible GPU), each in its own process."""
+
+    name = "local"
+
+    def submit(self, folder: Path, ledger: dict, indices: list[int]) -> dict[int, str]:
+        """Start the runner; every task's handle is the runner's 'pid:N'."""
+        logs = folder / LOCAL_LOGS
+        logs.mkdir(exist_ok=True)
+        cmd = [sys.executable, "-m", "utp_dist.submit", "_run-local", str(folder), "--tasks", ",".join(map(str, indices))]
+        if self.parallel:
+            cmd.append("--parallel")
+        with open(logs / "runner.log", "ab") as log:
+            runner = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        return {i: f"pid:{runner.pid}" for i in indices}
+
+    def states(self, folder: Path, ledger: dict, jobs: dict[int, str]) -> dict[int, str]:
+        """From each task's own record; a task whose process is gone without a word is LOST."""
+        return {index: _process_state(TaskRecord(folder, index).read(), job) for index, job in jobs.items()}
+
+
+class DebugExecutor(LocalExecutor):
+    """In this process, one task after another, so breakpoints work; states as for local processes."""
+
+    name = "debug"
+
+    def submit(self, folder: Path, ledger: dict, indices: list[int]) -> dict[int, str]:
+        """Nothing starts yet (run_here trains them); every handle is this process."""
+        return {i: f"pid:{os.getpid()}" for i in indices}
+
+    def run_here(self, folder: Path, ledger: dict, indices: list[int]) -> bool:
+        from utp_dist.trainer import reset_accelerate
+
+        for index in indices:
+            reset_accelerate()  # Accelerate's process-wide state belongs to the previous run
+            run_task(folder, ledger, index)
+        return True
+
+
+EXECUTORS: dict[str, type[Executor]] = {executor.name: executor for executor in (SlurmExecutor, LocalExecutor, DebugExecutor)}
+
+
+def of_ledger(folder: Path, ledger: dict) -> Executor:
+    """The executor a sweep was submitted with, as its ledger records it."""
+    from utp_dist.sweep.ledger import LEDGER
+
+    where = folder / LEDGER
+    if ledger.get("executor") not in EXECUTORS:
+        raise UserError(f"{where}: executor '{ledger.get('executor')}' is not one of {', '.join(EXECUTORS)}")
+    return EXECUTORS[ledger["executor"]](build_section(Resources, ledger["resources"], f"{where}: resources."))
+
+
+def slurm_client(command: str = "sbatch") -> str:
+    """Path of a Slurm client command, or a one-line error saying what to install."""
+    path = shutil.which(command)
+    if path is None:
+        raise UserError(f"no Slurm client found ('{command}' is not on PATH); install slurm-client or use --executor local")
+    return path
+
+
+def sacct_states(job_ids: list[str], attempts: int = 5) -> dict[str, str]:
+    """sacct's state of each job id (123 or 123_4); retried, since accounting lags a few seconds behind sbatch."""
+    if not job_ids:
+        return {}
+    slurm_client("sacct")
+    from submitit.slurm.slurm import SlurmInfoWatcher
+
+    found: dict[str, str] | None = None
+    error = "timed out"
+    for attempt in range(attempts):
+        try:
+            out = subprocess.run(
+                ["sacct", "-X", "-P", "--format=JobID,State", "-j", ",".join(job_ids)], capture_output=True, text=True, timeout=30
+            )
+        except subprocess.TimeoutExpired:
+            out = None
+        if out is not None and out.returncode == 0:
+            # submitit's parser expands a pending array's '123_[5-7%2]' line into its tasks
+            found = {
+                job: (info.get("State") or states.UNKNOWN).split()[0] for job, info in SlurmInfoWatcher().read_info(out.stdout).items()
+            }
+            if all(j in found for j in job_ids):
+                break
+        elif out is not None:
+            error = (out.stderr.strip().splitlines() or [f"exit {out.returncode}"])[-1]
+        time.sleep(min(2.0, 0.5 * (attempt + 1)))
+    if found is None:
+        raise UserError(f"sacct failed ({error}); job states come from Slurm accounting: slurmdbd must be running")
+    return found
+
+
+def _slurm_state(state: str) -> str:
+    """A sacct state ('CANCELLED by 0' is cut to CANCELLED before) in the vocabulary of `states`."""
+    state = SLURM_STATES.get(state, state)
+    return state if state in states.ALL else states.UNKNOWN
+
+
+def _slurm_message(text: str) -> str:
+    """Slurm's own error lines out of submitit's exception text, joined into one."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    errors = [re.sub(r"^sbatch: error:\s*", "", line) for line in lines if line.startswith("sbatch: error:")]
+    return "; ".join(dict.fromkeys(errors)) if errors else (lines[-1] if lines else "no message")
+
+
+def _process_state(record: dict, job: str) -> str:
+    """State of a task run by a process of this machine, from its record; a task whose process is gone is LOST."""
+    if not record or record["state"] == states.PENDING:
+        return states.PENDING if _alive(job) else states.LOST
+    if record["state"] == states.RUNNING and not _alive(str(record.get("pid"))):
+        return states.LOST
+    return record["state"]
+
+
+def _alive(pid: str) -> bool:
+    """Whether the process runs; a zombie (exited, not yet reaped by its parent) counts as gone."""
+    try:
+        number = int(pid.removeprefix("pid:"))
+        os.kill(number, 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    try:
+        return Path(f"/proc/{number}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True  # no /proc (macOS): kill(0) said it exists
+
+
+def run_local(folder: Path, indices: list[int], parallel: bool) -> int:
+    """The local runner: each task in its own process, CUDA_VISIBLE_DEVICES pinned to one GPU; returns the failures."""
+    gpus = _visible_gpus()
+    slots = gpus if parallel and gpus else gpus[:1] or [None]
+    queue, running, failures = list(indices), {}, 0
+    while queue or running:
+        while queue and len(running) < len(slots):
+            gpu = next(g for g in slots if g not in running.values())
+            index = queue.pop(0)
+            env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else dict(os.environ)
+            with open(folder / LOCAL_LOGS / f"task-{index}.log", "ab") as log:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "utp_dist.submit", "_task", str(folder), str(index)],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    env=env,
+                )
+            running[proc] = gpu
+        pid, status = os.wait()  # the runner's only children are its tasks
+        done = next(proc for proc in running if proc.pid == pid)
+        done.returncode = os.waitstatus_to_exitcode(status)
+        failures += done.returncode != 0
+        running.pop(done)
+    return failures
+
+
+def _visible_gpus() -> list[str]:
+    """GPU ids this machine offers (CUDA_VISIBLE_DEVICES if set, else nvidia-smi), [] without GPUs."""
+    if "CUDA_VISIBLE_DEVICES" in os.environ:
+        return [g for g in os.environ["CUDA_VISIBLE_DEVICES"].split(",") if g.strip()]
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"], capture_output=True, text=True, timeout=30)
+    except (FileNotFoundError, subprocess.TimeoutExpired):
+        return []
+    return [line.strip() for line in out.stdout.splitlines() if line.strip().isdigit()] if out.returncode == 0 else []
+
+
+def run_task(folder: Path, ledger: dict, index: int) -> int:
+    """One task in this process (what the local runner starts per task, and debug runs in turn); 1 if it failed."""
+    try:
+        _train_task(folder, ledger, index)()
+    except TaskFailed as err:
+        print(f"utp_dist: task {index}: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _train_task(folder: Path, ledger: dict, index: int, max_requeues: int = 0) -> TrainTask:
+    """The callable of task `index` (what submitit pickles); max_requeues matters only under Slurm, which requeues it."""
+    return TrainTask(ledger["tasks"][index]["config"], str(folder), index, max_requeues)

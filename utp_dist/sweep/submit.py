@@ -1,0 +1,218 @@
+"""`python -m utp_dist.submit GRID.yaml` and its ledger commands: status, resubmit, leaderboard."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from utp_dist.errors import UserError, run_command
+from utp_dist.runs import RunDir
+from utp_dist.sweep import executors, ledger, states
+from utp_dist.sweep.resources import Resources, as_dict, load_resources
+from utp_dist.sweep.status import COLUMNS, leaderboard, markdown, rows
+from utp_dist.sweep.task import TaskRecord
+
+COMMANDS = ("status", "resubmit", "leaderboard")
+DRY_RUN_DIR = ".dry-run"
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Either GRID.yaml with submission flags, or one of the ledger commands on a sweep folder."""
+    if argv and argv[0] in COMMANDS + ("_run-local", "_task"):
+        parser = argparse.ArgumentParser(prog=f"python -m utp_dist.submit {argv[0]}")
+        parser.add_argument("sweep_dir", help="OUTPUT_ROOT/sweeps/NAME, as printed by the submission")
+        if argv[0] == "resubmit":
+            parser.add_argument("--failed", action="store_true", help="the failed, cancelled, timed-out and lost tasks")
+            parser.add_argument("--tasks", help="comma-separated task indices, instead of --failed")
+            parser.add_argument("--force", action="store_true", help="with --tasks: also tasks that are still pending or running")
+            parser.add_argument("--wait", action="store_true", help="wait for the tasks, showing their status")
+            parser.add_argument("--poll", type=float, default=10.0, help=argparse.SUPPRESS)
+        if argv[0] == "_run-local":
+            parser.add_argument("--tasks", required=True)
+            parser.add_argument("--parallel", action="store_true")
+        if argv[0] == "_task":
+            parser.add_argument("index", type=int)
+        args = parser.parse_args(argv[1:])
+        args.command = argv[0]
+        return args
+    parser = argparse.ArgumentParser(
+        prog="python -m utp_dist.submit",
+        description=f"Run a config grid as one Slurm array job, local processes or in-process. Ledger commands: {', '.join(COMMANDS)} SWEEP_DIR.",
+    )
+    parser.add_argument("grid", help="grid YAML: base config + sweep block (+ resources)")
+    parser.add_argument("--executor", choices=list(executors.EXECUTORS), default="slurm", help="where the tasks run (default: slurm)")
+    parser.add_argument("--profile", help="cluster profile YAML, e.g. slurm/profiles/example.yaml")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="expand and validate, print the runs, write the sbatch script; submit nothing"
+    )
+    parser.add_argument("--wait", action="store_true", help="block until every task ended, showing a live status table")
+    parser.add_argument("--parallel", action="store_true", help="local executor: one task per visible GPU at once")
+    parser.add_argument("--force", action="store_true", help="also rerun grid points whose exact config already completed")
+    parser.add_argument("--poll", type=float, default=10.0, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.command = "submit"
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command; user errors become one line on stderr and exit code 2."""
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    command = {"submit": submit, "status": status, "resubmit": resubmit, "leaderboard": board, "_run-local": _run_local, "_task": _task}
+    return run_command(lambda: command[args.command](args))
+
+
+def submit(args: argparse.Namespace) -> int:
+    """Expand, validate, skip what already completed, then submit (or with --dry-run only show and write the script)."""
+    from utp_dist.sweep.grid import load_grid
+
+    grid = load_grid(args.grid)
+    resources = load_resources(args.profile, grid.resources, str(grid.path))
+    executor = executors.EXECUTORS[args.executor](resources, args.parallel)
+    todo, skipped = [], []
+    for task in grid.tasks:
+        done = None if args.force else _completed(task)
+        (skipped if done else todo).append((task, done))
+    print(_plan(grid, todo, skipped, resources))
+    if args.dry_run:
+        folder = ledger.sweeps_dir(grid.tasks[0].config.output.root) / DRY_RUN_DIR / grid.name
+        folder.mkdir(parents=True, exist_ok=True)
+        files = executor.dry_run_files(folder, grid.name, len(todo))
+        for name, text in files.items():
+            (folder / name).write_text(text)
+        for task, _ in todo:
+            (folder / f"{task.index:03d}_{task.name}.yaml").write_text(task.config.to_yaml())
+        print(f"dry run: nothing submitted; {' and '.join([*files, 'the resolved configs'])} are in {folder}")
+        return 0
+    if not todo:
+        print("nothing to submit: every grid point already completed (--force reruns them)")
+        return 0
+    executor.check_available()  # before the sweep folder is created: nothing is half-submitted
+    folder = ledger.create_sweep(grid, executor.name, args.profile, as_dict(resources))
+    record = ledger.read(folder)
+    try:
+        return _launch(folder, record, executor, [task.index for task, _ in todo], args)
+    except UserError:
+        if not ledger.read(folder)["submissions"]:
+            shutil.rmtree(folder)  # refused before anything ran: no half-made sweep is left behind
+        raise
+
+
+def _completed(task) -> RunDir | None:
+    """The completed run of this grid point's exact config; a warning names a summary.json that cannot be read."""
+    root, name, config_hash = task.config.output.root, task.name, task.config.fingerprint()
+    done = ledger.completed_run(root, name, config_hash)
+    if done is None:
+        for summary in ledger.unreadable_summaries(root, name, config_hash):
+            print(f"utp_dist: warning: task {task.index} ({name}) runs again: {summary} cannot be read; fix or delete it", file=sys.stderr)
+    return done
+
+
+def _plan(grid, todo: list, skipped: list, resources: Resources) -> str:
+    """The table of runs: index, name, swept values, resources; then what is skipped."""
+    table = [
+        {
+            "task": t.index,
+            "run": t.name,
+            "swept": ", ".join(f"{k}={'{...}' if isinstance(v, dict) else v}" for k, v in t.swept.items()) or "-",
+            "resources": resources.summary(),
+        }
+        for t, _ in todo
+    ]
+    lines = [f"grid {grid.path}: {len(grid.tasks)} run(s), {len(todo)} to submit", markdown(table, ("task", "run", "swept", "resources"))]
+    lines += [f"skipped task {t.index} ({t.name}): this exact config already completed in {done}" for t, done in skipped]
+    return "\n".join(lines)
+
+
+def _launch(folder: Path, record: dict, executor: executors.Executor, indices: list[int], args) -> int:
+    """Submit `indices` with `executor`, note it in the ledger, and report (or wait)."""
+    for index in indices:  # before submitting: the new attempt may start (and finish) before sbatch even returns
+        TaskRecord(folder, index).queued()
+    jobs = executor.submit(folder, record, indices)
+    ledger.record_submission(folder, record, executor.name, jobs)
+    print(f"submitted {len(indices)} task(s) with the {executor.name} executor: {', '.join(sorted(set(jobs.values())))}")
+    print(
+        f"sweep folder: {folder}\n  status:      python -m utp_dist.submit status {folder}\n"
+        f"  leaderboard: python -m utp_dist.submit leaderboard {folder}"
+    )
+    ended = executor.run_here(folder, record, indices)  # the debug executor trains them now, in this process
+    return wait(folder, indices, args.poll) if args.wait or ended else 0
+
+
+def wait(folder: Path, indices: list[int], poll: float) -> int:
+    """Print the status table whenever it changes until every task in `indices` ended; 0 if all completed."""
+    shown = None
+    while True:
+        table = [r for r in rows(folder, ledger.read(folder)) if r["task"] in indices]
+        text = markdown(table, COLUMNS)
+        if text != shown:
+            print(time.strftime("%H:%M:%S"), flush=True)
+            print(text, flush=True)
+            shown = text
+        if all(r["state"] in states.DONE for r in table):
+            return 0 if all(r["state"] == states.COMPLETED for r in table) else 1
+        time.sleep(poll)
+
+
+def status(args: argparse.Namespace) -> int:
+    """Print one row per task: state, restarts, epoch/step, best metric so far, img/s, job id."""
+    folder = Path(args.sweep_dir)
+    print(markdown(rows(folder, ledger.read(folder)), COLUMNS))
+    return 0
+
+
+def resubmit(args: argparse.Namespace) -> int:
+    """Submit again the failed (or the listed) tasks; each continues from its run's newest training state."""
+    folder = Path(args.sweep_dir)
+    record = ledger.read(folder)
+    if args.tasks:
+        indices = _indices(args.tasks, len(record["tasks"]))
+        busy = [r for r in rows(folder, record) if r["task"] in indices and r["state"] not in states.DONE]
+        if busy and not args.force:
+            raise UserError(
+                f"resubmit: task {busy[0]['task']} is {busy[0]['state']}; a second job would write into the same run "
+                "(wait for it, scancel it, or add --force)"
+            )
+    elif args.failed:
+        indices = [r["task"] for r in rows(folder, record) if r["state"] in states.RESUBMITTABLE]
+    else:
+        raise UserError("resubmit: say which tasks: --failed, or --tasks 0,3")
+    if not indices:
+        print("nothing to resubmit: no task failed, was cancelled, timed out or got lost")
+        return 0
+    return _launch(folder, record, executors.of_ledger(folder, record), indices, args)
+
+
+def _indices(text: str, count: int) -> list[int]:
+    try:
+        indices = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise UserError(f"--tasks '{text}' must be comma-separated task indices, e.g. 0,3") from None
+    bad = [i for i in indices if not 0 <= i < count]
+    if bad:
+        raise UserError(f"--tasks: no task {bad[0]} in this sweep (it has tasks 0 to {count - 1})")
+    return indices
+
+
+def board(args: argparse.Namespace) -> int:
+    """Print the runs ranked by the monitored metric and write leaderboard.md and leaderboard.csv into the sweep."""
+    folder = Path(args.sweep_dir)
+    text, table = leaderboard(folder, ledger.read(folder))
+    (folder / "leaderboard.md").write_text(text + "\n")
+    (folder / "leaderboard.csv").write_text(table)
+    print(text)
+    print(f"written: {folder / 'leaderboard.md'}, {folder / 'leaderboard.csv'}")
+    return 0
+
+
+def _run_local(args: argparse.Namespace) -> int:
+    folder = Path(args.sweep_dir)
+    record = ledger.read(folder)
+    return 1 if executors.run_local(folder, _indices(args.tasks, len(record["tasks"])), args.parallel) else 0
+
+
+def _task(args: argparse.Namespace) -> int:
+    folder = Path(args.sweep_dir)
+    return executors.run_task(folder, ledger.read(folder), args.index)
