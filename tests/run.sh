@@ -13,4 +13,7 @@ if ! command -v slurmctld >/dev/null || ! command -v slurmdbd >/dev/null || ! co
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $SLURM_PACKAGES >/dev/null
 fi
 python -m pip install -q -e ".[test]"
+# lint and format are part of the suite: a finding fails the run (and CI) before any test starts
+python -m ruff check --quiet .
+python -m ruff format --check --quiet .
 python -m pytest -q "$@"

@@ -22,15 +22,22 @@ from utp_dist.errors import UserError
 
 LOGS, CHECKPOINTS = "logs", "checkpoints"
 CONFIG, METRICS, SUMMARY, FIGURES = "config.yaml", "metrics.jsonl", "summary.json", "figures"
-BEST, STATE_DIR, COMPLETE, FINISHED = "best", "state", "COMPLETE", "FINISHED"
+BEST, STATE_DIR, COMPLETE, FINISHED, LOCK = "best", "state", "COMPLETE", "FINISHED", "LOCK"
 MAX_VERSIONS = 10_000
 
 
 class RunDir:
-    """One run's folders under an output root, and the tolerant readers of what the run wrote there."""
+    """One run's folders under an output root, and the tolerant readers of what the run wrote there.
+
+    Paths: `logs` and `checkpoints` (the two folders), `config_file`, `metrics_file`, `summary_file` and `figures`
+    in logs; `best` (the export), `state_dir` (training states), `finished_marker` and `lock_file` in checkpoints.
+    """
 
     def __init__(self, root: str | os.PathLike, dataset: str, name: str):
         self.root, self.dataset, self.name = Path(root), dataset, name
+        self.logs, self.checkpoints = self.root / LOGS / dataset / name, self.root / CHECKPOINTS / dataset / name
+        self.config_file, self.metrics_file, self.summary_file, self.figures = (self.logs / f for f in (CONFIG, METRICS, SUMMARY, FIGURES))
+        self.best, self.state_dir, self.finished_marker, self.lock_file = (self.checkpoints / f for f in (BEST, STATE_DIR, FINISHED, LOCK))
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.root)!r}, {self.dataset!r}, {self.name!r})"
@@ -40,51 +47,6 @@ class RunDir:
 
     def __hash__(self) -> int:
         return hash((self.root, self.dataset, self.name))
-
-    @property
-    def logs(self) -> Path:
-        """OUTPUT_ROOT/logs/DATASET/NAME: TensorBoard events, config.yaml, metrics.jsonl, summary.json, figures/."""
-        return self.root / LOGS / self.dataset / self.name
-
-    @property
-    def checkpoints(self) -> Path:
-        """OUTPUT_ROOT/checkpoints/DATASET/NAME: the best export and the training states."""
-        return self.root / CHECKPOINTS / self.dataset / self.name
-
-    @property
-    def config_file(self) -> Path:
-        """The resolved config the run trained with."""
-        return self.logs / CONFIG
-
-    @property
-    def metrics_file(self) -> Path:
-        """One JSON line per evaluation."""
-        return self.logs / METRICS
-
-    @property
-    def summary_file(self) -> Path:
-        """Written once the run finished."""
-        return self.logs / SUMMARY
-
-    @property
-    def figures(self) -> Path:
-        """Confusion-matrix and ROC PNGs of every evaluation."""
-        return self.logs / FIGURES
-
-    @property
-    def best(self) -> Path:
-        """The best model as a save_pretrained folder (a symlink swapped atomically to its newest version)."""
-        return self.checkpoints / BEST
-
-    @property
-    def state_dir(self) -> Path:
-        """Complete training states, one step-NNNNNNNN folder each."""
-        return self.checkpoints / STATE_DIR
-
-    @property
-    def finished_marker(self) -> Path:
-        """Present once the run trained to its end: checkpoint.resume=auto leaves it alone."""
-        return self.checkpoints / FINISHED
 
     def is_finished(self) -> bool:
         """Whether the run trained to its end."""
