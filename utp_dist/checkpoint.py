@@ -3,6 +3,9 @@ weights as a pipeline-ready export, and per-epoch weights if asked)."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import hashlib
 import json
 import logging
 import os
@@ -19,6 +22,7 @@ from transformers.utils import logging as hf_logging
 
 from utp_dist import atomic
 from utp_dist.config import CheckpointConfig
+from utp_dist.errors import UserError, first_line
 from utp_dist.preemption import Stopped, StopRequest
 from utp_dist.runs import COMPLETE, RunDir, complete_states
 
@@ -74,9 +78,12 @@ class BestModel:
     def _export(self, model, processor, name: str) -> None:
         target = self.folder / name
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=self.folder))
-        model.save_pretrained(tmp, safe_serialization=True)
-        processor.save_pretrained(tmp)
-        _fsync_tree(tmp)
+        error = _attempt(
+            lambda: (model.save_pretrained(tmp, safe_serialization=True), processor.save_pretrained(tmp), _fsync_tree(tmp)), tmp
+        )
+        if error is not None:
+            shutil.rmtree(tmp, ignore_errors=True)  # the previous best export stays as it was
+            raise write_error(error, self.folder, sum(p.numel() * p.element_size() for p in model.parameters()))
         if target.exists():  # e.g. the same epoch saved again after a restart
             shutil.rmtree(target)
         os.rename(tmp, target)
@@ -92,7 +99,7 @@ class BestModel:
             shutil.rmtree(self.folder / old, ignore_errors=True)
 
     def _write_meta(self) -> None:
-        atomic.write_text(self.folder / META, json.dumps(self.best, indent=2), fsync=True)
+        atomic.write_json(self.folder / META, self.best, fsync=True)
 
     def _read_meta(self) -> dict | None:
         try:
@@ -120,6 +127,87 @@ def _fsync_tree(folder: Path) -> None:
             os.fsync(fh.fileno())
 
 
+def _seal(folder: Path) -> dict[str, list]:
+    """fsync every file of a state and return {name: [size, sha256]}, read in one pass."""
+    return {path.name: [path.stat().st_size, _sha256(path, fsync=True)] for path in sorted(folder.iterdir())}
+
+
+def _sha256(path: Path, fsync: bool = False) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 22):
+            digest.update(chunk)
+        if fsync:
+            os.fsync(fh.fileno())
+    return digest.hexdigest()
+
+
+class DiskFull(UserError):
+    """The file system of the output root is full; what was saved before stays intact."""
+
+
+def write_error(error: OSError, folder: Path, need: int) -> UserError:
+    """The one-line error for a failed write into `folder`; a full disk says how much is needed and how much is free."""
+    if error.errno != errno.ENOSPC:
+        return UserError(f"cannot write {error.filename or folder}: {error.strerror}")
+    free = shutil.disk_usage(folder).free
+    return DiskFull(
+        f"no space left on device writing {error.filename or folder} (this needs about {need / 2**20:.1f} MiB, "
+        f"{free / 2**20:.1f} MiB are free there); free some space and run the same command again: the newest complete "
+        "training state continues the run"
+    )
+
+
+def _attempt(write, folder: Path) -> OSError | None:
+    """Run a write into `folder`; its error as an OSError, returned rather than raised, so every rank can be told
+    before anyone stops."""
+    try:
+        write()
+    except OSError as err:
+        return err
+    except Exception as err:  # torch.save and safetensors report a full disk as RuntimeError / SafetensorError
+        full = "No space left" in str(err) or shutil.disk_usage(folder).free < 2**20
+        return OSError(errno.ENOSPC if full else errno.EIO, first_line(err), str(folder))
+    return None
+
+
+class DamagedState(UserError):
+    """A training state whose files are not as they were saved."""
+
+
+def damage(state: Path) -> str | None:
+    """What is wrong with a complete state ('FILE: reason'), None when every file is as saved."""
+    try:
+        sealed = json.loads((state / COMPLETE).read_text())
+    except (OSError, ValueError):
+        sealed = None
+    try:
+        json.loads((state / IDENTITY).read_text())
+    except (OSError, ValueError) as err:
+        return f"{state / IDENTITY}: unreadable ({type(err).__name__})"
+    files = sealed.get("files", {}) if isinstance(sealed, dict) else {}  # states of 0.2 have no file list
+    for name, (size, sha256) in files.items():
+        path = state / name
+        if not path.is_file():
+            return f"{path}: missing"
+        if path.stat().st_size != size:
+            return f"{path}: {path.stat().st_size} bytes, saved with {size} (truncated?)"
+        if _sha256(path) != sha256:
+            return f"{path}: its content changed since it was saved"
+    return None
+
+
+@contextlib.contextmanager
+def _naming_the_file(path: Path):
+    """Turn any failure to read `path` into one line naming it (torch's own text would even suggest weights_only=False)."""
+    try:
+        yield
+    except Exception as err:  # unpickling, safetensors and OS errors alike: the state is unusable either way
+        raise DamagedState(
+            f"{path}: cannot be loaded ({type(err).__name__}); the training state is damaged, resume from an earlier one"
+        ) from None
+
+
 class Checkpointer:
     """Complete training states in RUN/state/step-NNNNNNNN, and when to save them (steps, minutes, epoch ends, signals).
 
@@ -127,11 +215,12 @@ class Checkpointer:
     deleted only after that.
     """
 
-    def __init__(self, run: RunDir, accelerator, cfg: CheckpointConfig, stop: StopRequest, agree_every: int, callbacks):
+    def __init__(self, run: RunDir, accelerator, cfg: CheckpointConfig, stop: StopRequest, agree_every: int, callbacks, healthy):
         self.run, self.folder, self.accelerator, self.cfg, self.stop = run, run.state_dir, accelerator, cfg, stop
         self.agree_every, self.callbacks = agree_every, callbacks
+        self.healthy = healthy  # raises (on every rank together) before weights that trained on a NaN loss are saved
         self.objects: tuple[torch.nn.Module, dict, dict, dict] | None = None
-        self.last_save = time.time()
+        self.last_save, self.saved_step = time.time(), None
         if accelerator.is_main_process and self.folder.is_dir():
             for stale in self.folder.glob(".tmp-step-*"):  # a save that a crash cut short; never complete
                 shutil.rmtree(stale, ignore_errors=True)
@@ -164,48 +253,79 @@ class Checkpointer:
 
     def save(self) -> Path:
         """Save the model and shared state dicts (main process), per-rank ones and RNG states (every rank), atomically."""
+        self.healthy()
         model, shared, per_rank, identity = self.objects
         p = self.progress
         step, where = p.step, {"step": p.step, "epoch": p.epoch, "position": p.position}
         acc, main = self.accelerator, self.accelerator.is_main_process
         tmp, final = self.folder / f".tmp-step-{step:08d}", self.folder / f"step-{step:08d}"
+        error = None
         if main:
             shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier save of this step
-            tmp.mkdir(parents=True)
-        acc.wait_for_everyone()
+            error = _attempt(lambda: tmp.mkdir(parents=True), self.folder)
+        self._agree(error, tmp)
         rank_state = {"rng": rng_state(), **{name: obj.state_dict() for name, obj in per_rank.items()}}
-        torch.save(rank_state, tmp / f"rank{acc.process_index}.pt")
-        if main:
-            save_model(model, str(tmp / "model.safetensors"))
-            torch.save({name: obj.state_dict() for name, obj in shared.items()}, tmp / "trainer.pt")
-            (tmp / IDENTITY).write_text(json.dumps({**identity, **where}, indent=1, default=str))
+        error = _attempt(lambda: torch.save(rank_state, tmp / f"rank{acc.process_index}.pt"), self.folder)
+        if main and error is None:
+            error = _attempt(lambda: self._write_shared(tmp, model, shared, {**identity, **where}), self.folder)
         self.callbacks.on_state_written(tmp)
-        acc.wait_for_everyone()
+        self._agree(error, tmp)
         if main:
-            _fsync_tree(tmp)  # every rank's files are on disk before COMPLETE says so
-            atomic.write_text(tmp / COMPLETE, str(step), fsync=True)
-            if final.exists():
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-            for old in complete_states(self.folder)[: -self.cfg.keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
-        acc.wait_for_everyone()
-        self.last_save = time.time()
+            error = _attempt(lambda: self._commit(tmp, final, step), self.folder)
+        self._agree(error, tmp)
+        self.last_save, self.saved_step = time.time(), step
         self.callbacks.on_save(final)
         log.info("saved training state %s", final)
         return final
 
+    def save_final(self) -> None:
+        """The state at the very end of training, so a finished run can be continued exactly with more epochs."""
+        if self.saved_step != self.progress.step:
+            self.save()
+
+    def _write_shared(self, tmp: Path, model: torch.nn.Module, shared: dict, identity: dict) -> None:
+        save_model(model, str(tmp / "model.safetensors"))
+        torch.save({name: obj.state_dict() for name, obj in shared.items()}, tmp / "trainer.pt")
+        (tmp / IDENTITY).write_text(json.dumps(identity, indent=1, default=str))
+
+    def _commit(self, tmp: Path, final: Path, step: int) -> None:
+        # every rank's files are on disk before COMPLETE says so; their sizes and hashes let a resume tell a damaged state
+        atomic.write_json(tmp / COMPLETE, {"step": step, "files": _seal(tmp)}, fsync=True)
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        for old in complete_states(self.folder)[: -self.cfg.keep_last]:  # only now: the new state is complete
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _agree(self, error: OSError | None, tmp: Path) -> None:
+        """A barrier that also tells every rank whether any rank failed to write, so that all stop together."""
+        failed = error is not None
+        if self.accelerator.num_processes > 1:
+            failed = bool(self.accelerator.reduce(torch.tensor([int(failed)], device=self.accelerator.device), "max").item())
+        if not failed:
+            return
+        if self.accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)  # never complete; the previous state is untouched
+        if error is None:
+            raise UserError(f"another process could not write its part of the training state {tmp}; its error is above")
+        states = self.run.states()
+        raise write_error(error, self.folder, sum(f.stat().st_size for f in states[-1].iterdir()) if states else 0)
+
     def load(self, path: Path) -> None:
         """Load a state saved by save(): safetensors for weights, weights_only pickles for the rest (no code runs)."""
         model, shared, per_rank, _ = self.objects
-        load_model(model, str(path / "model.safetensors"))
-        state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
+        with _naming_the_file(path / "model.safetensors"):
+            load_model(model, str(path / "model.safetensors"))
+        with _naming_the_file(path / "trainer.pt"):
+            state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
         for name, obj in shared.items():
             if name in state:
                 obj.load_state_dict(state[name])
         own = path / f"rank{self.accelerator.process_index}.pt"
         # a rank that did not exist when the state was saved (more processes, epoch boundary) takes rank 0's RNG
-        rank_state = torch.load(own if own.exists() else path / "rank0.pt", map_location="cpu", weights_only=True)
+        rank_file = own if own.exists() else path / "rank0.pt"
+        with _naming_the_file(rank_file):
+            rank_state = torch.load(rank_file, map_location="cpu", weights_only=True)
         set_rng_state(rank_state["rng"])
         if own.exists():
             for name, obj in per_rank.items():

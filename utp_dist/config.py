@@ -6,6 +6,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import logging
 import math
 import os
 import types
@@ -16,6 +17,8 @@ from typing import Any, Literal, Union
 import yaml
 
 from utp_dist.errors import UserError
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 GPU_AUGMENTS = ("random_resized_crop", "horizontal_flip", "color_jitter", "grayscale")  # built in gpu_augment.py
@@ -326,6 +329,7 @@ def read_yaml(path: str | os.PathLike) -> dict:
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise ConfigError(f"{path}:{where}: invalid YAML: {problem}") from None
     if raw is None:
+        log.warning("%s is empty: every setting takes its default", path)
         return {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")

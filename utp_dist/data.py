@@ -67,6 +67,8 @@ def resolve_root(root: str) -> Path:
         except ValueError as err:
             raise DataError(f"data.root: {err}") from None
     path = Path(root).expanduser()
+    if path.exists() and not path.is_dir():
+        raise DataError(f"data.root: '{root}' is a file, not a folder; point it at an ImageFolder root with train/ and val/")
     if not path.is_dir():
         raise DataError(f"data.root: folder '{root}' does not exist; point it at an ImageFolder root with train/ and val/")
     return path
@@ -88,6 +90,8 @@ def index_splits(cfg: DataConfig, seed: int) -> Splits:
     for split in SPLITS:
         if (root / split).is_dir():
             samples[split] = _index_split(root / split, classes, cfg.cap_for(split), seed)
+            if not samples[split]:  # found now, not after a training epoch
+                raise DataError(f"data.root: '{root / split}' holds no images in its class folders; add images or remove the folder")
     return Splits(root, classes, samples)
 
 
@@ -177,11 +181,21 @@ class Encoded:
 
 def bad_image(path: str, err: Exception, on_bad_image: str) -> tuple[torch.Tensor, int]:
     """Per data.on_bad_image: raise a one-line DataError, or a placeholder that loss and metrics ignore."""
+    err = _unreadable(path) or err
     if on_bad_image == "error":
         raise DataError(f"cannot decode image '{path}' ({err}); fix or delete it, or set data.on_bad_image=skip") from None
     log.warning("skipping unreadable image %s: %s", path, err)
     # a placeholder keeps batch shapes and eval counts exact; its label is ignored by loss and metrics
     return torch.zeros(3, 8, 8, dtype=torch.uint8), IGNORE_LABEL
+
+
+def _unreadable(path: str) -> str | None:
+    """Why the file cannot even be opened ('permission denied'), in words torchvision's reader does not give."""
+    try:
+        open(path, "rb").close()
+    except OSError as err:
+        return err.strerror.lower() if err.strerror else str(err)
+    return None
 
 
 def keyed_transform(transform: v2.Transform, image: torch.Tensor, seed: int, key: tuple[int, int], randomized: bool) -> torch.Tensor:

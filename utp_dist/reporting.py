@@ -3,13 +3,20 @@ the summary. Numbers are measured here on every rank; a Tracker writes them (a N
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
 from accelerate import Accelerator
 
 from utp_dist import __version__
+from utp_dist.config import OptimConfig
+from utp_dist.errors import UserError
 from utp_dist.tracking import Tracker
+
+
+class NonFiniteLoss(UserError):
+    """The training loss became NaN or infinite: the run stops before any state holds such weights."""
 
 
 class Meter:
@@ -23,6 +30,7 @@ class Meter:
         self.skipped = 0
         self.images, self.train_time, self.logged_step, self.tick = 0, 0.0, 0, time.perf_counter()
         self.wait, self.wait_time = 0.0, 0.0  # seconds the loop waited for batches: this window, all windows
+        self.first_bad = torch.full((), math.inf, device=device, dtype=torch.float64)  # first step with a non-finite loss
 
     def state_dict(self) -> dict:
         """Unreported sums and totals, so a resumed run logs exactly what an uninterrupted one would."""
@@ -60,10 +68,17 @@ class Meter:
             self.wait += time.perf_counter() - start
             yield batch
 
-    def add(self, stats: torch.Tensor) -> None:
-        """Add one micro-batch's [loss sum, correct, count, skipped] without a host sync."""
+    def add(self, stats: torch.Tensor, step: int) -> None:
+        """Add one micro-batch's [loss sum, correct, count, skipped] of optimizer step `step`, without a host sync."""
         self.window += stats
         self.epoch += stats
+        # a device-side where, not an if: noticing a NaN must not cost a host sync per step
+        self.first_bad = torch.where(torch.isfinite(stats[0]), self.first_bad, self.first_bad.clamp(max=step))
+
+    def first_nonfinite_step(self) -> int | None:
+        """The first optimizer step whose loss was NaN or infinite on any rank (a collective), None if there is none."""
+        first = -self.accelerator.reduce(-self.first_bad, "max").item()  # accelerate reduces by max, not min
+        return None if math.isinf(first) else int(first)
 
     def resume(self) -> None:
         """Restart the clock after evaluation, so img/s counts training only."""
@@ -105,18 +120,35 @@ class Meter:
 class Reporter:
     """Turns the meter's windows into logged scalars, the progress bar, the per-epoch line and the summary."""
 
-    def __init__(self, accelerator: Accelerator, tracker: Tracker, flops_per_image: float | None, peak_tflops: float | None):
-        self.accelerator, self.tracker = accelerator, tracker
+    def __init__(
+        self, accelerator: Accelerator, tracker: Tracker, flops_per_image: float | None, peak_tflops: float | None, optim: OptimConfig
+    ):
+        self.accelerator, self.tracker, self.optim = accelerator, tracker, optim
         self.flops_per_image, self.peak_tflops = flops_per_image, peak_tflops
         self.meter = Meter(accelerator)
         self.epoch_train_loss: float | None = None
         self.epoch_start = time.perf_counter()
+
+    def check_finite(self) -> None:
+        """Stop with a one-line error if any rank's loss was NaN or infinite (a collective: every rank calls it)."""
+        step = self.meter.first_nonfinite_step()
+        if step is not None:
+            raise self._nonfinite(step)
+
+    def _nonfinite(self, step: int) -> NonFiniteLoss:
+        clip = f"lower optim.max_grad_norm (now {self.optim.max_grad_norm})" if self.optim.max_grad_norm else "set optim.max_grad_norm"
+        return NonFiniteLoss(
+            f"the training loss is not finite (NaN or inf) at step {step}: lower optim.lr (now {self.optim.lr:g}) or {clip} "
+            f"to clip gradients, and start a new run (checkpoint.resume=never); the states saved before step {step} stay complete"
+        )
 
     def log_train(self, step: int, epoch: int, lr: float, end_of_epoch: bool = False) -> None:
         """Log mean training loss/acc over all ranks since the last point (or the epoch), the lr, img/s and MFU."""
         window = self.meter.flush(step, end_of_epoch)
         if window is None:
             return
+        if not math.isfinite(window["loss"] + window["epoch_loss"]):
+            raise self._nonfinite(self.meter.first_nonfinite_step())
         values, mfu = {}, self.mfu(window["img_per_s"])
         if window["count"]:
             values = {"train/loss": window["loss"], "train/acc": window["acc"], "train/lr": lr, "train/img_per_s": window["img_per_s"]}

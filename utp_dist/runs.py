@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -144,13 +145,12 @@ class RunDir:
             f"output.run_name: {MAX_VERSIONS:,} runs named '{name}' already exist in '{first.logs.parent}'; choose another name"
         )
 
-    def remove_if_empty(self) -> None:
-        """Give the name back when the run failed before writing anything (so the next start is not named -v1)."""
-        for folder in (self.logs, self.checkpoints):
-            try:
-                folder.rmdir()
-            except OSError:  # not empty (or already gone): it holds something of the run's
-                pass
+    def discard_if_unused(self) -> None:
+        """Remove a run that failed before its first evaluation, state or export, so its name is free again (no -v1)."""
+        if self.metrics_file.exists() or self.states() or self.best.exists():
+            return  # it holds results: never delete what a run wrote
+        shutil.rmtree(self.logs, ignore_errors=True)
+        shutil.rmtree(self.checkpoints, ignore_errors=True)
 
 
 def find_runs(root: str | os.PathLike, name: str | None = None, dataset: str | None = None) -> Iterator[RunDir]:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
@@ -52,14 +50,14 @@ class Tracker(Protocol):
 class TensorBoardTracker:
     """Writes every log of one run under its log folder."""
 
-    def __init__(self, run: RunDir, total_steps: int, resume_step: int | None = None):
+    def __init__(self, run: RunDir, total_steps: int, resume_step: int | None = None, bar_start: int = 0):
         self.run, self.log_dir, self.figures = run, run.logs, run.figures
         self.figures.mkdir(parents=True, exist_ok=True)
         if resume_step is not None:
             self._drop_metrics_after(resume_step)
         # purge_step: TensorBoard drops what a killed segment logged after the state we resume from
         self.writer = SummaryWriter(str(self.log_dir), purge_step=None if resume_step is None else resume_step + 1)
-        self.bar = tqdm(total=total_steps, initial=min(resume_step or 0, total_steps), desc="train", unit="step", dynamic_ncols=True)
+        self.bar = tqdm(total=total_steps, initial=min(bar_start, total_steps), desc="train", unit="step", dynamic_ncols=True)
         # drawing figures takes ~0.5 s per evaluation: one background thread keeps it off the training loop
         self.painter, self.paintings = ThreadPoolExecutor(max_workers=1, thread_name_prefix="figures"), []
 
@@ -93,14 +91,14 @@ class TensorBoardTracker:
         auc = values.get(f"{split}_auroc_macro")
         self._figure(f"{split}/confusion_matrix", lambda: confusion_figure(confusion, classes, f"{split} epoch {epoch}"), step, name)
         self._figure(f"{split}/roc_micro", lambda: roc_figure(*roc, auc, f"{split} ROC (micro)"), step, name)
-        line = {"split": split, "epoch": epoch, "step": step, **{k: _finite(v) for k, v in values.items()}, **extra}
+        line = {"split": split, "epoch": epoch, "step": step, **values, **extra}
         with open(self.run.metrics_file, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(line) + "\n")
+            fh.write(atomic.to_json(line) + "\n")  # an undefined metric (AUROC of a one-class split) is null
         self.writer.flush()
 
     def write_summary(self, summary: dict) -> None:
         """summary.json, written atomically."""
-        atomic.write_text(self.run.summary_file, json.dumps(summary, indent=2, default=str))
+        atomic.write_json(self.run.summary_file, summary)
 
     def close(self) -> None:
         """Finish the figures, flush and close the writer and the progress bar."""
@@ -144,8 +142,3 @@ TRACKER_METHODS = frozenset(name for name in vars(Tracker) if not name.startswit
 
 def _nothing(*args, **kwargs) -> None:
     return None
-
-
-def _finite(value: float) -> float | None:
-    # JSON has no NaN: an undefined metric (e.g. AUROC of a single-class split) is written as null
-    return value if isinstance(value, (int, float)) and math.isfinite(value) else None

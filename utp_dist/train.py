@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
 import warnings
 from dataclasses import dataclass
 
-from utp_dist.errors import run_command
+from utp_dist.errors import UserError, run_command
 from utp_dist.preemption import EXIT_RESUMABLE, Stopped
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line arguments: a config file, dotted overrides and the two inspection flags."""
     parser = argparse.ArgumentParser(prog="python -m utp_dist.train", description="Train an image classifier from a YAML config.")
-    parser.add_argument("config", help="YAML config file")
+    parser.add_argument("config", nargs="?", help="YAML config file")
     parser.add_argument("overrides", nargs="*", help="dotted overrides such as optim.lr=3e-4 train.eval_topk=[1,5]")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     parser.add_argument("--dry-run", action="store_true", help="validate, index the data, build the model, print a summary, exit")
@@ -60,6 +61,10 @@ def run(argv: list[str] | None = None) -> Outcome:
 def _train(args: argparse.Namespace) -> int:
     from utp_dist.config import load_config
 
+    if args.config is None:
+        raise UserError(
+            "no config file given; run: python -m utp_dist.train CONFIG.yaml [section.key=value ...], e.g. configs/quickstart.yaml"
+        )
     cfg = load_config(args.config, args.overrides)
     if args.print_config:
         print(cfg.to_yaml(), end="")
@@ -70,15 +75,25 @@ def _train(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(trainer.describe())
         return 0
-    summary = trainer.fit()
-    best = summary["best"]
-    logging.getLogger("utp_dist").info(
-        "done: best %s = %s at epoch %s; model exported to %s",
-        best["metric"],
-        best.get("value"),
-        best.get("epoch"),
-        summary["paths"]["best_model"],
-    )
+    try:
+        summary = trainer.fit()
+    except OSError as err:  # a full disk anywhere but in a state or an export (those say more): still one line
+        if err.errno != errno.ENOSPC:
+            raise
+        raise UserError(
+            f"no space left on device writing {err.filename or cfg.output.root}; free some space and run the same command again"
+        ) from None
+    best, log = summary["best"], logging.getLogger("utp_dist")
+    if "value" not in best:
+        log.warning("done: no evaluation gave a finite %s, so no model was exported", best["metric"])
+    else:
+        log.info(
+            "done: best %s = %.4f at epoch %d; model exported to %s",
+            best["metric"],
+            best["value"],
+            best["epoch"] + 1,
+            summary["paths"]["best_model"],
+        )
     return 0
 
 

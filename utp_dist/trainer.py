@@ -101,6 +101,9 @@ class Trainer:
         set_seed(cfg.train.seed)
         self.splits = index_splits(cfg.data, cfg.train.seed)
         self.classes = self.splits.classes
+        if max(cfg.train.eval_topk) > len(self.classes):
+            k, n = max(cfg.train.eval_topk), len(self.classes)
+            raise UserError(f"train.eval_topk: acc@{k} needs at least {k} classes and {self.splits.root} has {n}; use values up to {n}")
         self.model, self.processor = build_model(cfg.model, self.classes, cfg.data.image_size)
         self.spec = input_spec(self.processor, cfg.data.image_size)
         pin = cfg.data.pin_memory if cfg.data.pin_memory is not None else acc.device.type == "cuda"
@@ -138,39 +141,40 @@ class Trainer:
     def _build_run(self) -> None:
         """Claim or continue the run folder, then this rank's writers (do-nothing ones off the main process)."""
         cfg, acc, main = self.cfg, self.accelerator, self.accelerator.is_main_process
-        opened = open_run(cfg, acc, self.splits)
-        self.run, self.progress, self.stop = opened.run, Progress(), StopRequest()
+        opened = open_run(cfg, acc, self.splits, self.total_steps)
+        self.run, self.lock, self.resumed = opened.run, opened.lock, opened.state is not None
+        self.progress, self.stop = Progress(), StopRequest()
         self.callbacks = Callbacks(cfg.train.callbacks, main)
         self.best = (BestModel if main else NullBestModel)(
             self.run, cfg.train.monitor_metric, cfg.train.monitor_mode, cfg.output.save_per_epoch_checkpoint
         )
-        self.checkpointer = Checkpointer(self.run, acc, cfg.checkpoint, self.stop, cfg.train.log_every_n_steps, self.callbacks)
         # only the main process reports MFU: the other ranks skip the count (about 1 s for ViT-B/16)
         flops = train_flops_per_image(self.model, self.spec.size) if main else None
-        self.reporter = Reporter(acc, NullTracker(), flops, peak_tflops(cfg.train.peak_tflops, acc.device, acc.mixed_precision))
+        peak = peak_tflops(cfg.train.peak_tflops, acc.device, acc.mixed_precision)
+        self.reporter = Reporter(acc, NullTracker(), flops, peak, cfg.optim)
+        ck = (self.run, acc, cfg.checkpoint, self.stop, cfg.train.log_every_n_steps, self.callbacks, self.reporter.check_finite)
+        self.checkpointer = Checkpointer(*ck)
         shared = {"optimizer": self.optimizer, "scheduler": self.scheduler, "progress": self.progress, "best": self.best}
         if acc.scaler is not None:
             shared["scaler"] = acc.scaler
         self.checkpointer.track(acc.unwrap_model(self.model), self.progress, shared, {"meter": self.reporter.meter}, opened.identity)
         if opened.state is not None:
-            self.checkpointer.load(opened.state)
-            self.progress.restarts += 1
-            acc.step = 0  # states are saved right after an optimizer step: accumulation restarts from zero
-            log.info(
-                "resuming %s from %s (step %d, epoch %d, restart %d)",
-                self.run.name,
-                opened.state,
-                self.progress.step,
-                self.progress.epoch,
-                self.progress.restarts,
-            )
+            self._resume(opened.state)
         resume_step = self.progress.step if opened.state is not None else None
-        self.tracker = TensorBoardTracker(self.run, self.total_steps, resume_step) if main else NullTracker()
+        bar_start = self.reporter.meter.logged_step  # the bar advances by logged steps: it starts at the last one logged
+        self.tracker = TensorBoardTracker(self.run, self.total_steps, resume_step, bar_start) if main else NullTracker()
         self.reporter.tracker = self.tracker
         self.tracker.write_config(cfg.to_yaml())
         self.tracker.log_text("config", "```yaml\n" + cfg.to_yaml() + "\n```", self.progress.step)
         self.tracker.log_text("run", self.describe().replace("\n", "  \n"), self.progress.step)
         log.info("run %s: logs in %s, checkpoints in %s", self.run.name, self.run.logs, self.run.checkpoints)
+
+    def _resume(self, state) -> None:
+        p = self.progress
+        self.checkpointer.load(state)
+        p.restarts += 1
+        self.accelerator.step = 0  # states are saved right after an optimizer step: accumulation restarts from zero
+        log.info("resuming %s from %s (step %d, epoch %d, restart %d)", self.run.name, state, p.step, p.epoch, p.restarts)
 
     def describe(self) -> str:
         """What --dry-run prints: classes, images per split after caps, parameters, steps, batches."""
@@ -192,11 +196,18 @@ class Trainer:
     def fit(self) -> dict:
         """Train (or continue) the run: evaluate every epoch, save states, test the best weights; return the summary."""
         self.stop.install()
+        failed = True
         try:
-            return self._fit()
+            summary = self._fit()
+            failed = False
+            return summary
         finally:
             self.stop.uninstall()
             self.tracker.close()  # flushes TensorBoard and ends the progress bar line, also on errors
+            if failed and not self.resumed and self.accelerator.is_main_process:
+                self.run.discard_if_unused()  # a start that failed before writing anything leaves no folder (nor a -v1 next)
+            if self.lock is not None:
+                self.lock.release()
 
     def _fit(self) -> dict:
         cfg, acc, p, meter = self.cfg, self.accelerator, self.progress, self.reporter.meter
@@ -209,7 +220,7 @@ class Trainer:
             meter.resume()
             for images, labels in meter.timed(self.loaders["train"]):
                 with acc.accumulate(self.model):
-                    meter.add(self.train_step(images, labels))
+                    meter.add(self.train_step(images, labels), p.step + 1)
                 p.position += 1
                 if not acc.sync_gradients:
                     continue
@@ -227,9 +238,10 @@ class Trainer:
             self.reporter.epoch_line(p.epoch, cfg.train.epochs, p.last_val, self.best.best)
             p.epoch, p.position = p.epoch + 1, 0
             self.checkpointer.maybe_save(epoch_end=True, save_epoch=cfg.checkpoint.every_epoch and p.step < self.total_steps)
+        self.checkpointer.save_final()  # so a finished run can be continued exactly when train.epochs grows
         acc.wait_for_everyone()  # the best weights are on disk before any rank reads them
         test = {}
-        if "test" in self.loaders:
+        if "test" in self.loaders and self.best.best is not None:  # no finite monitored value: nothing was exported
             self.best.load_best(acc.unwrap_model(self.model))
             test = self.evaluate("test", p.epoch - 1, p.step)
         summary = self.reporter.summary(self.run, cfg, p, self.best.best, test, self.global_batch, self.inputs.cpu_fallbacks)
