@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -37,7 +38,17 @@ CONFIG = {
 def train_img_per_s(tree: Path, config: Path, out: Path, overrides: list[str]) -> float:
     """One 2-process run of `tree`'s utp_dist; its summary's training img/s."""
     env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0", "-m", "utp_dist.train"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "utp_dist.train",
+    ]
     proc = subprocess.run(
         [*cmd, str(config), *overrides, f"output.root={out}"], env=env, cwd=tree, capture_output=True, text=True, timeout=1200
     )
@@ -45,6 +56,12 @@ def train_img_per_s(tree: Path, config: Path, out: Path, overrides: list[str]) -
         raise SystemExit(f"{tree}: training failed:\n{proc.stderr[-3000:]}")
     (summary,) = out.glob("logs/*/*/summary.json")
     return json.loads(summary.read_text())["train_img_per_s"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def main() -> None:
