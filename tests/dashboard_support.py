@@ -71,8 +71,9 @@ class Server:
         except httpx.HTTPError:
             return False
 
-    def client(self, **kwargs) -> httpx.Client:
-        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+    def client(self, authed: bool = True, **kwargs) -> httpx.Client:
+        """An HTTP client of this server; `authed` sends the token (when the server has one) as a Bearer header."""
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token and authed else {}
         return httpx.Client(base_url=self.url, timeout=60, headers=headers, **kwargs)
 
     def stop(self) -> None:
