@@ -44,9 +44,9 @@ def _ago(stamp: float | None) -> str:
 templates.env.filters.update(num=_number, ago=_ago, tojson_compact=lambda v: json.dumps(v, default=str))
 
 
-def render(request: Request, name: str, status_code: int = 200, **context) -> HTMLResponse:
+def render(request: Request, template: str, status_code: int = 200, **context) -> HTMLResponse:
     """A page, with the CSRF token every form posts back."""
-    return templates.TemplateResponse(request, name, {"csrf": request.state.csrf, **context}, status_code=status_code)
+    return templates.TemplateResponse(request, template, {"csrf": request.state.csrf, **context}, status_code=status_code)
 
 
 def error_page(request: Request, status: int, detail: str) -> HTMLResponse:
