@@ -20,12 +20,15 @@ from utp_dist.dashboard.deps import SessionDep, SettingsDep
 
 router = APIRouter(prefix="/web", include_in_schema=False)
 templates = Jinja2Templates(directory=Path(__file__).parent / "templates")
-PAGE_SIZE = 50
+PAGE_SIZE, MAX_PAGE = 50, 1000
 
 
 def _number(value, digits: int = 4) -> str:
+    """A metric for a table cell: 4 significant digits, '-' when missing (also for numbers read from CSV text)."""
     if value is None or value == "":
         return "-"
+    if isinstance(value, str) and any(c in value for c in ".e") and value.lstrip("-").replace(".", "", 1).replace("e-", "", 1).isdigit():
+        value = float(value)
     if isinstance(value, float):
         return f"{value:.{digits}g}" if math.isfinite(value) else str(value)
     return str(value)
@@ -159,15 +162,16 @@ def runs_page(
     request: Request,
     session: SessionDep,
     page: int = Query(1, ge=1),
+    size: int = Query(PAGE_SIZE, ge=1, le=MAX_PAGE),
     state: str | None = None,
     q: str | None = None,
     project: int | None = None,
 ):
     """Every run, queued here or found under the roots, newest first; read from the index only."""
-    runs, total = services.list_runs(session, project, state or None, q or None, PAGE_SIZE, (page - 1) * PAGE_SIZE)
+    runs, total = services.list_runs(session, project, state or None, q or None, size, (page - 1) * size)
     names = dict(session.execute(select(Project.id, Project.name)).all())
     return render(
-        request, "runs.html", runs=runs, total=total, page=page, size=PAGE_SIZE, state=state or "", q=q or "", projects=names, states=states
+        request, "runs.html", runs=runs, total=total, page=page, size=size, state=state or "", q=q or "", projects=names, states=states
     )
 
 

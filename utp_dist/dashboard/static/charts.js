@@ -24,7 +24,8 @@ const utp = (() => {
     const opts = {
       title, width: Math.max(360, el.clientWidth - 12), height: 260,
       scales: { x: { time: false } },
-      axes: [{ label: xLabel }, {}],
+      // epochs and steps are whole numbers: no 0.2-epoch ticks
+      axes: [{ label: xLabel, incrs: [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000] }, {}],
       cursor: { drag: { x: true, y: false } },
       series: [{ label: xLabel }, ...names.map((n, i) => ({ label: n, stroke: COLORS[i % COLORS.length], width: 2, spanGaps: true, points: { size: 5 } }))],
     };

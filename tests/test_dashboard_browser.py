@@ -1,0 +1,99 @@
+"""The dashboard in a real headless Chromium (Debian's package, driven by Playwright): the flow a user clicks through."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+from dashboard_support import Server, copy_root, trained_root
+from playwright.sync_api import expect, sync_playwright
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+README_SCREENSHOT = REPO / "docs" / "dashboard.png"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("browser")
+    root = copy_root(trained_root(tmp_path_factory.getbasetemp()), folder / "root")
+    running = Server([root], f"sqlite:///{folder / 'db.sqlite'}", folder / "server.log").start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        context = browser.new_context(base_url=server.url, viewport={"width": 1360, "height": 1000})
+        page = context.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda err: errors.append(str(err)))
+        page.errors = errors
+        yield page
+        browser.close()
+
+
+def shot(page, folder: Path, name: str) -> Path:
+    path = folder / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    return path
+
+
+def test_create_project_paste_config_queue_and_see_a_finished_run(page, tmp_path):
+    page.goto("/web/projects")
+    page.fill("#new-project input[name=name]", "fashion")
+    page.fill("#new-project input[name=description]", "the quickstart")
+    page.click("#new-project button")
+    expect(page.locator("h1")).to_contain_text("fashion / configs")
+
+    page.fill("#new-config input[name=name]", "quickstart")
+    page.fill("#new-config textarea[name=text]", (REPO / "configs" / "quickstart.yaml").read_text())
+    shot(page, tmp_path, "1-config")
+    page.click("#new-config button")
+    expect(page.locator("h1")).to_contain_text("fashion / runs")
+
+    page.click("text=Queue run")
+    expect(page.locator("#run-state")).to_contain_text("queued")
+    shot(page, tmp_path, "2-queued-run")
+
+    page.goto("/web/runs")
+    expect(page.locator("table.runs")).to_contain_text("seed=1")
+    expect(page.locator("table.runs")).to_contain_text("queued")
+    shot(page, tmp_path, "3-runs-list")
+
+    page.click("table.runs a:has-text('seed=1')")
+    expect(page.locator("#run-state")).to_contain_text("succeeded")
+    expect(page.locator("#chart-train .uplot")).to_be_visible()  # the chart was drawn from the run's TensorBoard events
+    expect(page.locator("#chart-val .uplot")).to_be_visible()
+    matrix = page.locator("img#confusion-matrix")
+    expect(matrix).to_be_visible()
+    assert matrix.evaluate("img => img.complete && img.naturalWidth > 100")  # the PNG really loaded
+    run_page = shot(page, tmp_path, "4-run-page")
+    README_SCREENSHOT.parent.mkdir(exist_ok=True)
+    shutil.copyfile(run_page, README_SCREENSHOT)
+
+    page.goto("/web/runs")
+    page.locator("input[name=ids]").nth(1).check()
+    page.locator("input[name=ids]").nth(2).check()
+    page.click("#compare button")
+    expect(page.locator("#differences")).to_contain_text("train.seed")
+    expect(page.locator("#chart-compare-val .uplot")).to_be_visible()
+    shot(page, tmp_path, "5-compare")
+
+    page.goto("/web/sweeps")
+    page.click("text=seeds")
+    expect(page.locator("#tasks")).to_contain_text("FAILED")
+    shot(page, tmp_path, "6-sweep-board")
+    assert page.errors == []  # no JavaScript error on any page
+    print(f"screenshots in {tmp_path}")
