@@ -11,6 +11,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -161,3 +163,19 @@ def copy_root(source: Path, target: Path) -> Path:
     """A private copy of an output root (symlinks kept as links) for tests that change it."""
     shutil.copytree(source, target, symlinks=True)
     return target
+
+
+def private_root(tmp_path_factory, name: str) -> Path:
+    """A copy of the session's trained root that one test module may change."""
+    return copy_root(trained_root(tmp_path_factory.getbasetemp()), tmp_path_factory.mktemp(name) / "root")
+
+
+@contextmanager
+def serving(root: Path, tmp_path_factory, name: str, **options) -> Iterator[Server]:
+    """A dashboard over `root` with its own SQLite database, stopped on exit."""
+    folder = tmp_path_factory.mktemp(name)
+    server = Server([root], f"sqlite:///{folder / 'db.sqlite'}", folder / "server.log", **options).start()
+    try:
+        yield server
+    finally:
+        server.stop()

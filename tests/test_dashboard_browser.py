@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO
-from dashboard_support import Server, copy_root, trained_root
+from dashboard_support import private_root, serving
 from playwright.sync_api import expect, sync_playwright
 
 CHROMIUM = "/usr/bin/chromium"
@@ -24,11 +24,8 @@ README_SCREENSHOT = REPO / "docs" / "dashboard.png"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("browser")
-    root = copy_root(trained_root(tmp_path_factory.getbasetemp()), folder / "root")
-    running = Server([root], f"sqlite:///{folder / 'db.sqlite'}", folder / "server.log").start()
-    yield running
-    running.stop()
+    with serving(private_root(tmp_path_factory, "browser"), tmp_path_factory, "browser-db") as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

@@ -12,22 +12,20 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import REPO, tiny_config
-from dashboard_support import Server, copy_root, trained_root, wait_until
+from dashboard_support import private_root, serving, wait_until
 
 from utp_dist.dashboard import sources
 
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    return copy_root(trained_root(tmp_path_factory.getbasetemp()), tmp_path_factory.mktemp("pages") / "root")
+    return private_root(tmp_path_factory, "pages")
 
 
 @pytest.fixture(scope="module")
 def server(root, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("pages-db")
-    running = Server([root], f"sqlite:///{folder / 'db.sqlite'}", folder / "server.log").start()
-    yield running
-    running.stop()
+    with serving(root, tmp_path_factory, "pages-db") as running:
+        yield running
 
 
 @pytest.fixture

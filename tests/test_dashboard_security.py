@@ -10,32 +10,28 @@ import sys
 
 import pytest
 from conftest import REPO
-from dashboard_support import Server, copy_root, trained_root
+from dashboard_support import Server, private_root, serving
 
 TOKEN = "s3cret-token-for-tests"
 
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    return copy_root(trained_root(tmp_path_factory.getbasetemp()), tmp_path_factory.mktemp("security") / "root")
+    return private_root(tmp_path_factory, "security")
 
 
 @pytest.fixture(scope="module")
 def local(root, tmp_path_factory):
     """A dashboard on 127.0.0.1 without a token."""
-    folder = tmp_path_factory.mktemp("local")
-    server = Server([root], f"sqlite:///{folder / 'db.sqlite'}", folder / "server.log").start()
-    yield server
-    server.stop()
+    with serving(root, tmp_path_factory, "local") as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
 def exposed(root, tmp_path_factory):
     """A dashboard bound to every address, so it needs its token."""
-    folder = tmp_path_factory.mktemp("exposed")
-    server = Server([root], f"sqlite:///{folder / 'db.sqlite'}", folder / "server.log", host="0.0.0.0", token=TOKEN).start()
-    yield server
-    server.stop()
+    with serving(root, tmp_path_factory, "exposed", host="0.0.0.0", token=TOKEN) as server:
+        yield server
 
 
 def raw_get(server: Server, path: str) -> int:

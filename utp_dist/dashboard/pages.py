@@ -13,6 +13,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.templating import Jinja2Templates
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from utp_dist.dashboard import security, services, sources, states
 from utp_dist.dashboard.db import Agent, ConfigRow, Project, Run
@@ -94,23 +95,34 @@ async def login(request: Request, settings: SettingsDep):
 # --- projects and configs
 
 
-@router.get("/projects")
-def projects_page(request: Request, session: SessionDep):
+def projects_view(request: Request, session: Session, error: str | None = None, status_code: int = 200) -> HTMLResponse:
     items, _ = services.list_projects(session, limit=500)
-    return render(request, "projects.html", projects=items, error=None)
+    return render(request, "projects.html", status_code=status_code, projects=items, error=error)
 
 
-@router.post("/projects")
-async def create_project(request: Request, session: SessionDep):
+async def create_from_form(request: Request, make, refused) -> HTMLResponse | RedirectResponse:
+    """A create form: check its CSRF token, make the object (answering the URL to go to), or show the form again with the 409."""
     form = await posted(request)
     if form is None:
         return csrf_refused(request)
     try:
-        project = services.create_project(session, str(form.get("name", "")).strip() or "-", str(form.get("description", "")))
+        return back(make(form))
     except services.Conflict as err:
-        items, _ = services.list_projects(session, limit=500)
-        return render(request, "projects.html", status_code=409, projects=items, error=str(err))
-    return back(f"/web/projects/{project.id}/configs")
+        return refused(str(err))
+
+
+@router.get("/projects")
+def projects_page(request: Request, session: SessionDep):
+    return projects_view(request, session)
+
+
+@router.post("/projects")
+async def create_project(request: Request, session: SessionDep):
+    def make(form) -> str:
+        project = services.create_project(session, str(form.get("name", "")).strip() or "-", str(form.get("description", "")))
+        return f"/web/projects/{project.id}/configs"
+
+    return await create_from_form(request, make, lambda error: projects_view(request, session, error, 409))
 
 
 @router.get("/projects/{project_id}/configs")
@@ -242,23 +254,23 @@ async def resubmit_failed(request: Request, sweep_id: int, session: SessionDep):
 # --- agents
 
 
+def agents_view(request: Request, session: Session, error: str | None = None, status_code: int = 200) -> HTMLResponse:
+    items, _ = services.list_agents(session, limit=500)
+    return render(request, "agents.html", status_code=status_code, agents=items, error=error)
+
+
 @router.get("/agents")
 def agents_page(request: Request, session: SessionDep):
-    items, _ = services.list_agents(session, limit=500)
-    return render(request, "agents.html", agents=items, error=None)
+    return agents_view(request, session)
 
 
 @router.post("/agents")
 async def create_agent(request: Request, session: SessionDep):
-    form = await posted(request)
-    if form is None:
-        return csrf_refused(request)
-    try:
+    def make(form) -> str:
         services.create_agent(session, str(form.get("name", "")).strip() or "agent", str(form.get("host", "")))
-    except services.Conflict as err:
-        items, _ = services.list_agents(session, limit=500)
-        return render(request, "agents.html", status_code=409, agents=items, error=str(err))
-    return back("/web/agents")
+        return "/web/agents"
+
+    return await create_from_form(request, make, lambda error: agents_view(request, session, error, 409))
 
 
 @router.post("/agents/{agent_id}/drain")

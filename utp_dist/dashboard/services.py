@@ -45,6 +45,29 @@ def found(session: Session, model, ident: int, what: str):
     return row
 
 
+def add(session: Session, row, taken: str):
+    """Insert a row; 409 naming what is taken when a unique name or index is already used."""
+    session.add(row)
+    commit(session, taken)
+    return row
+
+
+def patch(session: Session, model, ident: int, what: str, taken: str = "", **changes):
+    """Set the fields given (None = leave as is) on the row with this id."""
+    row = found(session, model, ident, what)
+    for key, value in changes.items():
+        if value is not None:
+            setattr(row, key, value)
+    commit(session, taken or f"that {what} already exists")
+    return row
+
+
+def remove(session: Session, model, ident: int, what: str) -> None:
+    """Delete the row with this id (404 when there is none)."""
+    session.delete(found(session, model, ident, what))
+    session.commit()
+
+
 def commit(session: Session, taken: str) -> None:
     """Commit; a unique constraint broken by a concurrent or repeated create is a 409 naming what is taken."""
     try:
@@ -62,25 +85,16 @@ def list_projects(session: Session, limit: int = 100, offset: int = 0) -> tuple[
 
 
 def create_project(session: Session, name: str, description: str = "") -> Project:
-    project = Project(name=name.strip(), description=description)
-    session.add(project)
-    commit(session, f"a project named '{name}' already exists")
-    return project
+    return add(session, Project(name=name.strip(), description=description), f"a project named '{name}' already exists")
 
 
 def update_project(session: Session, project_id: int, name: str | None, description: str | None) -> Project:
-    project = found(session, Project, project_id, "project")
-    if name is not None:
-        project.name = name.strip()
-    if description is not None:
-        project.description = description
-    commit(session, f"a project named '{name}' already exists")
-    return project
+    name = name.strip() if name is not None else None
+    return patch(session, Project, project_id, "project", f"a project named '{name}' already exists", name=name, description=description)
 
 
 def delete_project(session: Session, project_id: int) -> None:
-    session.delete(found(session, Project, project_id, "project"))
-    session.commit()
+    remove(session, Project, project_id, "project")
 
 
 # --- configs
@@ -113,8 +127,7 @@ def list_configs(session: Session, project_id: int, limit: int = 100, offset: in
 
 
 def delete_config(session: Session, config_id: int) -> None:
-    session.delete(found(session, ConfigRow, config_id, "config"))
-    session.commit()
+    remove(session, ConfigRow, config_id, "config")
 
 
 # --- runs and their queue entries
@@ -200,33 +213,21 @@ def list_agents(session: Session, limit: int = 100, offset: int = 0) -> tuple[li
 
 
 def create_agent(session: Session, name: str, host: str = "") -> Agent:
-    agent = Agent(name=name, host=host)
-    session.add(agent)
-    commit(session, f"an agent named '{name}' already exists")
-    return agent
+    return add(session, Agent(name=name, host=host), f"an agent named '{name}' already exists")
 
 
 def update_agent(session: Session, agent_id: int, host: str | None, drain: bool | None) -> Agent:
-    agent = found(session, Agent, agent_id, "agent")
-    if host is not None:
-        agent.host = host
-    if drain is not None:
-        agent.drain = drain
-    session.commit()
-    return agent
+    """Change an agent's host, or drain it (it finishes what it runs and claims nothing new)."""
+    return patch(session, Agent, agent_id, "agent", host=host, drain=drain)
 
 
 def delete_agent(session: Session, agent_id: int) -> None:
-    session.delete(found(session, Agent, agent_id, "agent"))
-    session.commit()
+    remove(session, Agent, agent_id, "agent")
 
 
 def add_gpu(session: Session, agent_id: int, index: int, name: str, memory_mb: int) -> Gpu:
     found(session, Agent, agent_id, "agent")
-    gpu = Gpu(agent_id=agent_id, index=index, name=name, memory_mb=memory_mb)
-    session.add(gpu)
-    commit(session, f"agent {agent_id} already has a GPU {index}")
-    return gpu
+    return add(session, Gpu(agent_id=agent_id, index=index, name=name, memory_mb=memory_mb), f"agent {agent_id} already has a GPU {index}")
 
 
 # --- sweeps
