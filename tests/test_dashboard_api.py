@@ -154,6 +154,10 @@ def test_runs_on_disk_are_listed_with_progress(api):
     assert figure.status_code == 200 and figure.content.startswith(b"\x89PNG")
     series = api.get(f"/api/v1/runs/{seeds[0]['id']}/series").json()
     assert series["train"]["train_loss"]["x"][:3] == [2, 4, 6] and len(series["val"]["val_acc@1"]["y"]) == 2
+    task = run["sweep_task"]  # the sweep task that trained it: where it ran
+    assert task["task"] in (0, 1) and task["job"].startswith("pid:") and task["attempts"] == 1 and task["sweep_id"]
+    board = api.get(f"/api/v1/sweeps/{task['sweep_id']}").json()
+    assert board["rows"][task["task"]]["logs"] == run["paths"]["logs"]
     disk_cancel = api.post(f"/api/v1/runs/{seeds[0]['id']}/cancel")
     assert disk_cancel.status_code == 409 and disk_cancel.json()["state"] == "succeeded"
 

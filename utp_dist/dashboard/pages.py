@@ -16,7 +16,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from utp_dist.dashboard import security, services, sources, states
-from utp_dist.dashboard.db import Agent, ConfigRow, Project, Run
+from utp_dist.dashboard.db import Agent, ConfigRow, Project
 from utp_dist.dashboard.deps import SessionDep, SettingsDep
 
 router = APIRouter(prefix="/web", include_in_schema=False)
@@ -234,7 +234,7 @@ def sweep_page(request: Request, sweep_id: int, session: SessionDep, message: st
     sweep = services.get_sweep(session, sweep_id)
     board = services.sweep_board(sweep)
     failed = [r for r in board["rows"] if r["state"] in sources.RESUBMITTABLE]
-    runs = {r.name: r.id for r in session.scalars(select(Run).where(Run.name.in_([row["run"] for row in board["rows"]])))}
+    runs = services.runs_by_logs(session, [row.get("logs") for row in board["rows"]])
     return render(request, "sweep.html", sweep=sweep, **board, failed=failed, message=message, runs=runs)
 
 
@@ -248,7 +248,8 @@ async def resubmit_failed(request: Request, sweep_id: int, session: SessionDep):
     board = services.sweep_board(sweep)
     failed = [r for r in board["rows"] if r["state"] in sources.RESUBMITTABLE]
     note = f"resubmit --failed: {message}" + ("" if code == 0 else f" (exit {code})")
-    return render(request, "sweep.html", sweep=sweep, **board, failed=failed, message=note, runs={})
+    runs = services.runs_by_logs(session, [row.get("logs") for row in board["rows"]])
+    return render(request, "sweep.html", sweep=sweep, **board, failed=failed, message=note, runs=runs)
 
 
 # --- agents

@@ -130,14 +130,14 @@ def figures(run: RunDir) -> dict[str, Path | None]:
     return {"confusion_matrix": pick("confusion_matrix"), "roc": pick("roc_micro")}
 
 
-def log_tail(run: RunDir, lines: int = 80, limit_bytes: int = 64_000) -> tuple[Path | None, str]:
-    """The last lines of the newest log file in the run's log folder (a CLI run prints to its terminal and has none)."""
-    logs = sorted((p for p in run.logs.glob("*") if p.suffix in LOG_SUFFIXES and p.is_file()), key=lambda p: p.stat().st_mtime)
-    if not logs:
+def log_tail(run: RunDir, extra: list[Path] = (), lines: int = 80, limit_bytes: int = 64_000) -> tuple[Path | None, str]:
+    """The last lines of the newest log: in the run's log folder, or `extra` ones (its sweep task's); a CLI run has none."""
+    found = [p for p in run.logs.glob("*") if p.suffix in LOG_SUFFIXES and p.is_file()] + [p for p in extra if p.is_file()]
+    if not found:
         return None, ""
-    path = logs[-1]
+    path = max(found, key=lambda p: p.stat().st_mtime)
     with open(path, "rb") as fh:
-        fh.seek(max(0, path.stat().st_size - limit_bytes))
+        fh.seek(max(0, path.stat().st_size - limit_bytes))  # only the end of a long log is read
         text = fh.read().decode("utf-8", errors="replace")
     return path, "\n".join(text.splitlines()[-lines:])
 

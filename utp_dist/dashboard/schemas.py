@@ -108,6 +108,8 @@ class RunDetail(RunOut):
     summary: dict[str, Any] | None = None
     paths: dict[str, str | None] = {}
     jobs: list[JobOut] = []
+    sweep_task: dict[str, Any] | None = None
+    """The sweep task that trained it, when one did: sweep folder and id, task index, job id, host, pid, attempts."""
 
 
 class StateChangeOut(BaseModel):

@@ -241,6 +241,17 @@ def get_sweep(session: Session, sweep_id: int) -> Sweep:
     return found(session, Sweep, sweep_id, "sweep")
 
 
+def runs_by_logs(session: Session, logs: list[str | None]) -> dict[str, int]:
+    """Run ids by log folder (as the sweep status rows name a task's run), for links from the board to run pages."""
+    folders = [RunDir.of_logs(Path(path).resolve()) for path in logs if path]
+    out = {}
+    for folder in folders:
+        ident = session.scalar(select(Run.id).where(Run.root == str(folder.root), Run.dataset == folder.dataset, Run.name == folder.name))
+        if ident is not None:
+            out[str(folder.logs)] = ident
+    return out
+
+
 def sweep_board(sweep: Sweep) -> dict:
     """The board of a sweep: task rows as `submit status` has them, the leaderboard, and mean ± std over seeds."""
     folder = Path(sweep.folder)
@@ -259,15 +270,16 @@ def sweep_board(sweep: Sweep) -> dict:
 
 
 def run_detail(session: Session, run: Run, roots: tuple[Path, ...]) -> dict:
-    """The run row plus what its folder says: resolved config, progress, summary, figures, log tail, best export, jobs."""
+    """The run row plus what its folder says: resolved config, progress, summary, figures, log tail, best export, sweep task, jobs."""
     folder = run_folder(run)
-    config, summary, progress, paths = None, None, {}, {}
+    config, summary, progress, paths, task = None, None, {}, {}, None
     if folder is not None and folder.exists():
         config = folder.read_config()
         summary = folder.read_summary()
         progress = rundata.progress(folder, config)
         figures = rundata.figures(folder)
-        log_path, tail = rundata.log_tail(folder)
+        task = sources.task_of_run(folder, [Path(f) for f in session.scalars(select(Sweep.folder))])
+        log_path, progress["log_tail"] = rundata.log_tail(folder, task["logs"] if task else [])
         best = rundata.best_export(folder)
         paths = {
             "logs": str(folder.logs),
@@ -278,12 +290,14 @@ def run_detail(session: Session, run: Run, roots: tuple[Path, ...]) -> dict:
             "roc_url": files.url_of(roots, figures["roc"]),
             "log_url": files.url_of(roots, log_path),
         }
-        progress["log_tail"] = tail
     elif run.config_id is not None:
         row = session.get(ConfigRow, run.config_id)
         config = from_dict(row.config, row.name).to_dict() if row is not None else None
+    if task is not None:
+        task = {k: v for k, v in task.items() if k != "logs"}
+        task["sweep_id"] = session.scalar(select(Sweep.id).where(Sweep.folder == task["sweep"]))
     jobs = list(session.scalars(select(Job).where(Job.run_id == run.id).order_by(Job.id)))
-    return {"run": run, "config": config, "summary": summary, "progress": progress, "paths": paths, "jobs": jobs}
+    return {"run": run, "config": config, "summary": summary, "progress": progress, "paths": paths, "jobs": jobs, "task": task}
 
 
 def run_series(run: Run) -> dict:

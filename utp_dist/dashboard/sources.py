@@ -13,9 +13,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+from utp_dist import executors as _executors
 from utp_dist import ledger as _ledger
 from utp_dist import sweep_status as _status
 from utp_dist.errors import UserError, first_line
+from utp_dist.runs import RunDir, is_version_of
+from utp_dist.sweep_task import TaskRecord
 
 LEDGER = _ledger.LEDGER
 SEED = "train.seed"
@@ -92,6 +95,37 @@ def resubmit_failed(folder: Path, timeout_s: float = 120.0) -> tuple[int, str]:
         return 124, f"resubmit did not answer within {timeout_s:.0f} s"
     lines = (done.stdout + done.stderr).strip().splitlines()
     return done.returncode, lines[-1] if lines else f"exit {done.returncode}"
+
+
+def task_of_run(run: RunDir, sweep_folders: list[Path]) -> dict | None:
+    """The sweep task that trained this run (same output root, name and config fingerprint): job, host, pid, its log files."""
+    config_hash = None
+    for folder in sweep_folders:
+        try:
+            ledger = read_ledger(folder)
+        except UserError:
+            continue
+        for task in ledger["tasks"]:
+            if not is_version_of(task["name"], run.name) or Path(task["output_root"]).resolve() != run.root.resolve():
+                continue
+            config_hash = config_hash or run.config_hash()
+            if task["config_hash"] != config_hash:
+                continue
+            index, job = task["index"], (task["jobs"][-1] if task["jobs"] else None)
+            record = TaskRecord(folder, index).read()
+            logs = [folder / _executors.LOCAL_LOGS / f"task-{index}.log"]
+            if job and not job.startswith("pid:"):  # submitit names a Slurm task's logs JOBID_RANK_log.out/.err
+                logs += [folder / _executors.SUBMITIT_DIR / f"{job}_0_log.{ext}" for ext in ("out", "err")]
+            return {
+                "sweep": str(folder),
+                "task": index,
+                "job": job,
+                "host": record.get("host"),
+                "pid": record.get("pid"),
+                "attempts": record.get("attempts"),
+                "logs": [p for p in logs if p.is_file()],
+            }
+    return None
 
 
 def describe_error(err: UserError) -> str:

@@ -40,7 +40,13 @@ def get_run(run_id: int, session: SessionDep, settings: SettingsDep):
     base = RunOut.model_validate(detail["run"]).model_dump()
     progress = {k: v for k, v in detail["progress"].items() if k != "log_tail"}
     return RunDetail(
-        **base, config=detail["config"], progress=progress, summary=detail["summary"], paths=detail["paths"], jobs=detail["jobs"]
+        **base,
+        config=detail["config"],
+        progress=progress,
+        summary=detail["summary"],
+        paths=detail["paths"],
+        jobs=detail["jobs"],
+        sweep_task=detail["task"],
     )
 
 
