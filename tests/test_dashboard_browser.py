@@ -94,3 +94,36 @@ def test_create_project_paste_config_queue_and_see_a_finished_run(page, tmp_path
     shot(page, tmp_path, "6-sweep-board")
     assert page.errors == []  # no JavaScript error on any page
     print(f"screenshots in {tmp_path}")
+
+
+LIVE_CHART = """async () => {
+  const settle = () => new Promise((resolve) => setTimeout(resolve, 100));  // uPlot commits scale changes asynchronously
+  const el = document.createElement("div");
+  el.style.width = "600px";
+  document.body.appendChild(el);
+  const draw = utp.liveChart(el, "loss", "step");
+  const curves = (n) => [{x: [...Array(n).keys()], y: [...Array(n).keys()]}, {x: [...Array(n).keys()], y: [...Array(n).keys()].map((v) => -v)}];
+  draw(["a", "b"], curves(5));
+  await settle();
+  const plot = draw.plot();
+  plot.setScale("x", {min: 1, max: 3});  // the user zoomed in
+  plot.setSeries(2, {show: false});      // and switched series b off in the legend
+  await settle();
+  draw(["a", "b"], curves(9));           // new points arrive
+  await settle();
+  const kept = {same: draw.plot() === plot, min: plot.scales.x.min, max: plot.scales.x.max, shown: plot.series[2].show, points: plot.data[0].length};
+  const other = utp.liveChart(el.appendChild(document.createElement("div")), "acc", "epoch");
+  other(["a"], curves(3).slice(0, 1));
+  await settle();
+  other(["a"], curves(7).slice(0, 1));   // not zoomed: the chart grows with the data
+  await settle();
+  return {kept, grown: other.plot().scales.x.max};
+}"""
+
+
+def test_live_chart_keeps_zoom_and_selection_when_points_arrive(page):
+    page.goto("/web/runs")
+    result = page.evaluate(LIVE_CHART)
+    assert result["kept"] == {"same": True, "min": 1, "max": 3, "shown": False, "points": 9}
+    assert result["grown"] == 6
+    assert page.errors == []

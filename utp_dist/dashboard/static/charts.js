@@ -35,7 +35,7 @@ const utp = (() => {
   // one chart that can be refreshed: created on the first points, then only fed new data
   function liveChart(el, title, xLabel) {
     let plot = null, names = null;
-    return (curveNames, curves) => {
+    const update = (curveNames, curves) => {
       const data = align(curves);
       if (plot && names && names.join() === curveNames.join()) {
         const xs = plot.data[0];
@@ -47,6 +47,8 @@ const utp = (() => {
       names = curveNames;
       plot = chart(el, title, xLabel, curveNames, data);
     };
+    update.plot = () => plot;
+    return update;
   }
 
   function runPage(runId, live) {
