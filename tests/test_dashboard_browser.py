@@ -127,3 +127,10 @@ def test_live_chart_keeps_zoom_and_selection_when_points_arrive(page):
     assert result["kept"] == {"same": True, "min": 1, "max": 3, "shown": False, "points": 9}
     assert result["grown"] == 6
     assert page.errors == []
+
+
+def test_api_docs_render_without_internet(page):
+    page.goto("/docs")
+    expect(page.locator(".swagger-ui .info")).to_contain_text("utp_dist dashboard")
+    expect(page.locator(".swagger-ui")).to_contain_text("/api/v1/runs/from-config/{config_id}")
+    assert page.errors == []

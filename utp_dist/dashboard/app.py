@@ -8,7 +8,8 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, RedirectResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 
 from utp_dist import __version__
@@ -37,7 +38,8 @@ def create_app(settings: Settings) -> FastAPI:
         database.engine.dispose()
 
     indexer = Indexer(settings.roots, database.sessions)
-    app = FastAPI(title="utp_dist dashboard", version=__version__, lifespan=lifespan)
+    # /docs is served below from vendored Swagger UI files (FastAPI's default loads them from a CDN); no ReDoc
+    app = FastAPI(title="utp_dist dashboard", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.settings, app.state.db, app.state.indexer = settings, database, indexer
     app.add_middleware(AccessMiddleware, settings=settings)
     for module in (projects, configs, runs, agents, sweeps, system):
@@ -45,8 +47,21 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(pages.router)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     app.add_api_route("/", lambda: RedirectResponse("/web/runs"), include_in_schema=False)
+    app.add_api_route("/docs", api_docs, include_in_schema=False)
     add_error_answers(app)
     return app
+
+
+def api_docs() -> HTMLResponse:
+    """The OpenAPI docs (Swagger UI) from the vendored files, so they work on a machine without internet."""
+    vendor = "/static/vendor/swagger-ui"
+    return get_swagger_ui_html(
+        openapi_url="/openapi.json",
+        title="utp_dist dashboard API",
+        swagger_js_url=f"{vendor}/swagger-ui-bundle.js",
+        swagger_css_url=f"{vendor}/swagger-ui.css",
+        swagger_favicon_url=f"{vendor}/favicon-32x32.png",
+    )
 
 
 def add_error_answers(app: FastAPI) -> None:
