@@ -178,3 +178,16 @@ def test_pagination_and_openapi(api):
     for path in ("/api/v1/projects", "/api/v1/configs", "/api/v1/configs/project/{project_id}", "/api/v1/runs/from-config/{config_id}"):
         assert path in paths
     assert "/api/v1/agents" in paths and "/api/v1/agents/gpus" in paths
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("nosuchdb://u:secret@x", "is not a usable database URL"),
+        ("postgresql+psycopg://u:secret@/x?host=/nonexistent&port=1", "cannot connect"),
+    ],
+)
+def test_a_wrong_database_url_is_one_line(tmp_path, url, says):
+    done = run_cli("--root", str(tmp_path), "--db", url, module="utp_dist.dashboard", timeout=60)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and says in lines[0] and "secret" not in lines[0]

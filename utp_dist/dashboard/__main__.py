@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from utp_dist.dashboard.settings import DB_ENV, TOKEN_ENV, from_args
-from utp_dist.errors import run_command
+from utp_dist.errors import UserError, first_line, run_command
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -22,6 +22,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def check_database(engine) -> None:
+    """Connect once before serving, so a wrong --db is one line, not a traceback from inside the server."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        with engine.connect():
+            pass
+    except SQLAlchemyError as err:
+        url = engine.url.render_as_string(hide_password=True)
+        raise UserError(f"--db {url}: cannot connect: {first_line(getattr(err, 'orig', None) or err)}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
 
@@ -32,8 +44,10 @@ def main(argv: list[str] | None = None) -> int:
 
         settings = from_args(args.host, args.port, args.db, args.root, args.index_interval)
         settings.roots[0].mkdir(parents=True, exist_ok=True)  # the default database lives there
+        app = create_app(settings)
+        check_database(app.state.db.engine)
         print(f"utp_dist dashboard: http://{args.host}:{args.port}/  (roots: {', '.join(map(str, settings.roots))})", flush=True)
-        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning")
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
         return 0
 
     return run_command(serve, interrupted="dashboard stopped")

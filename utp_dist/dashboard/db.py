@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
 from typing import Any
 
 from sqlalchemy import JSON, Boolean, Float, ForeignKey, Integer, String, Text, UniqueConstraint, create_engine, event
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 
 from utp_dist.dashboard import states
+from utp_dist.errors import UserError, first_line
 
 SQLITE_BUSY_TIMEOUT_MS = 10_000
 
@@ -140,7 +143,13 @@ class Database:
 
     def __init__(self, url: str):
         sqlite = url.startswith("sqlite")
-        self.engine: Engine = create_engine(url, connect_args={"check_same_thread": False} if sqlite else {}, pool_pre_ping=not sqlite)
+        try:
+            self.engine: Engine = create_engine(url, connect_args={"check_same_thread": False} if sqlite else {}, pool_pre_ping=not sqlite)
+        except (ArgumentError, NoSuchModuleError, ImportError) as err:
+            shown = re.sub(r"//[^@/]*@", "//***@", url)  # never print a password
+            raise UserError(
+                f"--db {shown!r} is not a usable database URL ({first_line(err)}); e.g. sqlite:///dash.db or postgresql+psycopg://..."
+            ) from None
         if sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
