@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -191,3 +192,20 @@ def test_a_wrong_database_url_is_one_line(tmp_path, url, says):
     done = run_cli("--root", str(tmp_path), "--db", url, module="utp_dist.dashboard", timeout=60)
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1 and says in lines[0] and "secret" not in lines[0]
+
+
+def test_concurrent_cancels_one_wins(server, project):
+    """Eight clients cancel the same queued run at once: the compare-and-swap lets exactly one through."""
+    with server.client() as api:
+        config = api.post("/api/v1/configs", json={"project_id": project["id"], "name": "race", "yaml": QUICKSTART}).json()
+        run_id = api.post(f"/api/v1/runs/from-config/{config['id']}").json()["run_id"]
+
+    def cancel(_) -> int:
+        with server.client() as client:
+            return client.post(f"/api/v1/runs/{run_id}/cancel").status_code
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        codes = sorted(pool.map(cancel, range(8)))
+    assert codes == [200] + [409] * 7
+    with server.client() as api:
+        assert api.get(f"/api/v1/runs/{run_id}").json()["state"] == "cancelled"

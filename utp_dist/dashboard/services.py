@@ -170,8 +170,27 @@ def latest_job(session: Session, run: Run) -> Job | None:
     return session.scalar(select(Job).where(Job.run_id == run.id).order_by(Job.id.desc()).limit(1))
 
 
+def swap(session: Session, job: Job, new: str, **values) -> bool:
+    """Move a job from the (state, attempt) it was read with to `new`, and its run with it, as one compare-and-swap.
+
+    False (nothing written) when another actor changed the job first; the one place every state change goes through,
+    for users here and for agents (issue 12), whose attempt number is their fencing token.
+    """
+    if not states.allowed(job.state, new):
+        return False
+    changed = {"state": new, "updated": now(), **values}
+    swapped = session.execute(update(Job).where(Job.id == job.id, Job.state == job.state, Job.attempt == job.attempt).values(**changed))
+    if not swapped.rowcount:
+        session.rollback()
+        return False
+    session.execute(update(Run).where(Run.id == job.run_id).values(state=new, updated=now()))
+    session.commit()
+    session.refresh(job)
+    return True
+
+
 def change_state(session: Session, run_id: int, action: str) -> Job:
-    """Cancel or resume a run's job as one compare-and-swap on (state, attempt): of two concurrent actors only one wins."""
+    """Cancel or resume a run's job (409 with the current state when that state does not allow it, or another actor won)."""
     run = get_run(session, run_id)
     job = latest_job(session, run)
     if job is None:
@@ -179,19 +198,10 @@ def change_state(session: Session, run_id: int, action: str) -> Job:
     target = states.ACTIONS[action].get(job.state)
     if target is None:
         raise Conflict(f"cannot {action} run {run_id}: its job is {job.state}", job.state)
-    values = {"state": target, "updated": now()}
-    if target == states.QUEUED:
-        values.update(agent_id=None, lease_expires=None, reason=None)
-    swapped = session.execute(
-        update(Job).where(Job.id == job.id, Job.state == job.state, Job.attempt == job.attempt).values(**values)
-    ).rowcount
-    if not swapped:
-        session.rollback()
+    requeue = {"agent_id": None, "lease_expires": None, "reason": None} if target == states.QUEUED else {}
+    if not swap(session, job, target, **requeue):
         current = session.scalar(select(Job.state).where(Job.id == job.id))
         raise Conflict(f"cannot {action} run {run_id}: its job changed to {current} meanwhile", current)
-    session.execute(update(Run).where(Run.id == run.id).values(state=target, updated=now()))
-    session.commit()
-    session.refresh(job)
     return job
 
 
