@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from alembic import command
 from conftest import REPO, run_cli
 from dashboard_support import Postgres, Server, trained_root
 
@@ -159,6 +160,8 @@ def test_runs_on_disk_are_listed_with_progress(api):
     assert task["task"] in (0, 1) and task["job"].startswith("pid:") and task["attempts"] == 1 and task["sweep_id"]
     board = api.get(f"/api/v1/sweeps/{task['sweep_id']}").json()
     assert board["rows"][task["task"]]["logs"] == run["paths"]["logs"]
+    in_sweep = api.get("/api/v1/runs", params={"sweep_id": task["sweep_id"]}).json()  # the index links runs to their sweep
+    assert sorted(r["id"] for r in in_sweep) == sorted(r["id"] for r in seeds)
     disk_cancel = api.post(f"/api/v1/runs/{seeds[0]['id']}/cancel")
     assert disk_cancel.status_code == 409 and disk_cancel.json()["state"] == "succeeded"
 
@@ -209,3 +212,29 @@ def test_concurrent_cancels_one_wins(server, project):
     assert codes == [200] + [409] * 7
     with server.client() as api:
         assert api.get(f"/api/v1/runs/{run_id}").json()["state"] == "cancelled"
+
+
+def test_an_old_database_is_migrated_at_start(tmp_path_factory):
+    """A database made by the first migration, with a project in it, is brought to the newest schema at start, data kept."""
+    from sqlalchemy import create_engine, text
+
+    from utp_dist.dashboard.migrate import alembic_config
+
+    folder = tmp_path_factory.mktemp("migrate")
+    url = f"sqlite:///{folder / 'old.db'}"
+    engine = create_engine(url)
+    config = alembic_config()
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0001")
+        connection.execute(text("INSERT INTO projects (name, description, created) VALUES ('kept', '', 0)"))
+    engine.dispose()
+    server = Server([trained_root(tmp_path_factory.getbasetemp())], url, folder / "server.log").start()
+    try:
+        with server.client() as api:
+            assert [p["name"] for p in api.get("/api/v1/projects").json()] == ["kept"]
+            assert all("sweep_id" in r for r in api.get("/api/v1/runs").json())  # the column 0002 added
+    finally:
+        server.stop()
+    with create_engine(url).connect() as connection:
+        assert connection.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0002"

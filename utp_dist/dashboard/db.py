@@ -88,6 +88,8 @@ class Run(Base):
     dataset: Mapped[str | None] = mapped_column(String(255), nullable=True)
     name: Mapped[str | None] = mapped_column(String(255), nullable=True)
     config_hash: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    # the sweep whose ledger has a task for this run (same output root, name and config fingerprint)
+    sweep_id: Mapped[int | None] = mapped_column(ForeignKey("sweeps.id", ondelete="SET NULL"), nullable=True, index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     restarts: Mapped[int] = mapped_column(Integer, default=0)
     agent_id: Mapped[int | None] = mapped_column(ForeignKey("agents.id", ondelete="SET NULL"), nullable=True)

@@ -10,13 +10,13 @@ import logging
 import threading
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from utp_dist.dashboard import rundata, sources, states
 from utp_dist.dashboard.db import Run, Sweep, now
 from utp_dist.errors import UserError
-from utp_dist.runs import RunDir, find_runs
+from utp_dist.runs import RunDir, find_runs, is_version_of
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +27,7 @@ class Indexer:
     def __init__(self, roots: tuple[Path, ...], sessions: sessionmaker[Session]):
         self.roots, self.sessions = roots, sessions
         self.lock = threading.Lock()  # one refresh at a time (the background loop and an on-demand refresh)
+        self.ledgers: dict[str, tuple[float, list[tuple[str, str, str]]]] = {}  # sweep folder -> (mtime, its tasks' run keys)
         self.stopping = threading.Event()
         self.thread: threading.Thread | None = None
 
@@ -35,6 +36,7 @@ class Indexer:
         with self.lock, self.sessions() as session:
             counts = self._runs(session)
             counts.update(self._sweeps(session))
+            counts["linked"] = self._link(session)
             session.commit()
         return counts
 
@@ -84,7 +86,7 @@ class Indexer:
                 seen.add(folder)
                 mtime = path.stat().st_mtime
                 row = rows.get(folder)
-                if row is not None and row.indexed_mtime == mtime:
+                if row is not None and row.indexed_mtime == mtime and self.ledgers.get(folder, (None,))[0] == mtime:
                     continue
                 try:
                     ledger = sources.read_ledger(path.parent)
@@ -99,11 +101,34 @@ class Indexer:
                 row.tasks = len(ledger.get("tasks", []))
                 row.created = ledger.get("created") or mtime
                 row.indexed_mtime = mtime
+                # the run each task trains: (output root, name, config fingerprint), as ledger.find_run matches it
+                keys = [(str(Path(t["output_root"]).resolve()), t["name"], t["config_hash"]) for t in ledger.get("tasks", [])]
+                self.ledgers[folder] = (mtime, keys)
         roots = tuple(str(r) for r in self.roots)
         gone = [row for folder, row in rows.items() if folder not in seen and folder.startswith(roots)]
         for row in gone:
+            self.ledgers.pop(row.folder, None)
             session.delete(row)
         return {"sweeps": len(seen)}
+
+    def _link(self, session: Session) -> int:
+        """Point each run at the sweep whose ledger has its task (runs.sweep_id); returns how many links changed."""
+        session.flush()  # new sweeps get their ids
+        ids = dict(session.execute(select(Sweep.folder, Sweep.id)).all())
+        wanted: dict[tuple[str, str], list[tuple[str, int]]] = {}
+        for folder, (_, keys) in self.ledgers.items():
+            for root, name, config_hash in keys:
+                wanted.setdefault((root, config_hash), []).append((name, ids.get(folder)))
+        changed = 0
+        runs = session.execute(
+            select(Run.id, Run.root, Run.name, Run.config_hash, Run.sweep_id).where(Run.root.in_([str(r) for r in self.roots]))
+        )
+        for run_id, root, name, config_hash, current in runs.all():
+            target = next((sweep for task, sweep in wanted.get((root, config_hash), []) if is_version_of(task, name)), None)
+            if target != current:
+                session.execute(update(Run).where(Run.id == run_id).values(sweep_id=target))
+                changed += 1
+        return changed
 
     def start(self, interval_s: float) -> None:
         """Refresh every `interval_s` seconds in a daemon thread until stop()."""

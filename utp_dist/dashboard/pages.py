@@ -16,7 +16,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from utp_dist.dashboard import security, services, sources, states
-from utp_dist.dashboard.db import Agent, ConfigRow, Project
+from utp_dist.dashboard.db import Agent, ConfigRow, Project, Sweep
 from utp_dist.dashboard.deps import SessionDep, SettingsDep
 
 router = APIRouter(prefix="/web", include_in_schema=False)
@@ -153,7 +153,10 @@ def project_runs_page(request: Request, project_id: int, session: SessionDep, pa
     project = services.found(session, Project, project_id, "project")
     configs, _ = services.list_configs(session, project_id, limit=500)
     runs, total = services.list_runs(session, project_id=project_id, limit=PAGE_SIZE, offset=(page - 1) * PAGE_SIZE)
-    return render(request, "project_runs.html", project=project, configs=configs, runs=runs, total=total, page=page, size=PAGE_SIZE)
+    sweeps = dict(session.execute(select(Sweep.id, Sweep.name)).all())
+    return render(
+        request, "project_runs.html", project=project, configs=configs, runs=runs, total=total, page=page, size=PAGE_SIZE, sweeps=sweeps
+    )
 
 
 @router.post("/configs/{config_id}/queue")
@@ -178,12 +181,24 @@ def runs_page(
     state: str | None = None,
     q: str | None = None,
     project: int | None = None,
+    sweep: int | None = None,
 ):
     """Every run, queued here or found under the roots, newest first; read from the index only."""
-    runs, total = services.list_runs(session, project, state or None, q or None, size, (page - 1) * size)
+    runs, total = services.list_runs(session, project, state or None, q or None, size, (page - 1) * size, sweep)
     names = dict(session.execute(select(Project.id, Project.name)).all())
+    sweeps = dict(session.execute(select(Sweep.id, Sweep.name)).all())
     return render(
-        request, "runs.html", runs=runs, total=total, page=page, size=size, state=state or "", q=q or "", projects=names, states=states
+        request,
+        "runs.html",
+        runs=runs,
+        total=total,
+        page=page,
+        size=size,
+        state=state or "",
+        q=q or "",
+        projects=names,
+        sweeps=sweeps,
+        states=states,
     )
 
 

@@ -85,6 +85,7 @@ class RunOut(Out):
     dataset: str | None
     name: str | None
     config_hash: str | None
+    sweep_id: int | None
     attempts: int
     restarts: int
     agent_id: int | None

@@ -144,12 +144,20 @@ def queue_run(session: Session, config_id: int, gpus: int = 0, priority: int = 0
 
 
 def list_runs(
-    session: Session, project_id: int | None = None, state: str | None = None, text: str | None = None, limit: int = 100, offset: int = 0
+    session: Session,
+    project_id: int | None = None,
+    state: str | None = None,
+    text: str | None = None,
+    limit: int = 100,
+    offset: int = 0,
+    sweep_id: int | None = None,
 ) -> tuple[list[Run], int]:
     """Runs, newest first, from the database index only (no run folder is read here)."""
     query = select(Run).order_by(Run.created.desc(), Run.id.desc())
     if project_id is not None:
         query = query.where(Run.project_id == project_id)
+    if sweep_id is not None:
+        query = query.where(Run.sweep_id == sweep_id)
     if state:
         query = query.where(Run.state == state)
     if text:

@@ -26,11 +26,12 @@ def list_runs(
     session: SessionDep,
     paging: PagingDep,
     project_id: int | None = None,
+    sweep_id: int | None = None,
     state: str | None = None,
     q: Annotated[str | None, Query(description="part of the run name or data set")] = None,
 ):
     """Runs, newest first: queued here and found under the output roots."""
-    return paging.total(*services.list_runs(session, project_id, state, q, paging.limit, paging.offset))
+    return paging.total(*services.list_runs(session, project_id, state, q, paging.limit, paging.offset, sweep_id))
 
 
 @router.get("/{run_id}", response_model=RunDetail)
