@@ -119,6 +119,19 @@ def test_queue_a_run_then_cancel_and_resume_with_409s(api, project):
     assert (job["gpus"], job["priority"], job["attempt"], job["max_attempts"]) == (2, 5, 0, 3)
 
 
+def test_deleting_a_project_keeps_its_runs(api, project):
+    config = api.post("/api/v1/configs", json={"project_id": project["id"], "name": "qs", "yaml": QUICKSTART}).json()
+    run_id = api.post(f"/api/v1/runs/from-config/{config['id']}").json()["run_id"]
+    assert api.delete(f"/api/v1/runs/{run_id}").status_code == 409  # queued: cancel it first
+    assert api.delete(f"/api/v1/projects/{project['id']}").status_code == 204
+    assert api.get(f"/api/v1/configs/{config['id']}").status_code == 404  # its configs went with it
+    run = api.get(f"/api/v1/runs/{run_id}").json()
+    assert (run["project_id"], run["config_id"], run["state"]) == (None, None, "queued")
+    api.post(f"/api/v1/runs/{run_id}/cancel")
+    assert api.delete(f"/api/v1/runs/{run_id}").status_code == 204
+    assert api.get(f"/api/v1/runs/{run_id}").status_code == 404
+
+
 def test_unknown_ids_are_404(api):
     assert api.get("/api/v1/projects/999999").status_code == 404
     assert api.get("/api/v1/configs/project/999999").status_code == 404

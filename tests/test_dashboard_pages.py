@@ -171,3 +171,15 @@ def test_a_running_run_shows_live_progress(web, root, tmp_path):
     finally:
         child.wait(timeout=300)
     wait_until(lambda: web.get("/api/v1/runs", params={"q": "live"}).json()[0]["state"] == "succeeded", 30, "the live run finished")
+
+
+def test_a_root_that_is_away_forgets_nothing(web, root):
+    """An output root on a share that is unmounted for a moment keeps its runs (and their ids) in the index."""
+    before = {r["id"] for r in finished_runs(web)}
+    (root / "logs").rename(root / "logs-away")
+    try:
+        assert web.post("/api/v1/index/refresh").json()["runs_gone"] == 0
+    finally:
+        (root / "logs-away").rename(root / "logs")
+    assert web.post("/api/v1/index/refresh").json()["runs_read"] == 0
+    assert {r["id"] for r in finished_runs(web)} == before

@@ -58,7 +58,9 @@ class Indexer:
                     session.add(row)
                 self._read(row, folder, mtime)
                 read += 1
-        gone = [row for key, row in rows.items() if key not in seen and row.source == "disk"]
+        # a root that is not there right now (an unmounted share) forgets nothing: its runs keep their ids and links
+        present = {root for root in roots if (Path(root) / "logs").is_dir()}
+        gone = [row for key, row in rows.items() if key not in seen and row.source == "disk" and key[0] in present]
         for row in gone:
             session.delete(row)
         return {"runs": len(seen), "runs_read": read, "runs_gone": len(gone)}
