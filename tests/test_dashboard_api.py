@@ -154,6 +154,9 @@ def test_agents_and_their_gpus(api):
     listed = {a["name"]: a for a in api.get("/api/v1/agents").json()}
     assert listed["node-a"]["gpus"][0]["memory_mb"] == 81559 and listed["node-a"]["drain"] is False
     assert api.patch(f"/api/v1/agents/{agent_id}", json={"drain": True}).json()["drain"] is True
+    one = api.get(f"/api/v1/agents/{agent_id}").json()
+    assert one["drain"] is True and [g["name"] for g in one["gpus"]] == ["NVIDIA H100"]
+    assert api.delete(f"/api/v1/agents/{agent_id}").status_code == 204 and api.get(f"/api/v1/agents/{agent_id}").status_code == 404
 
 
 def test_runs_on_disk_are_listed_with_progress(api):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, status
-from sqlalchemy.orm import selectinload
 
 from utp_dist.dashboard import services
 from utp_dist.dashboard.db import Agent
@@ -32,8 +31,7 @@ def add_gpu(body: GpuIn, session: SessionDep):
 
 @router.get("/{agent_id}", response_model=AgentOut)
 def get_agent(agent_id: int, session: SessionDep):
-    services.found(session, Agent, agent_id, "agent")
-    return session.scalars(services.select(Agent).options(selectinload(Agent.gpus)).where(Agent.id == agent_id)).one()
+    return services.found(session, Agent, agent_id, "agent")
 
 
 @router.patch("/{agent_id}", response_model=AgentOut)
