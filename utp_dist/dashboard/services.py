@@ -296,7 +296,8 @@ def run_detail(session: Session, run: Run, roots: tuple[Path, ...]) -> dict:
         summary = folder.read_summary()
         progress = rundata.progress(folder, config)
         figures = rundata.figures(folder)
-        task = sources.task_of_run(folder, [Path(f) for f in session.scalars(select(Sweep.folder))])
+        sweep = session.get(Sweep, run.sweep_id) if run.sweep_id else None  # the indexer linked it
+        task = sources.task_of_run(folder, [Path(sweep.folder)]) if sweep else None
         log_path, progress["log_tail"] = rundata.log_tail(folder, task["logs"] if task else [])
         best = rundata.best_export(folder)
         paths = {
@@ -312,8 +313,7 @@ def run_detail(session: Session, run: Run, roots: tuple[Path, ...]) -> dict:
         row = session.get(ConfigRow, run.config_id)
         config = from_dict(row.config, row.name).to_dict() if row is not None else None
     if task is not None:
-        task = {k: v for k, v in task.items() if k != "logs"}
-        task["sweep_id"] = session.scalar(select(Sweep.id).where(Sweep.folder == task["sweep"]))
+        task = {k: v for k, v in task.items() if k != "logs"} | {"sweep_id": run.sweep_id}
     jobs = list(session.scalars(select(Job).where(Job.run_id == run.id).order_by(Job.id)))
     return {"run": run, "config": config, "summary": summary, "progress": progress, "paths": paths, "jobs": jobs, "task": task}
 
