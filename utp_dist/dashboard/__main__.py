@@ -10,6 +10,7 @@ from utp_dist.errors import UserError, first_line, run_command
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The command line: host, port, database URL, output roots, index interval."""
     parser = argparse.ArgumentParser(
         prog="python -m utp_dist.dashboard",
         description=f"Web dashboard and API over the runs and sweeps under the output roots. Off localhost, set {TOKEN_ENV}.",
@@ -35,9 +36,11 @@ def check_database(engine) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Serve the dashboard until Ctrl-C; a bad flag or database is one line and exit code 2."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
 
     def serve() -> int:
+        """Build the app, check the database, run uvicorn."""
         import uvicorn
 
         from utp_dist.dashboard.app import create_app

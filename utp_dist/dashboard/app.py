@@ -30,6 +30,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        """Migrate, index once, then index in the background until shutdown."""
         migrate.upgrade(database.engine)
         indexer.refresh()
         indexer.start(settings.index_interval_s)
@@ -68,6 +69,7 @@ def add_error_answers(app: FastAPI) -> None:
     """404 unknown ids, 409 with the current state, 422 with the one line the CLI prints or the line of bad JSON."""
 
     def answer(request: Request, status: int, detail: str, **extra) -> object:
+        """JSON for the API, an error page for /web."""
         if request.url.path.startswith("/web/"):
             return pages.error_page(request, status, detail)
         return JSONResponse({"detail": detail, **extra}, status_code=status)

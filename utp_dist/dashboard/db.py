@@ -24,10 +24,12 @@ def now() -> float:
 
 
 class Base(DeclarativeBase):
-    pass
+    """The declarative base of every table."""
 
 
 class Project(Base):
+    """A group of configs and the runs queued from them."""
+
     __tablename__ = "projects"
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(200), unique=True)
@@ -63,6 +65,8 @@ class Agent(Base):
 
 
 class Gpu(Base):
+    """One GPU of an agent, as its inventory reports it."""
+
     __tablename__ = "gpus"
     __table_args__ = (UniqueConstraint("agent_id", "index", name="uq_gpus_agent_index"),)
     id: Mapped[int] = mapped_column(primary_key=True)

@@ -19,6 +19,7 @@ def get_session(request: Request) -> Iterator[Session]:
 
 
 def get_settings(request: Request) -> Settings:
+    """The settings the app was started with."""
     return request.app.state.settings
 
 
@@ -29,6 +30,7 @@ class Paging:
         self.response, self.limit, self.offset = response, limit, offset
 
     def total(self, items: list, total: int) -> list:
+        """Set X-Total-Count and hand the page's items back."""
         self.response.headers["X-Total-Count"] = str(total)
         return items
 

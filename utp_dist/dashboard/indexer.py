@@ -146,6 +146,7 @@ class Indexer:
         self.thread.start()
 
     def stop(self) -> None:
+        """End the background loop (at shutdown)."""
         self.stopping.set()
         if self.thread is not None:
             self.thread.join(timeout=10)

@@ -54,6 +54,7 @@ def render(request: Request, template: str, status_code: int = 200, **context) -
 
 
 def error_page(request: Request, status: int, detail: str) -> HTMLResponse:
+    """An HTML page saying what went wrong, with the status code."""
     return render(request, "error.html", status_code=status, status=status, detail=detail)
 
 
@@ -64,10 +65,12 @@ async def posted(request: Request):
 
 
 def csrf_refused(request: Request) -> HTMLResponse:
+    """403 for a form whose CSRF token is missing or wrong."""
     return error_page(request, 403, "the form's CSRF token is missing or wrong: reload the page and submit again")
 
 
 def back(url: str) -> RedirectResponse:
+    """Redirect after a POST (303: the browser follows with a GET)."""
     return RedirectResponse(url, status_code=303)
 
 
@@ -76,11 +79,13 @@ def back(url: str) -> RedirectResponse:
 
 @router.get("/login")
 def login_form(request: Request, settings: SettingsDep, next: str = "/web/runs"):
+    """The login form (only needed when the dashboard has a token)."""
     return render(request, "login.html", next=security.safe_next(next), needed=bool(settings.token), failed=False)
 
 
 @router.post("/login")
 async def login(request: Request, settings: SettingsDep):
+    """Check the token and set the login cookie (an HMAC of it, never the token)."""
     form = await posted(request)
     if form is None:
         return csrf_refused(request)
@@ -96,6 +101,7 @@ async def login(request: Request, settings: SettingsDep):
 
 
 def projects_view(request: Request, session: Session, error: str | None = None, status_code: int = 200) -> HTMLResponse:
+    """The projects page, with an error from a failed create."""
     items, _ = services.list_projects(session, limit=500)
     return render(request, "projects.html", status_code=status_code, projects=items, error=error)
 
@@ -113,11 +119,14 @@ async def create_from_form(request: Request, make, refused) -> HTMLResponse | Re
 
 @router.get("/projects")
 def projects_page(request: Request, session: SessionDep):
+    """Projects and the form to create one."""
     return projects_view(request, session)
 
 
 @router.post("/projects")
 async def create_project(request: Request, session: SessionDep):
+    """Create a project from the form, then go to its configs."""
+
     def make(form) -> str:
         project = services.create_project(session, str(form.get("name", "")).strip() or "-", str(form.get("description", "")))
         return f"/web/projects/{project.id}/configs"
@@ -127,6 +136,7 @@ async def create_project(request: Request, session: SessionDep):
 
 @router.get("/projects/{project_id}/configs")
 def configs_page(request: Request, project_id: int, session: SessionDep):
+    """A project's configs and the form to paste one."""
     project = services.found(session, Project, project_id, "project")
     items, _ = services.list_configs(session, project_id, limit=500)
     return render(request, "configs.html", project=project, configs=items, error=None, name="", text="")
@@ -150,6 +160,7 @@ async def create_config(request: Request, project_id: int, session: SessionDep):
 
 @router.get("/projects/{project_id}/runs")
 def project_runs_page(request: Request, project_id: int, session: SessionDep, page: int = Query(1, ge=1)):
+    """A project's configs with queue buttons, and its runs."""
     project = services.found(session, Project, project_id, "project")
     configs, _ = services.list_configs(session, project_id, limit=500)
     runs, total = services.list_runs(session, project_id=project_id, limit=PAGE_SIZE, offset=(page - 1) * PAGE_SIZE)
@@ -161,6 +172,7 @@ def project_runs_page(request: Request, project_id: int, session: SessionDep, pa
 
 @router.post("/configs/{config_id}/queue")
 async def queue_run(request: Request, config_id: int, session: SessionDep):
+    """Queue a run of a config, then show its page."""
     form = await posted(request)
     if form is None:
         return csrf_refused(request)
@@ -204,6 +216,7 @@ def runs_page(
 
 @router.get("/runs/{run_id}")
 def run_page(request: Request, run_id: int, session: SessionDep, settings: SettingsDep):
+    """One run: where, progress, queue controls, curves, figures, files, log tail, resolved config."""
     run = services.get_run(session, run_id)
     detail = services.run_detail(session, run, settings.roots)
     agent = session.get(Agent, run.agent_id) if run.agent_id else None
@@ -216,6 +229,7 @@ def run_page(request: Request, run_id: int, session: SessionDep, settings: Setti
 
 @router.post("/runs/{run_id}/{action}")
 async def change_run(request: Request, run_id: int, action: str, session: SessionDep):
+    """Cancel or resume a run from its page."""
     form = await posted(request)
     if form is None:
         return csrf_refused(request)
@@ -240,12 +254,14 @@ def compare_page(request: Request, session: SessionDep, ids: Annotated[list[int]
 
 @router.get("/sweeps")
 def sweeps_page(request: Request, session: SessionDep):
+    """Every sweep found under the output roots."""
     items, _ = services.list_sweeps(session, limit=500)
     return render(request, "sweeps.html", sweeps=items)
 
 
 @router.get("/sweeps/{sweep_id}")
 def sweep_page(request: Request, sweep_id: int, session: SessionDep, message: str | None = None):
+    """One sweep's board: tasks, resubmit-failed, leaderboard, seeds."""
     sweep = services.get_sweep(session, sweep_id)
     board = services.sweep_board(sweep)
     failed = [r for r in board["rows"] if r["state"] in sources.RESUBMITTABLE]
@@ -255,6 +271,7 @@ def sweep_page(request: Request, sweep_id: int, session: SessionDep, message: st
 
 @router.post("/sweeps/{sweep_id}/resubmit-failed")
 async def resubmit_failed(request: Request, sweep_id: int, session: SessionDep):
+    """Run `submit resubmit SWEEP --failed` and show the board with its last line."""
     form = await posted(request)
     if form is None:
         return csrf_refused(request)
@@ -271,17 +288,21 @@ async def resubmit_failed(request: Request, sweep_id: int, session: SessionDep):
 
 
 def agents_view(request: Request, session: Session, error: str | None = None, status_code: int = 200) -> HTMLResponse:
+    """The agents page, with an error from a failed registration."""
     items, _ = services.list_agents(session, limit=500)
     return render(request, "agents.html", status_code=status_code, agents=items, error=error)
 
 
 @router.get("/agents")
 def agents_page(request: Request, session: SessionDep):
+    """Agents, their GPUs and heartbeats, and the form to register one."""
     return agents_view(request, session)
 
 
 @router.post("/agents")
 async def create_agent(request: Request, session: SessionDep):
+    """Register an agent from the form."""
+
     def make(form) -> str:
         services.create_agent(session, str(form.get("name", "")).strip() or "agent", str(form.get("host", "")))
         return "/web/agents"
@@ -291,6 +312,7 @@ async def create_agent(request: Request, session: SessionDep):
 
 @router.post("/agents/{agent_id}/drain")
 async def drain_agent(request: Request, agent_id: int, session: SessionDep):
+    """Drain an agent (or take it back into service)."""
     form = await posted(request)
     if form is None:
         return csrf_refused(request)

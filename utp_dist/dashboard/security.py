@@ -23,15 +23,18 @@ def session_value(settings: Settings) -> str:
 
 
 def token_ok(settings: Settings, given: str | None) -> bool:
+    """Whether `given` is the dashboard's token (constant-time)."""
     return bool(settings.token) and given is not None and hmac.compare_digest(given.encode(), settings.token.encode())
 
 
 def bearer(request: Request) -> str | None:
+    """The token of an 'Authorization: Bearer T' header, if any."""
     scheme, _, value = request.headers.get("authorization", "").partition(" ")
     return value.strip() if scheme.lower() == "bearer" else None
 
 
 def logged_in(request: Request, settings: Settings) -> bool:
+    """Whether the request carries a valid login cookie."""
     cookie = request.cookies.get(SESSION_COOKIE)
     return cookie is not None and hmac.compare_digest(cookie, session_value(settings))
 
@@ -52,6 +55,7 @@ class AccessMiddleware(BaseHTTPMiddleware):
         self.settings = settings
 
     async def dispatch(self, request: Request, call_next) -> Response:
+        """Check the request, then set this browser's CSRF cookie if it has none."""
         path, write = request.url.path, request.method not in SAFE_METHODS
         if write and (cross_site(request) or request.headers.get("origin") == "null"):
             return JSONResponse({"detail": "cross-site request refused"}, status_code=403)

@@ -81,19 +81,23 @@ def commit(session: Session, taken: str) -> None:
 
 
 def list_projects(session: Session, limit: int = 100, offset: int = 0) -> tuple[list[Project], int]:
+    """Projects, oldest first."""
     return page(session, select(Project).order_by(Project.id), limit, offset)
 
 
 def create_project(session: Session, name: str, description: str = "") -> Project:
+    """A new project (409 when the name is taken)."""
     return add(session, Project(name=name.strip(), description=description), f"a project named '{name}' already exists")
 
 
 def update_project(session: Session, project_id: int, name: str | None, description: str | None) -> Project:
+    """Rename a project or change its description."""
     name = name.strip() if name is not None else None
     return patch(session, Project, project_id, "project", f"a project named '{name}' already exists", name=name, description=description)
 
 
 def delete_project(session: Session, project_id: int) -> None:
+    """Delete a project and its configs; its runs stay, without a project."""
     remove(session, Project, project_id, "project")
 
 
@@ -122,11 +126,13 @@ def create_config(session: Session, project_id: int, name: str, config: dict | N
 
 
 def list_configs(session: Session, project_id: int, limit: int = 100, offset: int = 0) -> tuple[list[ConfigRow], int]:
+    """A project's configs, oldest first."""
     found(session, Project, project_id, "project")
     return page(session, select(ConfigRow).where(ConfigRow.project_id == project_id).order_by(ConfigRow.id), limit, offset)
 
 
 def delete_config(session: Session, config_id: int) -> None:
+    """Delete a config; runs queued from it stay."""
     remove(session, ConfigRow, config_id, "config")
 
 
@@ -166,6 +172,7 @@ def list_runs(
 
 
 def get_run(session: Session, run_id: int) -> Run:
+    """The run with this id (404 otherwise)."""
     return found(session, Run, run_id, "run")
 
 
@@ -175,6 +182,7 @@ def run_folder(run: Run) -> RunDir | None:
 
 
 def latest_job(session: Session, run: Run) -> Job | None:
+    """The run's newest queue entry, None for a run found on disk."""
     return session.scalar(select(Job).where(Job.run_id == run.id).order_by(Job.id.desc()).limit(1))
 
 
@@ -227,10 +235,12 @@ def delete_run(session: Session, run_id: int) -> None:
 
 
 def list_agents(session: Session, limit: int = 100, offset: int = 0) -> tuple[list[Agent], int]:
+    """Agents with their GPUs, oldest first."""
     return page(session, select(Agent).options(selectinload(Agent.gpus)).order_by(Agent.id), limit, offset)
 
 
 def create_agent(session: Session, name: str, host: str = "") -> Agent:
+    """Register an agent (409 when the name is taken)."""
     return add(session, Agent(name=name, host=host), f"an agent named '{name}' already exists")
 
 
@@ -240,10 +250,12 @@ def update_agent(session: Session, agent_id: int, host: str | None, drain: bool 
 
 
 def delete_agent(session: Session, agent_id: int) -> None:
+    """Forget an agent and its GPUs."""
     remove(session, Agent, agent_id, "agent")
 
 
 def add_gpu(session: Session, agent_id: int, index: int, name: str, memory_mb: int) -> Gpu:
+    """Add a GPU to an agent's inventory (409 when that index is listed already)."""
     found(session, Agent, agent_id, "agent")
     return add(session, Gpu(agent_id=agent_id, index=index, name=name, memory_mb=memory_mb), f"agent {agent_id} already has a GPU {index}")
 
@@ -252,10 +264,12 @@ def add_gpu(session: Session, agent_id: int, index: int, name: str, memory_mb: i
 
 
 def list_sweeps(session: Session, limit: int = 100, offset: int = 0) -> tuple[list[Sweep], int]:
+    """Sweeps, newest first."""
     return page(session, select(Sweep).order_by(Sweep.created.desc(), Sweep.id.desc()), limit, offset)
 
 
 def get_sweep(session: Session, sweep_id: int) -> Sweep:
+    """The sweep with this id (404 otherwise)."""
     return found(session, Sweep, sweep_id, "sweep")
 
 

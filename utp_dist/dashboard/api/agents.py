@@ -14,6 +14,7 @@ router = APIRouter(prefix="/api/v1/agents", tags=["agents"])
 
 @router.get("", response_model=list[AgentOut])
 def list_agents(session: SessionDep, paging: PagingDep):
+    """Every agent with its GPUs."""
     return paging.total(*services.list_agents(session, paging.limit, paging.offset))
 
 
@@ -31,6 +32,7 @@ def add_gpu(body: GpuIn, session: SessionDep):
 
 @router.get("/{agent_id}", response_model=AgentOut)
 def get_agent(agent_id: int, session: SessionDep):
+    """One agent with its GPUs."""
     return services.found(session, Agent, agent_id, "agent")
 
 
@@ -42,4 +44,5 @@ def update_agent(agent_id: int, body: AgentPatch, session: SessionDep):
 
 @router.delete("/{agent_id}", status_code=status.HTTP_204_NO_CONTENT)
 def delete_agent(agent_id: int, session: SessionDep):
+    """Forget an agent and its GPUs."""
     services.delete_agent(session, agent_id)

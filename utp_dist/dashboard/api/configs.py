@@ -26,9 +26,11 @@ def list_configs(project_id: int, session: SessionDep, paging: PagingDep):
 
 @router.get("/{config_id}", response_model=ConfigOut)
 def get_config(config_id: int, session: SessionDep):
+    """One config: its sections as given and the fingerprint of its resolved form."""
     return services.found(session, ConfigRow, config_id, "config")
 
 
 @router.delete("/{config_id}", status_code=status.HTTP_204_NO_CONTENT)
 def delete_config(config_id: int, session: SessionDep):
+    """Delete a config (runs queued from it stay)."""
     services.delete_config(session, config_id)

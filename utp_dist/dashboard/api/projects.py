@@ -25,11 +25,13 @@ def create_project(body: ProjectIn, session: SessionDep):
 
 @router.get("/{project_id}", response_model=ProjectOut)
 def get_project(project_id: int, session: SessionDep):
+    """One project."""
     return services.found(session, services.Project, project_id, "project")
 
 
 @router.patch("/{project_id}", response_model=ProjectOut)
 def update_project(project_id: int, body: ProjectPatch, session: SessionDep):
+    """Rename a project or change its description (409 when the new name is taken)."""
     return services.update_project(session, project_id, body.name, body.description)
 
 

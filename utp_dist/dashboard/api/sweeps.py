@@ -15,6 +15,7 @@ router = APIRouter(prefix="/api/v1/sweeps", tags=["sweeps"])
 
 @router.get("", response_model=list[SweepOut])
 def list_sweeps(session: SessionDep, paging: PagingDep):
+    """Every sweep ledger found under the output roots, newest first."""
     return paging.total(*services.list_sweeps(session, paging.limit, paging.offset))
 
 
