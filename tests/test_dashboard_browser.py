@@ -92,6 +92,17 @@ def test_create_project_paste_config_queue_and_see_a_finished_run(page, tmp_path
     page.click("text=seeds")
     expect(page.locator("#tasks")).to_contain_text("FAILED")
     shot(page, tmp_path, "6-sweep-board")
+
+    page.goto("/web/projects")
+    expect(page.locator("table")).to_contain_text("fashion")
+    shot(page, tmp_path, "7-projects")
+    page.goto("/web/agents")
+    page.fill("input[name=name]", "cpu-box")
+    page.fill("input[name=host]", "127.0.0.1")
+    page.click("form.card button")
+    expect(page.locator("table")).to_contain_text("cpu-box")
+    expect(page.locator("table")).to_contain_text("CPU only")
+    shot(page, tmp_path, "8-agents")
     assert page.errors == []  # no JavaScript error on any page
     print(f"screenshots in {tmp_path}")
 

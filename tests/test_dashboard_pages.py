@@ -148,7 +148,7 @@ def test_a_running_run_shows_live_progress(web, root, tmp_path):
     """A run training now appears as running and its curves grow without anyone refreshing the index by hand."""
     finished = next((root / "logs" / "shapes").glob("*seed=1/config.yaml"))
     images = Path(yaml.safe_load(finished.read_text())["data"]["root"])
-    config = tiny_config(images, root, train={"epochs": 12}, output={"run_name": "live"})
+    config = tiny_config(images, root, train={"epochs": 20}, output={"run_name": "live"})
     path = tmp_path / "live.yaml"
     path.write_text(yaml.safe_dump(config))
     env = {"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
