@@ -183,3 +183,16 @@ def test_a_root_that_is_away_forgets_nothing(web, root):
         (root / "logs-away").rename(root / "logs")
     assert web.post("/api/v1/index/refresh").json()["runs_read"] == 0
     assert {r["id"] for r in finished_runs(web)} == before
+
+
+def test_log_tail_shows_the_last_lines_as_a_terminal_would(web, root):
+    run = finished_runs(web)[0]
+    log = root / "logs" / run["dataset"] / run["name"] / "train.log"
+    log.write_text("".join(f"line {i}\n" for i in range(200)) + "train:  10%\rtrain:  50%\rtrain: 100%\nfinished\n")
+    try:
+        html = web.get(f"/web/runs/{run['id']}").text
+    finally:
+        log.unlink()
+    tail = html.split('<pre class="log">')[1].split("</pre>")[0]
+    assert tail.endswith("train: 100%\nfinished") and "50%" not in tail  # a progress bar's last redraw only
+    assert "line 199" in tail and "line 100\n" not in tail  # the end of a long log

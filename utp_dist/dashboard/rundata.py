@@ -139,7 +139,9 @@ def log_tail(run: RunDir, extra: list[Path] = (), lines: int = 80, limit_bytes: 
     with open(path, "rb") as fh:
         fh.seek(max(0, path.stat().st_size - limit_bytes))  # only the end of a long log is read
         text = fh.read().decode("utf-8", errors="replace")
-    return path, "\n".join(text.splitlines()[-lines:])
+    # a progress bar redraws its line with \r: keep what the terminal would show, the last redraw of each line
+    shown = [line.rstrip("\r").rsplit("\r", 1)[-1] for line in text.split("\n")]
+    return path, "\n".join(shown[-lines:]).rstrip()
 
 
 def best_export(run: RunDir) -> Path | None:
