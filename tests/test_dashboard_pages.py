@@ -191,8 +191,10 @@ def test_log_tail_shows_the_last_lines_as_a_terminal_would(web, root):
     log.write_text("".join(f"line {i}\n" for i in range(200)) + "train:  10%\rtrain:  50%\rtrain: 100%\nfinished\n")
     try:
         html = web.get(f"/web/runs/{run['id']}").text
+        polled = web.get(f"/api/v1/runs/{run['id']}/series", params={"log": True}).json()["log"]  # what the page polls
     finally:
         log.unlink()
     tail = html.split('<pre class="log">')[1].split("</pre>")[0]
+    assert polled == tail
     assert tail.endswith("train: 100%\nfinished") and "50%" not in tail  # a progress bar's last redraw only
     assert "line 199" in tail and "line 100\n" not in tail  # the end of a long log

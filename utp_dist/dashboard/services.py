@@ -310,9 +310,7 @@ def run_detail(session: Session, run: Run, roots: tuple[Path, ...]) -> dict:
         summary = folder.read_summary()
         progress = rundata.progress(folder, config)
         figures = rundata.figures(folder)
-        sweep = session.get(Sweep, run.sweep_id) if run.sweep_id else None  # the indexer linked it
-        task = sources.task_of_run(folder, [Path(sweep.folder)]) if sweep else None
-        log_path, progress["log_tail"] = rundata.log_tail(folder, task["logs"] if task else [])
+        task, log_path, progress["log_tail"] = run_log(session, run, folder)
         best = rundata.best_export(folder)
         paths = {
             "logs": str(folder.logs),
@@ -330,6 +328,14 @@ def run_detail(session: Session, run: Run, roots: tuple[Path, ...]) -> dict:
         task = {k: v for k, v in task.items() if k != "logs"} | {"sweep_id": run.sweep_id}
     jobs = list(session.scalars(select(Job).where(Job.run_id == run.id).order_by(Job.id)))
     return {"run": run, "config": config, "summary": summary, "progress": progress, "paths": paths, "jobs": jobs, "task": task}
+
+
+def run_log(session: Session, run: Run, folder: RunDir) -> tuple[dict | None, Path | None, str]:
+    """(the sweep task that trained the run, its newest log, that log's tail): the run folder's own log or its task's."""
+    sweep = session.get(Sweep, run.sweep_id) if run.sweep_id else None  # the indexer linked it
+    task = sources.task_of_run(folder, [Path(sweep.folder)]) if sweep else None
+    path, tail = rundata.log_tail(folder, task["logs"] if task else [])
+    return task, path, tail
 
 
 def run_series(run: Run) -> dict:

@@ -52,10 +52,14 @@ def get_run(run_id: int, session: SessionDep, settings: SettingsDep):
 
 
 @router.get("/{run_id}/series")
-def run_series(run_id: int, session: SessionDep) -> dict:
-    """Curves for charts: {"state", "train": {tag: {x, y}}, "val": {metric: {x, y}}}; pages poll it while a run is active."""
+def run_series(run_id: int, session: SessionDep, log: bool = False) -> dict:
+    """Curves for charts: {"state", "train": {tag: {x, y}}, "val": {metric: {x, y}}} (+ "log": its tail); pages poll it while a run is active."""
     run = services.get_run(session, run_id)
-    return {"state": run.state, "epoch": run.epoch, "step": run.step, "best": run.best, **services.run_series(run)}
+    series = {"state": run.state, "epoch": run.epoch, "step": run.step, "best": run.best, **services.run_series(run)}
+    folder = services.run_folder(run)
+    if log and folder is not None and folder.exists():
+        series["log"] = services.run_log(session, run, folder)[2]
+    return series
 
 
 @router.post("/{run_id}/cancel", response_model=StateChangeOut)

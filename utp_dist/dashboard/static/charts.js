@@ -56,7 +56,7 @@ const utp = (() => {
     const valLoss = liveChart(document.getElementById("chart-val-loss"), "val loss per epoch", "epoch");
     const val = liveChart(document.getElementById("chart-val"), "val metrics per epoch", "epoch");
     async function update() {
-      const response = await fetch(`/api/v1/runs/${runId}/series`, { credentials: "same-origin" });
+      const response = await fetch(`/api/v1/runs/${runId}/series?log=true`, { credentials: "same-origin" });
       if (!response.ok) return null;
       const s = await response.json();
       train(["train loss"], [s.train.train_loss]);
@@ -65,6 +65,14 @@ const utp = (() => {
       val(metrics, metrics.map((k) => s.val[k]));
       const epochStep = document.getElementById("epoch-step");
       if (epochStep) epochStep.textContent = `${s.epoch ?? "-"} / ${s.step ?? "-"}`;
+      const best = document.getElementById("best");
+      if (best && s.best !== null) best.textContent = Number(s.best).toPrecision(4);
+      const log = document.querySelector("pre.log");
+      if (log && s.log !== undefined && log.textContent !== s.log) {
+        const atEnd = log.scrollTop + log.clientHeight >= log.scrollHeight - 4;
+        log.textContent = s.log;
+        if (atEnd) log.scrollTop = log.scrollHeight; // follow the log unless the user scrolled up to read
+      }
       const state = document.querySelector("#run-state .state");
       if (state && state.textContent !== s.state) { state.textContent = s.state; state.className = `state state-${s.state}`; }
       return s.state;
