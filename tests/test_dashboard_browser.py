@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -23,8 +24,13 @@ README_SCREENSHOT = REPO / "docs" / "dashboard.png"
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with serving(private_root(tmp_path_factory, "browser"), tmp_path_factory, "browser-db") as running:
+def root(tmp_path_factory):
+    return private_root(tmp_path_factory, "browser")
+
+
+@pytest.fixture(scope="module")
+def server(root, tmp_path_factory):
+    with serving(root, tmp_path_factory, "browser-db") as running:
         yield running
 
 
@@ -144,4 +150,17 @@ def test_api_docs_render_without_internet(page):
     page.goto("/docs")
     expect(page.locator(".swagger-ui .info")).to_contain_text("utp_dist dashboard")
     expect(page.locator(".swagger-ui")).to_contain_text("/api/v1/runs/from-config/{config_id}")
+    assert page.errors == []
+
+
+def test_sweep_board_refreshes_without_a_reload(page, root):
+    page.goto("/web/sweeps")
+    page.click("text=seeds")
+    tasks = page.locator("#tasks")
+    expect(tasks.locator("tr.kind-failed")).to_have_count(2)
+    page.evaluate("() => { window.notReloaded = true; utp.refreshTables(['tasks'], 0.3); }")
+    record = root / "sweeps" / "seeds" / "tasks" / "2.json"
+    record.write_text(json.dumps({**json.loads(record.read_text()), "state": "COMPLETED", "exit_code": 0}))  # the task was rerun
+    expect(tasks.locator("tr.kind-failed")).to_have_count(1)
+    assert page.evaluate("() => window.notReloaded") is True  # the same page, its table swapped
     assert page.errors == []

@@ -99,5 +99,18 @@ const utp = (() => {
     chart(document.getElementById("chart-compare-train"), "train loss per step", "step", labels, align(series.map((s) => s.train.train_loss)));
   }
 
-  return { align, chart, liveChart, runPage, comparePage };
+  // a page whose tables change while tasks run (the sweep board): fetch it again and swap only those tables
+  function refreshTables(ids, seconds) {
+    setInterval(async () => {
+      const response = await fetch(location.pathname, { credentials: "same-origin" });
+      if (!response.ok) return;
+      const fresh = new DOMParser().parseFromString(await response.text(), "text/html");
+      for (const id of ids) {
+        const [now, next] = [document.getElementById(id), fresh.getElementById(id)];
+        if (now && next && now.innerHTML !== next.innerHTML) now.innerHTML = next.innerHTML;
+      }
+    }, seconds * 1000);
+  }
+
+  return { align, chart, liveChart, runPage, comparePage, refreshTables };
 })();
