@@ -12,6 +12,15 @@ if ! command -v slurmctld >/dev/null || ! command -v slurmdbd >/dev/null || ! co
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $SLURM_PACKAGES >/dev/null
 fi
+# the dashboard tests start a PostgreSQL cluster and drive a headless Chromium, both from Debian's packages
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || ! command -v chromium >/dev/null; then
+    if [ "$(id -u)" != 0 ]; then
+        echo "tests/run.sh: the dashboard tests need: apt-get install postgresql chromium (run as root, or install them first)" >&2
+        exit 1
+    fi
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql chromium >/dev/null
+fi
 python -m pip install -q -e ".[test]"
 # lint and format are part of the suite: a finding fails the run (and CI) before any test starts
 python -m ruff check --quiet .

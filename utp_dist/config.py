@@ -317,22 +317,29 @@ def read_yaml(path: str | os.PathLike) -> dict:
     """A YAML file whose top level is a mapping; errors name the file and the line."""
     try:
         with open(path, encoding="utf-8") as fh:
-            raw = yaml.safe_load(fh)
+            text = fh.read()
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     except (OSError, UnicodeDecodeError) as err:
         reason = err.strerror if isinstance(err, OSError) and err.strerror else "not a UTF-8 text file"
         raise ConfigError(f"{path}: cannot read the config: {reason}") from None
+    return parse_yaml(text, str(path))
+
+
+def parse_yaml(text: str, source: str = "<config>") -> dict:
+    """Config YAML text whose top level is a mapping; errors name `source` and the line."""
+    try:
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ConfigError(f"{path}:{where}: invalid YAML: {problem}") from None
+        raise ConfigError(f"{source}:{where}: invalid YAML: {problem}") from None
     if raw is None:
         log.warning("%s is empty: every setting takes its default", path)
         return {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+        raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(raw).__name__}")
     return raw
 
 

@@ -1,0 +1,181 @@
+"""Real parts for the dashboard tests: a uvicorn server process, a PostgreSQL cluster from Debian's package, trained runs."""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import yaml
+from conftest import REPO, make_image_folder, run_cli, tiny_config
+
+READY_TIMEOUT_S = 60
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(ready, timeout: float, what: str, log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if ready():
+            return
+        time.sleep(0.2)
+    tail = log.read_text()[-3000:] if log is not None and log.exists() else ""
+    raise TimeoutError(f"{what} not ready after {timeout:.0f} s\n{tail}")
+
+
+class Server:
+    """`python -m utp_dist.dashboard` as a real process on a free port."""
+
+    def __init__(self, roots: list[Path], db_url: str, log: Path, host: str = "127.0.0.1", token: str | None = None):
+        self.roots, self.db_url, self.log, self.host, self.token = roots, db_url, log, host, token
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def command(self) -> list[str]:
+        roots = [arg for root in self.roots for arg in ("--root", str(root))]
+        cmd = [sys.executable, "-m", "utp_dist.dashboard", "--host", self.host, "--port", str(self.port), *roots]
+        return cmd + ["--db", self.db_url, "--index-interval", "1"]
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k != "UTP_DASHBOARD_TOKEN"}
+        env.update(PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
+        if self.token:
+            env["UTP_DASHBOARD_TOKEN"] = self.token
+        return env
+
+    def start(self) -> Server:
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(self.command(), env=self.env(), stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+        wait_until(self._ready, READY_TIMEOUT_S, f"dashboard on port {self.port}", self.log)
+        return self
+
+    def _ready(self) -> bool:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"dashboard exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+        try:
+            return httpx.get(f"{self.url}/static/app.css", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def client(self, authed: bool = True, **kwargs) -> httpx.Client:
+        """An HTTP client of this server; `authed` sends the token (when the server has one) as a Bearer header."""
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token and authed else {}
+        return httpx.Client(base_url=self.url, timeout=60, headers=headers, **kwargs)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+class Postgres:
+    """A throw-away PostgreSQL cluster from Debian's `postgresql` package: free port, unix socket in a temp dir."""
+
+    def __init__(self):
+        bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+        if not bins:
+            raise RuntimeError("PostgreSQL is not installed: apt-get install postgresql (tests/run.sh does)")
+        self.bin = Path(bins[-1]).parent
+        self.dir = Path(tempfile.mkdtemp(prefix="utp-pg-"))  # not under pytest's 0700 root-owned folder: postgres must reach it
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+        # the server refuses to run as root: as root (CI), run it as the package's postgres user
+        self.as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+
+    @property
+    def url(self) -> str:
+        return f"postgresql+psycopg://utp@/dashboard?host={self.dir}&port={self.port}"
+
+    def start(self) -> Postgres:
+        if self.as_user:
+            shutil.chown(self.dir, "postgres", "postgres")
+        data = self.dir / "data"
+        init = [*self.as_user, str(self.bin / "initdb"), "-D", str(data), "-U", "utp", "--auth=trust", "-E", "UTF8", "--no-sync"]
+        subprocess.run(init, check=True, capture_output=True, timeout=120)
+        log = open(self.dir / "postgres.log", "ab")
+        server = [str(self.bin / "postgres"), "-D", str(data), "-p", str(self.port), "-k", str(self.dir), "-c", "listen_addresses="]
+        self.proc = subprocess.Popen([*self.as_user, *server, "-c", "fsync=off"], stdout=log, stderr=subprocess.STDOUT)
+        wait_until(self._ready, READY_TIMEOUT_S, "postgres", self.dir / "postgres.log")
+        import psycopg
+
+        with psycopg.connect(host=str(self.dir), port=self.port, user="utp", dbname="postgres", autocommit=True) as conn:
+            conn.execute("CREATE DATABASE dashboard")
+        return self
+
+    def _ready(self) -> bool:
+        import psycopg
+
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"postgres exited: {(self.dir / 'postgres.log').read_text()[-2000:]}")
+        try:
+            psycopg.connect(host=str(self.dir), port=self.port, user="utp", dbname="postgres", connect_timeout=2).close()
+            return True
+        except psycopg.OperationalError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)  # fast shutdown
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def trained_root(basetemp: Path) -> Path:
+    """An output root, built once per test session: a 4-task sweep (2 seeds x a good and a missing data root) = 2 finished runs, 2 failed tasks."""
+    root = basetemp / "dashboard-root"
+    if (root / "READY").exists():
+        return root
+    images = make_image_folder(basetemp / "dashboard-images" / "shapes")
+    base = tiny_config(images, root)
+    grid = {"name": "seeds", "base": base, "sweep": {"train.seed": [1, 2], "data.root": [str(images), str(basetemp / "missing-images")]}}
+    grid_file = basetemp / "dashboard-grid.yaml"
+    grid_file.write_text(yaml.safe_dump(grid))
+    done = run_cli(str(grid_file), "--executor", "debug", module="utp_dist.submit", timeout=600)
+    assert "COMPLETED" in done.stdout, done.stdout + done.stderr
+    (root / "READY").write_text("")
+    return root
+
+
+def copy_root(source: Path, target: Path) -> Path:
+    """A private copy of an output root (symlinks kept as links) for tests that change it."""
+    shutil.copytree(source, target, symlinks=True)
+    return target
+
+
+def private_root(tmp_path_factory, name: str) -> Path:
+    """A copy of the session's trained root that one test module may change."""
+    return copy_root(trained_root(tmp_path_factory.getbasetemp()), tmp_path_factory.mktemp(name) / "root")
+
+
+@contextmanager
+def serving(root: Path, tmp_path_factory, name: str, **options) -> Iterator[Server]:
+    """A dashboard over `root` with its own SQLite database, stopped on exit."""
+    folder = tmp_path_factory.mktemp(name)
+    server = Server([root], f"sqlite:///{folder / 'db.sqlite'}", folder / "server.log", **options).start()
+    try:
+        yield server
+    finally:
+        server.stop()

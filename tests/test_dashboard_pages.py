@@ -1,0 +1,200 @@
+"""What the pages show: runs found on disk, the incremental index, a run page, compare, the sweep board, live progress."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO, tiny_config
+from dashboard_support import private_root, serving, wait_until
+
+from utp_dist.dashboard import sources
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return private_root(tmp_path_factory, "pages")
+
+
+@pytest.fixture(scope="module")
+def server(root, tmp_path_factory):
+    with serving(root, tmp_path_factory, "pages-db") as running:
+        yield running
+
+
+@pytest.fixture
+def web(server):
+    with server.client(follow_redirects=False) as client:
+        yield client
+
+
+def finished_runs(web) -> list[dict]:
+    return [r for r in web.get("/api/v1/runs", params={"state": "succeeded", "limit": 500}).json() if r["source"] == "disk"]
+
+
+def csrf(web, path: str) -> str:
+    return re.search(r'name="csrf" value="([^"]+)"', web.get(path).text).group(1)
+
+
+def test_runs_list_shows_every_run_on_disk(web):
+    page = web.get("/web/runs")
+    assert page.status_code == 200
+    assert "vit__cross_entropy__scratch__root=shapes_seed=1" in page.text and "vit__cross_entropy__scratch__root=shapes_seed=2" in page.text
+    assert page.text.count("state-succeeded") >= 2
+
+
+def test_run_page_shows_progress_figures_config_and_best_export(web):
+    run = finished_runs(web)[0]
+    page = web.get(f"/web/runs/{run['id']}")
+    assert page.status_code == 200
+    html = page.text
+    assert 'id="confusion-matrix"' in html and "confusion_matrix_test.png" in html and "roc_micro_test.png" in html
+    assert 'id="chart-train"' in html and 'id="chart-val"' in html
+    assert "monitor_metric: val_acc@1" in html  # the resolved config
+    assert re.search(r'id="best-export">[^<]*best-step[0-9]{8}<', html)
+    assert "data wait" in html and "MFU" in html and "img/s" in html
+    assert web.get("/web/runs/999999").status_code == 404
+
+
+def test_index_is_incremental(web, root):
+    assert web.post("/api/v1/index/refresh").json()["runs_read"] == 0  # nothing changed since the last pass
+    source = next(p for p in (root / "logs" / "shapes").iterdir() if p.name.endswith("seed=1"))
+    copy = source.with_name("copied-run")
+    shutil.copytree(source, copy)
+    counts = web.post("/api/v1/index/refresh").json()
+    assert counts["runs_read"] == 1  # only the new folder was read
+    assert "copied-run" in [r["name"] for r in web.get("/api/v1/runs", params={"q": "copied"}).json()]
+    line = json.loads((copy / "metrics.jsonl").read_text().splitlines()[0])
+    with open(copy / "metrics.jsonl", "a") as fh:
+        fh.write(json.dumps({**line, "epoch": 2, "step": 27}) + "\n")
+    assert web.post("/api/v1/index/refresh").json()["runs_read"] == 1  # its metrics changed: read again
+    shutil.rmtree(copy)
+    assert web.post("/api/v1/index/refresh").json()["runs_gone"] == 1
+    assert web.get("/api/v1/runs", params={"q": "copied"}).json() == []
+
+
+def test_compare_shows_only_the_config_keys_that_differ(web):
+    ids = [r["id"] for r in finished_runs(web)][:2]
+    page = web.get("/web/compare", params={"ids": ids})
+    assert page.status_code == 200
+    table = page.text.split('id="differences"')[1].split("</table>")[0]
+    assert "train.seed" in table and "output.run_name" in table
+    assert "optim.lr" not in table and "data.root" not in table
+    assert web.get("/web/compare", params={"ids": ids[:1]}).status_code == 422
+
+
+def test_sweep_board_rows_leaderboard_and_seeds(web):
+    sweeps = web.get("/api/v1/sweeps").json()
+    assert [(s["name"], s["tasks"], s["executor"]) for s in sweeps] == [("seeds", 4, "debug")]
+    board = web.get(f"/api/v1/sweeps/{sweeps[0]['id']}").json()
+    assert [r["state"] for r in board["rows"]] == ["COMPLETED", "COMPLETED", "FAILED", "FAILED"]
+    assert [r["kind"] for r in board["rows"]] == ["ok", "ok", "failed", "failed"]
+    assert board["rows"][0]["step"] == 18 and board["rows"][0]["best"] is not None
+    assert len(board["leaderboard"]) == 4 and board["leaderboard"][0]["rank"] == "1"
+    good = [g for g in board["seed_groups"] if g["seeds"] == 2]
+    assert len(good) == 1 and good[0]["mean"] is not None and good[0]["metric"] == "best val_acc@1"
+    page = web.get(f"/web/sweeps/{sweeps[0]['id']}")
+    assert "Resubmit failed (2)" in page.text and page.text.count('<tr class="kind-failed">') == 2
+    assert "Mean ± std over seeds" in page.text
+
+
+def test_preempted_and_timeout_are_shown_apart_from_failed():
+    assert sources.kind("PREEMPTED") == sources.kind("TIMEOUT") == "interrupted"
+    assert sources.kind("FAILED") == sources.kind("OUT_OF_MEMORY") == "failed"
+    assert sources.kind("COMPLETED") == "ok" and sources.kind("PENDING") == "waiting"
+
+
+def test_resubmit_failed_runs_the_cli_code(web, root):
+    sweep = web.get("/api/v1/sweeps").json()[0]
+    before = json.loads((root / "sweeps" / "seeds" / "sweep.json").read_text())
+    page = web.post(f"/web/sweeps/{sweep['id']}/resubmit-failed", data={"csrf": csrf(web, f"/web/sweeps/{sweep['id']}")})
+    assert page.status_code == 200 and 'id="message"' in page.text and "resubmit --failed" in page.text
+    after = json.loads((root / "sweeps" / "seeds" / "sweep.json").read_text())
+    assert len(after["submissions"]) == len(before["submissions"]) + 1
+    assert sorted(after["submissions"][-1]["tasks"]) == ["2", "3"]  # only the failed tasks went again
+
+
+def test_project_config_and_queue_pages(web):
+    made = web.post("/web/projects", data={"name": "pages-project", "csrf": csrf(web, "/web/projects")})
+    assert made.status_code == 303
+    configs = made.headers["location"]
+    bad = web.post(configs, data={"name": "bad.yaml", "text": "train:\n  epochs: [1\n", "csrf": csrf(web, configs)})
+    assert bad.status_code == 422 and "bad.yaml: line 3, column 1: invalid YAML" in bad.text
+    text = (REPO / "configs" / "quickstart.yaml").read_text()
+    good = web.post(configs, data={"name": "quickstart", "text": text, "csrf": csrf(web, configs)})
+    assert good.status_code == 303
+    runs_page = web.get(good.headers["location"])
+    config_id = re.search(r'action="/web/configs/(\d+)/queue"', runs_page.text).group(1)
+    queued = web.post(f"/web/configs/{config_id}/queue", data={"gpus": "1", "csrf": csrf(web, good.headers["location"])})
+    assert queued.status_code == 303
+    run_page = web.get(queued.headers["location"])
+    assert "state-queued" in run_page.text and ">Cancel</button>" in run_page.text
+
+
+def test_agents_page_lists_agents_and_gpus(web):
+    agent = web.post("/api/v1/agents", json={"name": "gpu-box", "host": "10.1.2.3"}).json()
+    web.post("/api/v1/agents/gpus", json={"agent_id": agent["id"], "index": 0, "name": "NVIDIA A100", "memory_mb": 40960})
+    page = web.get("/web/agents").text
+    assert "gpu-box" in page and "NVIDIA A100 (40960 MiB)" in page
+
+
+def test_a_running_run_shows_live_progress(web, root, tmp_path):
+    """A run training now appears as running and its curves grow without anyone refreshing the index by hand."""
+    finished = next((root / "logs" / "shapes").glob("*seed=1/config.yaml"))
+    images = Path(yaml.safe_load(finished.read_text())["data"]["root"])
+    config = tiny_config(images, root, train={"epochs": 20}, output={"run_name": "live"})
+    path = tmp_path / "live.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = {"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    child = subprocess.Popen(
+        [sys.executable, "-m", "utp_dist.train", str(path)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        seen: list[int] = []
+
+        def running_with_points() -> bool:
+            runs = web.get("/api/v1/runs", params={"q": "live"}).json()
+            if not runs:
+                return False
+            series = web.get(f"/api/v1/runs/{runs[0]['id']}/series").json()
+            if runs[0]["state"] == "running" and series["val"]:
+                seen.append(len(series["val"]["val_loss"]["x"]))
+            return len(set(seen)) >= 2  # new points arrived while it was running
+
+        wait_until(running_with_points, 120, "a running run with growing curves")
+    finally:
+        child.wait(timeout=300)
+    wait_until(lambda: web.get("/api/v1/runs", params={"q": "live"}).json()[0]["state"] == "succeeded", 30, "the live run finished")
+
+
+def test_a_root_that_is_away_forgets_nothing(web, root):
+    """An output root on a share that is unmounted for a moment keeps its runs (and their ids) in the index."""
+    before = {r["id"] for r in finished_runs(web)}
+    (root / "logs").rename(root / "logs-away")
+    try:
+        assert web.post("/api/v1/index/refresh").json()["runs_gone"] == 0
+    finally:
+        (root / "logs-away").rename(root / "logs")
+    assert web.post("/api/v1/index/refresh").json()["runs_read"] == 0
+    assert {r["id"] for r in finished_runs(web)} == before
+
+
+def test_log_tail_shows_the_last_lines_as_a_terminal_would(web, root):
+    run = finished_runs(web)[0]
+    log = root / "logs" / run["dataset"] / run["name"] / "train.log"
+    log.write_text("".join(f"line {i}\n" for i in range(200)) + "train:  10%\rtrain:  50%\rtrain: 100%\nfinished\n")
+    try:
+        html = web.get(f"/web/runs/{run['id']}").text
+        polled = web.get(f"/api/v1/runs/{run['id']}/series", params={"log": True}).json()["log"]  # what the page polls
+    finally:
+        log.unlink()
+    tail = html.split('<pre class="log">')[1].split("</pre>")[0]
+    assert polled == tail
+    assert tail.endswith("train: 100%\nfinished") and "50%" not in tail  # a progress bar's last redraw only
+    assert "line 199" in tail and "line 100\n" not in tail  # the end of a long log

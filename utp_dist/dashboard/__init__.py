@@ -1,0 +1,1 @@
+"""The web dashboard: projects, configs, the run queue, agents, and every run and sweep found under the output roots."""

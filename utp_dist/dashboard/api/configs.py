@@ -1,0 +1,36 @@
+"""/api/v1/configs: configs validated by the same code as the CLI before they are stored."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, status
+
+from utp_dist.dashboard import services
+from utp_dist.dashboard.db import ConfigRow
+from utp_dist.dashboard.deps import PagingDep, SessionDep
+from utp_dist.dashboard.schemas import ConfigIn, ConfigOut
+
+router = APIRouter(prefix="/api/v1/configs", tags=["configs"])
+
+
+@router.post("", response_model=ConfigOut, status_code=status.HTTP_201_CREATED)
+def create_config(body: ConfigIn, session: SessionDep):
+    """Store a config given as `config` (sections) or `yaml` (file text); a bad key or value is 422 with the CLI's line."""
+    return services.create_config(session, body.project_id, body.name, body.config, body.yaml)
+
+
+@router.get("/project/{project_id}", response_model=list[ConfigOut])
+def list_configs(project_id: int, session: SessionDep, paging: PagingDep):
+    """The configs of a project."""
+    return paging.total(*services.list_configs(session, project_id, paging.limit, paging.offset))
+
+
+@router.get("/{config_id}", response_model=ConfigOut)
+def get_config(config_id: int, session: SessionDep):
+    """One config: its sections as given and the fingerprint of its resolved form."""
+    return services.found(session, ConfigRow, config_id, "config")
+
+
+@router.delete("/{config_id}", status_code=status.HTTP_204_NO_CONTENT)
+def delete_config(config_id: int, session: SessionDep):
+    """Delete a config (runs queued from it stay)."""
+    services.delete_config(session, config_id)

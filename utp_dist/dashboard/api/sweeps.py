@@ -1,0 +1,33 @@
+"""/api/v1/sweeps: sweep ledgers found under the output roots, their board, and `resubmit --failed`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import APIRouter
+
+from utp_dist.dashboard import services, sources
+from utp_dist.dashboard.deps import PagingDep, SessionDep
+from utp_dist.dashboard.schemas import ResubmitOut, SweepBoard, SweepOut
+
+router = APIRouter(prefix="/api/v1/sweeps", tags=["sweeps"])
+
+
+@router.get("", response_model=list[SweepOut])
+def list_sweeps(session: SessionDep, paging: PagingDep):
+    """Every sweep ledger found under the output roots, newest first."""
+    return paging.total(*services.list_sweeps(session, paging.limit, paging.offset))
+
+
+@router.get("/{sweep_id}", response_model=SweepBoard)
+def sweep_board(sweep_id: int, session: SessionDep):
+    """One row per task (the same status code as `submit status`), the leaderboard and mean ± std over seeds."""
+    sweep = services.get_sweep(session, sweep_id)
+    return SweepBoard(**SweepOut.model_validate(sweep).model_dump(), **services.sweep_board(sweep))
+
+
+@router.post("/{sweep_id}/resubmit-failed", response_model=ResubmitOut)
+def resubmit_failed(sweep_id: int, session: SessionDep):
+    """Run `python -m utp_dist.submit resubmit SWEEP --failed` and answer its exit code and last line."""
+    code, message = sources.resubmit_failed(Path(services.get_sweep(session, sweep_id).folder))
+    return ResubmitOut(exit_code=code, message=message)

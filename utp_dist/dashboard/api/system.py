@@ -1,0 +1,29 @@
+"""/api/v1/index and /files: refreshing the index of the output roots, and files from inside them only."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, HTTPException, Request
+from fastapi.responses import FileResponse
+
+from utp_dist.dashboard import files
+from utp_dist.dashboard.deps import SettingsDep
+
+router = APIRouter(tags=["system"])
+
+
+@router.post("/api/v1/index/refresh")
+def refresh_index(request: Request) -> dict[str, int]:
+    """Index the output roots now (the background indexer does it every few seconds anyway)."""
+    return request.app.state.indexer.refresh()
+
+
+@router.get("/files/{root}/{path:path}")
+def serve_file(root: int, path: str, settings: SettingsDep) -> FileResponse:
+    """A file below output root number `root` (figures, logs, exports); 403 for anything resolving outside the roots."""
+    try:
+        target = files.under_root(settings.roots, root, path)
+    except files.OutsideRoots as err:
+        raise HTTPException(status_code=403, detail=str(err)) from None
+    if not target.is_file():
+        raise HTTPException(status_code=404, detail=f"no file {path} in output root {root}")
+    return FileResponse(target)

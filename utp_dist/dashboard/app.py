@@ -1,0 +1,105 @@
+"""The FastAPI application: database, migrations, the indexer, the routers, the pages and the error answers."""
+
+from __future__ import annotations
+
+import json
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
+from fastapi.staticfiles import StaticFiles
+
+from utp_dist import __version__
+from utp_dist.dashboard import migrate, pages
+from utp_dist.dashboard.api import agents, configs, projects, runs, sweeps, system
+from utp_dist.dashboard.db import Database
+from utp_dist.dashboard.indexer import Indexer
+from utp_dist.dashboard.security import AccessMiddleware
+from utp_dist.dashboard.services import Conflict, Invalid, NotFound
+from utp_dist.dashboard.settings import Settings
+
+HERE = Path(__file__).parent
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """The app for these settings: migrates the database, indexes the roots once, then keeps indexing in the background."""
+    database = Database(settings.database_url)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        """Migrate, index once, then index in the background until shutdown."""
+        migrate.upgrade(database.engine)
+        indexer.refresh()
+        indexer.start(settings.index_interval_s)
+        yield
+        indexer.stop()
+        database.engine.dispose()
+
+    indexer = Indexer(settings.roots, database.sessions)
+    # /docs is served below from vendored Swagger UI files (FastAPI's default loads them from a CDN); no ReDoc
+    app = FastAPI(title="utp_dist dashboard", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.settings, app.state.db, app.state.indexer = settings, database, indexer
+    app.add_middleware(AccessMiddleware, settings=settings)
+    for module in (projects, configs, runs, agents, sweeps, system):
+        app.include_router(module.router)
+    app.include_router(pages.router)
+    app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
+    app.add_api_route("/", lambda: RedirectResponse("/web/runs"), include_in_schema=False)
+    app.add_api_route("/docs", api_docs, include_in_schema=False)
+    add_error_answers(app)
+    return app
+
+
+def api_docs() -> HTMLResponse:
+    """The OpenAPI docs (Swagger UI) from the vendored files, so they work on a machine without internet."""
+    vendor = "/static/vendor/swagger-ui"
+    return get_swagger_ui_html(
+        openapi_url="/openapi.json",
+        title="utp_dist dashboard API",
+        swagger_js_url=f"{vendor}/swagger-ui-bundle.js",
+        swagger_css_url=f"{vendor}/swagger-ui.css",
+        swagger_favicon_url=f"{vendor}/favicon-32x32.png",
+    )
+
+
+def add_error_answers(app: FastAPI) -> None:
+    """404 unknown ids, 409 with the current state, 422 with the one line the CLI prints or the line of bad JSON."""
+
+    def answer(request: Request, status: int, detail: str, **extra) -> object:
+        """JSON for the API, an error page for /web."""
+        if request.url.path.startswith("/web/"):
+            return pages.error_page(request, status, detail)
+        return JSONResponse({"detail": detail, **extra}, status_code=status)
+
+    @app.exception_handler(NotFound)
+    async def not_found(request: Request, err: NotFound):
+        return answer(request, 404, str(err))
+
+    @app.exception_handler(Conflict)
+    async def conflict(request: Request, err: Conflict):
+        return answer(request, 409, str(err), state=err.state)
+
+    @app.exception_handler(Invalid)
+    async def invalid(request: Request, err: Invalid):
+        return answer(request, 422, str(err))
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(request: Request, err: RequestValidationError):
+        broken = [e for e in err.errors() if e.get("type") == "json_invalid"]
+        if broken:
+            body = (await request.body()).decode("utf-8", errors="replace")
+            try:
+                json.loads(body)
+            except json.JSONDecodeError as decode:
+                return JSONResponse(
+                    {"detail": f"request body: invalid JSON at line {decode.lineno}, column {decode.colno}: {decode.msg}"}, status_code=422
+                )
+        return JSONResponse({"detail": jsonable(err.errors())}, status_code=422)
+
+
+def jsonable(errors) -> list:
+    """Validation errors with their context made printable (pydantic puts exception objects there)."""
+    return json.loads(json.dumps(list(errors), default=str))

@@ -1,0 +1,162 @@
+"""The index of what the output roots hold: every run folder and sweep ledger, refreshed incrementally by mtime.
+
+Pages and the API read runs from the database only; this is the one place that walks the roots, in a
+background thread (and on demand), and it re-reads a run's files only when their newest mtime changed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from utp_dist.dashboard import rundata, sources, states
+from utp_dist.dashboard.db import Run, Sweep, now
+from utp_dist.errors import UserError
+from utp_dist.runs import RunDir, find_runs, is_version_of
+
+log = logging.getLogger(__name__)
+
+
+class Indexer:
+    """Keeps the runs and sweeps tables in step with the run folders and ledgers under the output roots."""
+
+    def __init__(self, roots: tuple[Path, ...], sessions: sessionmaker[Session]):
+        self.roots, self.sessions = roots, sessions
+        self.lock = threading.Lock()  # one refresh at a time (the background loop and an on-demand refresh)
+        self.ledgers: dict[str, tuple[float, list[tuple[str, str, str]]]] = {}  # sweep folder -> (mtime, its tasks' run keys)
+        self.stopping = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def refresh(self) -> dict[str, int]:
+        """One pass over every root: add new runs/sweeps, re-read changed ones, forget vanished ones. Returns counts."""
+        with self.lock, self.sessions() as session:
+            counts = self._runs(session)
+            counts.update(self._sweeps(session))
+            counts["linked"] = self._link(session)
+            session.commit()
+        return counts
+
+    def _runs(self, session: Session) -> dict[str, int]:
+        roots = [str(r) for r in self.roots]
+        rows = {(r.root, r.dataset, r.name): r for r in session.scalars(select(Run).where(Run.root.in_(roots)))}
+        seen, read = set(), 0
+        for root in roots:
+            for folder in find_runs(root):
+                key = (root, folder.dataset, folder.name)
+                seen.add(key)
+                mtime = rundata.newest_mtime(folder)
+                row = rows.get(key)
+                # unchanged files: nothing to read, except that a "running" folder turns stopped as time passes
+                if row is not None and row.indexed_mtime == mtime and not (row.source == "disk" and row.state == states.RUNNING):
+                    continue
+                if row is None:
+                    row = Run(source="disk", root=root, dataset=folder.dataset, name=folder.name, created=_started(folder))
+                    session.add(row)
+                self._read(row, folder, mtime)
+                read += 1
+        # a root that is not there right now (an unmounted share) forgets nothing: its runs keep their ids and links
+        present = {root for root in roots if (Path(root) / "logs").is_dir()}
+        gone = [row for key, row in rows.items() if key not in seen and row.source == "disk" and key[0] in present]
+        for row in gone:
+            session.delete(row)
+        return {"runs": len(seen), "runs_read": read, "runs_gone": len(gone)}
+
+    @staticmethod
+    def _read(row: Run, folder: RunDir, mtime: float | None) -> None:
+        config = folder.read_config()
+        progress = rundata.progress(folder, config)
+        summary = folder.read_summary() or {}
+        row.config_hash = summary.get("config_hash") or folder.config_hash()
+        for field in ("epoch", "step", "best_metric", "best", "img_per_s"):
+            setattr(row, field, progress[field])
+        row.restarts = progress["restarts"] or 0
+        if row.source == "disk":  # a queued run's state is its job's, not a guess from its files
+            row.state = rundata.disk_state(folder, mtime)
+        row.indexed_mtime = mtime
+        row.updated = now()
+
+    def _sweeps(self, session: Session) -> dict[str, int]:
+        rows = {s.folder: s for s in session.scalars(select(Sweep))}
+        seen = set()
+        for root in self.roots:
+            for path in sorted((root / "sweeps").glob(f"*/{sources.LEDGER}")):
+                folder = str(path.parent)
+                seen.add(folder)
+                mtime = path.stat().st_mtime
+                row = rows.get(folder)
+                if row is not None and row.indexed_mtime == mtime and self.ledgers.get(folder, (None,))[0] == mtime:
+                    continue
+                try:
+                    ledger = sources.read_ledger(path.parent)
+                except UserError as err:
+                    log.warning("%s", err)
+                    continue
+                if row is None:
+                    row = Sweep(folder=folder)
+                    session.add(row)
+                row.name = ledger.get("name", path.parent.name)
+                row.executor = ledger.get("executor", "")
+                row.tasks = len(ledger.get("tasks", []))
+                row.created = ledger.get("created") or mtime
+                row.indexed_mtime = mtime
+                # the run each task trains: (output root, name, config fingerprint), as ledger.find_run matches it
+                keys = [(str(Path(t["output_root"]).resolve()), t["name"], t["config_hash"]) for t in ledger.get("tasks", [])]
+                self.ledgers[folder] = (mtime, keys)
+        roots = tuple(str(r) for r in self.roots)
+        gone = [row for folder, row in rows.items() if folder not in seen and folder.startswith(roots)]
+        for row in gone:
+            self.ledgers.pop(row.folder, None)
+            session.delete(row)
+        return {"sweeps": len(seen)}
+
+    def _link(self, session: Session) -> int:
+        """Point each run at the sweep whose ledger has its task (runs.sweep_id); returns how many links changed."""
+        session.flush()  # new sweeps get their ids
+        ids = dict(session.execute(select(Sweep.folder, Sweep.id)).all())
+        wanted: dict[tuple[str, str], list[tuple[str, int]]] = {}
+        for folder, (_, keys) in self.ledgers.items():
+            for root, name, config_hash in keys:
+                wanted.setdefault((root, config_hash), []).append((name, ids.get(folder)))
+        changed = 0
+        runs = session.execute(
+            select(Run.id, Run.root, Run.name, Run.config_hash, Run.sweep_id).where(Run.root.in_([str(r) for r in self.roots]))
+        )
+        for run_id, root, name, config_hash, current in runs.all():
+            target = next((sweep for task, sweep in wanted.get((root, config_hash), []) if is_version_of(task, name)), None)
+            if target != current:
+                session.execute(update(Run).where(Run.id == run_id).values(sweep_id=target))
+                changed += 1
+        return changed
+
+    def start(self, interval_s: float) -> None:
+        """Refresh every `interval_s` seconds in a daemon thread until stop()."""
+
+        def loop() -> None:
+            while not self.stopping.wait(interval_s):
+                try:
+                    self.refresh()
+                except Exception:  # a bad folder or a locked database must not end the loop
+                    log.exception("indexing the output roots failed; trying again in %.0f s", interval_s)
+
+        self.thread = threading.Thread(target=loop, name="indexer", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        """End the background loop (at shutdown)."""
+        self.stopping.set()
+        if self.thread is not None:
+            self.thread.join(timeout=10)
+
+
+def _started(folder: RunDir) -> float:
+    """When the run started: its config.yaml is written first."""
+    for path in (folder.config_file, folder.logs):
+        try:
+            return path.stat().st_mtime
+        except OSError:
+            continue
+    return now()

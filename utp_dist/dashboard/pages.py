@@ -1,0 +1,321 @@
+"""Server-rendered pages under /web: thin views over the same service functions as the API."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Annotated
+
+import yaml
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import HTMLResponse, RedirectResponse
+from fastapi.templating import Jinja2Templates
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from utp_dist.dashboard import security, services, sources, states
+from utp_dist.dashboard.db import Agent, ConfigRow, Project, Sweep
+from utp_dist.dashboard.deps import SessionDep, SettingsDep
+
+router = APIRouter(prefix="/web", include_in_schema=False)
+templates = Jinja2Templates(directory=Path(__file__).parent / "templates")
+PAGE_SIZE, MAX_PAGE = 50, 1000
+
+
+def _number(value, digits: int = 4) -> str:
+    """A metric for a table cell: 4 significant digits, '-' when missing (also for numbers read from CSV text)."""
+    if value is None or value == "":
+        return "-"
+    if isinstance(value, str) and any(c in value for c in ".e") and value.lstrip("-").replace(".", "", 1).replace("e-", "", 1).isdigit():
+        value = float(value)
+    if isinstance(value, float):
+        return f"{value:.{digits}g}" if math.isfinite(value) else str(value)
+    return str(value)
+
+
+def _ago(stamp: float | None) -> str:
+    if not stamp:
+        return "never"
+    seconds = max(0, time.time() - stamp)
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f} {unit} ago"
+    return f"{seconds:.0f} s ago"
+
+
+templates.env.filters.update(num=_number, ago=_ago, tojson_compact=lambda v: json.dumps(v, default=str))
+
+
+def render(request: Request, template: str, status_code: int = 200, **context) -> HTMLResponse:
+    """A page, with the CSRF token every form posts back."""
+    return templates.TemplateResponse(request, template, {"csrf": request.state.csrf, **context}, status_code=status_code)
+
+
+def error_page(request: Request, status: int, detail: str) -> HTMLResponse:
+    """An HTML page saying what went wrong, with the status code."""
+    return render(request, "error.html", status_code=status, status=status, detail=detail)
+
+
+async def posted(request: Request):
+    """The posted form, or None when its CSRF token does not match this browser's cookie."""
+    form = await request.form()
+    return form if security.csrf_ok(request, form) else None
+
+
+def csrf_refused(request: Request) -> HTMLResponse:
+    """403 for a form whose CSRF token is missing or wrong."""
+    return error_page(request, 403, "the form's CSRF token is missing or wrong: reload the page and submit again")
+
+
+def back(url: str) -> RedirectResponse:
+    """Redirect after a POST (303: the browser follows with a GET)."""
+    return RedirectResponse(url, status_code=303)
+
+
+# --- login (only when the dashboard has a token)
+
+
+@router.get("/login")
+def login_form(request: Request, settings: SettingsDep, next: str = "/web/runs"):
+    """The login form (only needed when the dashboard has a token)."""
+    return render(request, "login.html", next=security.safe_next(next), needed=bool(settings.token), failed=False)
+
+
+@router.post("/login")
+async def login(request: Request, settings: SettingsDep):
+    """Check the token and set the login cookie (an HMAC of it, never the token)."""
+    form = await posted(request)
+    if form is None:
+        return csrf_refused(request)
+    target = security.safe_next(form.get("next"))
+    if not security.token_ok(settings, form.get("token")):
+        return render(request, "login.html", status_code=401, next=target, needed=True, failed=True)
+    response = back(target)
+    response.set_cookie(security.SESSION_COOKIE, security.session_value(settings), httponly=True, samesite="strict")
+    return response
+
+
+# --- projects and configs
+
+
+def projects_view(request: Request, session: Session, error: str | None = None, status_code: int = 200) -> HTMLResponse:
+    """The projects page, with an error from a failed create."""
+    items, _ = services.list_projects(session, limit=500)
+    return render(request, "projects.html", status_code=status_code, projects=items, error=error)
+
+
+async def create_from_form(request: Request, make, refused) -> HTMLResponse | RedirectResponse:
+    """A create form: check its CSRF token, make the object (answering the URL to go to), or show the form again with the 409."""
+    form = await posted(request)
+    if form is None:
+        return csrf_refused(request)
+    try:
+        return back(make(form))
+    except services.Conflict as err:
+        return refused(str(err))
+
+
+@router.get("/projects")
+def projects_page(request: Request, session: SessionDep):
+    """Projects and the form to create one."""
+    return projects_view(request, session)
+
+
+@router.post("/projects")
+async def create_project(request: Request, session: SessionDep):
+    """Create a project from the form, then go to its configs."""
+
+    def make(form) -> str:
+        project = services.create_project(session, str(form.get("name", "")).strip() or "-", str(form.get("description", "")))
+        return f"/web/projects/{project.id}/configs"
+
+    return await create_from_form(request, make, lambda error: projects_view(request, session, error, 409))
+
+
+@router.get("/projects/{project_id}/configs")
+def configs_page(request: Request, project_id: int, session: SessionDep):
+    """A project's configs and the form to paste one."""
+    project = services.found(session, Project, project_id, "project")
+    items, _ = services.list_configs(session, project_id, limit=500)
+    return render(request, "configs.html", project=project, configs=items, error=None, name="", text="")
+
+
+@router.post("/projects/{project_id}/configs")
+async def create_config(request: Request, project_id: int, session: SessionDep):
+    """Paste a config file (YAML, or JSON, which is YAML too); errors come back on the form with the CLI's line."""
+    form = await posted(request)
+    if form is None:
+        return csrf_refused(request)
+    name, text = str(form.get("name", "")).strip() or "config", str(form.get("text", ""))
+    try:
+        services.create_config(session, project_id, name, text=text)
+    except services.Invalid as err:
+        project = services.found(session, Project, project_id, "project")
+        items, _ = services.list_configs(session, project_id, limit=500)
+        return render(request, "configs.html", status_code=422, project=project, configs=items, error=str(err), name=name, text=text)
+    return back(f"/web/projects/{project_id}/runs")
+
+
+@router.get("/projects/{project_id}/runs")
+def project_runs_page(request: Request, project_id: int, session: SessionDep, page: int = Query(1, ge=1)):
+    """A project's configs with queue buttons, and its runs."""
+    project = services.found(session, Project, project_id, "project")
+    configs, _ = services.list_configs(session, project_id, limit=500)
+    runs, total = services.list_runs(session, project_id=project_id, limit=PAGE_SIZE, offset=(page - 1) * PAGE_SIZE)
+    sweeps = dict(session.execute(select(Sweep.id, Sweep.name)).all())
+    return render(
+        request, "project_runs.html", project=project, configs=configs, runs=runs, total=total, page=page, size=PAGE_SIZE, sweeps=sweeps
+    )
+
+
+@router.post("/configs/{config_id}/queue")
+async def queue_run(request: Request, config_id: int, session: SessionDep):
+    """Queue a run of a config, then show its page."""
+    form = await posted(request)
+    if form is None:
+        return csrf_refused(request)
+    gpus = int(form.get("gpus") or 0)
+    run, _ = services.queue_run(session, config_id, gpus=max(0, gpus))
+    return back(f"/web/runs/{run.id}")
+
+
+# --- runs
+
+
+@router.get("/runs")
+def runs_page(
+    request: Request,
+    session: SessionDep,
+    page: int = Query(1, ge=1),
+    size: int = Query(PAGE_SIZE, ge=1, le=MAX_PAGE),
+    state: str | None = None,
+    q: str | None = None,
+    project: int | None = None,
+    sweep: int | None = None,
+):
+    """Every run, queued here or found under the roots, newest first; read from the index only."""
+    runs, total = services.list_runs(session, project, state or None, q or None, size, (page - 1) * size, sweep)
+    names = dict(session.execute(select(Project.id, Project.name)).all())
+    sweeps = dict(session.execute(select(Sweep.id, Sweep.name)).all())
+    return render(
+        request,
+        "runs.html",
+        runs=runs,
+        total=total,
+        page=page,
+        size=size,
+        state=state or "",
+        q=q or "",
+        projects=names,
+        sweeps=sweeps,
+        states=states,
+    )
+
+
+@router.get("/runs/{run_id}")
+def run_page(request: Request, run_id: int, session: SessionDep, settings: SettingsDep):
+    """One run: where, progress, queue controls, curves, figures, files, log tail, resolved config."""
+    run = services.get_run(session, run_id)
+    detail = services.run_detail(session, run, settings.roots)
+    agent = session.get(Agent, run.agent_id) if run.agent_id else None
+    config = session.get(ConfigRow, run.config_id) if run.config_id else None
+    actions = [a for a, moves in states.ACTIONS.items() if detail["jobs"] and detail["jobs"][-1].state in moves]
+    config_text = yaml.safe_dump(detail["config"], sort_keys=False) if detail["config"] else ""
+    live = run.state in states.ACTIVE
+    return render(request, "run.html", **detail, agent=agent, config_row=config, actions=actions, config_text=config_text, live=live)
+
+
+@router.post("/runs/{run_id}/{action}")
+async def change_run(request: Request, run_id: int, action: str, session: SessionDep):
+    """Cancel or resume a run from its page."""
+    form = await posted(request)
+    if form is None:
+        return csrf_refused(request)
+    if action not in states.ACTIONS:
+        return error_page(request, 404, f"no action '{action}'; use one of {', '.join(states.ACTIONS)}")
+    services.change_state(session, run_id, action)
+    return back(f"/web/runs/{run_id}")
+
+
+@router.get("/compare")
+def compare_page(request: Request, session: SessionDep, ids: Annotated[list[int], Query()] = ()):
+    """Picked runs: overlaid curves and the config keys that differ."""
+    if len(ids) < 2:
+        return error_page(request, 422, "pick at least two runs to compare (tick them in the runs list)")
+    data = services.compare(session, ids[:12])
+    labels = [f"#{r.id} {r.name or 'queued'}" for r in data["runs"]]
+    return render(request, "compare.html", **data, labels=labels)
+
+
+# --- sweeps
+
+
+@router.get("/sweeps")
+def sweeps_page(request: Request, session: SessionDep):
+    """Every sweep found under the output roots."""
+    items, _ = services.list_sweeps(session, limit=500)
+    return render(request, "sweeps.html", sweeps=items)
+
+
+@router.get("/sweeps/{sweep_id}")
+def sweep_page(request: Request, sweep_id: int, session: SessionDep, message: str | None = None):
+    """One sweep's board: tasks, resubmit-failed, leaderboard, seeds."""
+    sweep = services.get_sweep(session, sweep_id)
+    board = services.sweep_board(sweep)
+    failed = [r for r in board["rows"] if r["state"] in sources.RESUBMITTABLE]
+    runs = services.runs_by_logs(session, [row.get("logs") for row in board["rows"]])
+    return render(request, "sweep.html", sweep=sweep, **board, failed=failed, message=message, runs=runs)
+
+
+@router.post("/sweeps/{sweep_id}/resubmit-failed")
+async def resubmit_failed(request: Request, sweep_id: int, session: SessionDep):
+    """Run `submit resubmit SWEEP --failed` and show the board with its last line."""
+    form = await posted(request)
+    if form is None:
+        return csrf_refused(request)
+    sweep = services.get_sweep(session, sweep_id)
+    code, message = sources.resubmit_failed(Path(sweep.folder))
+    board = services.sweep_board(sweep)
+    failed = [r for r in board["rows"] if r["state"] in sources.RESUBMITTABLE]
+    note = f"resubmit --failed: {message}" + ("" if code == 0 else f" (exit {code})")
+    runs = services.runs_by_logs(session, [row.get("logs") for row in board["rows"]])
+    return render(request, "sweep.html", sweep=sweep, **board, failed=failed, message=note, runs=runs)
+
+
+# --- agents
+
+
+def agents_view(request: Request, session: Session, error: str | None = None, status_code: int = 200) -> HTMLResponse:
+    """The agents page, with an error from a failed registration."""
+    items, _ = services.list_agents(session, limit=500)
+    return render(request, "agents.html", status_code=status_code, agents=items, error=error)
+
+
+@router.get("/agents")
+def agents_page(request: Request, session: SessionDep):
+    """Agents, their GPUs and heartbeats, and the form to register one."""
+    return agents_view(request, session)
+
+
+@router.post("/agents")
+async def create_agent(request: Request, session: SessionDep):
+    """Register an agent from the form."""
+
+    def make(form) -> str:
+        services.create_agent(session, str(form.get("name", "")).strip() or "agent", str(form.get("host", "")))
+        return "/web/agents"
+
+    return await create_from_form(request, make, lambda error: agents_view(request, session, error, 409))
+
+
+@router.post("/agents/{agent_id}/drain")
+async def drain_agent(request: Request, agent_id: int, session: SessionDep):
+    """Drain an agent (or take it back into service)."""
+    form = await posted(request)
+    if form is None:
+        return csrf_refused(request)
+    agent = services.found(session, Agent, agent_id, "agent")
+    services.update_agent(session, agent_id, None, not agent.drain)
+    return back("/web/agents")

@@ -1,0 +1,149 @@
+"""What a run page shows, read from the run's own folder through RunDir: progress, curves, figures, log tail, best export."""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+from pathlib import Path
+
+from utp_dist.runs import RunDir
+
+LIVE_WINDOW_S = 180.0  # a run folder written to this recently is taken as running
+LOG_SUFFIXES = (".log", ".out", ".err")
+TRAIN_TAGS = ("train/loss", "train/acc")
+_curves_cache: dict[str, tuple[float, dict]] = {}
+_curves_lock = threading.Lock()
+
+
+def newest_mtime(run: RunDir) -> float | None:
+    """The newest modification time among the run's log files and its FINISHED marker (None: no folder)."""
+    try:
+        times = [entry.stat().st_mtime for entry in _scan(run.logs) if entry.is_file()]
+        times.append(run.logs.stat().st_mtime)
+    except OSError:
+        return None
+    if run.finished_marker.exists():
+        times.append(run.finished_marker.stat().st_mtime)
+    return max(times)
+
+
+def _scan(folder: Path) -> list[os.DirEntry]:
+    with os.scandir(folder) as entries:
+        return list(entries)
+
+
+def disk_state(run: RunDir, mtime: float | None) -> str:
+    """What the folder says: succeeded (FINISHED), running (written recently), stopped (resumable states), else unknown."""
+    if run.is_finished():
+        return "succeeded"
+    if mtime is not None and time.time() - mtime < LIVE_WINDOW_S:
+        return "running"
+    return "stopped" if run.states() else "unknown"
+
+
+def progress(run: RunDir, config: dict | None = None) -> dict:
+    """Epoch, step, best so far, img/s, restarts, MFU and data wait, from summary.json or else metrics.jsonl."""
+    summary = run.read_summary() or {}
+    lines = run.read_metrics()
+    val = [line for line in lines if line.get("split") == "val"]
+    train = (config or {}).get("train", {}) if isinstance(config, dict) else {}
+    metric = (summary.get("best") or {}).get("metric") or train.get("monitor_metric") or "val_acc@1"
+    mode = (summary.get("best") or {}).get("mode") or train.get("monitor_mode") or "max"
+    values = [line[metric] for line in val if _number(line.get(metric))]
+    best = (summary.get("best") or {}).get("value")
+    if best is None and values:
+        best = max(values) if mode == "max" else min(values)
+    last = val[-1] if val else {}
+    return {
+        "epoch": summary.get("last_epoch", last.get("epoch")),
+        "step": summary.get("steps", last.get("step")),
+        "best_metric": metric,
+        "best": best,
+        "img_per_s": summary.get("train_img_per_s", last.get("train_img_per_s")),
+        "restarts": summary.get("restarts", 0),
+        "mfu": summary.get("mfu"),
+        "data_wait": summary.get("data_wait_fraction"),
+        "device": summary.get("device"),
+        "world_size": summary.get("world_size"),
+        "wall_time_s": summary.get("wall_time_s"),
+        "test": {k: v for k, v in (summary.get("test") or {}).items() if _number(v)},
+    }
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def val_curves(run: RunDir) -> dict[str, dict[str, list]]:
+    """Every val metric per epoch from metrics.jsonl: {metric: {"x": epochs, "y": values}}."""
+    curves: dict[str, dict[str, list]] = {}
+    for line in run.read_metrics():
+        if line.get("split") != "val":
+            continue
+        for key, value in line.items():
+            if key.startswith("val_") and _number(value) and not key.endswith("images"):
+                curve = curves.setdefault(key, {"x": [], "y": []})
+                curve["x"].append(line["epoch"])
+                curve["y"].append(value)
+    return curves
+
+
+def train_curves(run: RunDir) -> dict[str, dict[str, list]]:
+    """Train loss and accuracy per logged step from the run's TensorBoard events (cached until the events change)."""
+    events = sorted(run.logs.glob("events.out.tfevents.*")) if run.logs.is_dir() else []
+    if not events:
+        return {}
+    stamp = max(p.stat().st_mtime for p in events) + len(events)
+    key = str(run.logs)
+    with _curves_lock:
+        cached = _curves_cache.get(key)
+        if cached and cached[0] == stamp:
+            return cached[1]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    guidance = {"scalars": 0, "images": 1, "tensors": 1, "histograms": 1, "compressedHistograms": 1, "audio": 1}
+    accumulator = EventAccumulator(str(run.logs), size_guidance=guidance)
+    accumulator.Reload()
+    tags = set(accumulator.Tags().get("scalars", []))
+    curves = {}
+    for tag in TRAIN_TAGS:
+        if tag in tags:
+            points = {e.step: e.value for e in accumulator.Scalars(tag)}  # a resumed run rewrote some steps: the last wins
+            steps = sorted(points)
+            curves[tag.replace("/", "_")] = {"x": steps, "y": [points[s] for s in steps]}
+    with _curves_lock:
+        _curves_cache[key] = (stamp, curves)
+    return curves
+
+
+def figures(run: RunDir) -> dict[str, Path | None]:
+    """The newest confusion matrix and ROC PNGs: the test ones when the run has them, else the last val epoch's."""
+    found = sorted(run.figures.glob("*.png")) if run.figures.is_dir() else []
+
+    def pick(prefix: str) -> Path | None:
+        test = [p for p in found if p.name == f"{prefix}_test.png"]
+        val = [p for p in found if p.name.startswith(f"{prefix}_val_epoch")]
+        return (test or val[-1:] or [None])[0]
+
+    return {"confusion_matrix": pick("confusion_matrix"), "roc": pick("roc_micro")}
+
+
+def log_tail(run: RunDir, extra: list[Path] = (), lines: int = 80, limit_bytes: int = 64_000) -> tuple[Path | None, str]:
+    """The last lines of the newest log: in the run's log folder, or `extra` ones (its sweep task's); a CLI run has none."""
+    found = [p for p in run.logs.glob("*") if p.suffix in LOG_SUFFIXES and p.is_file()] + [p for p in extra if p.is_file()]
+    if not found:
+        return None, ""
+    path = max(found, key=lambda p: p.stat().st_mtime)
+    with open(path, "rb") as fh:
+        fh.seek(max(0, path.stat().st_size - limit_bytes))  # only the end of a long log is read
+        text = fh.read().decode("utf-8", errors="replace")
+    # a progress bar redraws its line with \r: keep what the terminal would show, the last redraw of each line
+    shown = [line.rstrip("\r").rsplit("\r", 1)[-1] for line in text.split("\n")]
+    return path, "\n".join(shown[-lines:]).rstrip()
+
+
+def best_export(run: RunDir) -> Path | None:
+    """Where the best model was exported (the `best` link resolved), if it was."""
+    return run.best.resolve() if run.best.exists() else None

@@ -1,0 +1,133 @@
+"""The one module that reads sweeps: ledger, per-task status, leaderboard and `submit resubmit --failed`.
+
+The sweep code is moving into utp_dist/sweep/; only the imports here need to follow it.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+from utp_dist import executors as _executors
+from utp_dist import ledger as _ledger
+from utp_dist import sweep_status as _status
+from utp_dist.errors import UserError, first_line
+from utp_dist.runs import RunDir, is_version_of
+from utp_dist.sweep_task import TaskRecord
+
+LEDGER = _ledger.LEDGER
+SEED = "train.seed"
+# scheduler states shown apart from a plain failure: the job was stopped from outside and can continue
+INTERRUPTED = {"PREEMPTED", "TIMEOUT", "NODE_FAIL", "STOPPED", "LOST", "CANCELLED", "DEADLINE"}
+FAILED = {"FAILED", "OUT_OF_MEMORY", "BOOT_FAIL"}
+RESUBMITTABLE = frozenset(_status.RESUBMITTABLE)
+
+
+def read_ledger(folder: Path) -> dict:
+    """The sweep's ledger (UserError with one line when it is missing or broken)."""
+    return _ledger.read(folder)
+
+
+def task_rows(folder: Path, ledger: dict) -> list[dict]:
+    """One row per task, exactly what `submit status` prints (Slurm accounting or the local runner's records)."""
+    return _status.rows(folder, ledger)
+
+
+def leaderboard(folder: Path, ledger: dict) -> tuple[list[str], list[dict]]:
+    """(columns, rows) of the package's leaderboard, ranked by the monitored metric."""
+    _, table = _status.leaderboard(folder, ledger)
+    reader = csv.DictReader(io.StringIO(table))
+    return [c for c in (reader.fieldnames or []) if c != "logs"], list(reader)
+
+
+def seed_groups(ledger: dict, board: list[dict]) -> list[dict]:
+    """Mean ± std of the monitored metric over seeds, per combination of the other swept keys ([] when train.seed is not swept)."""
+    swept = list(dict.fromkeys(k for t in ledger["tasks"] for k in t["swept"]))
+    if SEED not in swept:
+        return []
+    metric = next((c for c in board[0] if c.startswith("best ")), None) if board else None
+    groups: dict[tuple, list[float]] = {}
+    for row in board:
+        key = tuple((k, row.get(k, "")) for k in swept if k != SEED)
+        value = row.get(metric or "")
+        groups.setdefault(key, [])
+        if value not in (None, ""):
+            groups[key].append(float(value))
+    out = []
+    for key, values in groups.items():
+        mean = statistics.fmean(values) if values else None
+        std = statistics.stdev(values) if len(values) > 1 else 0.0 if values else None
+        out.append({"keys": dict(key), "metric": metric, "mean": mean, "std": std, "seeds": len(values)})
+    return sorted(out, key=lambda g: (g["mean"] is None, -(g["mean"] or 0)))
+
+
+def kind(state: str) -> str:
+    """How the board colours a scheduler state: ok, running, interrupted (preempted/timeout...), failed, waiting."""
+    if state == "COMPLETED":
+        return "ok"
+    if state == "RUNNING":
+        return "running"
+    if state in INTERRUPTED:
+        return "interrupted"
+    if state in FAILED:
+        return "failed"
+    return "waiting"
+
+
+def resubmit_failed(folder: Path, timeout_s: float = 120.0) -> tuple[int, str]:
+    """Run `python -m utp_dist.submit resubmit FOLDER --failed` (an argument list, never a shell string): (exit code, its last line)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")])}
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "utp_dist.submit", "resubmit", str(folder), "--failed"],
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            env=env,
+            stdin=subprocess.DEVNULL,
+        )
+    except subprocess.TimeoutExpired:
+        return 124, f"resubmit did not answer within {timeout_s:.0f} s"
+    lines = (done.stdout + done.stderr).strip().splitlines()
+    return done.returncode, lines[-1] if lines else f"exit {done.returncode}"
+
+
+def task_of_run(run: RunDir, sweep_folders: list[Path]) -> dict | None:
+    """The sweep task that trained this run (same output root, name and config fingerprint): job, host, pid, its log files."""
+    config_hash = None
+    for folder in sweep_folders:
+        try:
+            ledger = read_ledger(folder)
+        except UserError:
+            continue
+        for task in ledger["tasks"]:
+            if not is_version_of(task["name"], run.name) or Path(task["output_root"]).resolve() != run.root.resolve():
+                continue
+            config_hash = config_hash or run.config_hash()
+            if task["config_hash"] != config_hash:
+                continue
+            index, job = task["index"], (task["jobs"][-1] if task["jobs"] else None)
+            record = TaskRecord(folder, index).read()
+            logs = [folder / _executors.LOCAL_LOGS / f"task-{index}.log"]
+            if job and not job.startswith("pid:"):  # submitit names a Slurm task's logs JOBID_RANK_log.out/.err
+                logs += [folder / _executors.SUBMITIT_DIR / f"{job}_0_log.{ext}" for ext in ("out", "err")]
+            return {
+                "sweep": str(folder),
+                "task": index,
+                "job": job,
+                "host": record.get("host"),
+                "pid": record.get("pid"),
+                "attempts": record.get("attempts"),
+                "logs": [p for p in logs if p.is_file()],
+            }
+    return None
+
+
+def describe_error(err: UserError) -> str:
+    """The one line a page shows for a sweep it cannot read."""
+    return first_line(err)
