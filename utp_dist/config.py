@@ -336,7 +336,7 @@ def parse_yaml(text: str, source: str = "<config>") -> dict:
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise ConfigError(f"{source}:{where}: invalid YAML: {problem}") from None
     if raw is None:
-        log.warning("%s is empty: every setting takes its default", path)
+        log.warning("%s is empty: every setting takes its default", source)
         return {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(raw).__name__}")

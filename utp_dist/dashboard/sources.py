@@ -1,6 +1,6 @@
 """The one module that reads sweeps: ledger, per-task status, leaderboard and `submit resubmit --failed`.
 
-The sweep code is moving into utp_dist/sweep/; only the imports here need to follow it.
+The dashboard reads sweeps through here only, with the package's own sweep code (utp_dist/sweep/).
 """
 
 from __future__ import annotations
@@ -13,19 +13,20 @@ import subprocess
 import sys
 from pathlib import Path
 
-from utp_dist import executors as _executors
-from utp_dist import ledger as _ledger
-from utp_dist import sweep_status as _status
 from utp_dist.errors import UserError, first_line
 from utp_dist.runs import RunDir, is_version_of
-from utp_dist.sweep_task import TaskRecord
+from utp_dist.sweep import executors as _executors
+from utp_dist.sweep import ledger as _ledger
+from utp_dist.sweep import states as _states
+from utp_dist.sweep import status as _status
+from utp_dist.sweep.task import TaskRecord
 
 LEDGER = _ledger.LEDGER
 SEED = "train.seed"
 # scheduler states shown apart from a plain failure: the job was stopped from outside and can continue
-INTERRUPTED = {"PREEMPTED", "TIMEOUT", "NODE_FAIL", "STOPPED", "LOST", "CANCELLED", "DEADLINE"}
-FAILED = {"FAILED", "OUT_OF_MEMORY", "BOOT_FAIL"}
-RESUBMITTABLE = frozenset(_status.RESUBMITTABLE)
+INTERRUPTED = {_states.PREEMPTED, _states.TIMEOUT, _states.NODE_FAIL, _states.STOPPED, _states.LOST, _states.CANCELLED, _states.DEADLINE}
+FAILED = {_states.FAILED, _states.OUT_OF_MEMORY, _states.BOOT_FAIL}
+RESUBMITTABLE = _states.RESUBMITTABLE
 
 
 def read_ledger(folder: Path) -> dict:
@@ -68,9 +69,9 @@ def seed_groups(ledger: dict, board: list[dict]) -> list[dict]:
 
 def kind(state: str) -> str:
     """How the board colours a scheduler state: ok, running, interrupted (preempted/timeout...), failed, waiting."""
-    if state == "COMPLETED":
+    if state == _states.COMPLETED:
         return "ok"
-    if state == "RUNNING":
+    if state == _states.RUNNING:
         return "running"
     if state in INTERRUPTED:
         return "interrupted"
