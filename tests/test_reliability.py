@@ -35,7 +35,7 @@ def data(tmp_path_factory) -> Path:
     return make_image_folder(tmp_path_factory.mktemp("reliability") / "shapes", per_class={"train": 16, "val": 4, "test": 4})
 
 
-def _config(data: Path, out: Path, **sections) -> Path:
+def _config(root: Path, out: Path, **sections) -> Path:
     """A tiny run of 2 epochs x 6 steps that saves every 2 steps and can be slowed down (UTP_TEST_STEP_SLEEP)."""
     base = {
         "train": {"epochs": 2, "log_every_n_steps": 1, "callbacks": ["tests.hooks:SlowSteps"]},
@@ -45,7 +45,7 @@ def _config(data: Path, out: Path, **sections) -> Path:
         base.setdefault(section, {}).update(values)
     path = out.with_suffix(".yaml")
     out.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(tiny_config(data, out, **base)))
+    path.write_text(yaml.safe_dump(tiny_config(root, out, **base)))
     return path
 
 
@@ -117,6 +117,21 @@ def test_a_nan_loss_stops_the_run_with_one_line_and_keeps_the_good_states(data, 
     assert again.returncode == 2 and _last_line(again.stderr).startswith("utp_dist: error: the training loss is not finite")
     fresh = run_cli(str(config), "optim.lr=1e-3", "checkpoint.resume=never")
     assert fresh.returncode == 0, fresh.stderr[-3000:]
+
+
+def test_under_ddp_every_rank_stops_at_the_same_nan_step(data, tmp_path):
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    config = _config(data, tmp_path / "out", optim={"lr": 1e6}, data={"batch_size": 4})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), "-m", "utp_dist.train"]
+    proc = subprocess.run([*cmd, str(config)], env=ENV, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("utp_dist: error: the training loss is not finite")]
+    assert len(errors) == 2 and errors[0] == errors[1], proc.stderr[-3000:]  # both ranks, the same step, no hang
+    assert str(REPO / "utp_dist") not in proc.stderr  # torchrun prints its own traceback for failed ranks; the ranks none
 
 
 def test_json_files_hold_null_for_non_finite_values(tmp_path):
