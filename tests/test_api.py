@@ -1,5 +1,5 @@
-"""The extension points: registries, built-in losses, MixUp/CutMix, and a user's module (loss, dataset, model, metric,
-callback) under 2-process DDP with exact resume."""
+"""The Python API and the extension points: Config from dicts, train(cfg), registries, built-in losses, MixUp/CutMix, and a
+user's module (loss, dataset, model, metric, callback) under 2-process DDP with exact resume."""
 
 from __future__ import annotations
 
@@ -15,12 +15,13 @@ import torch
 import torch.nn.functional as F
 import yaml
 from conftest import REPO, make_image_folder, run_cli, tiny_config
+from safetensors.torch import load_file
 from test_resume import ENV, _assert_same_run, _config, _scalars, _start, _states, _wait_for, _workers
 from test_resume import _free_port as free_port
 
-from utp_dist import register_loss
+from utp_dist import Config, ConfigError, register_loss
 from utp_dist.batch_transforms import build_batch_transform
-from utp_dist.config import Config, DataConfig, TrainConfig
+from utp_dist.config import DataConfig, TrainConfig, load_config
 from utp_dist.data import IGNORE_LABEL
 from utp_dist.losses import build_loss, cross_entropy, focal, soft_cross_entropy
 from utp_dist.preemption import EXIT_RESUMABLE
@@ -28,10 +29,70 @@ from utp_dist.registry import LOSSES
 from utp_dist.resume import ResumeError, check, identity
 from utp_dist.train import main
 
+API_SCRIPT = """
+import json, sys
+from utp_dist import Config, train
+
+summary = train(Config.from_yaml(sys.argv[1], overrides=sys.argv[2:]))
+print("SUMMARY", json.dumps(summary["best"]))
+"""
+
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     return make_image_folder(tmp_path_factory.mktemp("api") / "shapes", per_class={"train": 24, "val": 7, "test": 4})
+
+
+def _api_run(tmp_path: Path, *args: str, launcher: tuple[str, ...] = (sys.executable,)) -> subprocess.CompletedProcess:
+    """A user's script that calls train(Config.from_yaml(CONFIG, overrides)), started by `launcher`."""
+    (tmp_path / "script.py").write_text(API_SCRIPT)
+    proc = subprocess.run(
+        [*launcher, str(tmp_path / "script.py"), *args], env=ENV, cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _weights(out: Path) -> dict[str, torch.Tensor]:
+    (ckpt,) = (out / "checkpoints" / "shapes").iterdir()
+    return load_file(ckpt / "best" / "model.safetensors")
+
+
+# --- the Python API --------------------------------------------------------------------------------------------------
+
+
+def test_config_sections_as_dicts_are_validated_like_yaml(tmp_path):
+    raw = {"data": {"batch_size": 4, "batch_transforms": ["mixup"]}, "optim": {"lr": "3e-4"}, "train": {"loss": "focal"}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    assert Config(**raw) == Config.from_yaml(tmp_path / "c.yaml") == load_config(None, ["data.batch_size=4", "optim.lr=3e-4"] + [
+        "data.batch_transforms=[mixup]", "train.loss=focal"
+    ])  # fmt: skip
+    assert Config(data=DataConfig(batch_size=4)).data.batch_size == 4  # sections as dataclasses still work
+    for bad, expect in [
+        ({"optim": {"lrr": 1}}, "unknown key 'optim.lrr'; did you mean 'optim.lr'? valid keys: optim.name, optim.lr"),
+        ({"optimizer": {}}, "unknown key 'optimizer'; did you mean 'optim'? valid keys: data, model, optim, train, output, checkpoint"),
+        ({"data": {"batch_size": "big"}}, "data.batch_size must be int; got 'big' (string)"),
+        ({"train": {"monitor_metric": "val_nope"}}, "train.monitor_metric 'val_nope' is never produced"),
+        ({"data": {"batch_transform_options": {"cutmix": {}}}}, "data.batch_transform_options.cutmix: 'cutmix' is not configured"),
+    ]:
+        with pytest.raises(ConfigError) as err:
+            Config(**bad)
+        assert str(err.value).startswith(expect) and "\n" not in str(err.value)
+        (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+        with pytest.raises(ConfigError, match=f"^{tmp_path / 'bad.yaml'}: ") as from_yaml:
+            Config.from_yaml(tmp_path / "bad.yaml")
+        assert str(from_yaml.value).endswith(str(err.value))  # the same line, with the file in front
+
+
+def test_python_api_run_equals_the_cli_run(data, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(data, tmp_path / "cli", train={"epochs": 1}, data={"batch_transforms": ["cutmix"]})))
+    cli = run_cli(str(config), OMP_NUM_THREADS="1")
+    assert cli.returncode == 0, cli.stderr[-3000:]
+    api = _api_run(tmp_path, str(config), f"output.root={tmp_path / 'api'}")
+    assert json.loads(api.stdout.split("SUMMARY ")[1])["metric"] == "val_acc@1"
+    a, b = _weights(tmp_path / "cli"), _weights(tmp_path / "api")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 # --- registries --------------------------------------------------------------------------------------------------------
@@ -210,15 +271,8 @@ def test_user_module_trains_under_two_process_ddp_and_resumes_bit_identical(data
     def torchrun(*args: str) -> list[str]:
         return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()), *args]
 
-    reference = subprocess.run(
-        torchrun("-m", "utp_dist.train", str(_config(data, tmp_path / "ref", **sections))),
-        env=ENV,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert reference.returncode == 0, reference.stderr[-3000:]
+    # the reference run through the Python API, each rank calling train(cfg); the stopped one through the CLI
+    _api_run(tmp_path, str(_config(data, tmp_path / "ref", **sections)), launcher=tuple(torchrun()))
     config = _config(data, tmp_path / "cut", **sections)
     _stop_and_resume(config, tmp_path / "cut", torchrun("-m", "utp_dist.train", str(config)), rank_of=2)
     _assert_same_run(tmp_path / "ref", tmp_path / "cut")

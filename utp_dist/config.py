@@ -253,7 +253,8 @@ class CheckpointConfig:
 
 @dataclass
 class Config:
-    """The whole run: one section per component."""
+    """The whole run: one section per component. Sections may be given as dicts, validated exactly as YAML is:
+    `Config(data={"root": "data/pets"}, optim={"lr": 3e-4})`."""
 
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -261,6 +262,20 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def __init__(self, **sections: Any) -> None:  # dataclass keeps an __init__ the class defines
+        _check_keys(Config, sections, "")
+        hints = typing.get_type_hints(Config)
+        for f in dataclasses.fields(Config):
+            value, cls = sections.get(f.name), hints[f.name]
+            if not isinstance(value, cls):
+                value = build_section(cls, value if value is not None else {}, f.name + ".")
+            setattr(self, f.name, value)
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike, overrides: list[str] = ()) -> Config:
+        """A YAML file with dotted overrides such as "optim.lr=3e-4", as `python -m utp_dist.train` reads them."""
+        return load_config(path, overrides)
 
     def to_dict(self) -> dict:
         """Plain nested dict of every field."""
@@ -386,14 +401,7 @@ def build_section(cls: type, raw: Any, prefix: str) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"'{prefix.rstrip('.') or 'config'}' must be a mapping, got {_yaml_type(raw)}")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    for key in raw:
-        if key not in names:
-            full = f"{prefix}{key}"
-            valid = [f"{prefix}{n}" for n in names]
-            close = difflib.get_close_matches(full, valid, n=1, cutoff=0.5)
-            hint = f"did you mean '{close[0]}'? " if close else ""
-            raise ConfigError(f"unknown key '{full}'; {hint}valid keys: {', '.join(valid)}")
+    names = _check_keys(cls, raw, prefix)
     kwargs = {}
     for name in names:
         if name not in raw:
@@ -404,6 +412,19 @@ def build_section(cls: type, raw: Any, prefix: str) -> Any:
         else:
             kwargs[name] = _coerce(full, value, hint)
     return cls(**kwargs)
+
+
+def _check_keys(cls: type, raw: dict, prefix: str) -> list[str]:
+    """The field names of dataclass `cls`; a key of `raw` that is none of them is a ConfigError naming the valid ones."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in names:
+            full = f"{prefix}{key}"
+            valid = [f"{prefix}{n}" for n in names]
+            close = difflib.get_close_matches(full, valid, n=1, cutoff=0.5)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise ConfigError(f"unknown key '{full}'; {hint}valid keys: {', '.join(valid)}")
+    return names
 
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:
