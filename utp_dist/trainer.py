@@ -108,7 +108,7 @@ class Trainer:
             k, n = max(cfg.train.eval_topk), len(self.classes)
             raise UserError(f"train.eval_topk: acc@{k} needs at least {k} classes and {self.splits.root} has {n}; use values up to {n}")
         self.model, self.processor = MODELS.get(cfg.model.builder)(cfg.model, self.classes, cfg.data.image_size)
-        self.loss = build_loss(cfg.train)
+        self.loss, self.progress = build_loss(cfg.train), Progress()  # progress keys the batch transform (bench steps too)
         self.batch_transform = build_batch_transform(cfg.data, len(self.classes), cfg.train.seed, acc.process_index)
         self.spec = input_spec(self.processor, cfg.data.image_size)
         pin = cfg.data.pin_memory if cfg.data.pin_memory is not None else acc.device.type == "cuda"
@@ -148,7 +148,7 @@ class Trainer:
         self.callbacks = Callbacks(cfg.train.callbacks, main)  # before the claim: a bad name leaves no run folder behind
         opened = open_run(cfg, acc, self.splits, self.total_steps)
         self.run, self.lock, self.resumed = opened.run, opened.lock, opened.state is not None
-        self.progress, self.stop = Progress(), StopRequest()
+        self.stop = StopRequest()
         self.best = (BestModel if main else NullBestModel)(
             self.run, cfg.train.monitor_metric, cfg.train.monitor_mode, cfg.output.save_per_epoch_checkpoint
         )
