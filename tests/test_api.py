@@ -4,6 +4,7 @@ user's module (loss, dataset, model, metric, callback) under 2-process DDP with 
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -22,10 +23,11 @@ from test_resume import _free_port as free_port
 from utp_dist import Config, ConfigError, register_loss
 from utp_dist.batch_transforms import build_batch_transform
 from utp_dist.config import DataConfig, TrainConfig, load_config
-from utp_dist.data import IGNORE_LABEL
+from utp_dist.data import IGNORE_LABEL, DataError, Splits
+from utp_dist.datasets import build_splits
 from utp_dist.losses import build_loss, cross_entropy, focal, soft_cross_entropy
 from utp_dist.preemption import EXIT_RESUMABLE
-from utp_dist.registry import LOSSES
+from utp_dist.registry import DATASETS, LOSSES
 from utp_dist.resume import ResumeError, check, identity
 from utp_dist.train import main
 
@@ -139,6 +141,27 @@ def test_register_adds_a_name_and_refuses_to_replace_another():
     with pytest.raises(ValueError, match="'focal' is already registered"):
         register_loss("focal")(double)
     assert build_loss(TrainConfig(loss="test_api_double")).func is double
+
+
+def test_a_users_splits_are_checked_and_capped_like_the_image_folder_index(tmp_path):
+    files = {split: [(str(tmp_path / f"{split}{i}.png"), i % 2) for i in range(10)] for split in ("train", "val")}
+    returned = {}
+    DATASETS.register("test_api_splits", lambda cfg, seed: returned["splits"])
+    cfg = DataConfig(dataset="test_api_splits", max_datapoints_per_class={"train": 3, "val": {"b": 1}})
+    returned["splits"] = Splits(tmp_path, ["a", "b"], files)
+    capped = build_splits(cfg, seed=1)
+    per_class = {split: [sum(y == c for _, y in capped.samples[split]) for c in (0, 1)] for split in ("train", "val")}
+    assert per_class == {"train": [3, 3], "val": [5, 1]} and capped.samples == build_splits(cfg, seed=1).samples
+    for splits, expect in [
+        (files, "returned dict; return utp_dist.data.Splits(root, classes, samples)"),
+        (Splits(tmp_path, ["a", "b"], {"train": files["train"]}), "returned no val images; train and val are required"),
+        (Splits(tmp_path, ["a", "b"], {**files, "extra": files["val"]}), "returned a split 'extra'; splits are train, val, test"),
+        (Splits(tmp_path, ["a"], files), "train has label 1; labels index the 1 classes (0 to 0)"),
+        (Splits(tmp_path / "sub", ["a", "b"], files), f"'{tmp_path}/train0.png' is not under Splits.root"),
+    ]:
+        returned["splits"] = splits
+        with pytest.raises(DataError, match=f"^data.dataset: test_api_splits.*{re.escape(expect)}"):
+            build_splits(cfg, seed=1)
 
 
 # --- built-in losses and batch transforms ----------------------------------------------------------------------------

@@ -7,13 +7,16 @@ import random
 from collections import defaultdict
 
 from utp_dist.config import SPLITS, DataConfig
-from utp_dist.data import DataError, Splits
+from utp_dist.data import DataError, Splits, index_splits
 from utp_dist.registry import DATASETS
 
 
 def build_splits(cfg: DataConfig, seed: int) -> Splits:
     """The splits of data.dataset, checked, with data.max_datapoints_per_class applied."""
-    splits = DATASETS.get(cfg.dataset)(cfg, seed)
+    build = DATASETS.get(cfg.dataset)
+    if build is index_splits:  # the ImageFolder index checks and caps as it lists: no second pass over a large tree
+        return index_splits(cfg, seed)
+    splits = build(cfg, seed)
     _check(splits, cfg.dataset)
     ambiguous = cfg.ambiguous_cap(splits.classes)
     if ambiguous:
@@ -40,14 +43,14 @@ def _check(splits: Splits, spec: str) -> None:
             raise DataError(
                 f"{where}: {split} has label {bad!r}; labels index the {len(splits.classes)} classes (0 to {len(splits.classes) - 1})"
             )
-    try:
-        splits.fingerprint()  # what resume hashes: every file relative to the root
-    except ValueError as err:
-        raise DataError(f"{where}: {err}; every file must lie under Splits.root") from None
+        root = str(splits.root).rstrip("/") + "/"
+        outside = next((path for path, _ in items if not str(path).startswith(root)), None)
+        if outside is not None:  # resume hashes every file's path relative to the root
+            raise DataError(f"{where}: '{outside}' is not under Splits.root '{splits.root}'; every file must lie under the root")
 
 
 def _capped(items: list[tuple[str, int]], classes: list[str], cap: int | dict | None, seed: int, split: str) -> list[tuple[str, int]]:
-    """At most `cap` files per class, a seeded subset (the rule of data.py's index, which leaves nothing to cap here)."""
+    """At most `cap` files per class, a seeded subset by (seed, split, class): the rule of data.py's index."""
     if cap is None:
         return items
     unknown = [c for c in cap if c not in classes] if isinstance(cap, dict) else []
