@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from test_resume import ENV, _assert_same_run, _config, _scalars, _start, _states, _wait_for, _workers
 from test_resume import _free_port as free_port
 
-from utp_dist import Config, ConfigError, register_loss
+from utp_dist import Config, ConfigError, register_loss, train
 from utp_dist.batch_transforms import build_batch_transform
 from utp_dist.config import DataConfig, TrainConfig, load_config
 from utp_dist.data import IGNORE_LABEL, DataError, Splits
@@ -84,6 +84,10 @@ def test_config_sections_as_dicts_are_validated_like_yaml(tmp_path):
         with pytest.raises(ConfigError, match=f"^{tmp_path / 'bad.yaml'}: ") as from_yaml:
             Config.from_yaml(tmp_path / "bad.yaml")
         assert str(from_yaml.value).endswith(str(err.value))  # the same line, with the file in front
+    late = Config()
+    late.optim.lr = -1.0
+    with pytest.raises(ConfigError, match="^config: optim.lr must be > 0"):
+        train(late)  # checked again before anything is built
 
 
 def test_python_api_run_equals_the_cli_run(data, tmp_path):
