@@ -31,6 +31,7 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: 
 
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
     """Cross-entropy against class probabilities (timm's SoftTargetCrossEntropy), averaged over images that have a target."""
+    # not torch's probability targets: they would count skipped images (rows of zeros) in the mean and smooth them
     return focal(logits, targets, gamma=0.0, label_smoothing=label_smoothing)
 
 
