@@ -111,8 +111,7 @@ class ModelConfig:
     """Which Hugging Face image classifier to train."""
 
     builder: str = "transformers"
-    """Builds (model, image processor): transformers = AutoModelForImageClassification per the keys below; or a registered
-    name or an import path module:attr."""
+    """Builds (model, image processor): transformers (AutoModelForImageClassification), a registered name or module:attr."""
     flavour: str = "resnet"
     """Hub id or local folder (pretrained: true), or a model type such as vit/resnet/convnext."""
     pretrained: bool = False
