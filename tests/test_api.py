@@ -88,6 +88,8 @@ def test_config_sections_as_dicts_are_validated_like_yaml(tmp_path):
     late.optim.lr = -1.0
     with pytest.raises(ConfigError, match="^config: optim.lr must be > 0"):
         train(late)  # checked again before anything is built
+    with pytest.raises(TypeError, match="train\\(\\) takes a Config, got dict; build one with Config"):
+        train(raw)
 
 
 def test_python_api_run_equals_the_cli_run(data, tmp_path):

@@ -26,9 +26,11 @@ def train(cfg: Config) -> dict:
     Errors the user can fix raise UserError (ConfigError, DataError, ...); a stop signal raises Stopped once the
     training state is saved, and the same call continues the run.
     """
-    from utp_dist.config import from_dict
+    from utp_dist.config import Config, from_dict
     from utp_dist.trainer import Trainer, reset_accelerate
 
+    if not isinstance(cfg, Config):
+        raise TypeError(f"train() takes a Config, got {type(cfg).__name__}; build one with Config(...) or Config.from_yaml(path)")
     cfg = from_dict(cfg.to_dict(), "config")  # validated again: fields assigned after construction are checked too
     reset_accelerate()  # Accelerate's process-wide state belongs to an earlier run in this process, if any
     trainer = Trainer(cfg)
