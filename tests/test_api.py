@@ -20,8 +20,9 @@ from safetensors.torch import load_file
 from test_resume import ENV, _assert_same_run, _config, _scalars, _start, _states, _wait_for, _workers
 from test_resume import _free_port as free_port
 
-from utp_dist import Config, ConfigError, register_loss, train
+from utp_dist import Config, ConfigError, register_callback, register_loss, train
 from utp_dist.batch_transforms import build_batch_transform
+from utp_dist.callbacks import Callbacks
 from utp_dist.config import DataConfig, TrainConfig, load_config
 from utp_dist.data import IGNORE_LABEL, DataError, Splits
 from utp_dist.datasets import build_splits
@@ -147,6 +148,13 @@ def test_register_adds_a_name_and_refuses_to_replace_another():
     with pytest.raises(ValueError, match="'focal' is already registered"):
         register_loss("focal")(double)
     assert build_loss(TrainConfig(loss="test_api_double")).func is double
+
+    @register_callback("test_api_everywhere")
+    class Everywhere:
+        ranks = "all"
+
+    (callback,) = Callbacks(["test_api_everywhere"], main_process=False).callbacks  # by name, on a non-main rank too
+    assert isinstance(callback, Everywhere)
 
 
 def test_a_users_splits_are_checked_and_capped_like_the_image_folder_index(tmp_path):
