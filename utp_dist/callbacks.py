@@ -1,16 +1,16 @@
 """Callbacks: code of the user's (or of the tests) that observes a run at a handful of named events.
 
-`train.callbacks` lists import paths `module:attr`; each attr is called without arguments and returns an object with
-any of the methods of Callback. A callback runs on the main process only, unless it sets `ranks = "all"`.
+`train.callbacks` lists registered names (register_callback) or import paths `module:attr`; each is called without
+arguments and returns an object with any of the methods of Callback. A callback runs on the main process only, unless
+it sets `ranks = "all"`.
 """
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
-from utp_dist.config import ConfigError
+from utp_dist.registry import CALLBACKS, load_object  # noqa: F401 (load_object lived here before registry.py)
 
 EVENTS = ("on_fit_start", "on_step_end", "on_evaluate", "on_state_written", "on_save", "on_fit_end")
 
@@ -37,26 +37,11 @@ class Callback(Protocol):
         """The run finished; `summary` is what summary.json holds."""
 
 
-def load_object(spec: str, key: str) -> Any:
-    """The object named by an import path `module:attr` (a one-line ConfigError naming `key` otherwise)."""
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise ConfigError(f"{key}: '{spec}' is not an import path; write module:attr, e.g. my_pkg.callbacks:Timer")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ConfigError(f"{key}: cannot import '{module_name}' ({err}); is it installed or on PYTHONPATH?") from None
-    try:
-        return getattr(module, attr)
-    except AttributeError:
-        raise ConfigError(f"{key}: module '{module_name}' has no '{attr}'") from None
-
-
 class Callbacks:
     """Every configured callback of this rank; calling an event calls it on each callback that implements it."""
 
     def __init__(self, specs: list[str], main_process: bool):
-        built = [load_object(spec, "train.callbacks")() for spec in specs]
+        built = [CALLBACKS.get(spec)() for spec in specs]
         self.callbacks = [cb for cb in built if main_process or getattr(cb, "ranks", "main") == "all"]
 
     def __getattr__(self, event: str):

@@ -60,6 +60,12 @@ class DataConfig:
     """Where JPEGs are decoded: cpu = in the workers; gpu = workers read bytes, nvjpeg decodes whole batches (CUDA)."""
     gpu_augment: list[str] = field(default_factory=list)
     """Augmentation on the device with Kornia, in order: random_resized_crop, horizontal_flip, color_jitter, grayscale."""
+    dataset: str = "image_folder"
+    """Where the splits come from: image_folder (data.root), a registered dataset or an import path module:attr."""
+    batch_transforms: list[str] = field(default_factory=list)
+    """Per training batch on the device, one of these (a seeded pick): mixup, cutmix, registered names or import paths."""
+    batch_transform_options: dict = field(default_factory=dict)
+    """Keyword arguments of each batch transform, e.g. {mixup: {alpha: 0.2}, cutmix: {alpha: 1.0}}."""
 
     def __post_init__(self) -> None:
         _positive("data.batch_size", self.batch_size)
@@ -73,6 +79,7 @@ class DataConfig:
             raise ConfigError("data.gpu_augment replaces the CPU augmentation: set data.augment: none (the loader then only resizes)")
         if self.num_workers < 0:
             raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        _check_options("data.batch_transform_options", self.batch_transform_options, self.batch_transforms)
         self.max_datapoints_per_class = _check_caps(self.max_datapoints_per_class)
 
     def cap_for(self, split: str) -> int | dict | None:
@@ -103,6 +110,8 @@ class DataConfig:
 class ModelConfig:
     """Which Hugging Face image classifier to train."""
 
+    builder: str = "transformers"
+    """Builds (model, image processor): transformers (AutoModelForImageClassification), a registered name or module:attr."""
     flavour: str = "resnet"
     """Hub id or local folder (pretrained: true), or a model type such as vit/resnet/convnext."""
     pretrained: bool = False
@@ -158,10 +167,12 @@ class TrainConfig:
     """Mixed precision; auto = bf16 on CUDA, fp32 on CPU."""
     seed: int = 42
     """Seeds python, numpy, torch, data order, augmentation and the per-class cap."""
-    loss: Literal["cross_entropy"] = "cross_entropy"
-    """Training loss."""
+    loss: str = "cross_entropy"
+    """Training loss: cross_entropy, focal, soft_cross_entropy, a registered name or an import path module:attr."""
+    loss_options: dict = field(default_factory=dict)
+    """Keyword arguments of the loss, e.g. {gamma: 2.0} for focal."""
     label_smoothing: float = 0.0
-    """Label smoothing of the cross-entropy loss."""
+    """Label smoothing, passed to the loss (every built-in loss takes it)."""
     eval_topk: list[int] = field(default_factory=lambda: [1])
     """Report acc@K for each K."""
     monitor_metric: str = "val_acc@1"
@@ -176,8 +187,10 @@ class TrainConfig:
     """torch.compile the model; a model that fails to compile runs eager after one warning."""
     peak_tflops: float | None = None
     """Peak dense TFLOP/s of one device for MFU; null = the bf16 peak of known GPUs (no MFU on CPU)."""
+    metrics: list[str] = field(default_factory=list)
+    """Extra metrics of every evaluation, logged as SPLIT_NAME: precision_macro, calibration_error, registered or import paths."""
     callbacks: list[str] = field(default_factory=list)
-    """Import paths module:attr of callbacks that observe the run (see utp_dist/callbacks.py)."""
+    """Callbacks that observe the run, by registered name or import path module:attr (see utp_dist/callbacks.py)."""
 
     def __post_init__(self) -> None:
         _positive("train.epochs", self.epochs)
@@ -188,10 +201,12 @@ class TrainConfig:
             raise ConfigError(f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if not self.eval_topk or any(k < 1 for k in self.eval_topk):
             raise ConfigError(f"train.eval_topk must be a non-empty list of K >= 1, got {self.eval_topk}")
+        if "label_smoothing" in self.loss_options:
+            raise ConfigError("train.loss_options.label_smoothing: set train.label_smoothing instead (the loss receives it)")
         if 1 not in self.eval_topk:
             self.eval_topk = [1, *self.eval_topk]
         self.eval_topk = sorted(set(self.eval_topk))
-        produced = metric_names(self.eval_topk)
+        produced = metric_names(self.eval_topk, self.metrics)
         if self.monitor_metric not in produced:
             close = difflib.get_close_matches(self.monitor_metric, produced, n=1)
             hint = f"did you mean '{close[0]}'? " if close else ""
@@ -237,7 +252,8 @@ class CheckpointConfig:
 
 @dataclass
 class Config:
-    """The whole run: one section per component."""
+    """The whole run: one section per component. Sections may be given as dicts, validated exactly as YAML is:
+    `Config(data={"root": "data/pets"}, optim={"lr": 3e-4})`."""
 
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -245,6 +261,20 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def __init__(self, **sections: Any) -> None:  # dataclass keeps an __init__ the class defines
+        _check_keys(Config, sections, "")
+        hints = typing.get_type_hints(Config)
+        for f in dataclasses.fields(Config):
+            value, cls = sections.get(f.name), hints[f.name]
+            if not isinstance(value, cls):
+                value = build_section(cls, value if value is not None else {}, f.name + ".")
+            setattr(self, f.name, value)
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike, overrides: list[str] = ()) -> Config:
+        """A YAML file with dotted overrides such as "optim.lr=3e-4", as `python -m utp_dist.train` reads them."""
+        return load_config(path, overrides)
 
     def to_dict(self) -> dict:
         """Plain nested dict of every field."""
@@ -276,10 +306,16 @@ MAY_CHANGE_ON_RESUME = (
 )
 
 
-def metric_names(topk: list[int]) -> list[str]:
-    """Names of every validation metric the evaluation produces."""
+def metric_names(topk: list[int], extra: list[str] = ()) -> list[str]:
+    """Names of every validation metric the evaluation produces (`extra`: the specs of train.metrics)."""
     names = ["val_loss", *(f"val_acc@{k}" for k in topk)]
-    return names + [f"val_{m}" for m in ("f1_macro", "map_macro", "auroc_macro", "kappa", "recall_micro", "recall_macro")]
+    names += [f"val_{m}" for m in ("f1_macro", "map_macro", "auroc_macro", "kappa", "recall_micro", "recall_macro")]
+    return names + [f"val_{metric_key(spec)}" for spec in extra]
+
+
+def metric_key(spec: str) -> str:
+    """The name a train.metrics entry is logged under: a registered name, or the attr of an import path module:attr."""
+    return spec.rpartition(":")[2]
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -371,14 +407,7 @@ def build_section(cls: type, raw: Any, prefix: str) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"'{prefix.rstrip('.') or 'config'}' must be a mapping, got {_yaml_type(raw)}")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    for key in raw:
-        if key not in names:
-            full = f"{prefix}{key}"
-            valid = [f"{prefix}{n}" for n in names]
-            close = difflib.get_close_matches(full, valid, n=1, cutoff=0.5)
-            hint = f"did you mean '{close[0]}'? " if close else ""
-            raise ConfigError(f"unknown key '{full}'; {hint}valid keys: {', '.join(valid)}")
+    names = _check_keys(cls, raw, prefix)
     kwargs = {}
     for name in names:
         if name not in raw:
@@ -389,6 +418,19 @@ def build_section(cls: type, raw: Any, prefix: str) -> Any:
         else:
             kwargs[name] = _coerce(full, value, hint)
     return cls(**kwargs)
+
+
+def _check_keys(cls: type, raw: dict, prefix: str) -> list[str]:
+    """The field names of dataclass `cls`; a key of `raw` that is none of them is a ConfigError naming the valid ones."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in names:
+            full = f"{prefix}{key}"
+            valid = [f"{prefix}{n}" for n in names]
+            close = difflib.get_close_matches(full, valid, n=1, cutoff=0.5)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise ConfigError(f"unknown key '{full}'; {hint}valid keys: {', '.join(valid)}")
+    return names
 
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:
@@ -438,6 +480,15 @@ def _yaml_type(value: Any) -> str:
     return {type(None): "null", bool: "bool", int: "int", float: "float", str: "string", list: "list", dict: "mapping"}.get(
         type(value), type(value).__name__
     )
+
+
+def _check_options(key: str, options: dict, names: list[str]) -> None:
+    """A mapping of name -> keyword arguments whose names are all configured."""
+    for name, kwargs in options.items():
+        if name not in names:
+            raise ConfigError(f"{key}.{name}: '{name}' is not configured; configured: {', '.join(names) or 'none'}")
+        if not isinstance(kwargs, dict):
+            raise ConfigError(f"{key}.{name} must be a mapping of keyword arguments, got {kwargs!r}")
 
 
 def _positive(key: str, value: float | None) -> None:

@@ -4,23 +4,28 @@ from __future__ import annotations
 
 import torch
 from matplotlib.figure import Figure  # not pyplot: figures are drawn off the main thread, without a window
-from torchmetrics import MetricCollection
+from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import (
     MulticlassAccuracy,
     MulticlassAUROC,
     MulticlassAveragePrecision,
+    MulticlassCalibrationError,
     MulticlassCohenKappa,
     MulticlassConfusionMatrix,
     MulticlassF1Score,
+    MulticlassPrecision,
     MulticlassRecall,
     MulticlassROC,
 )
+
+from utp_dist.config import ConfigError, metric_key
+from utp_dist.registry import METRICS
 
 
 class EvalMetrics:
     """Accumulates logits and labels of one split; compute() returns every scalar plus the figures' inputs."""
 
-    def __init__(self, num_classes: int, topk: list[int], device: torch.device):
+    def __init__(self, num_classes: int, topk: list[int], device: torch.device, extra: list[str] = ()):
         # inputs are already gathered across ranks (gather_for_metrics), so torchmetrics must not sync again
         kw = {"num_classes": num_classes, "sync_on_compute": False}
         scalars = {f"acc@{k}": MulticlassAccuracy(top_k=k, average="micro", **kw) for k in topk}
@@ -32,6 +37,9 @@ class EvalMetrics:
             recall_micro=MulticlassRecall(average="micro", **kw),
             recall_macro=MulticlassRecall(average="macro", **kw),
         )
+        for spec in extra:  # train.metrics
+            scalars[_unique(metric_key(spec), scalars)] = metric = METRICS.get(spec)(num_classes)
+            metric.sync_on_compute = False
         self.scalars = MetricCollection(scalars).to(device)
         self.confusion = MulticlassConfusionMatrix(**kw).to(device)
         self.roc = MulticlassROC(average="micro", **kw).to(device)
@@ -66,6 +74,22 @@ class EvalMetrics:
         values.update({f"{prefix}_{k}": v.item() for k, v in self.scalars.compute().items()})
         fpr, tpr, _ = self.roc.compute()
         return values, self.confusion.compute().cpu(), (fpr.cpu(), tpr.cpu())
+
+
+def _unique(name: str, scalars: dict) -> str:
+    if name in scalars:
+        raise ConfigError(f"train.metrics: '{name}' is already computed; choose another name")
+    return name
+
+
+def precision_macro(num_classes: int) -> Metric:
+    """Macro-averaged precision (train.metrics: precision_macro)."""
+    return MulticlassPrecision(num_classes=num_classes, average="macro")
+
+
+def calibration_error(num_classes: int) -> Metric:
+    """Expected calibration error over 15 bins (train.metrics: calibration_error)."""
+    return MulticlassCalibrationError(num_classes=num_classes, n_bins=15)
 
 
 def confusion_markdown(matrix: torch.Tensor, classes: list[str]) -> str:

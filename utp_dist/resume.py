@@ -145,10 +145,12 @@ def identity(cfg: Config, data_hash: str, images: int, micro_batch: int) -> dict
 def check(state: Path, saved: dict, current: dict, allow_changes: bool, mid_epoch: bool) -> list[str]:
     """Refuse (one line, with the differences) to resume a state from another config, data set or version."""
     diffs = []
+    # a key added to utp_dist after the state was written took its default then, whatever it is called
+    defaults = json.loads(json.dumps(flatten(Config().to_dict()), default=str))
     for key in sorted(set(saved["config"]) | set(current["config"])):
         if any(key == m or key.startswith(m + ".") for m in MAY_CHANGE_ON_RESUME):
             continue
-        old, new = saved["config"].get(key, "<absent>"), current["config"].get(key, "<absent>")
+        old, new = saved["config"].get(key, defaults.get(key, "<absent>")), current["config"].get(key, "<absent>")
         if old != new:
             diffs.append(f"{key}: {old!r} -> {new!r}")
     if saved["data_hash"] != current["data_hash"]:

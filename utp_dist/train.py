@@ -1,4 +1,5 @@
-"""`python -m utp_dist.train CONFIG.yaml [key=value ...]` (also under accelerate launch and torchrun)."""
+"""Train one run: `python -m utp_dist.train CONFIG.yaml [key=value ...]`, or `train(cfg)` from Python (both also under
+accelerate launch and torchrun, where every rank runs the same)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,40 @@ import errno
 import logging
 import os
 import sys
+import types
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from utp_dist.errors import UserError, run_command
 from utp_dist.preemption import EXIT_RESUMABLE, Stopped
+
+if TYPE_CHECKING:
+    from utp_dist.config import Config
+
+
+def train(cfg: Config) -> dict:
+    """Train (or continue) the run of `cfg` in this process and return its summary (what summary.json holds).
+
+    Errors the user can fix raise UserError (ConfigError, DataError, ...); a stop signal raises Stopped once the
+    training state is saved, and the same call continues the run.
+    """
+    from utp_dist.config import Config, from_dict
+    from utp_dist.trainer import Trainer, reset_accelerate
+
+    if not isinstance(cfg, Config):
+        raise TypeError(f"train() takes a Config, got {type(cfg).__name__}; build one with Config(...) or Config.from_yaml(path)")
+    cfg = from_dict(cfg.to_dict(), "config")  # validated again: fields assigned after construction are checked too
+    reset_accelerate()  # Accelerate's process-wide state belongs to an earlier run in this process, if any
+    trainer = Trainer(cfg)
+    try:
+        return trainer.fit()
+    except OSError as err:  # a full disk anywhere but in a state or an export (those say more): still one line
+        if err.errno != errno.ENOSPC:
+            raise
+        raise UserError(
+            f"no space left on device writing {err.filename or cfg.output.root}; free some space and run the same command again"
+        ) from None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -71,18 +101,10 @@ def _train(args: argparse.Namespace) -> int:
         return 0
     from utp_dist.trainer import Trainer
 
-    trainer = Trainer(cfg, dry_run=args.dry_run)
     if args.dry_run:
-        print(trainer.describe())
+        print(Trainer(cfg, dry_run=True).describe())
         return 0
-    try:
-        summary = trainer.fit()
-    except OSError as err:  # a full disk anywhere but in a state or an export (those say more): still one line
-        if err.errno != errno.ENOSPC:
-            raise
-        raise UserError(
-            f"no space left on device writing {err.filename or cfg.output.root}; free some space and run the same command again"
-        ) from None
+    summary = train(cfg)
     best, log = summary["best"], logging.getLogger("utp_dist")
     if "value" not in best:
         log.warning("done: no evaluation gave a finite %s, so no model was exported", best["metric"])
@@ -96,6 +118,17 @@ def _train(args: argparse.Namespace) -> int:
         )
     return 0
 
+
+class _TrainModule(types.ModuleType):
+    """`from utp_dist import train` finds this module (Python sets a package's attribute to its submodule on import,
+    which would shadow a function of the same name), so the module itself is callable: train(cfg)."""
+
+    def __call__(self, cfg: Config) -> dict:
+        """Train the run of `cfg`; see train()."""
+        return train(cfg)
+
+
+sys.modules[__name__].__class__ = _TrainModule
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -8,21 +8,24 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import gather_object, set_seed
 
+from utp_dist.batch_transforms import build_batch_transform
 from utp_dist.callbacks import Callbacks
 from utp_dist.checkpoint import BestModel, Checkpointer, NullBestModel, rng_state, set_rng_state
 from utp_dist.config import Config
-from utp_dist.data import IGNORE_LABEL, build_loaders, index_splits
+from utp_dist.data import IGNORE_LABEL, build_loaders
+from utp_dist.datasets import build_splits
 from utp_dist.device_input import DeviceInput, ModelInput
 from utp_dist.errors import UserError, first_line
 from utp_dist.flops import peak_tflops, train_flops_per_image
+from utp_dist.losses import build_loss
 from utp_dist.metrics import EvalMetrics
-from utp_dist.model import build_model, input_spec, is_convolutional
+from utp_dist.model import input_spec, is_convolutional
 from utp_dist.optim import build_optimizer, build_scheduler, optimizer_steps
 from utp_dist.preemption import StopRequest
+from utp_dist.registry import MODELS
 from utp_dist.reporting import Reporter
 from utp_dist.resume import open_run
 from utp_dist.tracking import NullTracker, TensorBoardTracker
@@ -99,12 +102,14 @@ class Trainer:
         self.cfg = cfg
         self.accelerator = acc = build_accelerator(cfg)
         set_seed(cfg.train.seed)
-        self.splits = index_splits(cfg.data, cfg.train.seed)
+        self.splits = build_splits(cfg.data, cfg.train.seed)
         self.classes = self.splits.classes
         if max(cfg.train.eval_topk) > len(self.classes):
             k, n = max(cfg.train.eval_topk), len(self.classes)
             raise UserError(f"train.eval_topk: acc@{k} needs at least {k} classes and {self.splits.root} has {n}; use values up to {n}")
-        self.model, self.processor = build_model(cfg.model, self.classes, cfg.data.image_size)
+        self.model, self.processor = MODELS.get(cfg.model.builder)(cfg.model, self.classes, cfg.data.image_size)
+        self.loss, self.progress = build_loss(cfg.train), Progress()  # progress keys the batch transform (bench steps too)
+        self.batch_transform = build_batch_transform(cfg.data, len(self.classes), cfg.train.seed, acc.process_index)
         self.spec = input_spec(self.processor, cfg.data.image_size)
         pin = cfg.data.pin_memory if cfg.data.pin_memory is not None else acc.device.type == "cuda"
         split_loaders = build_loaders(self.splits, self.spec, cfg.data, cfg.train.seed, acc.num_processes, pin)
@@ -132,19 +137,18 @@ class Trainer:
         self.loaders = dict(zip(split_loaders, loaders, strict=True))
         if cfg.train.compile:
             self.model = compiled(self.model, self.inputs.model_input, self.spec, cfg.data.batch_size)
-        self.metrics = {
-            split: EvalMetrics(len(self.classes), cfg.train.eval_topk, acc.device) for split in self.loaders if split != "train"
-        }
+        metrics = (len(self.classes), cfg.train.eval_topk, acc.device, cfg.train.metrics)
+        self.metrics = {split: EvalMetrics(*metrics) for split in self.loaders if split != "train"}
         if not dry_run:
             self._build_run()
 
     def _build_run(self) -> None:
         """Claim or continue the run folder, then this rank's writers (do-nothing ones off the main process)."""
         cfg, acc, main = self.cfg, self.accelerator, self.accelerator.is_main_process
+        self.callbacks = Callbacks(cfg.train.callbacks, main)  # before the claim: a bad name leaves no run folder behind
         opened = open_run(cfg, acc, self.splits, self.total_steps)
         self.run, self.lock, self.resumed = opened.run, opened.lock, opened.state is not None
-        self.progress, self.stop = Progress(), StopRequest()
-        self.callbacks = Callbacks(cfg.train.callbacks, main)
+        self.stop = StopRequest()
         self.best = (BestModel if main else NullBestModel)(
             self.run, cfg.train.monitor_metric, cfg.train.monitor_mode, cfg.output.save_per_epoch_checkpoint
         )
@@ -253,8 +257,9 @@ class Trainer:
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Forward, backward, clip and step (accelerate skips the step while accumulating); returns [loss sum, correct, n, skipped]."""
         pixels, labels = self.inputs("train", images, labels)
+        pixels, targets = self.batch_transform(pixels, labels, (self.progress.epoch, self.progress.position))  # MixUp, CutMix, ...
         logits = self.model(pixel_values=pixels).logits
-        loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.cfg.train.label_smoothing, ignore_index=IGNORE_LABEL)
+        loss = self.loss(logits.float(), targets)
         self.accelerator.backward(loss)
         if self.accelerator.sync_gradients and self.cfg.optim.max_grad_norm:
             self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.optim.max_grad_norm)

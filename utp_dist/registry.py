@@ -1,0 +1,125 @@
+"""The extension points: one registry each for losses, model builders, datasets, batch transforms, metrics and callbacks.
+
+A config names an entry by its registered name or by an import path `module:attr`. A user's module adds names with
+the register_* decorators; importing it (from Python, or through any import path in the config) registers them.
+Built-in entries are import paths too, so this module stays light and every name is listed from the start.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from utp_dist.config import ConfigError
+
+
+def load_object(spec: str, key: str) -> Any:
+    """The object named by an import path `module:attr` (a one-line ConfigError naming `key` otherwise)."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ConfigError(f"{key}: '{spec}' is not an import path; write module:attr, e.g. my_pkg.callbacks:Timer")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ConfigError(f"{key}: cannot import '{module_name}' ({err}); is it installed or on PYTHONPATH?") from None
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise ConfigError(f"{key}: module '{module_name}' has no '{attr}'") from None
+
+
+def bind_options(fn: Callable, options: dict, key: str, *positional: Any) -> Callable:
+    """`fn` with keyword `options` bound; options it does not take are a one-line ConfigError naming `key`."""
+    try:
+        inspect.signature(fn).bind(*positional, **options)
+    except TypeError as err:
+        raise ConfigError(f"{key}: {getattr(fn, '__name__', fn)}: {err}") from None
+    return functools.partial(fn, **options)
+
+
+class Registry:
+    """Names -> objects for one config key; built-ins are given as import paths and imported on first use."""
+
+    def __init__(self, key: str, what: str, builtins: dict[str, str]):
+        self.key, self.what = key, what
+        self.entries: dict[str, Any] = dict(builtins)
+
+    def register(self, name: str, obj: Any = None) -> Any:
+        """Add `obj` under `name`; without `obj`, a decorator that adds the decorated object."""
+        if obj is None:
+            return lambda decorated: self.register(name, decorated)
+        old = self.entries.get(name)
+        same = old is not None and _identity(old) == _identity(obj)
+        if old is not None and not same:  # the same definition again (a re-imported module) is fine
+            raise ValueError(f"{self.key}: '{name}' is already registered ({old!r}); choose another name")
+        self.entries[name] = obj
+        return obj
+
+    def get(self, spec: str) -> Any:
+        """The entry registered as `spec`, or the object at import path `spec`; a one-line ConfigError otherwise."""
+        entry = self.entries.get(spec, spec)
+        if isinstance(entry, str):
+            if ":" not in entry:
+                known = ", ".join(sorted(self.entries)) or "none"
+                raise ConfigError(f"{self.key}: unknown {self.what} '{spec}'; registered: {known} (or an import path module:attr)")
+            return load_object(entry, self.key)
+        return entry
+
+
+def _identity(obj: Any) -> tuple:
+    return getattr(obj, "__module__", None), getattr(obj, "__qualname__", obj)
+
+
+LOSSES = Registry(
+    "train.loss",
+    "loss",
+    {
+        "cross_entropy": "utp_dist.losses:cross_entropy",
+        "focal": "utp_dist.losses:focal",
+        "soft_cross_entropy": "utp_dist.losses:soft_cross_entropy",
+    },
+)
+MODELS = Registry("model.builder", "model builder", {"transformers": "utp_dist.model:build_model"})
+DATASETS = Registry("data.dataset", "dataset", {"image_folder": "utp_dist.data:index_splits"})
+BATCH_TRANSFORMS = Registry(
+    "data.batch_transforms", "batch transform", {"mixup": "torchvision.transforms.v2:MixUp", "cutmix": "torchvision.transforms.v2:CutMix"}
+)
+METRICS = Registry(
+    "train.metrics",
+    "metric",
+    {"precision_macro": "utp_dist.metrics:precision_macro", "calibration_error": "utp_dist.metrics:calibration_error"},
+)
+CALLBACKS = Registry("train.callbacks", "callback", {})
+
+
+def register_loss(name: str) -> Callable:
+    """Decorator: `fn(logits, targets, **train.loss_options) -> loss`; targets are class indices or probabilities."""
+    return LOSSES.register(name)
+
+
+def register_model(name: str) -> Callable:
+    """Decorator: `fn(model_cfg, classes, image_size) -> (model, image_processor)`, as utp_dist.model.build_model."""
+    return MODELS.register(name)
+
+
+def register_dataset(name: str) -> Callable:
+    """Decorator: `fn(data_cfg, seed) -> utp_dist.data.Splits` (files and labels of train, val and optionally test)."""
+    return DATASETS.register(name)
+
+
+def register_batch_transform(name: str) -> Callable:
+    """Decorator: `factory(**options) -> transform(images, targets) -> (images, targets)`, as torchvision's v2.MixUp."""
+    return BATCH_TRANSFORMS.register(name)
+
+
+def register_metric(name: str) -> Callable:
+    """Decorator: `factory(num_classes) -> torchmetrics.Metric`, updated with (probabilities, labels) on every evaluation."""
+    return METRICS.register(name)
+
+
+def register_callback(name: str) -> Callable:
+    """Decorator: a class (or factory) called without arguments, whose object has any of the Callback events."""
+    return CALLBACKS.register(name)
