@@ -42,7 +42,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         prog="python -m utp_dist.submit",
         description=f"Run a config grid as one Slurm array job, local processes or in-process. Ledger commands: {', '.join(COMMANDS)} SWEEP_DIR.",
     )
-    parser.add_argument("grid", help="grid YAML: base config + sweep block (+ resources)")
+    parser.add_argument("grid", help="grid YAML (base config + set + sweep block + resources) or experiments .py file")
     parser.add_argument("--executor", choices=list(executors.EXECUTORS), default="slurm", help="where the tasks run (default: slurm)")
     parser.add_argument("--profile", help="cluster profile YAML, e.g. slurm/profiles/example.yaml")
     parser.add_argument(
