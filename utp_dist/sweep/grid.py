@@ -95,10 +95,8 @@ def load_experiments(path: Path) -> Grid:
             raise ConfigError(f"{path}: {EXPERIMENTS_LIST}[{number}]{err}") from None
     flat = [flatten(raw) for raw in raws]
     named = _varying(flat)
-    tasks = [
-        Task(i, {k: f[k] for k in f if k in named}, _resolve(path, raw, {}, named, f))
-        for i, (raw, f) in enumerate(zip(raws, flat, strict=True))
-    ]
+    differing = [{k: f[k] for k in f if k in named} for f in flat]
+    tasks = [Task(i, swept, _resolve(path, raw, {}, named, swept)) for i, (raw, swept) in enumerate(zip(raws, differing, strict=True))]
     raw = {"experiments": str(path.resolve()), EXPERIMENTS_LIST: raws}
     return _grid(path, raw, tasks, namespace.get("resources"), namespace.get("name"))
 
@@ -188,8 +186,8 @@ def _check_values(path: Path, where: str, values: Any) -> None:
 
 
 def _resolve(path: Path, base: dict, swept: dict, named: set[str], shown: dict | None = None) -> Config:
-    """Base + swept values -> a validated Config with absolute paths and a pinned run name that shows the `named` keys
-    of `shown` (default: of `swept`)."""
+    """Base + swept values -> a validated Config with absolute paths, the HParams keys and a pinned run name that shows
+    the `named` keys of `shown` (default: of `swept`; an experiments file's configs are whole, with nothing to sweep)."""
     raw = copy.deepcopy(base)
     for key, value in swept.items():
         set_dotted(raw, key, copy.deepcopy(value))
@@ -204,7 +202,10 @@ def _resolve(path: Path, base: dict, swept: dict, named: set[str], shown: dict |
         cfg.data.root = os.path.abspath(cfg.data.root)
     if os.path.isdir(cfg.model.flavour):
         cfg.model.flavour = os.path.abspath(cfg.model.flavour)
-    suffix = _suffix({k: v for k, v in (swept if shown is None else shown).items() if k in named}, flatten(cfg.to_dict()))
+    shown = swept if shown is None else shown
+    if cfg.output.hparams is None and shown:  # TensorBoard's HParams dashboard compares the runs by what the grid varies
+        cfg.output.hparams = list(shown)
+    suffix = _suffix({k: v for k, v in shown.items() if k in named}, flatten(cfg.to_dict()))
     cfg.output.run_name = sanitize(f"{base_name(cfg)}__{suffix}" if suffix else base_name(cfg), f"{path}: run name")
     return cfg
 
