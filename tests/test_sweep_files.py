@@ -8,9 +8,11 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import make_image_folder, run_cli, tiny_config
+from test_hparams import read_hparams
 
 from utp_dist.config import ConfigError
 from utp_dist.sweep.grid import load_grid
+from utp_dist.sweep.status import seed_groups
 
 
 def _grid(path: Path, grid: dict) -> Path:
@@ -109,3 +111,25 @@ def test_submit_runs_an_experiments_file_on_the_executors(tmp_path):
     assert ledger["grid"]["experiments"] == str(path) and len(ledger["tasks"]) == 3
     status = run_cli("status", str(tmp_path / "out" / "sweeps" / "py-exp"), module="utp_dist.submit").stdout.splitlines()
     assert len(status) == 5 and all(" | COMPLETED | " in line for line in status[2:]), status
+    # TensorBoard's HParams dashboard compares the runs by what differs between them
+    for task in ledger["tasks"]:
+        values, metrics, ended, scalars = read_hparams(tmp_path / "out" / "logs" / "shapes" / task["name"])
+        assert values == task["swept"] and ended and "val/acc@1" in metrics
+        assert {"val/acc@1", "best/val_acc@1"} <= set(scalars)
+    board = run_cli("leaderboard", str(tmp_path / "out" / "sweeps" / "py-exp"), module="utp_dist.submit")
+    assert board.returncode == 0, board.stderr
+    groups = board.stdout.split("over seeds (train.seed), mean ± std:")[1]
+    assert "| rank | optim.lr | seeds | best val_acc@1 | test_acc@1 |" in groups and "| 0.003 | 42, 1 | " in groups
+
+
+def test_runs_differing_only_in_their_seed_are_grouped_with_mean_and_std():
+    board = [
+        {"optim.lr": 0.1, "train.seed": 1, "best": 0.5, "test": 0.4},
+        {"optim.lr": 0.01, "train.seed": 1, "best": 0.9, "test": None},
+        {"optim.lr": 0.1, "train.seed": 2, "best": 0.7, "test": 0.6},
+        {"optim.lr": 0.01, "train.seed": 2, "best": None, "test": None},
+    ]
+    groups = seed_groups(board, ["optim.lr"], ("best", "test"), "max")
+    assert [(g["rank"], g["optim.lr"], g["seeds"]) for g in groups] == [(1, 0.01, "1, 2"), (2, 0.1, "1, 2")]
+    assert groups[0]["best"] == "0.9000 (n=1)" and groups[0]["test"] is None
+    assert groups[1]["best"] == "0.6000 ± 0.1414 (n=2)" and groups[1]["test"] == "0.5000 ± 0.1414 (n=2)"
