@@ -318,3 +318,11 @@ def _seed_worker(worker_id: int) -> None:
     worker_seed = torch.initial_seed() % 2**32
     np.random.seed(worker_seed)
     random.seed(worker_seed)
+
+
+if __name__ == "__main__":  # python -m utp_dist.data check ROOT: the command lives in data_check.py
+    import sys
+
+    from utp_dist.data_check import main
+
+    sys.exit(main())
