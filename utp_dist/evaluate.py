@@ -18,7 +18,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """MODEL, the data and the output options."""
     parser = argparse.ArgumentParser(prog="python -m utp_dist.evaluate", description="Evaluate a trained model on an ImageFolder split.")
     parser.add_argument("model", help="an export folder, a run's checkpoint folder (its best model) or a run name")
-    parser.add_argument("data", help="an ImageFolder root (its test/ split is used) or a split folder of class folders")
+    parser.add_argument("data", help="an ImageFolder root or builtin:NAME (its test/ split is used), or a split folder of class folders")
     parser.add_argument("--out", help="report folder (default: the run's logs/.../evaluations/DATA_SPLIT, else ./evaluation_DATA_SPLIT)")
     parser.add_argument("--batch-size", type=int, help="images per forward pass (default: the run's evaluation batch size, else 64)")
     parser.add_argument("--workers", type=int, default=2, help="decoding processes (default 2; 0 = in this process)")
@@ -27,8 +27,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def split_folder(data: str) -> Path:
-    """DATA itself when it holds class folders, DATA/test when DATA is a root with a test split."""
-    path = Path(data).expanduser()
+    """DATA itself when it holds class folders, DATA/test when DATA is a root with a test split (builtin:NAME too)."""
+    from utp_dist.builtin_data import BUILTIN_PREFIX
+    from utp_dist.data import resolve_root
+
+    path = resolve_root(data) if data.startswith(BUILTIN_PREFIX) else Path(data).expanduser()
     if not path.is_dir():
         raise UserError(f"{data}: no such folder; give an ImageFolder root with test/ or a split folder of class folders")
     return path / "test" if (path / "test").is_dir() else path

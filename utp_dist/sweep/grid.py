@@ -213,8 +213,10 @@ def _resolve(path: Path, base: dict, swept: dict, named: set[str], shown: dict |
 def _suffix(swept: dict, resolved: dict) -> str:
     """'lr=0.0003_bs=64': short key names (the last dotted part unless two keys share it) and the resolved values."""
     named_model = any(k in IN_BASE_NAME for k in swept)
-    # a whole mapping (model.config) zipped with the flavour is already told apart by the flavour in the name
-    keys = [k for k in swept if k not in IN_BASE_NAME and not (isinstance(swept[k], dict) and named_model)]
+    # a model.config (whole, or its keys) that changes with the flavour is already told apart by the flavour in the name
+    keys = [
+        k for k in swept if k not in IN_BASE_NAME and not ((isinstance(swept[k], dict) or k.startswith("model.config.")) and named_model)
+    ]
     short = {k: SHORT.get(k, k.rsplit(".", 1)[-1]) for k in keys}
     clashes = {s for s in short.values() if list(short.values()).count(s) > 1}
     return "_".join(f"{k if short[k] in clashes else short[k]}={_short_value(resolved.get(k, swept[k]))}" for k in keys)
