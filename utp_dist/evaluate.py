@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 from pathlib import Path
 
 from utp_dist import atomic
@@ -107,8 +106,6 @@ def _write(out: Path, values: dict, confusion, roc, loaded, folder: Path) -> Non
 def main(argv: list[str] | None = None) -> int:
     """Run the command; user errors become one line on stderr and exit code 2."""
     args = parse_args(argv)
-    # torchvision 0.29 deprecates torchvision.io image decoding in favour of TorchCodec; it still works
-    warnings.filterwarnings("ignore", message=".*image decoding and encoding.*")
     return run_command(lambda: evaluate(args))
 
 

@@ -103,6 +103,8 @@ def batches(
 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
     """(position of the batch's first sample, logits, labels) per batch, in order; unreadable files get label -100 and
     a warning, and their logits are not to be used."""
+    # torchvision 0.29 deprecates torchvision.io image decoding in favour of TorchCodec; it still works
+    warnings.filterwarnings("ignore", message=".*image decoding and encoding.*")
     dataset = ImageFolderSplit(samples, loaded.transform, 0, "skip", randomized=False)
     cfg = DataConfig(batch_size=batch_size, eval_batch_size=batch_size, num_workers=workers, prefetch_factor=2 if workers else None)
     loader, _ = build_loader(dataset, cfg, 0, train=False, world_size=1, pin_memory=loaded.device.type == "cuda")

@@ -6,7 +6,6 @@ import argparse
 import csv
 import json
 import sys
-import warnings
 from pathlib import Path
 
 from utp_dist.errors import UserError, run_command
@@ -77,8 +76,6 @@ def _write(rows: list[dict], out: str | None, k: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the command; user errors become one line on stderr and exit code 2."""
     args = parse_args(argv)
-    # torchvision 0.29 deprecates torchvision.io image decoding in favour of TorchCodec; it still works
-    warnings.filterwarnings("ignore", message=".*image decoding and encoding.*")
     return run_command(lambda: predict(args))
 
 
