@@ -15,7 +15,7 @@ import torch
 
 from utp_dist.config import Config, DataConfig, from_dict
 from utp_dist.data import IGNORE_LABEL, ImageFolderSplit, build_loader, build_transforms
-from utp_dist.device_input import ModelInput
+from utp_dist.device_input import DeviceDecoder, ModelInput, PassThrough
 from utp_dist.errors import UserError, first_line
 from utp_dist.image_index import IMAGE_EXTENSIONS
 from utp_dist.runs import RunDir, find_runs
@@ -71,7 +71,7 @@ def load_model(model: str, root: str, device: str | None = None) -> LoadedModel:
     """Load MODEL onto the GPU when there is one, with the eval transform and input statistics of its training."""
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-    from utp_dist.model import input_spec
+    from utp_dist.model import input_spec, is_convolutional
 
     folder, run = find_model(model, root)
     raw = run.read_config() if run is not None else None
@@ -93,8 +93,13 @@ def load_model(model: str, root: str, device: str | None = None) -> LoadedModel:
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     spec = input_spec(processor, config.data.image_size)
     classes = [network.config.id2label[i] for i in range(network.config.num_labels)]
-    network.to(target).eval()
-    return LoadedModel(network, classes, folder, run, config, build_transforms(spec, "none")[1], ModelInput(spec).to(target), target)
+    # the memory format training used (channels-last for conv nets on CUDA by default): the same kernels, the same numbers
+    channels_last = (
+        config.model.channels_last if config.model.channels_last is not None else target.type == "cuda" and is_convolutional(network)
+    )
+    network.to(target, memory_format=torch.channels_last if channels_last else torch.contiguous_format).eval()
+    model_input = ModelInput(spec, channels_last=channels_last).to(target)
+    return LoadedModel(network, classes, folder, run, config, build_transforms(spec, "none")[1], model_input, target)
 
 
 @torch.no_grad()
@@ -105,11 +110,15 @@ def batches(
     a warning, and their logits are not to be used."""
     # torchvision 0.29 deprecates torchvision.io image decoding in favour of TorchCodec; it still works
     warnings.filterwarnings("ignore", message=".*image decoding and encoding.*")
-    dataset = ImageFolderSplit(samples, loaded.transform, 0, "skip", randomized=False)
+    # a data.decode: gpu run evaluated JPEGs decoded by nvjpeg: so does this, where there is a GPU
+    gpu_decode = loaded.config.data.decode == "gpu" and loaded.device.type == "cuda"
+    dataset = ImageFolderSplit(samples, loaded.transform, 0, "skip", randomized=False, encoded_jpeg=gpu_decode)
+    decoder = DeviceDecoder(loaded.device, loaded.transform, 0, False, "skip") if gpu_decode else PassThrough()
     cfg = DataConfig(batch_size=batch_size, eval_batch_size=batch_size, num_workers=workers, prefetch_factor=2 if workers else None)
     loader, _ = build_loader(dataset, cfg, 0, train=False, world_size=1, pin_memory=loaded.device.type == "cuda")
     start = 0
     for images, labels in loader:  # sequential: batch k holds samples start .. start + len(labels) - 1
+        images, labels = decoder(images, labels)
         pixels = loaded.model_input(images.to(loaded.device, non_blocking=True))
         with loaded.autocast():
             logits = loaded.model(pixel_values=pixels).logits
@@ -123,7 +132,7 @@ def image_files(paths: list[str]) -> list[str]:
     for item in paths:
         if os.path.isdir(item):
             found = [os.path.join(d, f) for d, _, names in os.walk(item, followlinks=True) for f in names]
-            files += sorted(f for f in found if f.lower().endswith(IMAGE_EXTENSIONS) and "/." not in f[len(item) :])
+            files += sorted(f for f in found if f.lower().endswith(IMAGE_EXTENSIONS) and not _hidden(os.path.relpath(f, item)))
         elif os.path.exists(item):
             files.append(item)
         else:
@@ -131,6 +140,11 @@ def image_files(paths: list[str]) -> list[str]:
     if not files:
         raise UserError(f"no image files in {', '.join(paths)}")
     return files
+
+
+def _hidden(relative: str) -> bool:
+    """Whether a path below a folder passes through a hidden file or folder (.DS_Store, ._x.jpg, .git), as the index skips."""
+    return any(part.startswith(".") for part in relative.split(os.sep))
 
 
 def is_bad(labels: torch.Tensor) -> torch.Tensor:
