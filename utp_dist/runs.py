@@ -31,7 +31,8 @@ class RunDir:
     """One run's folders under an output root, and the tolerant readers of what the run wrote there.
 
     Paths: `logs` and `checkpoints` (the two folders), `config_file`, `metrics_file`, `summary_file`, `figures` and
-    `evaluations` (reports of `python -m utp_dist.evaluate`) in logs; `best` (the export), `state_dir` (training states), `finished_marker` and `lock_file` in checkpoints.
+    `evaluations` (reports of `python -m utp_dist.evaluate`) in logs; `best` (the export), `state_dir` (training
+    states), `finished_marker` and `lock_file` in checkpoints.
     """
 
     def __init__(self, root: str | os.PathLike, dataset: str, name: str):

@@ -86,7 +86,7 @@ def load_experiments(path: Path) -> Grid:
         raise ConfigError(f"{path}: define {EXPERIMENTS_LIST} = [config, ...], a non-empty list of config mappings or Configs")
     raws = []
     for number, item in enumerate(configs):
-        raw = item.to_dict() if isinstance(item, Config) else item
+        raw = item.to_dict() if hasattr(item, "to_dict") else item  # a Config, or any config object that dumps itself
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: {EXPERIMENTS_LIST}[{number}] must be a config mapping or a Config, got {type(item).__name__}")
         try:
