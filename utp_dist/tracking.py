@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
@@ -119,9 +120,10 @@ class TensorBoardTracker:
     def write_summary(self, summary: dict) -> None:
         """summary.json, written atomically; the best monitored value and the end of the HParams session to TensorBoard."""
         atomic.write_json(self.run.summary_file, summary)
-        best = summary.get("best", {})
-        if isinstance(best.get("value"), (int, float)):
-            self.writer.add_scalar(f"best/{best['metric']}", best["value"], summary.get("steps", 0))
+        best = summary.get("best") or {}
+        value = best.get("value")
+        if "metric" in best and isinstance(value, (int, float)) and math.isfinite(value):  # no finite best: nothing to show
+            self.writer.add_scalar(f"best/{best['metric']}", value, summary.get("steps", 0))
         if self._session_end is not None:
             self.writer.file_writer.add_summary(self._session_end)
         self.writer.flush()
