@@ -6,11 +6,13 @@ import dataclasses
 import json
 import os
 import re
+import shlex
+import shutil
 import subprocess
 import sys
 
 import pytest
-from conftest import REPO, make_image_folder
+from conftest import REPO, make_image_folder, run_cli
 
 from utp_dist.config import Config, load_config
 from utp_dist.sweep.grid import load_grid
@@ -70,3 +72,50 @@ def test_readme_worked_example_runs(tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
     summaries = [json.loads(p.read_text()) for p in sorted((tmp_path / "experiments" / "logs" / "my_data").glob("*/summary.json"))]
     assert len(summaries) == 2 and all("test_precision_macro" in s["test"] for s in summaries)
+
+
+def readme_commands() -> list[str]:
+    """Every command in the README's code blocks marked `<!-- run by tests/test_docs.py ... -->`."""
+    blocks = re.findall(r"<!-- run by tests/test_docs\.py[^>]*-->\n```\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+    return [line.strip() for block in blocks for line in block.splitlines() if line.strip()]
+
+
+def test_readme_commands_run(tmp_path):
+    from utp_dist.data import resolve_root
+
+    commands = readme_commands()
+    assert [c.split()[2] if c.split()[1] == "-m" else c.split()[1] for c in commands] == [
+        "benchmarks/index_1m.py", "utp_dist.data", "utp_dist.predict", "utp_dist.evaluate", "utp_dist.submit", "utp_dist.submit",
+    ]  # fmt: skip
+    for folder in ("configs", "benchmarks"):  # the commands name repository paths, relative to a working folder of their own
+        (tmp_path / folder).symlink_to(REPO / folder)
+    # what the predict and evaluate commands follow: the quickstart, cut short, and a few images
+    quickstart = run_cli("configs/quickstart.yaml", "train.epochs=1", "train.max_steps=3", cwd=tmp_path)
+    assert quickstart.returncode == 0, quickstart.stderr[-3000:]
+    (tmp_path / "photos").mkdir()
+    for folder in sorted((resolve_root("builtin:fashion-mnist-mini") / "test").iterdir())[:3]:
+        shutil.copy(min(folder.iterdir()), tmp_path / "photos" / f"{folder.name}.png")
+    for command in commands:
+        argv = shlex.split(command)
+        if argv[1] == "benchmarks/index_1m.py":  # a million files is for the record, not for every test run
+            argv += ["--classes", "4", "--per-class", "50", "--repeat", "1"]
+        result = subprocess.run(
+            [sys.executable, *argv[1:]],
+            cwd=tmp_path,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert result.returncode == 0, f"{command}\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
+    assert len((tmp_path / "preds.csv").read_text().splitlines()) == 4
+    assert next(tmp_path.glob("experiments/logs/fashion-mnist-mini/*/evaluations/*/report.json")).is_file()
+
+
+def test_example_experiments_file_is_valid():
+    grid = load_grid(REPO / "configs" / "sweeps" / "experiments.py")
+    assert [t.name for t in grid.tasks] == [
+        "resnet__cross_entropy__scratch__lr=0.001",
+        "resnet__cross_entropy__scratch__lr=0.003",
+        "vit__cross_entropy__scratch__lr=0.003",
+    ]

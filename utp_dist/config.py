@@ -21,6 +21,8 @@ from utp_dist.errors import UserError
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
+# what TensorBoard's HParams dashboard shows of a run started outside a grid (output.hparams: null)
+DEFAULT_HPARAMS = ("model.flavour", "model.pretrained", "optim.lr", "optim.weight_decay", "data.batch_size", "train.epochs", "train.seed")
 GPU_AUGMENTS = ("random_resized_crop", "horizontal_flip", "color_jitter", "grayscale")  # built in gpu_augment.py
 Cap = int | dict | None
 
@@ -225,6 +227,16 @@ class OutputConfig:
     """Appended to the automatic run name."""
     save_per_epoch_checkpoint: bool = False
     """Also keep the weights of every epoch, not only the best."""
+    hparams: list[str] | None = None
+    """Dotted keys shown as hyper-parameters in TensorBoard's HParams dashboard; null = DEFAULT_HPARAMS (a grid sets its
+    swept keys)."""
+
+    def __post_init__(self) -> None:
+        sections = typing.get_type_hints(Config)  # Config is defined below: looked up when a config is built
+        for key in self.hparams or []:
+            section, _, name = key.partition(".")
+            if section not in sections or name.split(".")[0] not in {f.name for f in dataclasses.fields(sections[section])}:
+                raise ConfigError(f"output.hparams: '{key}' is not a config key; use dotted keys such as optim.lr or train.seed")
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,10 +17,10 @@ from torchvision.transforms import v2
 from utp_dist.builtin_data import BUILTIN_PREFIX, materialize
 from utp_dist.config import SPLITS, DataConfig
 from utp_dist.errors import UserError
+from utp_dist.image_index import Listing, list_splits_once
 
 log = logging.getLogger(__name__)
 
-TORCHVISION_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif")
 JPEG_EXTENSIONS = (".jpg", ".jpeg")
 PIL_EXTENSIONS = (".bmp", ".tif", ".tiff", ".ppm", ".pgm")  # torchvision.io cannot decode these
 IGNORE_LABEL = -100  # cross_entropy's default ignore_index: marks a skipped bad image
@@ -56,7 +57,8 @@ class Splits:
 
     def fingerprint(self) -> list[tuple[str, int]]:
         """Every (relative path, label) after caps, for hashing the data a run used."""
-        return [(str(Path(p).relative_to(self.root)), y) for s in SPLITS for p, y in self.samples.get(s, [])]
+        cut = len(str(self.root)) + 1  # string slicing: Path.relative_to costs seconds at a million files
+        return [(p[cut:], y) for s in SPLITS for p, y in self.samples.get(s, [])]
 
 
 def resolve_root(root: str) -> Path:
@@ -75,51 +77,58 @@ def resolve_root(root: str) -> Path:
 
 
 def index_splits(cfg: DataConfig, seed: int) -> Splits:
-    """List train/val[/test] images, take the class list from train and apply the per-class caps."""
+    """List train/val[/test] images (ImageFolder rules, listed once per job), take the class list from train and apply
+    the per-class caps."""
     root = resolve_root(cfg.root)
+    try:
+        listings = list_splits_once(root, SPLITS)
+    except OSError as err:
+        raise DataError(f"data.root: {err}") from None
     for split in ("train", "val"):
-        if not (root / split).is_dir():
+        if split not in listings:
             raise DataError(f"data.root: '{root / split}' is missing; an ImageFolder root needs train/ and val/ folders")
-    classes = sorted(d.name for d in (root / "train").iterdir() if d.is_dir())
+    classes = listings["train"].classes
     if not classes:
         raise DataError(f"data.root: '{root / 'train'}' has no class folders")
     ambiguous = cfg.ambiguous_cap(classes)
     if ambiguous:
         raise DataError(ambiguous)
     samples = {}
-    for split in SPLITS:
-        if (root / split).is_dir():
-            samples[split] = _index_split(root / split, classes, cfg.cap_for(split), seed)
-            if not samples[split]:  # found now, not after a training epoch
-                raise DataError(f"data.root: '{root / split}' holds no images in its class folders; add images or remove the folder")
+    for split, listing in listings.items():
+        samples[split] = _index_split(root / split, listing, classes, cfg.cap_for(split), seed)
+        if not samples[split]:  # found now, not after a training epoch
+            raise DataError(f"data.root: '{root / split}' holds no images in its class folders; add images or remove the folder")
     return Splits(root, classes, samples)
 
 
-def _index_split(folder: Path, classes: list[str], cap: int | dict | None, seed: int) -> list[tuple[str, int]]:
-    present = sorted(d.name for d in folder.iterdir() if d.is_dir())
-    extra = [c for c in present if c not in classes]
+def _index_split(folder: Path, listing: Listing, classes: list[str], cap: int | dict | None, seed: int) -> list[tuple[str, int]]:
+    extra = [c for c in listing.classes if c not in classes]
     if extra:
         raise DataError(f"data.root: class '{extra[0]}' in '{folder}' does not exist in train/; add it to train or remove it")
-    if isinstance(cap, dict):
-        unknown = [c for c in cap if c not in classes]
-        if unknown:
-            raise DataError(f"data.max_datapoints_per_class: class '{unknown[0]}' is not in the data; classes are {', '.join(classes)}")
+    check_cap_classes(cap, classes)
     samples = []
     for label, name in enumerate(classes):
-        files = (
-            sorted(str(p) for p in (folder / name).glob("*") if p.suffix.lower() in TORCHVISION_EXTENSIONS + PIL_EXTENSIONS)
-            if (folder / name).is_dir()
-            else []
-        )
+        prefix = f"{folder / name}{os.sep}"
+        files = [prefix + rel for rel in listing.files.get(name, [])]
         if not files and folder.name == "train":
-            raise DataError(f"data.root: class folder '{folder / name}' has no images")
-        limit = cap.get(name) if isinstance(cap, dict) else cap
-        if limit is not None and len(files) > limit:
-            # the same files on every run and rank: a private RNG keyed by seed, split and class
-            rng = random.Random(f"{seed}/{folder.name}/{name}")
-            files = sorted(rng.sample(files, limit))
-        samples += [(f, label) for f in files]
+            raise DataError(f"data.root: class folder '{folder / name}' has no images (in it or its sub-folders)")
+        samples += [(f, label) for f in cap_files(files, cap, seed, folder.name, name)]
     return samples
+
+
+def check_cap_classes(cap: int | dict | None, classes: list[str]) -> None:
+    """A per-class cap may only name classes of the data (one line listing them otherwise)."""
+    unknown = [c for c in cap if c not in classes] if isinstance(cap, dict) else []
+    if unknown:
+        raise DataError(f"data.max_datapoints_per_class: class '{unknown[0]}' is not in the data; classes are {', '.join(classes)}")
+
+
+def cap_files(files: list[str], cap: int | dict | None, seed: int, split: str, name: str) -> list[str]:
+    """At most the cap of class `name` of its files: a seeded subset by (seed, split, class), the same on every run and rank."""
+    limit = cap.get(name) if isinstance(cap, dict) else cap
+    if limit is None or len(files) <= limit:
+        return files
+    return sorted(random.Random(f"{seed}/{split}/{name}").sample(sorted(files), limit))
 
 
 def decode(path: str) -> torch.Tensor:
@@ -316,3 +325,11 @@ def _seed_worker(worker_id: int) -> None:
     worker_seed = torch.initial_seed() % 2**32
     np.random.seed(worker_seed)
     random.seed(worker_seed)
+
+
+if __name__ == "__main__":  # python -m utp_dist.data check ROOT: the command lives in data_check.py
+    import sys
+
+    from utp_dist.data_check import main
+
+    sys.exit(main())

@@ -3,11 +3,10 @@ and capped the same way whatever their source, so sampling, caps, resume and met
 
 from __future__ import annotations
 
-import random
 from collections import defaultdict
 
 from utp_dist.config import SPLITS, DataConfig
-from utp_dist.data import DataError, Splits, index_splits
+from utp_dist.data import DataError, Splits, cap_files, check_cap_classes, index_splits
 from utp_dist.registry import DATASETS
 
 
@@ -50,20 +49,9 @@ def _check(splits: Splits, spec: str) -> None:
 
 
 def _capped(items: list[tuple[str, int]], classes: list[str], cap: int | dict | None, seed: int, split: str) -> list[tuple[str, int]]:
-    """At most `cap` files per class, a seeded subset by (seed, split, class): the rule of data.py's index."""
-    if cap is None:
-        return items
-    unknown = [c for c in cap if c not in classes] if isinstance(cap, dict) else []
-    if unknown:
-        raise DataError(f"data.max_datapoints_per_class: class '{unknown[0]}' is not in the data; classes are {', '.join(classes)}")
+    """At most `cap` files per class, by the rule of data.py's index."""
+    check_cap_classes(cap, classes)
     by_class = defaultdict(list)
     for path, label in items:
         by_class[label].append(path)
-    kept = []
-    for label, name in enumerate(classes):
-        files = by_class[label]
-        limit = cap.get(name) if isinstance(cap, dict) else cap
-        if limit is not None and len(files) > limit:
-            files = sorted(random.Random(f"{seed}/{split}/{name}").sample(sorted(files), limit))
-        kept += [(f, label) for f in files]
-    return kept
+    return [(f, label) for label, name in enumerate(classes) for f in cap_files(by_class[label], cap, seed, split, name)]

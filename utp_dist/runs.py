@@ -3,7 +3,7 @@
 A run named NAME on data set DATASET lives in two folders under OUTPUT_ROOT, so that `tensorboard --logdir
 OUTPUT_ROOT/logs` sees every run and checkpoints can sit on another quota:
 
-    logs/DATASET/NAME/          config.yaml, metrics.jsonl, summary.json, figures/, TensorBoard events
+    logs/DATASET/NAME/          config.yaml, metrics.jsonl, summary.json, figures/, evaluations/, TensorBoard events
     checkpoints/DATASET/NAME/   best -> best-stepNNNNNNNN/ (save_pretrained export), state/step-NNNNNNNN/, FINISHED
 """
 
@@ -22,7 +22,7 @@ from utp_dist.config import Config, from_dict
 from utp_dist.errors import UserError
 
 LOGS, CHECKPOINTS = "logs", "checkpoints"
-CONFIG, METRICS, SUMMARY, FIGURES = "config.yaml", "metrics.jsonl", "summary.json", "figures"
+CONFIG, METRICS, SUMMARY, FIGURES, EVALUATIONS = "config.yaml", "metrics.jsonl", "summary.json", "figures", "evaluations"
 BEST, STATE_DIR, COMPLETE, FINISHED, LOCK = "best", "state", "COMPLETE", "FINISHED", "LOCK"
 MAX_VERSIONS = 10_000
 
@@ -30,14 +30,16 @@ MAX_VERSIONS = 10_000
 class RunDir:
     """One run's folders under an output root, and the tolerant readers of what the run wrote there.
 
-    Paths: `logs` and `checkpoints` (the two folders), `config_file`, `metrics_file`, `summary_file` and `figures`
-    in logs; `best` (the export), `state_dir` (training states), `finished_marker` and `lock_file` in checkpoints.
+    Paths: `logs` and `checkpoints` (the two folders), `config_file`, `metrics_file`, `summary_file`, `figures` and
+    `evaluations` (reports of `python -m utp_dist.evaluate`) in logs; `best` (the export), `state_dir` (training
+    states), `finished_marker` and `lock_file` in checkpoints.
     """
 
     def __init__(self, root: str | os.PathLike, dataset: str, name: str):
         self.root, self.dataset, self.name = Path(root), dataset, name
         self.logs, self.checkpoints = self.root / LOGS / dataset / name, self.root / CHECKPOINTS / dataset / name
         self.config_file, self.metrics_file, self.summary_file, self.figures = (self.logs / f for f in (CONFIG, METRICS, SUMMARY, FIGURES))
+        self.evaluations = self.logs / EVALUATIONS
         self.best, self.state_dir, self.finished_marker, self.lock_file = (self.checkpoints / f for f in (BEST, STATE_DIR, FINISHED, LOCK))
 
     def __repr__(self) -> str:
@@ -114,6 +116,13 @@ class RunDir:
         """The run a training state belongs to, located from where the state is (so a moved or copied run stays itself)."""
         run = state.resolve().parent.parent  # OUTPUT_ROOT/checkpoints/DATASET/NAME/state/step-N
         return cls(run.parent.parent.parent, run.parent.name, run.name)
+
+    @classmethod
+    def of_checkpoints(cls, folder: Path) -> RunDir | None:
+        """The run whose checkpoint folder is `folder` (OUTPUT_ROOT/checkpoints/DATASET/NAME), None when `folder` is not
+        inside a checkpoints/ tree."""
+        folder = folder.resolve()
+        return cls(folder.parent.parent.parent, folder.parent.name, folder.name) if folder.parent.parent.name == CHECKPOINTS else None
 
     @classmethod
     def of_logs(cls, logs: Path) -> RunDir:

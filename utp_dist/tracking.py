@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 import numpy as np
+import yaml
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from PIL import Image
 from torch.utils.tensorboard import SummaryWriter
+from torch.utils.tensorboard.summary import hparams
 from tqdm.auto import tqdm
 
 from utp_dist import atomic
+from utp_dist.config import DEFAULT_HPARAMS
 from utp_dist.metrics import confusion_figure, confusion_markdown, roc_figure
 from utp_dist.runs import RunDir
 
@@ -60,10 +65,26 @@ class TensorBoardTracker:
         self.bar = tqdm(total=total_steps, initial=min(bar_start, total_steps), desc="train", unit="step", dynamic_ncols=True)
         # drawing figures takes ~0.5 s per evaluation: one background thread keeps it off the training loop
         self.painter, self.paintings = ThreadPoolExecutor(max_workers=1, thread_name_prefix="figures"), []
+        self._session_end = None  # the HParams session's end, written with the summary
 
     def write_config(self, text: str) -> None:
-        """The resolved config as config.yaml."""
+        """The resolved config as config.yaml, and its hyper-parameters for TensorBoard's HParams dashboard."""
         self.run.config_file.write_text(text, encoding="utf-8")
+        self._session_end = self._write_hparams(yaml.safe_load(text))
+
+    def _write_hparams(self, config: dict):
+        """Write the HParams experiment and session start into this run's events (not add_hparams: it makes a sub-run);
+        the dashboard's metric columns read the last value of the declared scalar tags. Returns the session end."""
+        keys = config["output"].get("hparams") or DEFAULT_HPARAMS
+        values = {key: _hparam_value(config, key) for key in keys}
+        monitor = config["train"]["monitor_metric"]
+        metrics = dict.fromkeys(
+            ["val/loss", "val/acc@1", f"val/{monitor.removeprefix('val_')}", f"best/{monitor}", "test/loss", "test/acc@1"]
+        )
+        experiment, session_start, session_end = hparams(values, metrics)
+        for summary in (experiment, session_start):
+            self.writer.file_writer.add_summary(summary)
+        return session_end
 
     def print(self, line: str) -> None:
         """A line on the console, above the progress bar (which tqdm redraws below it)."""
@@ -97,8 +118,15 @@ class TensorBoardTracker:
         self.writer.flush()
 
     def write_summary(self, summary: dict) -> None:
-        """summary.json, written atomically."""
+        """summary.json, written atomically; the best monitored value and the end of the HParams session to TensorBoard."""
         atomic.write_json(self.run.summary_file, summary)
+        best = summary.get("best") or {}
+        value = best.get("value")
+        if "metric" in best and isinstance(value, (int, float)) and math.isfinite(value):  # no finite best: nothing to show
+            self.writer.add_scalar(f"best/{best['metric']}", value, summary.get("steps", 0))
+        if self._session_end is not None:
+            self.writer.file_writer.add_summary(self._session_end)
+        self.writer.flush()
 
     def close(self) -> None:
         """Finish the figures, flush and close the writer and the progress bar."""
@@ -126,6 +154,16 @@ class TensorBoardTracker:
             self.writer.add_image(tag, rgb, step, dataformats="HWC")
 
         self.paintings.append(self.painter.submit(paint))
+
+
+def _hparam_value(config: dict, key: str):
+    """The value of dotted `key` as HParams takes it: bool, number or string (others as compact JSON)."""
+    value = config
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    if isinstance(value, (bool, int, float, str)):
+        return value
+    return json.dumps(value, separators=(",", ":"), default=str)
 
 
 class NullTracker:

@@ -1,10 +1,12 @@
-"""Grid files: a base config plus a sweep block, expanded into N validated configs with readable run names."""
+"""Grid files (a base config, fixed `set:` overrides and a sweep block) and Python experiments files (a list of
+configs), expanded into N validated configs with readable run names that show only what differs between them."""
 
 from __future__ import annotations
 
 import copy
 import itertools
 import os
+import runpy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,7 +14,8 @@ from typing import Any
 from utp_dist.config import Config, ConfigError, flatten, from_dict, read_yaml, set_dotted
 from utp_dist.runs import base_name, sanitize
 
-GRID_KEYS = ("name", "base", "sweep", "resources")
+GRID_KEYS = ("name", "base", "set", "sweep", "resources")
+EXPERIMENTS_LIST = "training_configurations"  # the list an experiments file defines (the old system's name)
 # swept keys that the automatic run name already shows (model, loss, pretrained-ness), so the suffix skips them
 IN_BASE_NAME = ("model.flavour", "model.pretrained", "train.loss", "output.suffix", "output.run_name")
 SHORT = {
@@ -28,7 +31,8 @@ SHORT = {
 
 @dataclass(frozen=True)
 class Task:
-    """One expanded grid point: its index, swept values, resolved config and run name."""
+    """One expanded grid point: its index, swept values (every key of the sweep block, or what differs between the
+    configs of an experiments file), resolved config and run name."""
 
     index: int
     swept: dict[str, Any]
@@ -52,24 +56,79 @@ class Grid:
 
 
 def load_grid(path: str | os.PathLike) -> Grid:
-    """Read GRID.yaml and expand it; every error is one line naming the file and the key."""
+    """Read GRID.yaml (or an experiments .py file) and expand it; every error is one line naming the file and the key."""
     path = Path(path)
+    if path.suffix == ".py":
+        return load_experiments(path)
     raw = read_yaml(path)
     unknown = sorted(set(raw) - set(GRID_KEYS))
     if unknown:
         raise ConfigError(f"{path}: unknown top-level key '{unknown[0]}'; valid keys: {', '.join(GRID_KEYS)}")
-    base = _base(path, raw.get("base"))
+    base = _fixed(path, _base(path, raw.get("base")), raw.get("set"))
     axes = _axes(path, raw.get("sweep") or {})
-    tasks = []
-    for index, combo in enumerate(itertools.product(*axes)):
-        swept = {k: v for group in combo for k, v in group.items()}
-        tasks.append(Task(index, swept, _resolve(path, base, swept)))
+    combos = [{k: v for group in combo for k, v in group.items()} for combo in itertools.product(*axes)]
+    named = _varying(combos)  # a single-valued axis tells no run apart: it stays out of the names
+    tasks = [Task(index, swept, _resolve(path, base, swept, named)) for index, swept in enumerate(combos)]
+    return _grid(path, raw, tasks, raw.get("resources"), raw.get("name"))
+
+
+def load_experiments(path: Path) -> Grid:
+    """Run an experiments file and take its `training_configurations` list (config mappings or Configs); optional
+    `name` and `resources` as in a grid file. The swept keys of each task are those that differ between the configs."""
+    if not path.is_file():
+        raise ConfigError(f"experiments file not found: {path}")
+    try:
+        namespace = runpy.run_path(str(path), run_name="__experiments__")
+    except Exception as err:  # the user's code: any error is theirs to fix, named with its file
+        raise ConfigError(f"{path}: running the experiments file failed: {type(err).__name__}: {err}") from None
+    configs = namespace.get(EXPERIMENTS_LIST)
+    if not isinstance(configs, (list, tuple)) or not configs:
+        raise ConfigError(f"{path}: define {EXPERIMENTS_LIST} = [config, ...], a non-empty list of config mappings or Configs")
+    raws = []
+    for number, item in enumerate(configs):
+        raw = item.to_dict() if hasattr(item, "to_dict") else item  # a Config, or any config object that dumps itself
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: {EXPERIMENTS_LIST}[{number}] must be a config mapping or a Config, got {type(item).__name__}")
+        try:
+            raws.append(from_dict(copy.deepcopy(raw), "").to_dict())
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {EXPERIMENTS_LIST}[{number}]{err}") from None
+    flat = [flatten(raw) for raw in raws]
+    named = _varying(flat)
+    differing = [{k: f[k] for k in f if k in named} for f in flat]
+    tasks = [Task(i, swept, _resolve(path, raw, {}, named, swept)) for i, (raw, swept) in enumerate(zip(raws, differing, strict=True))]
+    raw = {"experiments": str(path.resolve()), EXPERIMENTS_LIST: raws}
+    return _grid(path, raw, tasks, namespace.get("resources"), namespace.get("name"))
+
+
+def _grid(path: Path, raw: dict, tasks: list[Task], resources: Any, name: Any) -> Grid:
     _check_unique(path, tasks)
-    resources = raw.get("resources") or {}
+    resources = resources or {}
     if not isinstance(resources, dict):
         raise ConfigError(f"{path}: resources must be a mapping of profile keys, got {type(resources).__name__}")
-    name = sanitize(str(raw.get("name") or path.stem), f"{path}: name")
-    return Grid(path, name, raw, tasks, resources)
+    return Grid(path, sanitize(str(name or path.stem), f"{path}: name"), raw, tasks, resources)
+
+
+def _fixed(path: Path, base: dict, fixed: Any) -> dict:
+    """The base with the grid's `set:` overrides (dotted keys) applied, validated alone."""
+    if fixed is None:
+        return base
+    if not isinstance(fixed, dict):
+        raise ConfigError(f"{path}: set must be a mapping of dotted keys to values, e.g. set: {{train.max_steps: 100}}")
+    raw = copy.deepcopy(base)
+    for key, value in fixed.items():
+        set_dotted(raw, str(key), copy.deepcopy(value))
+    try:
+        from_dict(copy.deepcopy(raw), "")
+    except ConfigError as err:
+        raise ConfigError(f"{path}: set{err}") from None
+    return raw
+
+
+def _varying(points: list[dict]) -> set[str]:
+    """The keys whose value differs between some of `points`."""
+    keys = {k for point in points for k in point}
+    return {k for k in keys if len({repr(point.get(k)) for point in points}) > 1}
 
 
 def _base(path: Path, base: Any) -> dict:
@@ -126,8 +185,9 @@ def _check_values(path: Path, where: str, values: Any) -> None:
         raise ConfigError(f"{path}: {where} is an empty list; give at least one value or remove the key")
 
 
-def _resolve(path: Path, base: dict, swept: dict) -> Config:
-    """Base + swept values -> a validated Config with absolute paths and a pinned run name."""
+def _resolve(path: Path, base: dict, swept: dict, named: set[str], shown: dict | None = None) -> Config:
+    """Base + swept values -> a validated Config with absolute paths, the HParams keys and a pinned run name that shows
+    the `named` keys of `shown` (default: of `swept`; an experiments file's configs are whole, with nothing to sweep)."""
     raw = copy.deepcopy(base)
     for key, value in swept.items():
         set_dotted(raw, key, copy.deepcopy(value))
@@ -142,7 +202,10 @@ def _resolve(path: Path, base: dict, swept: dict) -> Config:
         cfg.data.root = os.path.abspath(cfg.data.root)
     if os.path.isdir(cfg.model.flavour):
         cfg.model.flavour = os.path.abspath(cfg.model.flavour)
-    suffix = _suffix(swept, flatten(cfg.to_dict()))
+    shown = swept if shown is None else shown
+    if cfg.output.hparams is None and shown:  # TensorBoard's HParams dashboard compares the runs by what the grid varies
+        cfg.output.hparams = list(shown)
+    suffix = _suffix({k: v for k, v in shown.items() if k in named}, flatten(cfg.to_dict()))
     cfg.output.run_name = sanitize(f"{base_name(cfg)}__{suffix}" if suffix else base_name(cfg), f"{path}: run name")
     return cfg
 
@@ -150,8 +213,10 @@ def _resolve(path: Path, base: dict, swept: dict) -> Config:
 def _suffix(swept: dict, resolved: dict) -> str:
     """'lr=0.0003_bs=64': short key names (the last dotted part unless two keys share it) and the resolved values."""
     named_model = any(k in IN_BASE_NAME for k in swept)
-    # a whole mapping (model.config) zipped with the flavour is already told apart by the flavour in the name
-    keys = [k for k in swept if k not in IN_BASE_NAME and not (isinstance(swept[k], dict) and named_model)]
+    # a model.config (whole, or its keys) that changes with the flavour is already told apart by the flavour in the name
+    keys = [
+        k for k in swept if k not in IN_BASE_NAME and not ((isinstance(swept[k], dict) or k.startswith("model.config.")) and named_model)
+    ]
     short = {k: SHORT.get(k, k.rsplit(".", 1)[-1]) for k in keys}
     clashes = {s for s in short.values() if list(short.values()).count(s) > 1}
     return "_".join(f"{k if short[k] in clashes else short[k]}={_short_value(resolved.get(k, swept[k]))}" for k in keys)

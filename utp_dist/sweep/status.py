@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import statistics
 from pathlib import Path
 
 from utp_dist.sweep import executors, states
@@ -12,6 +13,7 @@ from utp_dist.sweep.ledger import find_run
 from utp_dist.sweep.task import TaskRecord
 
 COLUMNS = ("task", "run", "state", "restarts", "epoch", "step", "best", "img/s", "job")
+SEED = "train.seed"
 
 
 def rows(folder: Path, ledger: dict) -> list[dict]:
@@ -77,7 +79,8 @@ def markdown(table: list[dict], columns: tuple[str, ...]) -> str:
 
 
 def leaderboard(folder: Path, ledger: dict) -> tuple[str, str]:
-    """(Markdown, CSV) of the runs ranked by their monitored metric; runs without an evaluation come last."""
+    """(Markdown, CSV) of the runs ranked by their monitored metric; runs without an evaluation come last. When runs
+    differ only in train.seed, a second table ranks those groups by mean ± std over their seeds."""
     status = {row["task"]: row for row in rows(folder, ledger)}
     metric, mode = ledger["tasks"][0]["monitor"]
     swept = list(dict.fromkeys(k for t in ledger["tasks"] for k in t["swept"]))
@@ -102,4 +105,32 @@ def leaderboard(folder: Path, ledger: dict) -> tuple[str, str]:
     writer = csv.DictWriter(buffer, fieldnames=[*columns, "logs"], extrasaction="ignore")
     writer.writeheader()
     writer.writerows(board)
-    return markdown(board, columns), buffer.getvalue()
+    text = markdown(board, columns)
+    if SEED in swept:
+        keys = [k for k in swept if k != SEED]
+        groups = seed_groups(board, keys, (f"best {metric}", "test_acc@1"), mode)
+        text += f"\n\nover seeds ({SEED}), mean ± std:\n\n" + markdown(groups, ("rank", *keys, "seeds", f"best {metric}", "test_acc@1"))
+    return text, buffer.getvalue()
+
+
+def seed_groups(board: list[dict], keys: list[str], values: tuple[str, str], mode: str) -> list[dict]:
+    """One row per group of runs with equal `keys` (differing only in their seed): how many seeds, and mean ± std of
+    each of `values` over the runs that have it; ranked by the mean of the first."""
+    groups: dict[str, list[dict]] = {}
+    for row in board:
+        groups.setdefault(repr([row.get(k) for k in keys]), []).append(row)
+    out = []
+    for runs in groups.values():
+        row = {k: runs[0].get(k) for k in keys}
+        row["seeds"] = ", ".join(str(r.get(SEED)) for r in runs)
+        for name in values:
+            numbers = [r[name] for r in runs if isinstance(r.get(name), (int, float))]
+            row[f"_{name}"] = statistics.fmean(numbers) if numbers else None
+            spread = f" ± {statistics.stdev(numbers):.4f}" if len(numbers) > 1 else ""
+            row[name] = f"{statistics.fmean(numbers):.4f}{spread} (n={len(numbers)})" if numbers else None
+        out.append(row)
+    first, sign = f"_{values[0]}", -1 if mode == "max" else 1
+    out.sort(key=lambda r: (r[first] is None, sign * (r[first] or 0)))
+    for rank, row in enumerate(out, 1):
+        row["rank"] = rank
+    return out

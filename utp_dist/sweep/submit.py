@@ -42,7 +42,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         prog="python -m utp_dist.submit",
         description=f"Run a config grid as one Slurm array job, local processes or in-process. Ledger commands: {', '.join(COMMANDS)} SWEEP_DIR.",
     )
-    parser.add_argument("grid", help="grid YAML: base config + sweep block (+ resources)")
+    parser.add_argument("grid", help="grid YAML (base config + set + sweep block + resources) or experiments .py file")
     parser.add_argument("--executor", choices=list(executors.EXECUTORS), default="slurm", help="where the tasks run (default: slurm)")
     parser.add_argument("--profile", help="cluster profile YAML, e.g. slurm/profiles/example.yaml")
     parser.add_argument(
@@ -51,6 +51,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--wait", action="store_true", help="block until every task ended, showing a live status table")
     parser.add_argument("--parallel", action="store_true", help="local executor: one task per visible GPU at once")
     parser.add_argument("--force", action="store_true", help="also rerun grid points whose exact config already completed")
+    parser.add_argument(
+        "--preflight",
+        action="store_true",
+        help="first check each distinct data root (python -m utp_dist.data check); submit nothing if one fails",
+    )
     parser.add_argument("--poll", type=float, default=10.0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.command = "submit"
@@ -76,6 +81,8 @@ def submit(args: argparse.Namespace) -> int:
         done = None if args.force else _completed(task)
         (skipped if done else todo).append((task, done))
     print(_plan(grid, todo, skipped, resources))
+    if args.preflight and not _preflight([task for task, _ in todo]):
+        return 1
     if args.dry_run:
         folder = ledger.sweeps_dir(grid.tasks[0].config.output.root) / DRY_RUN_DIR / grid.name
         folder.mkdir(parents=True, exist_ok=True)
@@ -98,6 +105,16 @@ def submit(args: argparse.Namespace) -> int:
         if not ledger.read(folder)["submissions"]:
             shutil.rmtree(folder)  # refused before anything ran: no half-made sweep is left behind
         raise
+
+
+def _preflight(tasks: list) -> bool:
+    """Check each distinct data root of `tasks`; whether all would let a run start."""
+    from utp_dist.data_check import check_roots
+
+    ok = check_roots(sorted({task.config.data.root for task in tasks}))
+    if not ok:
+        print("preflight failed: nothing submitted; fix the data above (or drop --preflight)", file=sys.stderr)
+    return ok
 
 
 def _completed(task) -> RunDir | None:
