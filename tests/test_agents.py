@@ -1,0 +1,271 @@
+"""Agents that execute queued runs (issue 12), with real processes: a uvicorn server, agent processes, training children."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO, make_image_folder, run_cli, tiny_config
+from dashboard_support import Postgres, Server, wait_until
+from safetensors.torch import load_file
+
+LEASE_S = 6
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+class LeaseServer(Server):
+    """The dashboard with a short lease, so a dead agent's job comes back within seconds."""
+
+    def command(self) -> list[str]:
+        return super().command() + ["--lease-seconds", str(LEASE_S)]
+
+
+class Agents:
+    """Agent processes started by a test, stopped (and their logs shown on failure) at its end."""
+
+    def __init__(self, server: Server, folder: Path):
+        self.server, self.folder, self.procs = server, folder, {}
+
+    def start(self, name: str, *flags: str, noop: bool = False, **env: str) -> subprocess.Popen:
+        entry = [str(REPO / "tests" / "agent_noop.py")] if noop else ["-m", "utp_dist.agent"]
+        cmd = [sys.executable, *entry, "--server", self.server.url, "--name", name, "--gpus", "none", "--poll", "0.2", *flags]
+        cmd += ["--workdir", str(self.folder / name)]
+        with open(self.folder / f"{name}.log", "ab") as log:
+            proc = subprocess.Popen(cmd, env={**ENV, **env}, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        self.procs[name] = proc
+        return proc
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {name}\n{(self.folder / f'{name}.log').read_text()[-3000:]}" for name in self.procs)
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture
+def agents(tmp_path):
+    started: list[Agents] = []
+
+    def make(server: Server) -> Agents:
+        started.append(Agents(server, tmp_path))
+        return started[-1]
+
+    yield make
+    for group in started:
+        group.stop()
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp("agents") / "shapes", per_class={"train": 24, "val": 7, "test": 4})
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    server = Postgres().start()
+    yield server
+    # as root the server runs under runuser, which does not pass SIGINT on: pg_ctl's fast stop ends it at once
+    subprocess.run([*server.as_user, str(server.bin / "pg_ctl"), "-D", str(server.dir / "data"), "stop", "-m", "fast"], capture_output=True)
+    server.stop()
+
+
+def serve(tmp_path: Path, roots: list[Path], db_url: str | None = None) -> Server:
+    return LeaseServer(roots, db_url or f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path / "server.log").start()
+
+
+def queue(client, config: dict, name: str = "tiny", count: int = 1, **job) -> list[int]:
+    """Queue `count` runs of one config; their run ids."""
+    project = client.post("/api/v1/projects", json={"name": f"p-{name}-{time.monotonic_ns()}"}).json()["id"]
+    made = client.post("/api/v1/configs", json={"project_id": project, "name": name, "config": config})
+    assert made.status_code == 201, made.text
+    return [client.post(f"/api/v1/runs/from-config/{made.json()['id']}", json=job).json()["run_id"] for _ in range(count)]
+
+
+def wait_run(client, run_id: int, want, timeout: float = 120, group: Agents | None = None) -> dict:
+    """Poll a run until `want(run)` holds; the run."""
+    seen = {}
+
+    def ready() -> bool:
+        seen.update(client.get(f"/api/v1/runs/{run_id}").json())
+        return want(seen)
+
+    try:
+        wait_until(ready, timeout, f"run {run_id}")
+    except TimeoutError:
+        raise AssertionError(f"run {run_id}: {json.dumps(seen)[:3000]}\n{group.logs() if group else ''}") from None
+    return seen
+
+
+def state_is(*wanted: str):
+    return lambda run: run["state"] in wanted
+
+
+# --- (a) the claim race
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_8_agents_race_over_200_jobs_none_claimed_twice_none_lost(database, tmp_path, agents, images, request):
+    db_url = request.getfixturevalue("postgres").url if database == "postgresql" else None
+    server = serve(tmp_path, [tmp_path / "root"], db_url)
+    claims = tmp_path / "claims.txt"
+    try:
+        with server.client() as client:
+            run_ids = queue(client, tiny_config(images, tmp_path / "root"), count=200)
+            group = agents(server)
+            for i in range(8):
+                group.start(f"racer-{i}", "--cpu-jobs", "4", noop=True, UTP_TEST_CLAIMS=str(claims))
+
+            def all_done() -> bool:
+                runs = client.get("/api/v1/runs", params={"state": "succeeded", "limit": 500}).json()
+                return len(runs) == 200
+
+            wait_until(all_done, 120, "200 jobs succeeded", tmp_path / "racer-0.log")
+            lines = [line.split() for line in claims.read_text().splitlines()]
+            counts = collections.Counter(job for job, _, _ in lines)
+            assert len(lines) == 200 and len(counts) == 200 and max(counts.values()) == 1, counts.most_common(3)
+            assert len({pid for _, _, pid in lines}) > 1  # they really raced
+            detail = [client.get(f"/api/v1/runs/{i}").json() for i in run_ids[::20]]
+            assert all(d["jobs"][-1]["attempt"] == 1 and d["attempts"] == 1 for d in detail), detail
+    finally:
+        server.stop()
+
+
+# --- (b, c) exact resume after an agent's death and after an abort
+
+
+def resumable_config(images: Path, out: Path) -> dict:
+    """A tiny run with a state every 4 steps; SlowSteps (UTP_TEST_STEP_SLEEP) stretches it under the agents only."""
+    raw = tiny_config(
+        images,
+        out,
+        train={"epochs": 2, "log_every_n_steps": 1, "callbacks": ["tests.hooks:SlowSteps"]},
+        checkpoint={"every_n_steps": 4, "every_n_minutes": None, "keep_last": 2},
+    )
+    raw["model"]["config"]["image_size"] = 16
+    return raw
+
+
+@pytest.fixture(scope="module")
+def reference(images, tmp_path_factory) -> Path:
+    """One uninterrupted run of the same config: the best weights every interrupted run must reproduce bit for bit."""
+    out = tmp_path_factory.mktemp("reference") / "root"
+    config = out.parent / "ref.yaml"
+    config.write_text(yaml.safe_dump(resumable_config(images, out)))
+    done = run_cli(str(config), OMP_NUM_THREADS="1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return best_weights(out)
+
+
+def best_weights(root: Path) -> Path:
+    (run,) = (root / "checkpoints" / "shapes").iterdir()
+    return run / "best" / "model.safetensors"
+
+
+def assert_same_weights(reference: Path, run: dict) -> None:
+    ours = Path(run["root"]) / "checkpoints" / run["dataset"] / run["name"] / "best" / "model.safetensors"
+    a, b = load_file(reference), load_file(ours)
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+
+
+def has_state(run: dict) -> bool:
+    """Running, its folder reported, and at least one complete training state on disk (so we are mid-run)."""
+    if run["state"] != "running" or not run.get("root"):
+        return False
+    return any((Path(run["root"]) / "checkpoints" / run["dataset"] / run["name"] / "state").glob("step-*/COMPLETE"))
+
+
+def gone(pid: int) -> bool:
+    """Whether a process has ended (a zombie nobody reaps counts: it runs nothing)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+SLOW = {"UTP_TEST_STEP_SLEEP": "0.25"}
+
+
+def test_kill_9_agent_mid_run_requeued_after_lease_and_continued_exactly_by_another(tmp_path, agents, images, reference):
+    root = tmp_path / "root"
+    server = serve(tmp_path, [root])
+    try:
+        with server.client() as client:
+            group = agents(server)
+            first = group.start("doomed", **SLOW)
+            (run_id,) = queue(client, resumable_config(images, root))
+            run = wait_run(client, run_id, has_state, group=group)
+            os.kill(first.pid, signal.SIGKILL)
+            first.wait()
+            wait_until(lambda: gone(run["pid"]), 10, "the child to die with its agent (PR_SET_PDEATHSIG)")
+            killed = time.monotonic()
+            group.start("rescuer")
+            requeued = wait_run(client, run_id, lambda r: r["jobs"][-1]["attempt"] == 2, timeout=LEASE_S + 30, group=group)
+            assert time.monotonic() - killed >= LEASE_S - 2  # not before the lease ran out
+            assert requeued["jobs"][-1]["reason"].startswith("requeued: agent doomed stopped renewing its lease")
+            done = wait_run(client, run_id, state_is("succeeded", "failed"), group=group)
+            assert done["state"] == "succeeded", (done["error"], group.logs())
+            assert done["restarts"] == 1 and done["attempts"] == 2
+            assert_same_weights(reference, done)
+            assert len(list((root / "logs" / "shapes").iterdir())) == 1  # continued the same run folder, no -v1
+    finally:
+        server.stop()
+
+
+def test_abort_stops_with_75_then_resume_finishes_exactly(tmp_path, agents, images, reference):
+    root = tmp_path / "root"
+    server = serve(tmp_path, [root])
+    try:
+        with server.client() as client:
+            group = agents(server)
+            group.start("worker", **SLOW)
+            (run_id,) = queue(client, resumable_config(images, root))
+            wait_run(client, run_id, has_state, group=group)
+            assert client.post(f"/api/v1/runs/{run_id}/cancel").json()["state"] == "stopping"
+            stopped = wait_run(client, run_id, state_is("stopped", "failed", "succeeded"), group=group)
+            assert stopped["state"] == "stopped", (stopped["error"], group.logs())
+            assert "exit 75 = stopped to be resumed" in stopped["log_tail"]
+            assert client.post(f"/api/v1/runs/{run_id}/resume").json()["state"] == "queued"
+            done = wait_run(client, run_id, state_is("succeeded", "failed"), group=group)
+            assert done["state"] == "succeeded", (done["error"], group.logs())
+            assert done["restarts"] == 1 and done["jobs"][-1]["attempt"] == 2
+            assert_same_weights(reference, done)
+    finally:
+        server.stop()
+
+
+# --- (d) a config that fails at start; a job that needs more GPUs than an agent has
+
+
+def test_bad_data_root_fails_with_the_cli_line_and_2_gpu_job_never_goes_to_a_1_gpu_agent(tmp_path, agents, images):
+    root = tmp_path / "root"
+    server = serve(tmp_path, [root])
+    try:
+        with server.client() as client:
+            (big,) = queue(client, tiny_config(images, root), name="big", gpus=2, priority=10)
+            (bad,) = queue(client, tiny_config(tmp_path / "no-such-images", root), name="bad")
+            group = agents(server)
+            group.start("one-gpu", "--gpus", "0")  # a listed GPU nvidia-smi does not know: the agent offers GPU 0
+            failed = wait_run(client, bad, state_is("failed", "succeeded"), group=group)
+            assert failed["state"] == "failed"
+            assert failed["error"].startswith("data.root") and "\n" not in failed["error"], failed["error"]
+            assert failed["jobs"][-1]["reason"] == failed["error"]
+            page = client.get(f"/web/runs/{bad}").text
+            assert failed["error"].split("'")[0] in page
+            time.sleep(1.0)  # the agent keeps asking for work: the 2-GPU job is never offered to it
+            job = client.get(f"/api/v1/runs/{big}").json()["jobs"][-1]
+            assert job["state"] == "queued" and job["attempt"] == 0 and job["agent_id"] is None
+            agent = client.get("/api/v1/agents").json()[0]
+            assert [g["index"] for g in agent["gpus"]] == [0] and agent["last_heartbeat"]
+    finally:
+        server.stop()
