@@ -269,3 +269,44 @@ def test_bad_data_root_fails_with_the_cli_line_and_2_gpu_job_never_goes_to_a_1_g
             assert [g["index"] for g in agent["gpus"]] == [0] and agent["last_heartbeat"]
     finally:
         server.stop()
+
+
+# --- (e) a grid on agents
+
+
+def test_two_cpu_agents_run_a_grid_submitted_with_the_dashboard_executor(tmp_path, agents, images):
+    root = tmp_path / "root"
+    server = serve(tmp_path, [root])
+    grid = tmp_path / "grid.yaml"
+    sweep = {"train.seed": [1, 2], "optim.lr": [0.003, 0.01]}
+    grid.write_text(yaml.safe_dump({"name": "on-agents", "base": tiny_config(images, root, train={"epochs": 1}), "sweep": sweep}))
+    try:
+        with server.client() as client:
+            group = agents(server)
+            group.start("cpu-a")
+            group.start("cpu-b")
+            submit = ("--executor", "dashboard", "--server", server.url, "--wait", "--poll", "1")
+            done = run_cli(str(grid), *submit, module="utp_dist.submit", timeout=300)
+            assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:] + group.logs()
+            folder = root / "sweeps" / "on-agents"
+            status = run_cli("status", str(folder), module="utp_dist.submit")
+            assert status.stdout.count("COMPLETED") == 4 and f"{server.url}/web/runs/" in status.stdout, status.stdout
+            again = run_cli("resubmit", str(folder), "--failed", module="utp_dist.submit")
+            assert again.returncode == 0 and "nothing to resubmit" in again.stdout, again.stdout + again.stderr
+            board = run_cli("leaderboard", str(folder), module="utp_dist.submit")
+            assert board.returncode == 0 and board.stdout.count("COMPLETED") == 4, board.stdout + board.stderr
+            client.post("/api/v1/index/refresh")  # links the queued runs to the sweep ledger the submission wrote
+            runs = client.get("/api/v1/runs", params={"state": "succeeded"}).json()
+            assert len(runs) == 4 and len({r["agent_id"] for r in runs}) == 2  # both agents took a share
+            (listed,) = client.get("/api/v1/sweeps").json()
+            shown = client.get(f"/api/v1/sweeps/{listed['id']}").json()
+            assert [r["state"] for r in shown["rows"]] == ["COMPLETED"] * 4
+            summaries = {}
+            for run in runs:
+                summary = json.loads((Path(run["root"]) / "logs" / run["dataset"] / run["name"] / "summary.json").read_text())
+                summaries[run["name"]] = summary["best"]["value"]
+                assert run["sweep_id"] == listed["id"] and run["best"] == summary["best"]["value"]
+            metric = next(c for c in shown["leaderboard_columns"] if c.startswith("best "))
+            assert {row["run"]: float(row[metric]) for row in shown["leaderboard"]} == pytest.approx(summaries)
+    finally:
+        server.stop()

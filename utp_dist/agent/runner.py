@@ -32,6 +32,7 @@ class Child:
 
     def __init__(self, job: dict, proc: subprocess.Popen, log: Path, folder: RunDir | None, config: dict):
         self.job, self.proc, self.log, self.folder, self.config = job, proc, log, folder, config
+        self.family: set[int] = {proc.pid}  # every pid seen below it: accelerate's rank 0 is a grandchild
 
     @property
     def pid(self) -> int:
@@ -56,7 +57,9 @@ class Child:
     def run_folder(self) -> RunDir | None:
         """The run folder this process writes: known for a continued run, else the one whose lock a process of ours holds."""
         if self.folder is None:
-            self.folder = _locked_by(self.config, _family(self.proc.pid))
+            if self.proc.poll() is None:
+                self.family |= _family(self.proc.pid)
+            self.folder = _locked_by(self.config, self.family)
         return self.folder
 
     def progress(self) -> dict:
@@ -169,7 +172,9 @@ def _locked_by(config: dict, pids: set[int]) -> RunDir | None:
             named = json.loads(run.lock_file.read_text() or "{}").get("pid")
         except (OSError, ValueError):
             continue
-        # the file names its writer; only then ask the lock itself, so a probe never takes a free lock from a starting run
-        if named in pids and (RunLock(run).holder() or {}).get("pid") == named:
+        # the file names its writer; only then ask the lock itself, so a probe never takes a free lock from a starting run.
+        # A free lock still naming one of ours: that process ended (a short run can end between two reports)
+        holder = RunLock(run).holder() if named in pids else None
+        if named in pids and (holder is None or holder.get("pid") == named):
             return run
     return None
