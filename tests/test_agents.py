@@ -54,16 +54,20 @@ class Agents:
 
 
 @pytest.fixture
-def agents(tmp_path):
-    started: list[Agents] = []
+def dashboard(tmp_path):
+    """start(roots, db_url=None) -> (server, client, agents): a dashboard with a short lease; all stopped at the end."""
+    started = []
 
-    def make(server: Server) -> Agents:
-        started.append(Agents(server, tmp_path))
+    def start(roots: list[Path], db_url: str | None = None):
+        server = LeaseServer(roots, db_url or f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path / "server.log").start()
+        started.append((server, server.client(), Agents(server, tmp_path)))
         return started[-1]
 
-    yield make
-    for group in started:
+    yield start
+    for server, client, group in started:
         group.stop()
+        client.close()
+        server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -78,10 +82,6 @@ def postgres():
     # as root the server runs under runuser, which does not pass SIGINT on: pg_ctl's fast stop ends it at once
     subprocess.run([*server.as_user, str(server.bin / "pg_ctl"), "-D", str(server.dir / "data"), "stop", "-m", "fast"], capture_output=True)
     server.stop()
-
-
-def serve(tmp_path: Path, roots: list[Path], db_url: str | None = None) -> Server:
-    return LeaseServer(roots, db_url or f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path / "server.log").start()
 
 
 def queue(client, config: dict, name: str = "tiny", count: int = 1, **job) -> list[int]:
@@ -115,30 +115,25 @@ def state_is(*wanted: str):
 
 
 @pytest.mark.parametrize("database", ["sqlite", "postgresql"])
-def test_8_agents_race_over_200_jobs_none_claimed_twice_none_lost(database, tmp_path, agents, images, request):
+def test_8_agents_race_over_200_jobs_none_claimed_twice_none_lost(database, tmp_path, dashboard, images, request):
     db_url = request.getfixturevalue("postgres").url if database == "postgresql" else None
-    server = serve(tmp_path, [tmp_path / "root"], db_url)
+    _, client, group = dashboard([tmp_path / "root"], db_url)
     claims = tmp_path / "claims.txt"
-    try:
-        with server.client() as client:
-            run_ids = queue(client, tiny_config(images, tmp_path / "root"), count=200)
-            group = agents(server)
-            for i in range(8):
-                group.start(f"racer-{i}", "--cpu-jobs", "4", noop=True, UTP_TEST_CLAIMS=str(claims))
+    run_ids = queue(client, tiny_config(images, tmp_path / "root"), count=200)
+    for i in range(8):
+        group.start(f"racer-{i}", "--cpu-jobs", "4", noop=True, UTP_TEST_CLAIMS=str(claims))
 
-            def all_done() -> bool:
-                runs = client.get("/api/v1/runs", params={"state": "succeeded", "limit": 500}).json()
-                return len(runs) == 200
+    def all_done() -> bool:
+        runs = client.get("/api/v1/runs", params={"state": "succeeded", "limit": 500}).json()
+        return len(runs) == 200
 
-            wait_until(all_done, 120, "200 jobs succeeded", tmp_path / "racer-0.log")
-            lines = [line.split() for line in claims.read_text().splitlines()]
-            counts = collections.Counter(job for job, _, _ in lines)
-            assert len(lines) == 200 and len(counts) == 200 and max(counts.values()) == 1, counts.most_common(3)
-            assert len({pid for _, _, pid in lines}) > 1  # they really raced
-            detail = [client.get(f"/api/v1/runs/{i}").json() for i in run_ids[::20]]
-            assert all(d["jobs"][-1]["attempt"] == 1 and d["attempts"] == 1 for d in detail), detail
-    finally:
-        server.stop()
+    wait_until(all_done, 120, "200 jobs succeeded", tmp_path / "racer-0.log")
+    lines = [line.split() for line in claims.read_text().splitlines()]
+    counts = collections.Counter(job for job, _, _ in lines)
+    assert len(lines) == 200 and len(counts) == 200 and max(counts.values()) == 1, counts.most_common(3)
+    assert len({pid for _, _, pid in lines}) > 1  # they really raced
+    detail = [client.get(f"/api/v1/runs/{i}").json() for i in run_ids[::20]]
+    assert all(d["jobs"][-1]["attempt"] == 1 and d["attempts"] == 1 for d in detail), detail
 
 
 # --- (b, c) exact resume after an agent's death and after an abort
@@ -196,117 +191,97 @@ def gone(pid: int) -> bool:
 SLOW = {"UTP_TEST_STEP_SLEEP": "0.25"}
 
 
-def test_kill_9_agent_mid_run_requeued_after_lease_and_continued_exactly_by_another(tmp_path, agents, images, reference):
+def test_kill_9_agent_mid_run_requeued_after_lease_and_continued_exactly_by_another(tmp_path, dashboard, images, reference):
     root = tmp_path / "root"
-    server = serve(tmp_path, [root])
-    try:
-        with server.client() as client:
-            group = agents(server)
-            first = group.start("doomed", **SLOW)
-            (run_id,) = queue(client, resumable_config(images, root))
-            run = wait_run(client, run_id, has_state, group=group)
-            os.kill(first.pid, signal.SIGKILL)
-            first.wait()
-            wait_until(lambda: gone(run["pid"]), 10, "the child to die with its agent (PR_SET_PDEATHSIG)")
-            killed = time.monotonic()
-            group.start("rescuer")
-            requeued = wait_run(client, run_id, lambda r: r["jobs"][-1]["attempt"] == 2, timeout=LEASE_S + 30, group=group)
-            assert time.monotonic() - killed >= LEASE_S - 2  # not before the lease ran out
-            assert requeued["jobs"][-1]["reason"].startswith("requeued: agent doomed stopped renewing its lease")
-            done = wait_run(client, run_id, state_is("succeeded", "failed"), group=group)
-            assert done["state"] == "succeeded", (done["error"], group.logs())
-            assert done["restarts"] == 1 and done["attempts"] == 2
-            assert_same_weights(reference, done)
-            assert len(list((root / "logs" / "shapes").iterdir())) == 1  # continued the same run folder, no -v1
-    finally:
-        server.stop()
+    _, client, group = dashboard([root])
+    first = group.start("doomed", **SLOW)
+    (run_id,) = queue(client, resumable_config(images, root))
+    run = wait_run(client, run_id, has_state, group=group)
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait()
+    wait_until(lambda: gone(run["pid"]), 10, "the child to die with its agent (PR_SET_PDEATHSIG)")
+    killed = time.monotonic()
+    group.start("rescuer")
+    requeued = wait_run(client, run_id, lambda r: r["jobs"][-1]["attempt"] == 2, timeout=LEASE_S + 30, group=group)
+    assert time.monotonic() - killed >= LEASE_S - 2  # not before the lease ran out
+    assert requeued["jobs"][-1]["reason"].startswith("requeued: agent doomed stopped renewing its lease")
+    done = wait_run(client, run_id, state_is("succeeded", "failed"), group=group)
+    assert done["state"] == "succeeded", (done["error"], group.logs())
+    assert done["restarts"] == 1 and done["attempts"] == 2
+    assert_same_weights(reference, done)
+    assert len(list((root / "logs" / "shapes").iterdir())) == 1  # continued the same run folder, no -v1
 
 
-def test_abort_stops_with_75_then_resume_finishes_exactly(tmp_path, agents, images, reference):
+def test_abort_stops_with_75_then_resume_finishes_exactly(tmp_path, dashboard, images, reference):
     root = tmp_path / "root"
-    server = serve(tmp_path, [root])
-    try:
-        with server.client() as client:
-            group = agents(server)
-            group.start("worker", **SLOW)
-            (run_id,) = queue(client, resumable_config(images, root))
-            wait_run(client, run_id, has_state, group=group)
-            assert client.post(f"/api/v1/runs/{run_id}/cancel").json()["state"] == "stopping"
-            stopped = wait_run(client, run_id, state_is("stopped", "failed", "succeeded"), group=group)
-            assert stopped["state"] == "stopped", (stopped["error"], group.logs())
-            assert "exit 75 = stopped to be resumed" in stopped["log_tail"]
-            assert client.post(f"/api/v1/runs/{run_id}/resume").json()["state"] == "queued"
-            done = wait_run(client, run_id, state_is("succeeded", "failed"), group=group)
-            assert done["state"] == "succeeded", (done["error"], group.logs())
-            assert done["restarts"] == 1 and done["jobs"][-1]["attempt"] == 2
-            assert_same_weights(reference, done)
-    finally:
-        server.stop()
+    _, client, group = dashboard([root])
+    group.start("worker", **SLOW)
+    (run_id,) = queue(client, resumable_config(images, root))
+    wait_run(client, run_id, has_state, group=group)
+    assert client.post(f"/api/v1/runs/{run_id}/cancel").json()["state"] == "stopping"
+    stopped = wait_run(client, run_id, state_is("stopped", "failed", "succeeded"), group=group)
+    assert stopped["state"] == "stopped", (stopped["error"], group.logs())
+    assert "exit 75 = stopped to be resumed" in stopped["log_tail"]
+    assert client.post(f"/api/v1/runs/{run_id}/resume").json()["state"] == "queued"
+    done = wait_run(client, run_id, state_is("succeeded", "failed"), group=group)
+    assert done["state"] == "succeeded", (done["error"], group.logs())
+    assert done["restarts"] == 1 and done["jobs"][-1]["attempt"] == 2
+    assert_same_weights(reference, done)
 
 
 # --- (d) a config that fails at start; a job that needs more GPUs than an agent has
 
 
-def test_bad_data_root_fails_with_the_cli_line_and_2_gpu_job_never_goes_to_a_1_gpu_agent(tmp_path, agents, images):
+def test_bad_data_root_fails_with_the_cli_line_and_2_gpu_job_never_goes_to_a_1_gpu_agent(tmp_path, dashboard, images):
     root = tmp_path / "root"
-    server = serve(tmp_path, [root])
-    try:
-        with server.client() as client:
-            (big,) = queue(client, tiny_config(images, root), name="big", gpus=2, priority=10)
-            (bad,) = queue(client, tiny_config(tmp_path / "no-such-images", root), name="bad")
-            group = agents(server)
-            group.start("one-gpu", "--gpus", "0")  # a listed GPU nvidia-smi does not know: the agent offers GPU 0
-            failed = wait_run(client, bad, state_is("failed", "succeeded"), group=group)
-            assert failed["state"] == "failed"
-            assert failed["error"].startswith("data.root") and "\n" not in failed["error"], failed["error"]
-            assert failed["jobs"][-1]["reason"] == failed["error"]
-            page = client.get(f"/web/runs/{bad}").text
-            assert failed["error"].split("'")[0] in page
-            time.sleep(1.0)  # the agent keeps asking for work: the 2-GPU job is never offered to it
-            job = client.get(f"/api/v1/runs/{big}").json()["jobs"][-1]
-            assert job["state"] == "queued" and job["attempt"] == 0 and job["agent_id"] is None
-            agent = client.get("/api/v1/agents").json()[0]
-            assert [g["index"] for g in agent["gpus"]] == [0] and agent["last_heartbeat"]
-    finally:
-        server.stop()
+    _, client, group = dashboard([root])
+    (big,) = queue(client, tiny_config(images, root), name="big", gpus=2, priority=10)
+    (bad,) = queue(client, tiny_config(tmp_path / "no-such-images", root), name="bad")
+    group.start("one-gpu", "--gpus", "0")  # a listed GPU nvidia-smi does not know: the agent offers GPU 0
+    failed = wait_run(client, bad, state_is("failed", "succeeded"), group=group)
+    assert failed["state"] == "failed"
+    assert failed["error"].startswith("data.root") and "\n" not in failed["error"], failed["error"]
+    assert failed["jobs"][-1]["reason"] == failed["error"]
+    page = client.get(f"/web/runs/{bad}").text
+    assert failed["error"].split("'")[0] in page
+    time.sleep(1.0)  # the agent keeps asking for work: the 2-GPU job is never offered to it
+    job = client.get(f"/api/v1/runs/{big}").json()["jobs"][-1]
+    assert job["state"] == "queued" and job["attempt"] == 0 and job["agent_id"] is None
+    agent = client.get("/api/v1/agents").json()[0]
+    assert [g["index"] for g in agent["gpus"]] == [0] and agent["last_heartbeat"]
 
 
 # --- (e) a grid on agents
 
 
-def test_two_cpu_agents_run_a_grid_submitted_with_the_dashboard_executor(tmp_path, agents, images):
+def test_two_cpu_agents_run_a_grid_submitted_with_the_dashboard_executor(tmp_path, dashboard, images):
     root = tmp_path / "root"
-    server = serve(tmp_path, [root])
+    server, client, group = dashboard([root])
     grid = tmp_path / "grid.yaml"
     sweep = {"train.seed": [1, 2], "optim.lr": [0.003, 0.01]}
     grid.write_text(yaml.safe_dump({"name": "on-agents", "base": tiny_config(images, root, train={"epochs": 1}), "sweep": sweep}))
-    try:
-        with server.client() as client:
-            group = agents(server)
-            group.start("cpu-a")
-            group.start("cpu-b")
-            submit = ("--executor", "dashboard", "--server", server.url, "--wait", "--poll", "1")
-            done = run_cli(str(grid), *submit, module="utp_dist.submit", timeout=300)
-            assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:] + group.logs()
-            folder = root / "sweeps" / "on-agents"
-            status = run_cli("status", str(folder), module="utp_dist.submit")
-            assert status.stdout.count("COMPLETED") == 4 and f"{server.url}/web/runs/" in status.stdout, status.stdout
-            again = run_cli("resubmit", str(folder), "--failed", module="utp_dist.submit")
-            assert again.returncode == 0 and "nothing to resubmit" in again.stdout, again.stdout + again.stderr
-            board = run_cli("leaderboard", str(folder), module="utp_dist.submit")
-            assert board.returncode == 0 and board.stdout.count("COMPLETED") == 4, board.stdout + board.stderr
-            client.post("/api/v1/index/refresh")  # links the queued runs to the sweep ledger the submission wrote
-            runs = client.get("/api/v1/runs", params={"state": "succeeded"}).json()
-            assert len(runs) == 4 and len({r["agent_id"] for r in runs}) == 2  # both agents took a share
-            (listed,) = client.get("/api/v1/sweeps").json()
-            shown = client.get(f"/api/v1/sweeps/{listed['id']}").json()
-            assert [r["state"] for r in shown["rows"]] == ["COMPLETED"] * 4
-            summaries = {}
-            for run in runs:
-                summary = json.loads((Path(run["root"]) / "logs" / run["dataset"] / run["name"] / "summary.json").read_text())
-                summaries[run["name"]] = summary["best"]["value"]
-                assert run["sweep_id"] == listed["id"] and run["best"] == summary["best"]["value"]
-            metric = next(c for c in shown["leaderboard_columns"] if c.startswith("best "))
-            assert {row["run"]: float(row[metric]) for row in shown["leaderboard"]} == pytest.approx(summaries)
-    finally:
-        server.stop()
+    group.start("cpu-a")
+    group.start("cpu-b")
+    submit = ("--executor", "dashboard", "--server", server.url, "--wait", "--poll", "1")
+    done = run_cli(str(grid), *submit, module="utp_dist.submit", timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:] + group.logs()
+    folder = root / "sweeps" / "on-agents"
+    status = run_cli("status", str(folder), module="utp_dist.submit")
+    assert status.stdout.count("COMPLETED") == 4 and f"{server.url}/web/runs/" in status.stdout, status.stdout
+    again = run_cli("resubmit", str(folder), "--failed", module="utp_dist.submit")
+    assert again.returncode == 0 and "nothing to resubmit" in again.stdout, again.stdout + again.stderr
+    board = run_cli("leaderboard", str(folder), module="utp_dist.submit")
+    assert board.returncode == 0 and board.stdout.count("COMPLETED") == 4, board.stdout + board.stderr
+    client.post("/api/v1/index/refresh")  # links the queued runs to the sweep ledger the submission wrote
+    runs = client.get("/api/v1/runs", params={"state": "succeeded"}).json()
+    assert len(runs) == 4 and len({r["agent_id"] for r in runs}) == 2  # both agents took a share
+    (listed,) = client.get("/api/v1/sweeps").json()
+    shown = client.get(f"/api/v1/sweeps/{listed['id']}").json()
+    assert [r["state"] for r in shown["rows"]] == ["COMPLETED"] * 4
+    summaries = {}
+    for run in runs:
+        summary = json.loads((Path(run["root"]) / "logs" / run["dataset"] / run["name"] / "summary.json").read_text())
+        summaries[run["name"]] = summary["best"]["value"]
+        assert run["sweep_id"] == listed["id"] and run["best"] == summary["best"]["value"]
+    metric = next(c for c in shown["leaderboard_columns"] if c.startswith("best "))
+    assert {row["run"]: float(row[metric]) for row in shown["leaderboard"]} == pytest.approx(summaries)

@@ -163,16 +163,13 @@ class DebugExecutor(LocalExecutor):
 
 RUN_PAGE = "/web/runs/"
 # the dashboard's job states (utp_dist/dashboard/states.py) in the sweep vocabulary
-DASHBOARD_STATES = {
-    "queued": states.PENDING,
-    "claimed": states.PENDING,
-    "running": states.RUNNING,
-    "stopping": states.RUNNING,
-    "succeeded": states.COMPLETED,
-    "failed": states.FAILED,
-    "cancelled": states.CANCELLED,
-    "stopped": states.STOPPED,
-}
+DASHBOARD_STATES = dict(
+    zip(
+        ("queued", "claimed", "running", "stopping", "succeeded", "failed", "cancelled", "stopped"),
+        (states.PENDING, states.PENDING, states.RUNNING, states.RUNNING, states.COMPLETED, states.FAILED, states.CANCELLED, states.STOPPED),
+        strict=True,
+    )
+)
 
 
 class DashboardExecutor(Executor):
