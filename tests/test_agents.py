@@ -79,8 +79,6 @@ def images(tmp_path_factory) -> Path:
 def postgres():
     server = Postgres().start()
     yield server
-    # as root the server runs under runuser, which does not pass SIGINT on: pg_ctl's fast stop ends it at once
-    subprocess.run([*server.as_user, str(server.bin / "pg_ctl"), "-D", str(server.dir / "data"), "stop", "-m", "fast"], capture_output=True)
     server.stop()
 
 
