@@ -1,12 +1,14 @@
-"""`python tests/agent_noop.py --server URL ...`: a real agent process whose jobs do nothing and succeed at once.
+"""`python tests/agent_noop.py --server URL ...`: a real agent process whose jobs do nothing and succeed.
 
-Each claim is appended to $UTP_TEST_CLAIMS as "JOB ATTEMPT AGENT_PID", so the race test can count double claims.
+Each claim is appended to $UTP_TEST_CLAIMS as "JOB ATTEMPT AGENT_PID START GPUS", so the race test can count double
+claims and the GPU test can check that no two jobs overlapped on one GPU. A job "runs" $UTP_TEST_NOOP_SECONDS (0).
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -20,9 +22,10 @@ class NoopChild:
 
     def __init__(self, job: dict):
         self.job, self.pid = job, os.getpid()
+        self.ends = time.monotonic() + float(os.environ.get("UTP_TEST_NOOP_SECONDS", "0"))
 
-    def poll(self) -> int:
-        return 0
+    def poll(self) -> int | None:
+        return 0 if time.monotonic() >= self.ends else None
 
     def signal(self, signum: int) -> None:
         pass
@@ -45,7 +48,7 @@ class NoopRunner(Runner):
 
     def start(self, job: dict, gpus: list[str]) -> NoopChild:
         with open(os.environ["UTP_TEST_CLAIMS"], "a") as out:  # one short O_APPEND write per claim: lines never interleave
-            out.write(f"{job['job_id']} {job['attempt']} {os.getpid()}\n")
+            out.write(f"{job['job_id']} {job['attempt']} {os.getpid()} {time.time():.3f} {','.join(gpus) or '-'}\n")
         return NoopChild(job)
 
 

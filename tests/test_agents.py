@@ -127,11 +127,70 @@ def test_8_agents_race_over_200_jobs_none_claimed_twice_none_lost(database, tmp_
 
     wait_until(all_done, 120, "200 jobs succeeded", tmp_path / "racer-0.log")
     lines = [line.split() for line in claims.read_text().splitlines()]
-    counts = collections.Counter(job for job, _, _ in lines)
+    counts = collections.Counter(line[0] for line in lines)
     assert len(lines) == 200 and len(counts) == 200 and max(counts.values()) == 1, counts.most_common(3)
-    assert len({pid for _, _, pid in lines}) > 1  # they really raced
+    assert len({line[2] for line in lines}) > 1  # they really raced
     detail = [client.get(f"/api/v1/runs/{i}").json() for i in run_ids[::20]]
     assert all(d["jobs"][-1]["attempt"] == 1 and d["attempts"] == 1 for d in detail), detail
+
+
+def test_an_agent_runs_jobs_side_by_side_on_its_gpus_never_two_on_one(tmp_path, dashboard, images):
+    _, client, group = dashboard([tmp_path / "root"])
+    claims = tmp_path / "claims.txt"
+    config = tiny_config(images, tmp_path / "root")
+    run_ids = queue(client, config, name="pairs", count=2, gpus=2) + queue(client, config, name="singles", count=3, gpus=1)
+    group.start("three-gpus", "--gpus", "0,1,2", "--cpu-jobs", "0", noop=True, UTP_TEST_CLAIMS=str(claims), UTP_TEST_NOOP_SECONDS="1.5")
+    for run_id in run_ids:
+        assert wait_run(client, run_id, state_is("succeeded"), timeout=60, group=group)["state"] == "succeeded"
+    spans = [
+        (float(start), float(start) + 1.5, set(gpus.split(",")))
+        for _, _, _, start, gpus in (line.split() for line in claims.read_text().splitlines())
+    ]
+    assert sorted(len(gpus) for _, _, gpus in spans) == [1, 1, 1, 2, 2]
+    overlapping = [(a, b) for i, a in enumerate(spans) for b in spans[i + 1 :] if a[0] < b[1] and b[0] < a[1]]
+    assert overlapping, "the agent ran its jobs one at a time"
+    assert all(not (a[2] & b[2]) for a, b in overlapping), overlapping
+
+
+def test_a_frozen_agent_loses_its_job_to_another_and_its_late_calls_change_nothing(tmp_path, dashboard, images):
+    _, client, group = dashboard([tmp_path / "root"])
+    claims = tmp_path / "claims.txt"
+    (run_id,) = queue(client, tiny_config(images, tmp_path / "root"))
+    frozen = group.start("frozen", noop=True, UTP_TEST_CLAIMS=str(claims), UTP_TEST_NOOP_SECONDS="60")
+    wait_run(client, run_id, state_is("running"), group=group)
+    os.kill(frozen.pid, signal.SIGSTOP)  # alive but silent: a long GC pause, a hung NFS mount, a suspended VM
+    group.start("healthy", noop=True, UTP_TEST_CLAIMS=str(claims), UTP_TEST_NOOP_SECONDS="3")
+    wait_run(client, run_id, lambda r: r["jobs"][-1]["attempt"] == 2 and r["state"] == "running", timeout=LEASE_S + 30, group=group)
+    os.kill(frozen.pid, signal.SIGCONT)
+    log = tmp_path / "frozen.log"
+    wait_until(lambda: "job 1 is no longer held by this agent: killing" in log.read_text(), 30, "the frozen agent to kill its child", log)
+    done = wait_run(client, run_id, state_is("succeeded", "failed"), group=group)
+    assert done["state"] == "succeeded" and done["jobs"][-1]["attempt"] == 2
+    agents = {a["name"]: a["id"] for a in client.get("/api/v1/agents").json()}
+    assert done["agent_id"] == agents["healthy"]
+    late = client.post("/api/v1/jobs/1/finish", json={"agent_id": agents["frozen"], "attempt": 1, "exit_code": 2, "error": "stale"})
+    assert late.status_code == 409 and client.get(f"/api/v1/runs/{run_id}").json()["state"] == "succeeded"
+    # the drain button: the agent finishes what it runs and claims nothing new
+    frozen.kill()
+    frozen.wait()
+    assert client.patch(f"/api/v1/agents/{agents['healthy']}", json={"drain": True}).status_code == 200
+    time.sleep(LEASE_S / 3 + 1)  # one heartbeat brings the drain to the agent
+    (waiting,) = queue(client, tiny_config(images, tmp_path / "root"), name="after-drain")
+    time.sleep(2)
+    assert client.get(f"/api/v1/runs/{waiting}").json()["state"] == "queued"
+    assert group.start("draining", "--drain", noop=True, UTP_TEST_CLAIMS=str(claims)).wait(timeout=30) == 0  # --drain: idle, so it ends
+    assert client.get(f"/api/v1/runs/{waiting}").json()["state"] == "queued"
+
+
+def test_n_gpu_jobs_run_under_accelerate_launch_one_process_per_gpu(tmp_path):
+    from utp_dist.agent.runner import Runner
+
+    runner = Runner(tmp_path)
+    single = runner.command(tmp_path / "c.yaml", ["3"], "never")
+    assert single[1:] == ["-m", "utp_dist.train", str(tmp_path / "c.yaml"), "checkpoint.resume=never"]
+    multi = runner.command(tmp_path / "c.yaml", ["0", "1"], "/out/checkpoints/shapes/run")
+    assert multi[1:6] == ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    assert multi[-4:] == ["-m", "utp_dist.train", str(tmp_path / "c.yaml"), "checkpoint.resume=/out/checkpoints/shapes/run"]
 
 
 # --- (b, c) exact resume after an agent's death and after an abort
