@@ -25,6 +25,7 @@ class Slot:
     child: Child
     gpus: list[str]
     aborted: bool = False
+    started: bool = False  # the server knows it runs (claimed -> running); retried when the server did not answer
     reported: float = field(default=0.0)
 
 
@@ -61,6 +62,8 @@ class Agent:
                     busy |= self.claim()
             except Unreachable as err:  # a restarting server: children keep running, leases are renewed once it is back
                 log.warning("agent %s: %s; trying again", self.name, err)
+            except Conflict as err:  # a job changed under a call that is not about a running child (a refusal, a failed start)
+                log.warning("agent %s: %s", self.name, err)
             if not busy:
                 time.sleep(self.poll_s)
 
@@ -112,6 +115,8 @@ class Agent:
         ended = [(job_id, slot, slot.child.poll()) for job_id, slot in list(self.slots.items())]
         ended = [(job_id, slot, code) for job_id, slot, code in ended if code is not None]
         for job_id, slot, code in ended:
+            if not slot.started and not self.started(job_id):  # a start the server never heard of: say it first
+                continue
             child, last = slot.child, slot.child.progress()
             try:
                 self.job_call(job_id, "progress", last)
@@ -125,6 +130,8 @@ class Agent:
     def report(self) -> None:
         """Progress of each running process, every few seconds."""
         for job_id, slot in list(self.slots.items()):
+            if not slot.started and not self.started(job_id):
+                continue
             if time.monotonic() - slot.reported >= PROGRESS_EVERY_S:
                 slot.reported = time.monotonic()
                 try:
@@ -163,12 +170,20 @@ class Agent:
             )
             return False
         self.slots[job_id] = Slot(child, gpus)
+        if not self.started(job_id):
+            return False
+        log.info("agent %s: job %d attempt %d started as pid %d on GPUs [%s]", self.name, job_id, job["attempt"], child.pid, ",".join(gpus))
+        return True
+
+    def started(self, job_id: int) -> bool:
+        """Tell the server the job's process runs (claimed -> running); False when the job is not ours any more."""
+        slot = self.slots[job_id]
         try:
-            self.job_call(job_id, "start", {"pid": child.pid})
+            self.job_call(job_id, "start", {"pid": slot.child.pid})
         except Conflict:
             self.lose(job_id)
             return False
-        log.info("agent %s: job %d attempt %d started as pid %d on GPUs [%s]", self.name, job_id, job["attempt"], child.pid, ",".join(gpus))
+        slot.started = True
         return True
 
     def free_gpus(self) -> list[str]:
