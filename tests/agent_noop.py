@@ -1,12 +1,14 @@
 """`python tests/agent_noop.py --server URL ...`: a real agent process whose jobs do nothing and succeed.
 
 Each claim is appended to $UTP_TEST_CLAIMS as "JOB ATTEMPT AGENT_PID START GPUS", so the race test can count double
-claims and the GPU test can check that no two jobs overlapped on one GPU. A job "runs" $UTP_TEST_NOOP_SECONDS (0).
+claims and the GPU test can check that no two jobs overlapped on one GPU. A job "runs" $UTP_TEST_NOOP_SECONDS (0), or
+until SIGTERM, which it answers like the training does: exit 75.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -22,13 +24,14 @@ class NoopChild:
 
     def __init__(self, job: dict):
         self.job, self.pid = job, os.getpid()
-        self.ends = time.monotonic() + float(os.environ.get("UTP_TEST_NOOP_SECONDS", "0"))
+        self.code, self.ends = 0, time.monotonic() + float(os.environ.get("UTP_TEST_NOOP_SECONDS", "0"))
 
     def poll(self) -> int | None:
-        return 0 if time.monotonic() >= self.ends else None
+        return self.code if time.monotonic() >= self.ends else None
 
     def signal(self, signum: int) -> None:
-        pass
+        if signum == signal.SIGTERM:  # as utp_dist.train does: save, then exit 75 (stopped, resumable)
+            self.code, self.ends = 75, 0.0
 
     def kill(self) -> None:
         pass

@@ -24,8 +24,10 @@ ENV = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_TH
 class LeaseServer(Server):
     """The dashboard with a short lease, so a dead agent's job comes back within seconds."""
 
+    lease_s = LEASE_S
+
     def command(self) -> list[str]:
-        return super().command() + ["--lease-seconds", str(LEASE_S)]
+        return super().command() + ["--lease-seconds", str(self.lease_s)]
 
 
 class Agents:
@@ -58,8 +60,10 @@ def dashboard(tmp_path):
     """start(roots, db_url=None) -> (server, client, agents): a dashboard with a short lease; all stopped at the end."""
     started = []
 
-    def start(roots: list[Path], db_url: str | None = None):
-        server = LeaseServer(roots, db_url or f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path / "server.log").start()
+    def start(roots: list[Path], db_url: str | None = None, lease_s: float = LEASE_S):
+        server = LeaseServer(roots, db_url or f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path / "server.log")
+        server.lease_s = lease_s
+        server.start()
         started.append((server, server.client(), Agents(server, tmp_path)))
         return started[-1]
 
@@ -180,6 +184,31 @@ def test_a_frozen_agent_loses_its_job_to_another_and_its_late_calls_change_nothi
     assert client.get(f"/api/v1/runs/{waiting}").json()["state"] == "queued"
     assert group.start("draining", "--drain", noop=True, UTP_TEST_CLAIMS=str(claims)).wait(timeout=30) == 0  # --drain: idle, so it ends
     assert client.get(f"/api/v1/runs/{waiting}").json()["state"] == "queued"
+
+
+def test_a_server_restart_leaves_running_jobs_to_their_agents(tmp_path, dashboard, images):
+    server, client, group = dashboard([tmp_path / "root"], lease_s=30)  # longer than the restart takes
+    claims = tmp_path / "claims.txt"
+    (run_id,) = queue(client, tiny_config(images, tmp_path / "root"))
+    group.start("steady", noop=True, UTP_TEST_CLAIMS=str(claims), UTP_TEST_NOOP_SECONDS="8")
+    wait_run(client, run_id, state_is("running"), group=group)
+    server.stop()
+    time.sleep(2)  # the agent finds nobody there, and goes on running its job
+    server.start()  # same port, same database
+    done = wait_run(client, run_id, state_is("succeeded", "failed", "queued"), timeout=60, group=group)
+    assert done["state"] == "succeeded" and done["jobs"][-1]["attempt"] == 1, group.logs()
+    assert "trying again" in (tmp_path / "steady.log").read_text()
+
+
+def test_sigterm_to_an_agent_stops_its_jobs_resumably_and_ends_it(tmp_path, dashboard, images):
+    _, client, group = dashboard([tmp_path / "root"])
+    claims = tmp_path / "claims.txt"
+    (run_id,) = queue(client, tiny_config(images, tmp_path / "root"))
+    agent = group.start("leaving", noop=True, UTP_TEST_CLAIMS=str(claims), UTP_TEST_NOOP_SECONDS="60")
+    wait_run(client, run_id, state_is("running"), group=group)
+    agent.terminate()
+    assert agent.wait(timeout=30) == 0, group.logs()
+    assert client.get(f"/api/v1/runs/{run_id}").json()["state"] == "stopped"  # Resume continues it
 
 
 def test_n_gpu_jobs_run_under_accelerate_launch_one_process_per_gpu(tmp_path):
