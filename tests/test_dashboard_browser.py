@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, make_image_folder, tiny_config
 from dashboard_support import private_root, serving
 from playwright.sync_api import expect, sync_playwright
 
@@ -165,4 +167,35 @@ def test_sweep_board_refreshes_without_a_reload(page, root):
     record.write_text(json.dumps({**json.loads(record.read_text()), "state": "COMPLETED", "exit_code": 0}))  # the task was rerun
     expect(tasks.locator("tr.kind-failed")).to_have_count(1)
     assert page.evaluate("() => window.notReloaded") is True  # the same page, its table swapped
+    assert page.errors == []
+
+
+def test_a_queued_run_goes_queued_running_succeeded_on_its_page_without_a_reload(page, server, root, tmp_path):
+    """Issue 12: an agent takes the run; its page follows it through every state and fills its chart by itself."""
+    with server.client() as api:
+        for run in api.get("/api/v1/runs", params={"state": "queued"}).json():  # what earlier tests queued would go first
+            api.post(f"/api/v1/runs/{run['id']}/cancel")
+        images = make_image_folder(tmp_path / "shapes")
+        project = api.post("/api/v1/projects", json={"name": "live"}).json()["id"]
+        config = tiny_config(images, root, train={"epochs": 3, "log_every_n_steps": 1})
+        config_id = api.post("/api/v1/configs", json={"project_id": project, "name": "tiny", "config": config}).json()["id"]
+        run_id = api.post(f"/api/v1/runs/from-config/{config_id}", json={}).json()["run_id"]
+    page.goto(f"/web/runs/{run_id}")
+    expect(page.locator("#run-state")).to_contain_text("queued")
+    page.evaluate("() => { window.notReloaded = true; }")
+    command = [sys.executable, "-m", "utp_dist.agent", "--server", server.url, "--name", "browser-agent", "--gpus", "none", "--poll", "0.5"]
+    with open(tmp_path / "agent.log", "wb") as log:
+        agent = subprocess.Popen(command, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    try:
+        expect(page.locator("#run-state")).to_contain_text("running", timeout=90_000)
+        expect(page.locator("#run-state")).to_contain_text("succeeded", timeout=120_000)
+        expect(page.locator("#chart-val .uplot")).to_be_visible()
+        expect(page.locator("#queue")).to_contain_text("succeeded")  # the parts that change with the state came along
+        expect(page.locator("#where")).to_contain_text("browser-agent")
+        expect(page.locator("#log-tail")).to_contain_text("done: best")
+        shot(page, tmp_path, "9-run-on-an-agent")
+    finally:
+        agent.terminate()  # SIGTERM: nothing runs any more, so it exits at once
+        agent.wait(timeout=30)
+    assert page.evaluate("() => window.notReloaded") is True
     assert page.errors == []

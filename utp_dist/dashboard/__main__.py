@@ -1,4 +1,4 @@
-"""python -m utp_dist.dashboard [--host 127.0.0.1] [--port 8000] [--db URL] [--root OUTPUT_ROOT ...]"""
+"""python -m utp_dist.dashboard [--host 127.0.0.1] [--port 8000] [--db URL] [--root OUTPUT_ROOT ...] [--lease-seconds 30]"""
 
 from __future__ import annotations
 
@@ -20,6 +20,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--db", help=f"SQLAlchemy URL (or {DB_ENV}); default: sqlite file dashboard.db under the first root")
     parser.add_argument("--root", action="append", help="output root to index (repeatable; default: experiments)")
     parser.add_argument("--index-interval", type=float, default=5.0, help="seconds between looks for new or changed runs")
+    parser.add_argument(
+        "--lease-seconds",
+        type=float,
+        default=30.0,
+        help="an agent's claim on a job lapses after this long without a heartbeat (default 30)",
+    )
     return parser.parse_args(argv)
 
 
@@ -45,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
 
         from utp_dist.dashboard.app import create_app
 
-        settings = from_args(args.host, args.port, args.db, args.root, args.index_interval)
+        settings = from_args(args.host, args.port, args.db, args.root, args.index_interval, args.lease_seconds)
         settings.roots[0].mkdir(parents=True, exist_ok=True)  # the default database lives there
         app = create_app(settings)
         check_database(app.state.db.engine)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
-from contextlib import asynccontextmanager
+import logging
+from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -11,10 +13,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
 
 from utp_dist import __version__
-from utp_dist.dashboard import migrate, pages
-from utp_dist.dashboard.api import agents, configs, projects, runs, sweeps, system
+from utp_dist.dashboard import jobqueue, migrate, pages
+from utp_dist.dashboard.api import agents, configs, jobs, projects, runs, sweeps, system
 from utp_dist.dashboard.db import Database
 from utp_dist.dashboard.indexer import Indexer
 from utp_dist.dashboard.security import AccessMiddleware
@@ -22,6 +25,7 @@ from utp_dist.dashboard.services import Conflict, Invalid, NotFound
 from utp_dist.dashboard.settings import Settings
 
 HERE = Path(__file__).parent
+log = logging.getLogger(__name__)
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -34,7 +38,11 @@ def create_app(settings: Settings) -> FastAPI:
         migrate.upgrade(database.engine)
         indexer.refresh()
         indexer.start(settings.index_interval_s)
+        reaper = asyncio.create_task(reap_forever(database, min(settings.lease_s / 4, 2.0)))
         yield
+        reaper.cancel()
+        with suppress(asyncio.CancelledError):
+            await reaper
         indexer.stop()
         database.engine.dispose()
 
@@ -43,7 +51,7 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="utp_dist dashboard", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.settings, app.state.db, app.state.indexer = settings, database, indexer
     app.add_middleware(AccessMiddleware, settings=settings)
-    for module in (projects, configs, runs, agents, sweeps, system):
+    for module in (projects, configs, runs, agents, jobs, sweeps, system):
         app.include_router(module.router)
     app.include_router(pages.router)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
@@ -51,6 +59,21 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_api_route("/docs", api_docs, include_in_schema=False)
     add_error_answers(app)
     return app
+
+
+async def reap_forever(database: Database, interval_s: float) -> None:
+    """The reaper, on the server's clock: every few seconds, jobs whose agents stopped heartbeating go back to the queue."""
+
+    def reap_once() -> int:
+        with database.sessions() as session:
+            return jobqueue.reap(session)
+
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            await run_in_threadpool(reap_once)
+        except Exception:  # a locked or unreachable database must not end the reaper; the next round tries again
+            log.exception("reaping expired leases failed; trying again in %.1f s", interval_s)
 
 
 def api_docs() -> HTMLResponse:

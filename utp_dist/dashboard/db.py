@@ -105,6 +105,8 @@ class Run(Base):
     best: Mapped[float | None] = mapped_column(Float, nullable=True)
     img_per_s: Mapped[float | None] = mapped_column(Float, nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # what an agent last saw its training process print (a queued run's folder may have no log of its own)
+    log_tail: Mapped[str | None] = mapped_column(Text, nullable=True)
     # the indexer's bookkeeping: the newest mtime among the run's files when it last read them
     indexed_mtime: Mapped[float | None] = mapped_column(Float, nullable=True)
     created: Mapped[float] = mapped_column(Float, default=now, index=True)
@@ -123,7 +125,7 @@ class Job(Base):
     priority: Mapped[int] = mapped_column(Integer, default=0)
     attempt: Mapped[int] = mapped_column(Integer, default=0)  # the fencing token: +1 on every claim
     max_attempts: Mapped[int] = mapped_column(Integer, default=3)
-    lease_expires: Mapped[float | None] = mapped_column(Float, nullable=True)
+    lease_expires: Mapped[float | None] = mapped_column(Float, nullable=True, index=True)
     agent_id: Mapped[int | None] = mapped_column(ForeignKey("agents.id", ondelete="SET NULL"), nullable=True)
     reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     created: Mapped[float] = mapped_column(Float, default=now, index=True)

@@ -136,12 +136,20 @@ def log_tail(run: RunDir, extra: list[Path] = (), lines: int = 80, limit_bytes: 
     if not found:
         return None, ""
     path = max(found, key=lambda p: p.stat().st_mtime)
-    with open(path, "rb") as fh:
-        fh.seek(max(0, path.stat().st_size - limit_bytes))  # only the end of a long log is read
-        text = fh.read().decode("utf-8", errors="replace")
+    return path, tail(path, lines, limit_bytes)
+
+
+def tail(path: Path, lines: int = 80, limit_bytes: int = 64_000) -> str:
+    """The last lines of a text file as a terminal would show them ('' when it cannot be read)."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(max(0, path.stat().st_size - limit_bytes))  # only the end of a long log is read
+            text = fh.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
     # a progress bar redraws its line with \r: keep what the terminal would show, the last redraw of each line
     shown = [line.rstrip("\r").rsplit("\r", 1)[-1] for line in text.split("\n")]
-    return path, "\n".join(shown[-lines:]).rstrip()
+    return "\n".join(shown[-lines:]).rstrip()
 
 
 def best_export(run: RunDir) -> Path | None:

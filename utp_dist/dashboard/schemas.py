@@ -109,6 +109,8 @@ class RunDetail(RunOut):
     summary: dict[str, Any] | None = None
     paths: dict[str, str | None] = {}
     jobs: list[JobOut] = []
+    log_tail: str | None = None
+    """What the agent running it last saw its training process print (issue 12)."""
     sweep_task: dict[str, Any] | None = None
     """The sweep task that trained it, when one did: sweep folder and id, task index, job id, host, pid, attempts."""
 
@@ -174,3 +176,115 @@ class SweepBoard(SweepOut):
 class ResubmitOut(BaseModel):
     exit_code: int
     message: str
+
+
+# --- what agents send and get back (issue 12)
+
+
+class GpuReport(BaseModel):
+    index: int = Field(ge=0)
+    name: str = ""
+    memory_mb: int = Field(default=0, ge=0)
+
+
+class RegisterIn(BaseModel):
+    """An agent announcing itself: its name (unique), host, GPU inventory, and whether it starts drained."""
+
+    name: str = Field(min_length=1, max_length=200)
+    host: str = ""
+    gpus: list[GpuReport] = []
+    drain: bool = False
+
+
+class RegisterOut(BaseModel):
+    agent_id: int
+    lease_seconds: float
+    heartbeat_seconds: float
+    """How often to heartbeat: a third of the lease, so two lost heartbeats do not yet cost the job."""
+
+
+class HeldJob(BaseModel):
+    job_id: int
+    attempt: int
+
+
+class HeartbeatIn(BaseModel):
+    jobs: list[HeldJob] = []
+
+
+class HeartbeatOut(BaseModel):
+    drain: bool
+    abort: list[int]
+    """Jobs a user asked to stop (state stopping): send SIGTERM, the run saves and exits 75."""
+    lost: list[int]
+    """Jobs this agent no longer holds (its lease expired, or they were cancelled): kill their processes now."""
+
+
+class ClaimIn(BaseModel):
+    agent_id: int
+    free_gpus: int = Field(default=0, ge=0)
+    cpu: bool = True
+    """Whether the agent can take a CPU job (gpus = 0) now."""
+    refused: list[int] = []
+    """Jobs this agent refused before (it cannot run them): never offered to it again."""
+
+
+class RunFolder(BaseModel):
+    root: str
+    dataset: str
+    name: str
+
+
+class ClaimedJob(BaseModel):
+    job_id: int
+    run_id: int
+    attempt: int
+    gpus: int
+    config_name: str
+    config: dict[str, Any]
+    run_folder: RunFolder | None
+    """The run folder an earlier attempt made: continue it (checkpoint.resume at it) when it has a complete state."""
+    lease_seconds: float
+
+
+class ClaimOut(BaseModel):
+    job: ClaimedJob | None
+
+
+class AgentCall(BaseModel):
+    """Every call about a held job names the agent and the attempt it claimed (the fencing token)."""
+
+    agent_id: int
+    attempt: int
+
+
+class StartIn(AgentCall):
+    pid: int
+
+
+class ProgressIn(AgentCall):
+    run_folder: RunFolder | None = None
+    epoch: int | None = None
+    step: int | None = None
+    best_metric: str | None = None
+    best: float | None = None
+    img_per_s: float | None = None
+    restarts: int | None = None
+    log_tail: str | None = None
+
+
+class FinishIn(AgentCall):
+    exit_code: int
+    error: str | None = None
+    """The one line `utp_dist: error: ...` the CLI printed last (exit code 2)."""
+    log_tail: str | None = None
+
+
+class RefuseIn(AgentCall):
+    reason: str = Field(min_length=1, max_length=2000)
+
+
+class RunStateOut(BaseModel):
+    state: str
+    restarts: int
+    attempts: int

@@ -186,11 +186,11 @@ def latest_job(session: Session, run: Run) -> Job | None:
     return session.scalar(select(Job).where(Job.run_id == run.id).order_by(Job.id.desc()).limit(1))
 
 
-def swap(session: Session, job: Job, new: str, **values) -> bool:
+def swap(session: Session, job: Job, new: str, run: dict | None = None, **values) -> bool:
     """Move a job from the (state, attempt) it was read with to `new`, and its run with it, as one compare-and-swap.
 
     False (nothing written) when another actor changed the job first; the one place every state change goes through,
-    for users here and for agents (issue 12), whose attempt number is their fencing token.
+    for users here and for agents (issue 12), whose attempt number is their fencing token. `run`: more run columns to set.
     """
     if not states.allowed(job.state, new):
         return False
@@ -199,7 +199,7 @@ def swap(session: Session, job: Job, new: str, **values) -> bool:
     if not swapped.rowcount:
         session.rollback()
         return False
-    session.execute(update(Run).where(Run.id == job.run_id).values(state=new, updated=now()))
+    session.execute(update(Run).where(Run.id == job.run_id).values(state=new, updated=now(), **(run or {})))
     session.commit()
     session.refresh(job)
     return True

@@ -27,12 +27,16 @@ class Settings:
     """Every API call, write and page needs it when set; required to bind anything but a loopback address."""
     index_interval_s: float = 5.0
     """How often the background indexer looks for new or changed run folders."""
+    lease_s: float = 30.0
+    """How long an agent's claim on a job lasts without a heartbeat; then the reaper requeues the job (issue 12)."""
     secret: bytes = field(default=b"", repr=False)
     """Signs the login cookie; derived from the token."""
 
     def __post_init__(self) -> None:
         if not self.roots:
             raise UserError("--root: give at least one output root")
+        if not self.lease_s > 0:
+            raise UserError(f"--lease-seconds {self.lease_s}: must be positive, e.g. 30 (agents heartbeat every third of it)")
         if not is_loopback(self.host) and not self.token:
             raise UserError(f"--host {self.host} is reachable from other machines: set {TOKEN_ENV} to a secret token first")
 
@@ -54,7 +58,9 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def from_args(host: str, port: int, db: str | None, roots: list[str] | None, index_interval_s: float = 5.0) -> Settings:
+def from_args(
+    host: str, port: int, db: str | None, roots: list[str] | None, index_interval_s: float = 5.0, lease_s: float = 30.0
+) -> Settings:
     """Settings from the command line, falling back to DASHBOARD_DB_URL and UTP_DASHBOARD_TOKEN."""
     token = os.environ.get(TOKEN_ENV) or None
     return Settings(
@@ -64,5 +70,6 @@ def from_args(host: str, port: int, db: str | None, roots: list[str] | None, ind
         port=port,
         token=token,
         index_interval_s=index_interval_s,
+        lease_s=lease_s,
         secret=(token or os.urandom(16).hex()).encode(),
     )

@@ -20,7 +20,10 @@ import time
 from pathlib import Path
 from typing import ClassVar
 
-from utp_dist.config import build_section
+import yaml
+
+from utp_dist.agent.client import Client, Conflict, Unreachable
+from utp_dist.config import build_section, from_dict
 from utp_dist.errors import UserError
 from utp_dist.sweep import states
 from utp_dist.sweep.resources import Resources
@@ -52,8 +55,8 @@ class Executor(abc.ABC):
 
     name: ClassVar[str]
 
-    def __init__(self, resources: Resources, parallel: bool = False):
-        self.resources, self.parallel = resources, parallel
+    def __init__(self, resources: Resources, parallel: bool = False, server: str | None = None):
+        self.resources, self.parallel, self.server = resources, parallel, server  # server: the dashboard executor's URL
 
     def check_available(self) -> None:
         """Raise a UserError when this backend cannot run here (called before the sweep folder is created)."""
@@ -158,7 +161,123 @@ class DebugExecutor(LocalExecutor):
         return True
 
 
-EXECUTORS: dict[str, type[Executor]] = {executor.name: executor for executor in (SlurmExecutor, LocalExecutor, DebugExecutor)}
+RUN_PAGE = "/web/runs/"
+# the dashboard's job states (utp_dist/dashboard/states.py) in the sweep vocabulary
+DASHBOARD_STATES = dict(
+    zip(
+        ("queued", "claimed", "running", "stopping", "succeeded", "failed", "cancelled", "stopped"),
+        (states.PENDING, states.PENDING, states.RUNNING, states.RUNNING, states.COMPLETED, states.FAILED, states.CANCELLED, states.STOPPED),
+        strict=True,
+    )
+)
+
+
+class DashboardExecutor(Executor):
+    """Each task as a config and a queued run of a dashboard (`--server URL`), in the project "sweep NAME"; its agents run them.
+
+    The job handle is the run's page, SERVER/web/runs/ID, so `submit status`, `resubmit --failed` and `leaderboard`
+    find the server again from the ledger; states come from the dashboard's queue (issue 12).
+    """
+
+    name = "dashboard"
+
+    def check_available(self) -> None:
+        self._call(self._client(self.server), "GET", "/api/v1/projects?limit=1")
+
+    def submit(self, folder: Path, ledger: dict, indices: list[int]) -> dict[int, str]:
+        """A queued run per task; a task whose run stopped or failed on the dashboard is resumed there (same run folder)."""
+        handles: dict[int, str] = {}
+        project = None
+        for index in indices:
+            task = ledger["tasks"][index]
+            server, run_id = _run_page(task["jobs"][-1]) if task["jobs"] else (None, None)
+            client = self._client(self.server or server)
+            if run_id is not None and self._resumed(client, run_id):
+                handles[index] = f"{client.server}{RUN_PAGE}{run_id}"
+                continue
+            if project is None:
+                project = self._project(client, ledger["name"])
+            config = self._first_attempt(task)
+            made = self._call(client, "POST", "/api/v1/configs", {"project_id": project, "name": task["name"], "config": config})
+            queued = self._call(client, "POST", f"/api/v1/runs/from-config/{made['id']}", {"gpus": self.resources.gpus_per_node})
+            handles[index] = f"{client.server}{RUN_PAGE}{queued['run_id']}"
+        return handles
+
+    def states(self, folder: Path, ledger: dict, jobs: dict[int, str]) -> dict[int, str]:
+        """One request per server: the state of every task's run, in the sweep vocabulary."""
+        by_server: dict[str, dict[int, int]] = {}
+        for index, handle in jobs.items():
+            server, run_id = _run_page(handle)
+            by_server.setdefault(server, {})[index] = run_id
+        found: dict[int, str] = {}
+        for server, runs in by_server.items():
+            query = "&".join(f"ids={run_id}" for run_id in runs.values())
+            answer = self._call(self._client(server), "GET", f"/api/v1/jobs/by-run?{query}")
+            for index, run_id in runs.items():
+                state = (answer.get(str(run_id)) or {}).get("state")
+                found[index] = DASHBOARD_STATES.get(state, states.LOST if state is None else states.UNKNOWN)  # a deleted run is lost
+        return found
+
+    def _first_attempt(self, task: dict) -> dict:
+        """The task's config as an agent's first attempt runs it (checkpoint.resume=never), its file and fingerprint updated.
+
+        So the run's saved config has the task's fingerprint, and `submit status`, the leaderboard and the dashboard's
+        sweep board find the run by it, as they do for the other executors.
+        """
+        path = Path(task["config"])
+        config = yaml.safe_load(path.read_text(encoding="utf-8"))
+        config.setdefault("checkpoint", {})["resume"] = "never"
+        path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+        task["config_hash"] = from_dict(config, str(path)).fingerprint()  # the ledger is written after submit()
+        return config
+
+    def _client(self, server: str | None) -> Client:
+        if not server:
+            raise UserError("--server: the dashboard executor needs the dashboard's URL, e.g. --server http://127.0.0.1:8000")
+        return Client(server)
+
+    def _call(self, client: Client, method: str, path: str, body: dict | None = None):
+        try:
+            return client.call(method, path, body)
+        except (Unreachable, Conflict) as err:
+            raise UserError(f"dashboard {client.server}: {err}") from None
+
+    def _resumed(self, client: Client, run_id: int) -> bool:
+        """Put a stopped/failed/cancelled run back in the queue; False when it is not resumable (then a new run is queued)."""
+        try:
+            client.post(f"/api/v1/runs/{run_id}/resume", {})
+        except Conflict:  # 409: not in a resumable state
+            return False
+        except UserError:  # 404: the run was deleted on the dashboard
+            return False
+        except Unreachable as err:
+            raise UserError(f"dashboard {client.server}: {err}") from None
+        return True
+
+    def _project(self, client: Client, sweep: str) -> int:
+        """The project "sweep NAME" that holds this sweep's configs (made on first use)."""
+        name = f"sweep {sweep}"
+        body = {"name": name, "description": "configs of a grid submitted with --executor dashboard"}
+        try:
+            return client.post("/api/v1/projects", body)["id"]
+        except Conflict:  # 409: it exists already (a resubmission)
+            projects = self._call(client, "GET", "/api/v1/projects?limit=500")
+            return next(p["id"] for p in projects if p["name"] == name)
+        except Unreachable as err:
+            raise UserError(f"dashboard {client.server}: {err}") from None
+
+
+def _run_page(handle: str) -> tuple[str, int]:
+    """(server, run id) of a job handle SERVER/web/runs/ID."""
+    server, _, run_id = handle.rpartition(RUN_PAGE)
+    if not server or not run_id.isdigit():
+        raise UserError(f"job handle {handle!r} is not a dashboard run page (SERVER{RUN_PAGE}ID)")
+    return server, int(run_id)
+
+
+EXECUTORS: dict[str, type[Executor]] = {
+    executor.name: executor for executor in (SlurmExecutor, LocalExecutor, DebugExecutor, DashboardExecutor)
+}
 
 
 def of_ledger(folder: Path, ledger: dict) -> Executor:

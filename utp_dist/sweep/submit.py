@@ -40,7 +40,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         return args
     parser = argparse.ArgumentParser(
         prog="python -m utp_dist.submit",
-        description=f"Run a config grid as one Slurm array job, local processes or in-process. Ledger commands: {', '.join(COMMANDS)} SWEEP_DIR.",
+        description=f"Run a config grid as one Slurm array job, local processes, in-process or on a dashboard's agents. Ledger commands: {', '.join(COMMANDS)} SWEEP_DIR.",
     )
     parser.add_argument("grid", help="grid YAML (base config + set + sweep block + resources) or experiments .py file")
     parser.add_argument("--executor", choices=list(executors.EXECUTORS), default="slurm", help="where the tasks run (default: slurm)")
@@ -50,6 +50,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--wait", action="store_true", help="block until every task ended, showing a live status table")
     parser.add_argument("--parallel", action="store_true", help="local executor: one task per visible GPU at once")
+    parser.add_argument("--server", help="dashboard executor: the dashboard's URL, e.g. http://127.0.0.1:8000 (its agents run the tasks)")
     parser.add_argument("--force", action="store_true", help="also rerun grid points whose exact config already completed")
     parser.add_argument(
         "--preflight",
@@ -75,7 +76,7 @@ def submit(args: argparse.Namespace) -> int:
 
     grid = load_grid(args.grid)
     resources = load_resources(args.profile, grid.resources, str(grid.path))
-    executor = executors.EXECUTORS[args.executor](resources, args.parallel)
+    executor = executors.EXECUTORS[args.executor](resources, args.parallel, args.server)
     todo, skipped = [], []
     for task in grid.tasks:
         done = None if args.force else _completed(task)

@@ -1,13 +1,13 @@
-"""/api/v1/agents: the machines that will run queued jobs (issue 12) and their GPUs."""
+"""/api/v1/agents: the machines that run queued jobs (issue 12), their GPUs, registration and heartbeats."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, status
 
-from utp_dist.dashboard import services
+from utp_dist.dashboard import jobqueue, services
 from utp_dist.dashboard.db import Agent
-from utp_dist.dashboard.deps import PagingDep, SessionDep
-from utp_dist.dashboard.schemas import AgentIn, AgentOut, AgentPatch, GpuIn, GpuOut
+from utp_dist.dashboard.deps import PagingDep, SessionDep, SettingsDep
+from utp_dist.dashboard.schemas import AgentIn, AgentOut, AgentPatch, GpuIn, GpuOut, HeartbeatIn, HeartbeatOut, RegisterIn, RegisterOut
 
 router = APIRouter(prefix="/api/v1/agents", tags=["agents"])
 
@@ -28,6 +28,20 @@ def create_agent(body: AgentIn, session: SessionDep):
 def add_gpu(body: GpuIn, session: SessionDep):
     """Add a GPU to an agent's inventory (409 when that index is already listed)."""
     return services.add_gpu(session, body.agent_id, body.index, body.name, body.memory_mb)
+
+
+@router.post("/register", response_model=RegisterOut)
+def register(body: RegisterIn, session: SessionDep, settings: SettingsDep):
+    """An agent process starting: create or refresh the agent of this name with its GPU inventory (issue 12)."""
+    agent = jobqueue.register(session, body.name, body.host, [g.model_dump() for g in body.gpus], body.drain)
+    return RegisterOut(agent_id=agent.id, lease_seconds=settings.lease_s, heartbeat_seconds=settings.lease_s / 3)
+
+
+@router.post("/{agent_id}/heartbeat", response_model=HeartbeatOut)
+def heartbeat(agent_id: int, body: HeartbeatIn, session: SessionDep, settings: SettingsDep):
+    """Renew the leases of the jobs the agent holds; answer the jobs to abort, the jobs it lost (kill them) and drain."""
+    held = [(j.job_id, j.attempt) for j in body.jobs]
+    return HeartbeatOut(**jobqueue.heartbeat(session, agent_id, held, settings.lease_s))
 
 
 @router.get("/{agent_id}", response_model=AgentOut)

@@ -48,6 +48,7 @@ def get_run(run_id: int, session: SessionDep, settings: SettingsDep):
         paths=detail["paths"],
         jobs=detail["jobs"],
         sweep_task=detail["task"],
+        log_tail=detail["run"].log_tail,
     )
 
 
@@ -59,6 +60,8 @@ def run_series(run_id: int, session: SessionDep, log: bool = False) -> dict:
     folder = services.run_folder(run)
     if log and folder is not None and folder.exists():
         series["log"] = services.run_log(session, run, folder)[2]
+    if log and not series.get("log") and run.log_tail:  # a queued run's output, as its agent reported it
+        series["log"] = run.log_tail
     return series
 
 

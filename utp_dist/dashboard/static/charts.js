@@ -74,10 +74,15 @@ const utp = (() => {
         if (atEnd) log.scrollTop = log.scrollHeight; // follow the log unless the user scrolled up to read
       }
       const state = document.querySelector("#run-state .state");
-      if (state && state.textContent !== s.state) { state.textContent = s.state; state.className = `state state-${s.state}`; }
+      if (state && state.textContent !== s.state) {
+        state.textContent = s.state;
+        state.className = `state state-${s.state}`;
+        swapParts(RUN_PARTS); // a new state: where it runs, its queue entry, files and log change with it
+      }
       return s.state;
     }
     const ACTIVE = ["queued", "claimed", "running", "stopping"];
+    const RUN_PARTS = ["run-name", "where", "queue", "files", "log-tail"];
     (async function poll() {
       const state = await update();
       if (live || ACTIVE.includes(state)) setTimeout(poll, 3000);
@@ -100,16 +105,19 @@ const utp = (() => {
   }
 
   // a page whose tables change while tasks run (the sweep board): fetch it again and swap only those tables
+  // the elements with these ids, as the server renders this page now (parts of a page kept fresh without a reload)
+  async function swapParts(ids) {
+    const response = await fetch(location.pathname, { credentials: "same-origin" });
+    if (!response.ok) return;
+    const fresh = new DOMParser().parseFromString(await response.text(), "text/html");
+    for (const id of ids) {
+      const [now, next] = [document.getElementById(id), fresh.getElementById(id)];
+      if (now && next && now.innerHTML !== next.innerHTML) now.innerHTML = next.innerHTML;
+    }
+  }
+
   function refreshTables(ids, seconds) {
-    setInterval(async () => {
-      const response = await fetch(location.pathname, { credentials: "same-origin" });
-      if (!response.ok) return;
-      const fresh = new DOMParser().parseFromString(await response.text(), "text/html");
-      for (const id of ids) {
-        const [now, next] = [document.getElementById(id), fresh.getElementById(id)];
-        if (now && next && now.innerHTML !== next.innerHTML) now.innerHTML = next.innerHTML;
-      }
-    }, seconds * 1000);
+    setInterval(() => swapParts(ids), seconds * 1000);
   }
 
   return { align, chart, liveChart, runPage, comparePage, refreshTables };

@@ -1,0 +1,373 @@
+"""Agents that execute queued runs (issue 12), with real processes: a uvicorn server, agent processes, training children."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO, make_image_folder, run_cli, tiny_config
+from dashboard_support import Postgres, Server, wait_until
+from safetensors.torch import load_file
+
+LEASE_S = 6
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+class LeaseServer(Server):
+    """The dashboard with a short lease, so a dead agent's job comes back within seconds."""
+
+    lease_s = LEASE_S
+
+    def command(self) -> list[str]:
+        return super().command() + ["--lease-seconds", str(self.lease_s)]
+
+
+class Agents:
+    """Agent processes started by a test, stopped (and their logs shown on failure) at its end."""
+
+    def __init__(self, server: Server, folder: Path):
+        self.server, self.folder, self.procs = server, folder, {}
+
+    def start(self, name: str, *flags: str, noop: bool = False, **env: str) -> subprocess.Popen:
+        entry = [str(REPO / "tests" / "agent_noop.py")] if noop else ["-m", "utp_dist.agent"]
+        cmd = [sys.executable, *entry, "--server", self.server.url, "--name", name, "--gpus", "none", "--poll", "0.2", *flags]
+        cmd += ["--workdir", str(self.folder / name)]
+        with open(self.folder / f"{name}.log", "ab") as log:
+            proc = subprocess.Popen(cmd, env={**ENV, **env}, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        self.procs[name] = proc
+        return proc
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {name}\n{(self.folder / f'{name}.log').read_text()[-3000:]}" for name in self.procs)
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture
+def dashboard(tmp_path):
+    """start(roots, db_url=None) -> (server, client, agents): a dashboard with a short lease; all stopped at the end."""
+    started = []
+
+    def start(roots: list[Path], db_url: str | None = None, lease_s: float = LEASE_S):
+        server = LeaseServer(roots, db_url or f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path / "server.log")
+        server.lease_s = lease_s
+        server.start()
+        started.append((server, server.client(), Agents(server, tmp_path)))
+        return started[-1]
+
+    yield start
+    for server, client, group in started:
+        group.stop()
+        client.close()
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp("agents") / "shapes", per_class={"train": 24, "val": 7, "test": 4})
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    server = Postgres().start()
+    yield server
+    server.stop()
+
+
+def queue(client, config: dict, name: str = "tiny", count: int = 1, **job) -> list[int]:
+    """Queue `count` runs of one config; their run ids."""
+    project = client.post("/api/v1/projects", json={"name": f"p-{name}-{time.monotonic_ns()}"}).json()["id"]
+    made = client.post("/api/v1/configs", json={"project_id": project, "name": name, "config": config})
+    assert made.status_code == 201, made.text
+    return [client.post(f"/api/v1/runs/from-config/{made.json()['id']}", json=job).json()["run_id"] for _ in range(count)]
+
+
+def wait_run(client, run_id: int, want, timeout: float = 120, group: Agents | None = None) -> dict:
+    """Poll a run until `want(run)` holds; the run."""
+    seen = {}
+
+    def ready() -> bool:
+        seen.update(client.get(f"/api/v1/runs/{run_id}").json())
+        return want(seen)
+
+    try:
+        wait_until(ready, timeout, f"run {run_id}")
+    except TimeoutError:
+        raise AssertionError(f"run {run_id}: {json.dumps(seen)[:3000]}\n{group.logs() if group else ''}") from None
+    return seen
+
+
+def state_is(*wanted: str):
+    return lambda run: run["state"] in wanted
+
+
+# --- (a) the claim race
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_8_agents_race_over_200_jobs_none_claimed_twice_none_lost(database, tmp_path, dashboard, images, request):
+    db_url = request.getfixturevalue("postgres").url if database == "postgresql" else None
+    _, client, group = dashboard([tmp_path / "root"], db_url)
+    claims = tmp_path / "claims.txt"
+    run_ids = queue(client, tiny_config(images, tmp_path / "root"), count=200)
+    for i in range(8):
+        group.start(f"racer-{i}", "--cpu-jobs", "4", noop=True, UTP_TEST_CLAIMS=str(claims))
+
+    def all_done() -> bool:
+        runs = client.get("/api/v1/runs", params={"state": "succeeded", "limit": 500}).json()
+        return len(runs) == 200
+
+    wait_until(all_done, 120, "200 jobs succeeded", tmp_path / "racer-0.log")
+    lines = [line.split() for line in claims.read_text().splitlines()]
+    counts = collections.Counter(line[0] for line in lines)
+    assert len(lines) == 200 and len(counts) == 200 and max(counts.values()) == 1, counts.most_common(3)
+    assert len({line[2] for line in lines}) > 1  # they really raced
+    detail = [client.get(f"/api/v1/runs/{i}").json() for i in run_ids[::20]]
+    assert all(d["jobs"][-1]["attempt"] == 1 and d["attempts"] == 1 for d in detail), detail
+
+
+def test_an_agent_runs_jobs_side_by_side_on_its_gpus_never_two_on_one(tmp_path, dashboard, images):
+    _, client, group = dashboard([tmp_path / "root"])
+    claims = tmp_path / "claims.txt"
+    config = tiny_config(images, tmp_path / "root")
+    run_ids = queue(client, config, name="pairs", count=2, gpus=2) + queue(client, config, name="singles", count=3, gpus=1)
+    group.start("three-gpus", "--gpus", "0,1,2", "--cpu-jobs", "0", noop=True, UTP_TEST_CLAIMS=str(claims), UTP_TEST_NOOP_SECONDS="1.5")
+    for run_id in run_ids:
+        assert wait_run(client, run_id, state_is("succeeded"), timeout=60, group=group)["state"] == "succeeded"
+    spans = [
+        (float(start), float(start) + 1.5, set(gpus.split(",")))
+        for _, _, _, start, gpus in (line.split() for line in claims.read_text().splitlines())
+    ]
+    assert sorted(len(gpus) for _, _, gpus in spans) == [1, 1, 1, 2, 2]
+    overlapping = [(a, b) for i, a in enumerate(spans) for b in spans[i + 1 :] if a[0] < b[1] and b[0] < a[1]]
+    assert overlapping, "the agent ran its jobs one at a time"
+    assert all(not (a[2] & b[2]) for a, b in overlapping), overlapping
+
+
+def test_a_frozen_agent_loses_its_job_to_another_and_its_late_calls_change_nothing(tmp_path, dashboard, images):
+    _, client, group = dashboard([tmp_path / "root"])
+    claims = tmp_path / "claims.txt"
+    (run_id,) = queue(client, tiny_config(images, tmp_path / "root"))
+    frozen = group.start("frozen", noop=True, UTP_TEST_CLAIMS=str(claims), UTP_TEST_NOOP_SECONDS="60")
+    wait_run(client, run_id, state_is("running"), group=group)
+    os.kill(frozen.pid, signal.SIGSTOP)  # alive but silent: a long GC pause, a hung NFS mount, a suspended VM
+    group.start("healthy", noop=True, UTP_TEST_CLAIMS=str(claims), UTP_TEST_NOOP_SECONDS="3")
+    wait_run(client, run_id, lambda r: r["jobs"][-1]["attempt"] == 2 and r["state"] == "running", timeout=LEASE_S + 30, group=group)
+    os.kill(frozen.pid, signal.SIGCONT)
+    log = tmp_path / "frozen.log"
+    wait_until(lambda: "job 1 is no longer held by this agent: killing" in log.read_text(), 30, "the frozen agent to kill its child", log)
+    done = wait_run(client, run_id, state_is("succeeded", "failed"), group=group)
+    assert done["state"] == "succeeded" and done["jobs"][-1]["attempt"] == 2
+    agents = {a["name"]: a["id"] for a in client.get("/api/v1/agents").json()}
+    assert done["agent_id"] == agents["healthy"]
+    late = client.post("/api/v1/jobs/1/finish", json={"agent_id": agents["frozen"], "attempt": 1, "exit_code": 2, "error": "stale"})
+    assert late.status_code == 409 and client.get(f"/api/v1/runs/{run_id}").json()["state"] == "succeeded"
+    # the drain button: the agent finishes what it runs and claims nothing new
+    frozen.kill()
+    frozen.wait()
+    assert client.patch(f"/api/v1/agents/{agents['healthy']}", json={"drain": True}).status_code == 200
+    time.sleep(LEASE_S / 3 + 1)  # one heartbeat brings the drain to the agent
+    (waiting,) = queue(client, tiny_config(images, tmp_path / "root"), name="after-drain")
+    time.sleep(2)
+    assert client.get(f"/api/v1/runs/{waiting}").json()["state"] == "queued"
+    assert group.start("draining", "--drain", noop=True, UTP_TEST_CLAIMS=str(claims)).wait(timeout=30) == 0  # --drain: idle, so it ends
+    assert client.get(f"/api/v1/runs/{waiting}").json()["state"] == "queued"
+
+
+def test_a_server_restart_leaves_running_jobs_to_their_agents(tmp_path, dashboard, images):
+    server, client, group = dashboard([tmp_path / "root"], lease_s=30)  # longer than the restart takes
+    claims = tmp_path / "claims.txt"
+    (run_id,) = queue(client, tiny_config(images, tmp_path / "root"))
+    group.start("steady", noop=True, UTP_TEST_CLAIMS=str(claims), UTP_TEST_NOOP_SECONDS="8")
+    wait_run(client, run_id, state_is("running"), group=group)
+    server.stop()
+    time.sleep(2)  # the agent finds nobody there, and goes on running its job
+    server.start()  # same port, same database
+    done = wait_run(client, run_id, state_is("succeeded", "failed", "queued"), timeout=60, group=group)
+    assert done["state"] == "succeeded" and done["jobs"][-1]["attempt"] == 1, group.logs()
+    assert "trying again" in (tmp_path / "steady.log").read_text()
+
+
+def test_sigterm_to_an_agent_stops_its_jobs_resumably_and_ends_it(tmp_path, dashboard, images):
+    _, client, group = dashboard([tmp_path / "root"])
+    claims = tmp_path / "claims.txt"
+    (run_id,) = queue(client, tiny_config(images, tmp_path / "root"))
+    agent = group.start("leaving", noop=True, UTP_TEST_CLAIMS=str(claims), UTP_TEST_NOOP_SECONDS="60")
+    wait_run(client, run_id, state_is("running"), group=group)
+    agent.terminate()
+    assert agent.wait(timeout=30) == 0, group.logs()
+    assert client.get(f"/api/v1/runs/{run_id}").json()["state"] == "stopped"  # Resume continues it
+
+
+def test_n_gpu_jobs_run_under_accelerate_launch_one_process_per_gpu(tmp_path):
+    from utp_dist.agent.runner import Runner
+
+    runner = Runner(tmp_path)
+    single = runner.command(tmp_path / "c.yaml", ["3"], "never")
+    assert single[1:] == ["-m", "utp_dist.train", str(tmp_path / "c.yaml"), "checkpoint.resume=never"]
+    multi = runner.command(tmp_path / "c.yaml", ["0", "1"], "/out/checkpoints/shapes/run")
+    assert multi[1:6] == ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    assert multi[-4:] == ["-m", "utp_dist.train", str(tmp_path / "c.yaml"), "checkpoint.resume=/out/checkpoints/shapes/run"]
+
+
+# --- (b, c) exact resume after an agent's death and after an abort
+
+
+def resumable_config(images: Path, out: Path) -> dict:
+    """A tiny run with a state every 4 steps; SlowSteps (UTP_TEST_STEP_SLEEP) stretches it under the agents only."""
+    raw = tiny_config(
+        images,
+        out,
+        train={"epochs": 2, "log_every_n_steps": 1, "callbacks": ["tests.hooks:SlowSteps"]},
+        checkpoint={"every_n_steps": 4, "every_n_minutes": None, "keep_last": 2},
+    )
+    raw["model"]["config"]["image_size"] = 16
+    return raw
+
+
+@pytest.fixture(scope="module")
+def reference(images, tmp_path_factory) -> Path:
+    """One uninterrupted run of the same config: the best weights every interrupted run must reproduce bit for bit."""
+    out = tmp_path_factory.mktemp("reference") / "root"
+    config = out.parent / "ref.yaml"
+    config.write_text(yaml.safe_dump(resumable_config(images, out)))
+    done = run_cli(str(config), OMP_NUM_THREADS="1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return best_weights(out)
+
+
+def best_weights(root: Path) -> Path:
+    (run,) = (root / "checkpoints" / "shapes").iterdir()
+    return run / "best" / "model.safetensors"
+
+
+def assert_same_weights(reference: Path, run: dict) -> None:
+    ours = Path(run["root"]) / "checkpoints" / run["dataset"] / run["name"] / "best" / "model.safetensors"
+    a, b = load_file(reference), load_file(ours)
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+
+
+def has_state(run: dict) -> bool:
+    """Running, its folder reported, and at least one complete training state on disk (so we are mid-run)."""
+    if run["state"] != "running" or not run.get("root"):
+        return False
+    return any((Path(run["root"]) / "checkpoints" / run["dataset"] / run["name"] / "state").glob("step-*/COMPLETE"))
+
+
+def gone(pid: int) -> bool:
+    """Whether a process has ended (a zombie nobody reaps counts: it runs nothing)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+SLOW = {"UTP_TEST_STEP_SLEEP": "0.25"}
+
+
+def test_kill_9_agent_mid_run_requeued_after_lease_and_continued_exactly_by_another(tmp_path, dashboard, images, reference):
+    root = tmp_path / "root"
+    _, client, group = dashboard([root])
+    first = group.start("doomed", **SLOW)
+    (run_id,) = queue(client, resumable_config(images, root))
+    run = wait_run(client, run_id, has_state, group=group)
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait()
+    wait_until(lambda: gone(run["pid"]), 10, "the child to die with its agent (PR_SET_PDEATHSIG)")
+    killed = time.monotonic()
+    group.start("rescuer")
+    requeued = wait_run(client, run_id, lambda r: r["jobs"][-1]["attempt"] == 2, timeout=LEASE_S + 30, group=group)
+    assert time.monotonic() - killed >= LEASE_S - 2  # not before the lease ran out
+    assert requeued["jobs"][-1]["reason"].startswith("requeued: agent doomed stopped renewing its lease")
+    done = wait_run(client, run_id, state_is("succeeded", "failed"), group=group)
+    assert done["state"] == "succeeded", (done["error"], group.logs())
+    assert done["restarts"] == 1 and done["attempts"] == 2
+    assert_same_weights(reference, done)
+    assert len(list((root / "logs" / "shapes").iterdir())) == 1  # continued the same run folder, no -v1
+
+
+def test_abort_stops_with_75_then_resume_finishes_exactly(tmp_path, dashboard, images, reference):
+    root = tmp_path / "root"
+    _, client, group = dashboard([root])
+    group.start("worker", **SLOW)
+    (run_id,) = queue(client, resumable_config(images, root))
+    wait_run(client, run_id, has_state, group=group)
+    assert client.post(f"/api/v1/runs/{run_id}/cancel").json()["state"] == "stopping"
+    stopped = wait_run(client, run_id, state_is("stopped", "failed", "succeeded"), group=group)
+    assert stopped["state"] == "stopped", (stopped["error"], group.logs())
+    assert "exit 75 = stopped to be resumed" in stopped["log_tail"]
+    assert client.post(f"/api/v1/runs/{run_id}/resume").json()["state"] == "queued"
+    done = wait_run(client, run_id, state_is("succeeded", "failed"), group=group)
+    assert done["state"] == "succeeded", (done["error"], group.logs())
+    assert done["restarts"] == 1 and done["jobs"][-1]["attempt"] == 2
+    assert_same_weights(reference, done)
+
+
+# --- (d) a config that fails at start; a job that needs more GPUs than an agent has
+
+
+def test_bad_data_root_fails_with_the_cli_line_and_2_gpu_job_never_goes_to_a_1_gpu_agent(tmp_path, dashboard, images):
+    root = tmp_path / "root"
+    _, client, group = dashboard([root])
+    (big,) = queue(client, tiny_config(images, root), name="big", gpus=2, priority=10)
+    (bad,) = queue(client, tiny_config(tmp_path / "no-such-images", root), name="bad")
+    group.start("one-gpu", "--gpus", "0")  # a listed GPU nvidia-smi does not know: the agent offers GPU 0
+    failed = wait_run(client, bad, state_is("failed", "succeeded"), group=group)
+    assert failed["state"] == "failed"
+    assert failed["error"].startswith("data.root") and "\n" not in failed["error"], failed["error"]
+    assert failed["jobs"][-1]["reason"] == failed["error"]
+    page = client.get(f"/web/runs/{bad}").text
+    assert failed["error"].split("'")[0] in page
+    time.sleep(1.0)  # the agent keeps asking for work: the 2-GPU job is never offered to it
+    job = client.get(f"/api/v1/runs/{big}").json()["jobs"][-1]
+    assert job["state"] == "queued" and job["attempt"] == 0 and job["agent_id"] is None
+    agent = client.get("/api/v1/agents").json()[0]
+    assert [g["index"] for g in agent["gpus"]] == [0] and agent["last_heartbeat"]
+
+
+# --- (e) a grid on agents
+
+
+def test_two_cpu_agents_run_a_grid_submitted_with_the_dashboard_executor(tmp_path, dashboard, images):
+    root = tmp_path / "root"
+    server, client, group = dashboard([root])
+    grid = tmp_path / "grid.yaml"
+    sweep = {"train.seed": [1, 2], "optim.lr": [0.003, 0.01]}
+    grid.write_text(yaml.safe_dump({"name": "on-agents", "base": tiny_config(images, root, train={"epochs": 1}), "sweep": sweep}))
+    group.start("cpu-a")
+    group.start("cpu-b")
+    submit = ("--executor", "dashboard", "--server", server.url, "--wait", "--poll", "1")
+    done = run_cli(str(grid), *submit, module="utp_dist.submit", timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:] + group.logs()
+    folder = root / "sweeps" / "on-agents"
+    status = run_cli("status", str(folder), module="utp_dist.submit")
+    assert status.stdout.count("COMPLETED") == 4 and f"{server.url}/web/runs/" in status.stdout, status.stdout
+    again = run_cli("resubmit", str(folder), "--failed", module="utp_dist.submit")
+    assert again.returncode == 0 and "nothing to resubmit" in again.stdout, again.stdout + again.stderr
+    board = run_cli("leaderboard", str(folder), module="utp_dist.submit")
+    assert board.returncode == 0 and board.stdout.count("COMPLETED") == 4, board.stdout + board.stderr
+    client.post("/api/v1/index/refresh")  # links the queued runs to the sweep ledger the submission wrote
+    runs = client.get("/api/v1/runs", params={"state": "succeeded"}).json()
+    assert len(runs) == 4 and len({r["agent_id"] for r in runs}) == 2  # both agents took a share
+    (listed,) = client.get("/api/v1/sweeps").json()
+    shown = client.get(f"/api/v1/sweeps/{listed['id']}").json()
+    assert [r["state"] for r in shown["rows"]] == ["COMPLETED"] * 4
+    summaries = {}
+    for run in runs:
+        summary = json.loads((Path(run["root"]) / "logs" / run["dataset"] / run["name"] / "summary.json").read_text())
+        summaries[run["name"]] = summary["best"]["value"]
+        assert run["sweep_id"] == listed["id"] and run["best"] == summary["best"]["value"]
+    metric = next(c for c in shown["leaderboard_columns"] if c.startswith("best "))
+    assert {row["run"]: float(row[metric]) for row in shown["leaderboard"]} == pytest.approx(summaries)

@@ -1,0 +1,68 @@
+"""The dashboard's JSON API over plain HTTP (the standard library only, so an agent machine needs no web packages)."""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.error
+import urllib.request
+
+from utp_dist.errors import UserError
+
+TOKEN_ENV = "UTP_DASHBOARD_TOKEN"
+
+
+class Unreachable(Exception):
+    """The server did not answer (down, restarting, or a 5xx): try again later; running children keep running."""
+
+
+class Conflict(Exception):
+    """409: the state changed under the caller; for an agent, it no longer holds the job at this attempt and its process must die."""
+
+
+class Client:
+    """Calls to one dashboard, with its token as a Bearer header when there is one."""
+
+    def __init__(self, server: str, token: str | None = None, timeout_s: float = 30.0):
+        if not server.startswith(("http://", "https://")):
+            raise UserError(f"--server {server!r}: give the dashboard's URL, e.g. http://127.0.0.1:8000")
+        self.server, self.timeout_s = server.rstrip("/"), timeout_s
+        self.token = token if token is not None else os.environ.get(TOKEN_ENV) or None
+
+    def call(self, method: str, path: str, body: dict | None = None) -> dict | list | None:
+        """One request; the JSON answer (None for 204). 409 -> Conflict, no answer or 5xx -> Unreachable, 401/4xx -> UserError."""
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(self.server + path, data=data, headers=headers, method=method)
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+                text = response.read()
+        except urllib.error.HTTPError as err:
+            detail = _detail(err)
+            if err.code == 409:
+                raise Conflict(detail) from None
+            if err.code >= 500:
+                raise Unreachable(f"{method} {path}: HTTP {err.code}: {detail}") from None
+            if err.code == 401:
+                raise UserError(f"{self.server} needs its token: pass --token or set {TOKEN_ENV}") from None
+            raise UserError(f"{method} {self.server}{path}: HTTP {err.code}: {detail}") from None
+        except (urllib.error.URLError, OSError) as err:
+            raise Unreachable(f"{self.server}: {getattr(err, 'reason', err)}") from None
+        return json.loads(text) if text else None
+
+    def post(self, path: str, body: dict) -> dict | list | None:
+        """POST a JSON body."""
+        return self.call("POST", path, body)
+
+    def get(self, path: str) -> dict | list | None:
+        """GET a JSON answer."""
+        return self.call("GET", path)
+
+
+def _detail(err: urllib.error.HTTPError) -> str:
+    try:
+        return str(json.loads(err.read()).get("detail"))
+    except (ValueError, AttributeError, OSError):
+        return err.reason

@@ -1,0 +1,180 @@
+"""How an agent runs a claimed job: the training command, its process, its run folder, its progress and its outcome.
+
+`Runner` is the one place that starts processes; tests hand the agent a subclass whose children do nothing, so the
+claim/lease machinery can be raced with hundreds of jobs in seconds.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from utp_dist.config import ConfigError, from_dict
+from utp_dist.dashboard import rundata
+from utp_dist.errors import one_line
+from utp_dist.run_lock import RunLock
+from utp_dist.runs import RunDir, base_name, find_runs
+
+ERROR_PREFIX = "utp_dist: error: "
+PR_SET_PDEATHSIG = 1
+
+
+class Child:
+    """One training process of a claimed job: its log, the run folder it writes, and signals to its process group."""
+
+    def __init__(self, job: dict, proc: subprocess.Popen, log: Path, folder: RunDir | None, config: dict):
+        self.job, self.proc, self.log, self.folder, self.config = job, proc, log, folder, config
+        self.family: set[int] = {proc.pid}  # every pid seen below it: accelerate's rank 0 is a grandchild
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def poll(self) -> int | None:
+        """The exit code once the process ended (negative: killed by that signal), else None."""
+        return self.proc.poll()
+
+    def signal(self, signum: int) -> None:
+        """Send a signal to the whole process group (accelerate's launcher and every rank)."""
+        try:
+            os.killpg(self.proc.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    def kill(self) -> None:
+        """SIGKILL the group and reap it: for a job this agent no longer holds, nothing may keep writing the run."""
+        self.signal(signal.SIGKILL)
+        self.proc.wait()
+
+    def run_folder(self) -> RunDir | None:
+        """The run folder this process writes: known for a continued run, else the one whose lock a process of ours holds."""
+        if self.folder is None:
+            if self.proc.poll() is None:
+                self.family |= _family(self.proc.pid)
+            self.folder = _locked_by(self.config, self.family)
+        return self.folder
+
+    def progress(self) -> dict:
+        """Epoch, step, best so far, img/s and restarts from the run's own files, plus the tail of the process's output."""
+        values = {"log_tail": rundata.tail(self.log)}
+        folder = self.run_folder()
+        if folder is not None:
+            found = rundata.progress(folder, folder.read_config())
+            values.update({k: found[k] for k in ("epoch", "step", "best_metric", "best", "img_per_s", "restarts")})
+            values["run_folder"] = {"root": str(folder.root), "dataset": folder.dataset, "name": folder.name}
+        return values
+
+    def error(self) -> str | None:
+        """The one-line error the CLI printed last (`utp_dist: error: ...`), if it printed one."""
+        lines = [line for line in rundata.tail(self.log, lines=200).splitlines() if line.startswith(ERROR_PREFIX)]
+        return lines[-1].removeprefix(ERROR_PREFIX) if lines else None
+
+
+class Runner:
+    """Starts `python -m utp_dist.train` (or `accelerate launch` for several GPUs) for a claimed job."""
+
+    def __init__(self, workdir: Path):
+        self.workdir = workdir
+        self.workdir.mkdir(parents=True, exist_ok=True)
+
+    def cannot_run(self, job: dict) -> str | None:
+        """Why this machine cannot run the job (its output root is not writable here), None when it can."""
+        try:
+            root = Path(from_dict(job["config"], job["config_name"]).output.root)
+        except ConfigError as err:
+            return f"its config does not load here: {one_line(err)}"
+        existing = next((p for p in (root.resolve(), *root.resolve().parents) if p.exists()), None)
+        if existing is None or not os.access(existing, os.W_OK | os.X_OK):
+            return (
+                f"output.root '{root}' is not writable on {socket.gethostname()} (share it with the other agents, or fix its permissions)"
+            )
+        return None
+
+    def command(self, config_file: Path, gpus: list[str], resume: str) -> list[str]:
+        """The training command: one process for a CPU or 1-GPU job, accelerate launch with one process per GPU beyond that."""
+        train = ["-m", "utp_dist.train", str(config_file), f"checkpoint.resume={resume}"]
+        if len(gpus) <= 1:
+            return [sys.executable, *train]
+        launch = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(len(gpus))]
+        return [sys.executable, *launch, "--main_process_port", str(_free_port()), *train]
+
+    def start(self, job: dict, gpus: list[str]) -> Child:
+        """Write the job's config, start its process (seeing only `gpus`), and return it; continues the run an earlier attempt made."""
+        stem = f"job-{job['job_id']}-attempt-{job['attempt']}"
+        config_file = self.workdir / f"{stem}.yaml"
+        config_file.write_text(yaml.safe_dump(job["config"], sort_keys=False), encoding="utf-8")
+        folder = RunDir(**job["run_folder"]) if job.get("run_folder") else None
+        # a later attempt continues the run's newest complete state; with none (it died before its first save) it starts anew
+        resume = str(folder.checkpoints) if folder is not None and folder.states() else "never"
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(gpus)}  # "" hides every GPU from a CPU job
+        log = self.workdir / f"{stem}.log"
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(
+                self.command(config_file, gpus, resume),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                start_new_session=True,  # its own process group: abort and kill reach every rank
+                preexec_fn=_die_with_parent,
+            )
+        return Child(job, proc, log, folder if resume != "never" else None, job["config"])
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: the kernel SIGKILLs it when the agent dies, so a killed agent leaves no writer behind."""
+    try:
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: the lease and the run lock still keep a second writer out
+        pass
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _family(pid: int) -> set[int]:
+    """`pid` and every process below it (accelerate's ranks are grandchildren of the agent), from /proc."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    family, grew = {pid}, True
+    while grew:
+        more = {child for child, parent in parents.items() if parent in family} - family
+        family |= more
+        grew = bool(more)
+    return family
+
+
+def _locked_by(config: dict, pids: set[int]) -> RunDir | None:
+    """The run folder (of this config's name, under its output root) whose lock is held by one of `pids`."""
+    try:
+        cfg = from_dict(config, "job")
+        runs = list(find_runs(Path(cfg.output.root).resolve(), base_name(cfg)))
+    except (ConfigError, OSError):
+        return None
+    for run in reversed(runs):  # the newest version is the likeliest
+        try:
+            named = json.loads(run.lock_file.read_text() or "{}").get("pid")
+        except (OSError, ValueError):
+            continue
+        # the file names its writer; only then ask the lock itself, so a probe never takes a free lock from a starting run.
+        # A free lock still naming one of ours: that process ended (a short run can end between two reports)
+        holder = RunLock(run).holder() if named in pids else None
+        if named in pids and (holder is None or holder.get("pid") == named):
+            return run
+    return None

@@ -1,0 +1,210 @@
+"""What agents do with the queue (issue 12): register, heartbeat, claim, start, report, finish, refuse; and the reaper.
+
+Claiming is one atomic statement; every later change of a job goes through `services.swap`, a compare-and-swap on
+(state, attempt). The attempt number is the agent's fencing token: once a lease expired and the job was requeued
+(attempt + 1 on the next claim), whatever the old holder still sends changes nothing and is answered 409.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import delete, exists, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from utp_dist.dashboard import states
+from utp_dist.dashboard.db import Agent, ConfigRow, Gpu, Job, Run, now
+from utp_dist.dashboard.services import Conflict, found, swap
+from utp_dist.errors import EXIT_USER_ERROR
+from utp_dist.preemption import EXIT_RESUMABLE
+
+HELD = (states.CLAIMED, states.RUNNING, states.STOPPING)  # the states in which a job belongs to an agent
+LOG_TAIL_CHARS = 8000
+PROGRESS_FIELDS = ("epoch", "step", "best_metric", "best", "img_per_s", "restarts", "log_tail")
+
+
+def register(session: Session, name: str, host: str, gpus: list[dict], drain: bool) -> Agent:
+    """Create or refresh the agent called `name`: its host, its GPU inventory (replaced as reported) and its heartbeat."""
+    agent = session.scalar(select(Agent).where(Agent.name == name))
+    if agent is None:
+        agent = Agent(name=name, host=host)
+        session.add(agent)
+        try:
+            session.flush()
+        except IntegrityError:  # the same name registered concurrently: take that row
+            session.rollback()
+            agent = session.scalar(select(Agent).where(Agent.name == name))
+    agent.host, agent.last_heartbeat = host, now()
+    agent.drain = agent.drain or drain
+    session.execute(delete(Gpu).where(Gpu.agent_id == agent.id))
+    session.add_all(Gpu(agent_id=agent.id, index=g["index"], name=g.get("name", ""), memory_mb=g.get("memory_mb", 0)) for g in gpus)
+    session.commit()
+    session.refresh(agent)
+    return agent
+
+
+def heartbeat(session: Session, agent_id: int, held: list[tuple[int, int]], lease_s: float) -> dict:
+    """Renew the leases of the (job, attempt) pairs the agent holds; answer what to abort, what it lost, and drain."""
+    agent = found(session, Agent, agent_id, "agent")
+    agent.last_heartbeat = now()
+    lost = []
+    for job_id, attempt in held:
+        renewed = session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.attempt == attempt, Job.agent_id == agent_id, Job.state.in_(HELD))
+            .values(lease_expires=now() + lease_s)
+        )
+        if not renewed.rowcount:
+            lost.append(job_id)
+    session.commit()
+    mine = [job_id for job_id, _ in held if job_id not in lost]
+    abort = list(session.scalars(select(Job.id).where(Job.id.in_(mine), Job.state == states.STOPPING))) if mine else []
+    return {"drain": agent.drain, "abort": abort, "lost": lost}
+
+
+def claim(session: Session, agent_id: int, free_gpus: int, cpu: bool, refused: list[int], lease_s: float) -> dict | None:
+    """Take the best queued job this agent can serve (priority, then age; GPU count must fit) in ONE atomic statement.
+
+    SQLite runs one writer at a time, so `UPDATE ... WHERE id = (SELECT ...) AND state = 'queued' RETURNING` cannot
+    hand one job to two agents; on PostgreSQL the inner SELECT takes its row FOR UPDATE SKIP LOCKED, so racing agents
+    pass over each other's candidate instead of queueing behind it. None: nothing fits, or the agent is drained.
+    """
+    agent = found(session, Agent, agent_id, "agent")
+    if agent.drain:
+        return None
+    session.commit()  # end the read: the claim below is a transaction of its own
+    pick = select(Job.id).where(Job.state == states.QUEUED, Job.gpus <= free_gpus)
+    if not cpu:
+        pick = pick.where(Job.gpus > 0)
+    if refused:
+        pick = pick.where(Job.id.not_in(refused))
+    pick = pick.order_by(Job.priority.desc(), Job.created, Job.id).limit(1)
+    if session.get_bind().dialect.name == "postgresql":
+        pick = pick.with_for_update(skip_locked=True)
+    claimed = session.execute(
+        update(Job)
+        .where(Job.id == pick.scalar_subquery(), Job.state == states.QUEUED)
+        .values(state=states.CLAIMED, agent_id=agent_id, attempt=Job.attempt + 1, lease_expires=now() + lease_s, updated=now())
+        .returning(Job.id, Job.run_id, Job.attempt, Job.gpus)
+        .execution_options(synchronize_session=False)
+    ).first()
+    if claimed is None:
+        session.rollback()
+        return None
+    session.execute(update(Run).where(Run.id == claimed.run_id).values(state=states.CLAIMED, agent_id=agent_id, pid=None, updated=now()))
+    session.commit()
+    run = session.get(Run, claimed.run_id)
+    config = session.get(ConfigRow, run.config_id) if run.config_id is not None else None
+    if config is None:
+        job = session.get(Job, claimed.id)
+        swap(session, job, states.FAILED, reason="its config was deleted: queue the run again from a config")
+        return None
+    folder = {"root": run.root, "dataset": run.dataset, "name": run.name} if run.root else None
+    return {
+        "job_id": claimed.id,
+        "run_id": claimed.run_id,
+        "attempt": claimed.attempt,
+        "gpus": claimed.gpus,
+        "config_name": config.name,
+        "config": config.config,
+        "run_folder": folder,
+        "lease_seconds": lease_s,
+    }
+
+
+def held_job(session: Session, job_id: int, agent_id: int, attempt: int) -> Job:
+    """The job, if this agent still holds it at this attempt; else 409 naming who has it now (the agent kills its child)."""
+    job = found(session, Job, job_id, "job")
+    if job.agent_id != agent_id or job.attempt != attempt or job.state not in HELD:
+        raise Conflict(f"job {job_id} attempt {attempt} is no longer this agent's (now: {job.state}, attempt {job.attempt})", job.state)
+    return job
+
+
+def start(session: Session, job_id: int, agent_id: int, attempt: int, pid: int) -> Job:
+    """claimed -> running: the training process `pid` started (one more attempt of the run)."""
+    job = held_job(session, job_id, agent_id, attempt)
+    if not swap(session, job, states.RUNNING, run={"pid": pid, "agent_id": agent_id, "attempts": Run.attempts + 1, "error": None}):
+        raise Conflict(f"job {job_id} changed meanwhile; not started", job.state)
+    return job
+
+
+def progress(session: Session, job_id: int, agent_id: int, attempt: int, folder: dict | None, values: dict) -> None:
+    """Store what the run's own files say (and the log tail) on the run, fenced by the attempt like every write of an agent."""
+    job = held_job(session, job_id, agent_id, attempt)
+    changes = {k: v for k, v in values.items() if k in PROGRESS_FIELDS and v is not None}
+    if "log_tail" in changes:
+        changes["log_tail"] = changes["log_tail"][-LOG_TAIL_CHARS:]
+    if folder:
+        key = (folder["root"], folder["dataset"], folder["name"])
+        # the indexer may have found the folder first, as a run of its own: this queued run is that run
+        session.execute(delete(Run).where(Run.root == key[0], Run.dataset == key[1], Run.name == key[2], Run.source == "disk"))
+        changes.update(root=key[0], dataset=key[1], name=key[2])
+    fence = exists().where(Job.id == job_id, Job.attempt == attempt, Job.agent_id == agent_id, Job.state.in_(HELD))
+    try:
+        written = session.execute(update(Run).where(Run.id == job.run_id, fence).values(updated=now(), **changes))
+        if not written.rowcount:
+            raise Conflict(f"job {job_id} attempt {attempt} is no longer this agent's", job.state)
+        session.commit()
+    except (IntegrityError, Conflict):
+        session.rollback()
+        raise
+
+
+def outcome(exit_code: int) -> str:
+    """The job state an exit code of `python -m utp_dist.train` means: 0 succeeded, 75 stopped (resumable), else failed."""
+    return {0: states.SUCCEEDED, EXIT_RESUMABLE: states.STOPPED}.get(exit_code, states.FAILED)
+
+
+def finish(session: Session, job_id: int, agent_id: int, attempt: int, exit_code: int, error: str | None, log_tail: str | None) -> Job:
+    """running/stopping -> succeeded | stopped | failed from the exit code; a failure keeps the CLI's line or the log tail."""
+    job = held_job(session, job_id, agent_id, attempt)
+    new = outcome(exit_code)
+    tail = (log_tail or "")[-LOG_TAIL_CHARS:] or None
+    message = reason = None
+    if new == states.FAILED:
+        if exit_code == EXIT_USER_ERROR and error:
+            message = error
+        elif exit_code < 0:
+            message = f"killed by signal {-exit_code}\n{tail or ''}".strip()
+        else:
+            message = f"exit code {exit_code}\n{tail or ''}".strip()
+        reason = message.splitlines()[0]
+    run = {"pid": None, "error": message, **({"log_tail": tail} if tail else {})}
+    # a success keeps the job's last reason (why it was requeued, who refused it): the history of how it got there
+    if not swap(session, job, new, run=run, lease_expires=None, **({"reason": reason} if reason else {})):
+        raise Conflict(f"job {job_id} changed meanwhile; its outcome was not recorded", job.state)
+    return job
+
+
+def refuse(session: Session, job_id: int, agent_id: int, attempt: int, reason: str) -> Job:
+    """claimed -> queued: this agent cannot run the job (e.g. its output root is not writable there); the reason is shown."""
+    job = held_job(session, job_id, agent_id, attempt)
+    name = session.scalar(select(Agent.name).where(Agent.id == agent_id))
+    if not swap(
+        session, job, states.QUEUED, run={"agent_id": None}, agent_id=None, lease_expires=None, reason=f"refused by agent {name}: {reason}"
+    ):
+        raise Conflict(f"job {job_id} changed meanwhile", job.state)
+    return job
+
+
+def reap(session: Session) -> int:
+    """Jobs whose lease expired on the server's clock: back to the queue while attempts remain, else failed; returns how many."""
+    expired = list(session.scalars(select(Job).where(Job.state.in_(HELD), Job.lease_expires < now())))
+    for job in expired:
+        run = session.get(Run, job.run_id)
+        agent = session.scalar(select(Agent.name).where(Agent.id == job.agent_id)) if job.agent_id else None
+        lapse = f"agent {agent or '?'} stopped renewing its lease"
+        released = {"agent_id": None, "lease_expires": None}
+        if job.state == states.STOPPING:  # asked to stop and its agent is gone: it saved what it could, resume continues it
+            swap(session, job, states.STOPPED, run={"pid": None}, reason=f"{lapse} while stopping", **released)
+        elif job.state == states.CLAIMED or run.attempts < job.max_attempts:
+            swap(session, job, states.QUEUED, run={"pid": None, "agent_id": None}, reason=f"requeued: {lapse}", **released)
+        else:
+            reason = f"{lapse} on attempt {run.attempts} of {job.max_attempts}: no attempts left"
+            swap(session, job, states.FAILED, run={"pid": None, "error": reason}, reason=reason, **released)
+    return len(expired)
+
+
+def run_states(session: Session, run_ids: list[int]) -> dict[int, dict]:
+    """The state, restarts and job reason of each run (what `submit status` asks for the tasks of a grid on agents)."""
+    rows = session.execute(select(Run.id, Run.state, Run.restarts, Run.attempts).where(Run.id.in_(run_ids))).all()
+    return {r.id: {"state": r.state, "restarts": r.restarts, "attempts": r.attempts} for r in rows}
