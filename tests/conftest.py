@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +53,28 @@ def run_cli(
     """Run `python -m utp_dist.train ...` in a subprocess, importing this checkout."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **env_vars}
     return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd or REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def wait_for(predicate, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Poll `predicate` until it holds; fail with the process's stderr if it ends first, or on the timeout."""
+    deadline = time.time() + timeout
+    while not predicate():
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback now (for torchrun's rendezvous)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun(*args: str, nproc: int = 2) -> list[str]:
+    """`torchrun --nproc_per_node N -m utp_dist.train ARGS` on a free loopback port (CPU: gloo)."""
+    rendezvous = ["--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), *rendezvous, "-m", "utp_dist.train", *args]
 
 
 @pytest.fixture

@@ -15,10 +15,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from conftest import REPO, make_image_folder, run_cli, tiny_config
+from conftest import REPO, free_port, make_image_folder, run_cli, tiny_config, wait_for
 from safetensors.torch import load_file
-from test_resume import ENV, _assert_same_run, _config, _scalars, _start, _states, _wait_for, _workers
-from test_resume import _free_port as free_port
+from test_resume import ENV, _assert_same_run, _config, _scalars, _start, _states, _workers
 
 from utp_dist import Config, ConfigError, register_callback, register_loss, train
 from utp_dist.batch_transforms import build_batch_transform
@@ -221,7 +220,7 @@ def _stop_and_resume(config: Path, cut: Path, command: list[str], rank_of: int |
     """Start `command`, SIGTERM it once a state is saved (one rank of a torchrun), then run it again to the end."""
     proc = _start(command, slow_save=0.3)
     ckpt_parent = cut / "checkpoints" / "shapes"
-    _wait_for(lambda: ckpt_parent.exists() and any(_states(p) for p in ckpt_parent.iterdir()), proc)
+    wait_for(lambda: ckpt_parent.exists() and any(_states(p) for p in ckpt_parent.iterdir()), proc)
     target = proc if rank_of is None else sorted(_workers(proc, rank_of), key=lambda p: p.environ().get("RANK", ""))[0]
     target.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)

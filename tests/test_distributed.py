@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, make_image_folder, tiny_config
+from conftest import REPO, free_port, make_image_folder, tiny_config, torchrun
 from safetensors.torch import load_file
 
 from utp_dist.train import main
@@ -19,31 +18,8 @@ from utp_dist.train import main
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(cmd: list[str], timeout: int = 120) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, env=ENV, cwd=REPO, capture_output=True, text=True, timeout=timeout)
-
-
-def _torchrun(*args: str, nproc: int = 2) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        str(nproc),
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(_port()),
-        "-m",
-        "utp_dist.train",
-        *args,
-    ]
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +47,7 @@ def _val_lines(logs: Path) -> list[dict]:
 
 def test_two_processes_equal_one_process_with_the_same_global_batch(data, tmp_path, fresh_accelerate):
     assert main([str(_config(data, tmp_path / "one", tmp_path, 8))]) == 0
-    double = _launch(_torchrun(str(_config(data, tmp_path / "two", tmp_path, 4))))
+    double = _launch(torchrun(str(_config(data, tmp_path / "two", tmp_path, 4))))
     assert double.returncode == 0, double.stderr[-3000:]
 
     logs1, ckpt1 = _only_run(tmp_path / "one")
@@ -103,7 +79,7 @@ def test_accelerate_launch_multi_gpu_config_runs_distributed_on_cpu(data, tmp_pa
         "--num_processes",
         "2",
         "--main_process_port",
-        str(_port()),
+        str(free_port()),
         "-m",
         "utp_dist.train",
         str(_config(data, tmp_path / "out", tmp_path, 4)),
@@ -117,7 +93,7 @@ def test_accelerate_launch_multi_gpu_config_runs_distributed_on_cpu(data, tmp_pa
 
 
 def _two_nodes(config: Path, node_args: tuple[list[str], list[str]]) -> list[subprocess.Popen]:
-    port = _port()
+    port = free_port()
     procs = []
     for rank, extra in enumerate(node_args):
         cmd = [

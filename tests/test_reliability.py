@@ -10,13 +10,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import REPO, make_image_folder, tiny_config
+from conftest import REPO, make_image_folder, tiny_config, torchrun, wait_for
 from conftest import run_cli as _run_cli
 from safetensors.torch import load_file
 
@@ -55,14 +54,6 @@ def _start(config: Path, *overrides: str, sleep: float = 0.0, prefix: tuple[str,
     return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while not predicate():
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        assert time.time() < deadline, "timed out"
-        time.sleep(0.05)
-
-
 def _only_run(out: Path) -> RunDir:
     (run,) = find_runs(out)
     return run
@@ -72,7 +63,7 @@ def _stopped_run(data: Path, out: Path, **sections) -> tuple[Path, RunDir]:
     """A run stopped by SIGTERM after its second state: (config, run)."""
     config = _config(data, out, **sections)
     proc = _start(config, sleep=0.3)
-    _wait_for(lambda: any(len(run.states()) >= 2 for run in find_runs(out)), proc)
+    wait_for(lambda: any(len(run.states()) >= 2 for run in find_runs(out)), proc)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == EXIT_RESUMABLE, err[-3000:]
@@ -120,14 +111,8 @@ def test_a_nan_loss_stops_the_run_with_one_line_and_keeps_the_good_states(data, 
 
 
 def test_under_ddp_every_rank_stops_at_the_same_nan_step(data, tmp_path):
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     config = _config(data, tmp_path / "out", optim={"lr": 1e6}, data={"batch_size": 4})
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), "-m", "utp_dist.train"]
-    proc = subprocess.run([*cmd, str(config)], env=ENV, cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(torchrun(str(config)), env=ENV, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("utp_dist: error: the training loss is not finite")]
     assert len(errors) == 2 and errors[0] == errors[1], proc.stderr[-3000:]  # both ranks, the same step, no hang
@@ -201,7 +186,7 @@ def test_two_resumes_of_one_run_get_one_writer_and_a_killed_holder_blocks_nothin
     # kill -9 of a holder (continuing the finished run for a third epoch): its lock dies with it, the next start resumes
     newest = run.states()[-1].name
     proc = _start(config, f"checkpoint.resume={run.checkpoints}", "train.epochs=3", sleep=0.3)
-    _wait_for(lambda: run.states()[-1].name > newest, proc)
+    wait_for(lambda: run.states()[-1].name > newest, proc)
     proc.kill()
     proc.communicate()
     final = run_cli(str(config), "train.epochs=3")
@@ -253,7 +238,7 @@ def small_disk(tmp_path):
 def test_a_full_disk_is_one_line_and_the_run_resumes_once_there_is_room(data, small_disk):
     config = _config(data, small_disk / "out")
     proc = _start(config, sleep=0.3)
-    _wait_for(lambda: any(len(run.states()) >= 1 for run in find_runs(small_disk / "out")), proc)
+    wait_for(lambda: any(len(run.states()) >= 1 for run in find_runs(small_disk / "out")), proc)
     filler = small_disk / "filler"
     fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
     try:  # take every free byte

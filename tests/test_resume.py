@@ -13,8 +13,9 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-from conftest import REPO, make_image_folder, tiny_config
+from conftest import REPO, make_image_folder, tiny_config, wait_for
 from conftest import run_cli as _run_cli
+from conftest import torchrun as torchrun_cmd
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -53,14 +54,6 @@ def _config(root: Path, out: Path, **sections) -> Path:
 def _start(cmd: list[str], slow_save: float = 0.0) -> subprocess.Popen:
     env = {**ENV, "UTP_TEST_SLOW_SAVE": str(slow_save)}
     return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 90) -> None:
-    deadline = time.time() + timeout
-    while not predicate():
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        assert time.time() < deadline, "timed out"
-        time.sleep(0.05)
 
 
 def _run(out: Path) -> tuple[Path, Path]:
@@ -122,7 +115,7 @@ def test_sigterm_and_sigusr1_stops_resume_bit_identical(data, reference, tmp_pat
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         proc = _start(_train_cmd(config), slow_save=0.3)
         before = newest()
-        _wait_for(lambda before=before: newest() > before, proc)  # a new state was written: we are mid-run
+        wait_for(lambda before=before: newest() > before, proc)  # a new state was written: we are mid-run
         proc.send_signal(sig)
         proc.send_signal(sig)  # a second signal during the save changes nothing
         _, err = proc.communicate(timeout=60)
@@ -140,7 +133,7 @@ def test_kill_9_during_a_save_keeps_the_previous_state(data, reference, tmp_path
     config = _config(data, tmp_path / "cut")
     proc = _start(_train_cmd(config), slow_save=2.0)
     state_dir = lambda: next((tmp_path / "cut" / "checkpoints" / "shapes").iterdir()) / "state"  # noqa: E731
-    _wait_for(
+    wait_for(
         lambda: (
             (tmp_path / "cut" / "checkpoints" / "shapes").exists()
             and state_dir().is_dir()
@@ -200,19 +193,7 @@ def _workers(torchrun: subprocess.Popen, n: int) -> list[psutil.Process]:
 
 def test_two_processes_with_gpu_augment_stop_on_one_ranks_signal_and_resume_bit_identical(data, tmp_path, capsys, fresh_accelerate):
     def torchrun(config: Path, *extra: str, nproc: int = 2) -> list[str]:
-        return [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            str(nproc),
-            "--master_port",
-            str(_free_port()),
-            "-m",
-            "utp_dist.train",
-            str(config),
-            *extra,
-        ]
+        return torchrun_cmd(str(config), *extra, nproc=nproc)
 
     # augmentation on the device (Kornia) here, on the CPU workers in the single-process tests: both resume exactly
     gpu_augment = ["random_resized_crop", "horizontal_flip", "color_jitter"]
@@ -225,7 +206,7 @@ def test_two_processes_with_gpu_augment_stop_on_one_ranks_signal_and_resume_bit_
     config = _config(data, tmp_path / "cut", **sections)
     proc = _start(torchrun(config), slow_save=0.3)
     ckpt_parent = tmp_path / "cut" / "checkpoints" / "shapes"
-    _wait_for(lambda: ckpt_parent.exists() and any(_states(p) for p in ckpt_parent.iterdir()), proc)
+    wait_for(lambda: ckpt_parent.exists() and any(_states(p) for p in ckpt_parent.iterdir()), proc)
     rank1 = sorted(_workers(proc, 2), key=lambda p: p.environ().get("RANK", ""))[1]
     rank1.send_signal(signal.SIGUSR2)  # only rank 1 is signalled: both must agree, save once and stop
     _, err = proc.communicate(timeout=90)
@@ -238,14 +219,6 @@ def test_two_processes_with_gpu_augment_stop_on_one_ranks_signal_and_resume_bit_
     final = subprocess.run(torchrun(config), env=ENV, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert final.returncode == 0, final.stderr[-3000:]
     _assert_same_run(tmp_path / "ref", tmp_path / "cut")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_resumed_tracker_drops_later_cut_and_malformed_metrics_lines(tmp_path):
