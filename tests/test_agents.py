@@ -318,11 +318,13 @@ def test_abort_stops_with_75_then_resume_finishes_exactly(tmp_path, dashboard, i
 # --- (d) a config that fails at start; a job that needs more GPUs than an agent has
 
 
-def test_bad_data_root_fails_with_the_cli_line_and_2_gpu_job_never_goes_to_a_1_gpu_agent(tmp_path, dashboard, images):
+def test_bad_data_root_fails_with_the_cli_line_unwritable_root_refused_2_gpu_job_never_to_a_1_gpu_agent(tmp_path, dashboard, images):
     root = tmp_path / "root"
     _, client, group = dashboard([root])
     (big,) = queue(client, tiny_config(images, root), name="big", gpus=2, priority=10)
     (bad,) = queue(client, tiny_config(tmp_path / "no-such-images", root), name="bad")
+    (tmp_path / "a-file").write_text("")
+    (elsewhere,) = queue(client, tiny_config(images, tmp_path / "a-file" / "root"), name="unwritable", priority=5)
     group.start("one-gpu", "--gpus", "0")  # a listed GPU nvidia-smi does not know: the agent offers GPU 0
     failed = wait_run(client, bad, state_is("failed", "succeeded"), group=group)
     assert failed["state"] == "failed"
@@ -333,6 +335,11 @@ def test_bad_data_root_fails_with_the_cli_line_and_2_gpu_job_never_goes_to_a_1_g
     time.sleep(1.0)  # the agent keeps asking for work: the 2-GPU job is never offered to it
     job = client.get(f"/api/v1/runs/{big}").json()["jobs"][-1]
     assert job["state"] == "queued" and job["attempt"] == 0 and job["agent_id"] is None
+    refused = client.get(f"/api/v1/runs/{elsewhere}").json()  # an output root this agent cannot write: back in the queue
+    assert refused["state"] == "queued" and refused["jobs"][-1]["attempt"] == 1, refused
+    assert refused["jobs"][-1]["reason"].startswith(
+        f"refused by agent one-gpu: output.root '{tmp_path / 'a-file' / 'root'}' is not writable"
+    )
     agent = client.get("/api/v1/agents").json()[0]
     assert [g["index"] for g in agent["gpus"]] == [0] and agent["last_heartbeat"]
 
