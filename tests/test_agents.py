@@ -378,3 +378,37 @@ def test_two_cpu_agents_run_a_grid_submitted_with_the_dashboard_executor(tmp_pat
         assert run["sweep_id"] == listed["id"] and run["best"] == summary["best"]["value"]
     metric = next(c for c in shown["leaderboard_columns"] if c.startswith("best "))
     assert {row["run"]: float(row[metric]) for row in shown["leaderboard"]} == pytest.approx(summaries)
+
+
+# --- the reaper's arithmetic, in process (no lease has to run out in real time)
+
+
+def test_reaper_requeues_while_attempts_remain_then_fails_with_the_reason(tmp_path, images):
+    from sqlalchemy import update
+
+    from utp_dist.dashboard import jobqueue, migrate, services
+    from utp_dist.dashboard.db import Database, Job
+
+    database = Database(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    migrate.upgrade(database.engine)
+    with database.sessions() as session:
+        project = services.create_project(session, "p")
+        config = services.create_config(session, project.id, "tiny", tiny_config(images, tmp_path / "root"))
+        run, job = services.queue_run(session, config.id, max_attempts=2)
+        agent = jobqueue.register(session, "a", "host", [], drain=False)
+        outcomes = []
+        for _ in range(2):
+            claimed = jobqueue.claim(session, agent.id, 0, True, [], lease_s=30)
+            jobqueue.start(session, job.id, agent.id, claimed["attempt"], pid=1)
+            session.execute(update(Job).where(Job.id == job.id).values(lease_expires=0.0))  # the agent went silent
+            session.commit()
+            assert jobqueue.reap(session) == 1
+            session.refresh(job)
+            outcomes.append((job.state, job.attempt, job.reason))
+        assert jobqueue.reap(session) == 0
+        assert outcomes[0] == ("queued", 1, "requeued: agent a stopped renewing its lease")
+        assert outcomes[1] == ("failed", 2, "agent a stopped renewing its lease on attempt 2 of 2: no attempts left")
+        session.expire_all()
+        assert services.get_run(session, run.id).error == outcomes[1][2]
+        assert jobqueue.claim(session, agent.id, 0, True, [], lease_s=30) is None  # nothing left to claim
+    database.engine.dispose()

@@ -113,7 +113,8 @@ def claim(session: Session, agent_id: int, free_gpus: int, cpu: bool, refused: l
 
 def held_job(session: Session, job_id: int, agent_id: int, attempt: int) -> Job:
     """The job, if this agent still holds it at this attempt; else 409 naming who has it now (the agent kills its child)."""
-    job = found(session, Job, job_id, "job")
+    found(session, Job, job_id, "job")
+    job = session.get(Job, job_id, populate_existing=True)  # as the database has it now, not as this session last saw it
     if job.agent_id != agent_id or job.attempt != attempt or job.state not in HELD:
         raise Conflict(f"job {job_id} attempt {attempt} is no longer this agent's (now: {job.state}, attempt {job.attempt})", job.state)
     return job
@@ -188,9 +189,10 @@ def refuse(session: Session, job_id: int, agent_id: int, attempt: int, reason: s
 
 def reap(session: Session) -> int:
     """Jobs whose lease expired on the server's clock: back to the queue while attempts remain, else failed; returns how many."""
-    expired = list(session.scalars(select(Job).where(Job.state.in_(HELD), Job.lease_expires < now())))
+    query = select(Job).where(Job.state.in_(HELD), Job.lease_expires < now()).execution_options(populate_existing=True)
+    expired = list(session.scalars(query))
     for job in expired:
-        run = session.get(Run, job.run_id)
+        run = session.get(Run, job.run_id, populate_existing=True)
         agent = session.scalar(select(Agent.name).where(Agent.id == job.agent_id)) if job.agent_id else None
         lapse = f"agent {agent or '?'} stopped renewing its lease"
         released = {"agent_id": None, "lease_expires": None}
