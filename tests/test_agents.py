@@ -206,6 +206,7 @@ def test_sigterm_to_an_agent_stops_its_jobs_resumably_and_ends_it(tmp_path, dash
     (run_id,) = queue(client, tiny_config(images, tmp_path / "root"))
     agent = group.start("leaving", noop=True, UTP_TEST_CLAIMS=str(claims), UTP_TEST_NOOP_SECONDS="60")
     wait_run(client, run_id, state_is("running"), group=group)
+    assert f'<a href="/web/runs/{run_id}">#{run_id}</a> running' in client.get("/web/agents").text  # who runs what
     agent.terminate()
     assert agent.wait(timeout=30) == 0, group.logs()
     assert client.get(f"/api/v1/runs/{run_id}").json()["state"] == "stopped"  # Resume continues it

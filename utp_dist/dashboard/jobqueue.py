@@ -206,6 +206,14 @@ def reap(session: Session) -> int:
     return len(expired)
 
 
+def held_by_agent(session: Session) -> dict[int, list[tuple[int, str]]]:
+    """(run id, state) of the jobs each agent holds now, for the agents page."""
+    held: dict[int, list[tuple[int, str]]] = {}
+    for agent_id, run_id, state in session.execute(select(Job.agent_id, Job.run_id, Job.state).where(Job.state.in_(HELD)).order_by(Job.id)):
+        held.setdefault(agent_id, []).append((run_id, state))
+    return held
+
+
 def run_states(session: Session, run_ids: list[int]) -> dict[int, dict]:
     """The state, restarts and job reason of each run (what `submit status` asks for the tasks of a grid on agents)."""
     rows = session.execute(select(Run.id, Run.state, Run.restarts, Run.attempts).where(Run.id.in_(run_ids))).all()
