@@ -18,7 +18,13 @@ from dashboard_support import Postgres, Server, wait_until
 from safetensors.torch import load_file
 
 LEASE_S = 6
-ENV = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+ENV = {
+    **{k: v for k, v in os.environ.items() if k != "UTP_DASHBOARD_TOKEN"},
+    "PYTHONPATH": str(REPO),
+    "HF_HUB_OFFLINE": "1",
+    "OMP_NUM_THREADS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
 
 
 class LeaseServer(Server):
@@ -60,8 +66,8 @@ def dashboard(tmp_path):
     """start(roots, db_url=None) -> (server, client, agents): a dashboard with a short lease; all stopped at the end."""
     started = []
 
-    def start(roots: list[Path], db_url: str | None = None, lease_s: float = LEASE_S):
-        server = LeaseServer(roots, db_url or f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path / "server.log")
+    def start(roots: list[Path], db_url: str | None = None, lease_s: float = LEASE_S, token: str | None = None):
+        server = LeaseServer(roots, db_url or f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path / "server.log", token=token)
         server.lease_s = lease_s
         server.start()
         started.append((server, server.client(), Agents(server, tmp_path)))
@@ -210,6 +216,18 @@ def test_sigterm_to_an_agent_stops_its_jobs_resumably_and_ends_it(tmp_path, dash
     agent.terminate()
     assert agent.wait(timeout=30) == 0, group.logs()
     assert client.get(f"/api/v1/runs/{run_id}").json()["state"] == "stopped"  # Resume continues it
+
+
+def test_agents_of_a_dashboard_with_a_token_need_it(tmp_path, dashboard, images):
+    server, client, group = dashboard([tmp_path / "root"], token="s3cret")
+    (run_id,) = queue(client, tiny_config(images, tmp_path / "root"))
+    claims = str(tmp_path / "claims.txt")
+    assert group.start("tokenless", noop=True, UTP_TEST_CLAIMS=claims).wait(timeout=30) == 2
+    assert (tmp_path / "tokenless.log").read_text().strip().splitlines()[-1] == (
+        f"utp_dist: error: {server.url} needs its token: pass --token or set UTP_DASHBOARD_TOKEN"
+    )
+    group.start("trusted", "--token", "s3cret", noop=True, UTP_TEST_CLAIMS=claims)
+    assert wait_run(client, run_id, state_is("succeeded"), timeout=30, group=group)["state"] == "succeeded"
 
 
 def test_n_gpu_jobs_run_under_accelerate_launch_one_process_per_gpu(tmp_path):
