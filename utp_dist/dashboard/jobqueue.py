@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 
 from utp_dist.dashboard import states
 from utp_dist.dashboard.db import Agent, ConfigRow, Gpu, Job, Run, now
-from utp_dist.dashboard.services import Conflict, found, swap
+from utp_dist.dashboard.services import Conflict, NotFound, found, swap
 from utp_dist.errors import EXIT_USER_ERROR
 from utp_dist.preemption import EXIT_RESUMABLE
 
@@ -92,10 +92,10 @@ def claim(session: Session, agent_id: int, free_gpus: int, cpu: bool, refused: l
         return None
     session.execute(update(Run).where(Run.id == claimed.run_id).values(state=states.CLAIMED, agent_id=agent_id, pid=None, updated=now()))
     session.commit()
-    run = session.get(Run, claimed.run_id)
+    run = session.get(Run, claimed.run_id, populate_existing=True)
     config = session.get(ConfigRow, run.config_id) if run.config_id is not None else None
     if config is None:
-        job = session.get(Job, claimed.id)
+        job = session.get(Job, claimed.id, populate_existing=True)
         swap(session, job, states.FAILED, reason="its config was deleted: queue the run again from a config")
         return None
     folder = {"root": run.root, "dataset": run.dataset, "name": run.name} if run.root else None
@@ -113,8 +113,9 @@ def claim(session: Session, agent_id: int, free_gpus: int, cpu: bool, refused: l
 
 def held_job(session: Session, job_id: int, agent_id: int, attempt: int) -> Job:
     """The job, if this agent still holds it at this attempt; else 409 naming who has it now (the agent kills its child)."""
-    found(session, Job, job_id, "job")
     job = session.get(Job, job_id, populate_existing=True)  # as the database has it now, not as this session last saw it
+    if job is None:
+        raise NotFound(f"no job with id {job_id}")
     if job.agent_id != agent_id or job.attempt != attempt or job.state not in HELD:
         raise Conflict(f"job {job_id} attempt {attempt} is no longer this agent's (now: {job.state}, attempt {job.attempt})", job.state)
     return job
