@@ -162,12 +162,18 @@ def test_an_agent_runs_jobs_side_by_side_on_its_gpus_never_two_on_one(tmp_path, 
     assert all(not (a[2] & b[2]) for a, b in overlapping), overlapping
 
 
-def test_a_frozen_agent_loses_its_job_to_another_and_its_late_calls_change_nothing(tmp_path, dashboard, images):
-    _, client, group = dashboard([tmp_path / "root"])
-    claims = tmp_path / "claims.txt"
+def one_running_job(tmp_path: Path, dashboard, images: Path, agent: str, seconds: float, lease_s: float = LEASE_S):
+    """A dashboard, one queued run, and a do-nothing agent that runs it for `seconds`: (server, client, agents, run id, agent)."""
+    server, client, group = dashboard([tmp_path / "root"], lease_s=lease_s)
     (run_id,) = queue(client, tiny_config(images, tmp_path / "root"))
-    frozen = group.start("frozen", noop=True, UTP_TEST_CLAIMS=str(claims), UTP_TEST_NOOP_SECONDS="60")
+    proc = group.start(agent, noop=True, UTP_TEST_CLAIMS=str(tmp_path / "claims.txt"), UTP_TEST_NOOP_SECONDS=str(seconds))
     wait_run(client, run_id, state_is("running"), group=group)
+    return server, client, group, run_id, proc
+
+
+def test_a_frozen_agent_loses_its_job_to_another_and_its_late_calls_change_nothing(tmp_path, dashboard, images):
+    _, client, group, run_id, frozen = one_running_job(tmp_path, dashboard, images, "frozen", 60)
+    claims = tmp_path / "claims.txt"
     os.kill(frozen.pid, signal.SIGSTOP)  # alive but silent: a long GC pause, a hung NFS mount, a suspended VM
     group.start("healthy", noop=True, UTP_TEST_CLAIMS=str(claims), UTP_TEST_NOOP_SECONDS="3")
     wait_run(client, run_id, lambda r: r["jobs"][-1]["attempt"] == 2 and r["state"] == "running", timeout=LEASE_S + 30, group=group)
@@ -193,11 +199,7 @@ def test_a_frozen_agent_loses_its_job_to_another_and_its_late_calls_change_nothi
 
 
 def test_a_server_restart_leaves_running_jobs_to_their_agents(tmp_path, dashboard, images):
-    server, client, group = dashboard([tmp_path / "root"], lease_s=30)  # longer than the restart takes
-    claims = tmp_path / "claims.txt"
-    (run_id,) = queue(client, tiny_config(images, tmp_path / "root"))
-    group.start("steady", noop=True, UTP_TEST_CLAIMS=str(claims), UTP_TEST_NOOP_SECONDS="8")
-    wait_run(client, run_id, state_is("running"), group=group)
+    server, client, group, run_id, _ = one_running_job(tmp_path, dashboard, images, "steady", 8, lease_s=30)  # > the restart
     server.stop()
     time.sleep(2)  # the agent finds nobody there, and goes on running its job
     server.start()  # same port, same database
@@ -207,11 +209,7 @@ def test_a_server_restart_leaves_running_jobs_to_their_agents(tmp_path, dashboar
 
 
 def test_sigterm_to_an_agent_stops_its_jobs_resumably_and_ends_it(tmp_path, dashboard, images):
-    _, client, group = dashboard([tmp_path / "root"])
-    claims = tmp_path / "claims.txt"
-    (run_id,) = queue(client, tiny_config(images, tmp_path / "root"))
-    agent = group.start("leaving", noop=True, UTP_TEST_CLAIMS=str(claims), UTP_TEST_NOOP_SECONDS="60")
-    wait_run(client, run_id, state_is("running"), group=group)
+    _, client, group, run_id, agent = one_running_job(tmp_path, dashboard, images, "leaving", 60)
     assert f'<a href="/web/runs/{run_id}">#{run_id}</a> running' in client.get("/web/agents").text  # who runs what
     agent.terminate()
     assert agent.wait(timeout=30) == 0, group.logs()
