@@ -18,7 +18,13 @@ from dashboard_support import Postgres, Server, wait_until
 from safetensors.torch import load_file
 
 LEASE_S = 6
-ENV = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+ENV = {
+    **{k: v for k, v in os.environ.items() if k != "UTP_DASHBOARD_TOKEN"},
+    "PYTHONPATH": str(REPO),
+    "HF_HUB_OFFLINE": "1",
+    "OMP_NUM_THREADS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
 
 
 class LeaseServer(Server):
@@ -60,8 +66,8 @@ def dashboard(tmp_path):
     """start(roots, db_url=None) -> (server, client, agents): a dashboard with a short lease; all stopped at the end."""
     started = []
 
-    def start(roots: list[Path], db_url: str | None = None, lease_s: float = LEASE_S):
-        server = LeaseServer(roots, db_url or f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path / "server.log")
+    def start(roots: list[Path], db_url: str | None = None, lease_s: float = LEASE_S, token: str | None = None):
+        server = LeaseServer(roots, db_url or f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path / "server.log", token=token)
         server.lease_s = lease_s
         server.start()
         started.append((server, server.client(), Agents(server, tmp_path)))
@@ -156,12 +162,18 @@ def test_an_agent_runs_jobs_side_by_side_on_its_gpus_never_two_on_one(tmp_path, 
     assert all(not (a[2] & b[2]) for a, b in overlapping), overlapping
 
 
-def test_a_frozen_agent_loses_its_job_to_another_and_its_late_calls_change_nothing(tmp_path, dashboard, images):
-    _, client, group = dashboard([tmp_path / "root"])
-    claims = tmp_path / "claims.txt"
+def one_running_job(tmp_path: Path, dashboard, images: Path, agent: str, seconds: float, lease_s: float = LEASE_S):
+    """A dashboard, one queued run, and a do-nothing agent that runs it for `seconds`: (server, client, agents, run id, agent)."""
+    server, client, group = dashboard([tmp_path / "root"], lease_s=lease_s)
     (run_id,) = queue(client, tiny_config(images, tmp_path / "root"))
-    frozen = group.start("frozen", noop=True, UTP_TEST_CLAIMS=str(claims), UTP_TEST_NOOP_SECONDS="60")
+    proc = group.start(agent, noop=True, UTP_TEST_CLAIMS=str(tmp_path / "claims.txt"), UTP_TEST_NOOP_SECONDS=str(seconds))
     wait_run(client, run_id, state_is("running"), group=group)
+    return server, client, group, run_id, proc
+
+
+def test_a_frozen_agent_loses_its_job_to_another_and_its_late_calls_change_nothing(tmp_path, dashboard, images):
+    _, client, group, run_id, frozen = one_running_job(tmp_path, dashboard, images, "frozen", 60)
+    claims = tmp_path / "claims.txt"
     os.kill(frozen.pid, signal.SIGSTOP)  # alive but silent: a long GC pause, a hung NFS mount, a suspended VM
     group.start("healthy", noop=True, UTP_TEST_CLAIMS=str(claims), UTP_TEST_NOOP_SECONDS="3")
     wait_run(client, run_id, lambda r: r["jobs"][-1]["attempt"] == 2 and r["state"] == "running", timeout=LEASE_S + 30, group=group)
@@ -187,11 +199,7 @@ def test_a_frozen_agent_loses_its_job_to_another_and_its_late_calls_change_nothi
 
 
 def test_a_server_restart_leaves_running_jobs_to_their_agents(tmp_path, dashboard, images):
-    server, client, group = dashboard([tmp_path / "root"], lease_s=30)  # longer than the restart takes
-    claims = tmp_path / "claims.txt"
-    (run_id,) = queue(client, tiny_config(images, tmp_path / "root"))
-    group.start("steady", noop=True, UTP_TEST_CLAIMS=str(claims), UTP_TEST_NOOP_SECONDS="8")
-    wait_run(client, run_id, state_is("running"), group=group)
+    server, client, group, run_id, _ = one_running_job(tmp_path, dashboard, images, "steady", 8, lease_s=30)  # > the restart
     server.stop()
     time.sleep(2)  # the agent finds nobody there, and goes on running its job
     server.start()  # same port, same database
@@ -201,14 +209,23 @@ def test_a_server_restart_leaves_running_jobs_to_their_agents(tmp_path, dashboar
 
 
 def test_sigterm_to_an_agent_stops_its_jobs_resumably_and_ends_it(tmp_path, dashboard, images):
-    _, client, group = dashboard([tmp_path / "root"])
-    claims = tmp_path / "claims.txt"
-    (run_id,) = queue(client, tiny_config(images, tmp_path / "root"))
-    agent = group.start("leaving", noop=True, UTP_TEST_CLAIMS=str(claims), UTP_TEST_NOOP_SECONDS="60")
-    wait_run(client, run_id, state_is("running"), group=group)
+    _, client, group, run_id, agent = one_running_job(tmp_path, dashboard, images, "leaving", 60)
+    assert f'<a href="/web/runs/{run_id}">#{run_id}</a> running' in client.get("/web/agents").text  # who runs what
     agent.terminate()
     assert agent.wait(timeout=30) == 0, group.logs()
     assert client.get(f"/api/v1/runs/{run_id}").json()["state"] == "stopped"  # Resume continues it
+
+
+def test_agents_of_a_dashboard_with_a_token_need_it(tmp_path, dashboard, images):
+    server, client, group = dashboard([tmp_path / "root"], token="s3cret")
+    (run_id,) = queue(client, tiny_config(images, tmp_path / "root"))
+    claims = str(tmp_path / "claims.txt")
+    assert group.start("tokenless", noop=True, UTP_TEST_CLAIMS=claims).wait(timeout=30) == 2
+    assert (tmp_path / "tokenless.log").read_text().strip().splitlines()[-1] == (
+        f"utp_dist: error: {server.url} needs its token: pass --token or set UTP_DASHBOARD_TOKEN"
+    )
+    group.start("trusted", "--token", "s3cret", noop=True, UTP_TEST_CLAIMS=claims)
+    assert wait_run(client, run_id, state_is("succeeded"), timeout=30, group=group)["state"] == "succeeded"
 
 
 def test_n_gpu_jobs_run_under_accelerate_launch_one_process_per_gpu(tmp_path):
@@ -318,11 +335,13 @@ def test_abort_stops_with_75_then_resume_finishes_exactly(tmp_path, dashboard, i
 # --- (d) a config that fails at start; a job that needs more GPUs than an agent has
 
 
-def test_bad_data_root_fails_with_the_cli_line_and_2_gpu_job_never_goes_to_a_1_gpu_agent(tmp_path, dashboard, images):
+def test_bad_data_root_fails_with_the_cli_line_unwritable_root_refused_2_gpu_job_never_to_a_1_gpu_agent(tmp_path, dashboard, images):
     root = tmp_path / "root"
     _, client, group = dashboard([root])
     (big,) = queue(client, tiny_config(images, root), name="big", gpus=2, priority=10)
     (bad,) = queue(client, tiny_config(tmp_path / "no-such-images", root), name="bad")
+    (tmp_path / "a-file").write_text("")
+    (elsewhere,) = queue(client, tiny_config(images, tmp_path / "a-file" / "root"), name="unwritable", priority=5)
     group.start("one-gpu", "--gpus", "0")  # a listed GPU nvidia-smi does not know: the agent offers GPU 0
     failed = wait_run(client, bad, state_is("failed", "succeeded"), group=group)
     assert failed["state"] == "failed"
@@ -333,6 +352,11 @@ def test_bad_data_root_fails_with_the_cli_line_and_2_gpu_job_never_goes_to_a_1_g
     time.sleep(1.0)  # the agent keeps asking for work: the 2-GPU job is never offered to it
     job = client.get(f"/api/v1/runs/{big}").json()["jobs"][-1]
     assert job["state"] == "queued" and job["attempt"] == 0 and job["agent_id"] is None
+    refused = client.get(f"/api/v1/runs/{elsewhere}").json()  # an output root this agent cannot write: back in the queue
+    assert refused["state"] == "queued" and refused["jobs"][-1]["attempt"] == 1, refused
+    assert refused["jobs"][-1]["reason"].startswith(
+        f"refused by agent one-gpu: output.root '{tmp_path / 'a-file' / 'root'}' is not writable"
+    )
     agent = client.get("/api/v1/agents").json()[0]
     assert [g["index"] for g in agent["gpus"]] == [0] and agent["last_heartbeat"]
 
@@ -371,3 +395,37 @@ def test_two_cpu_agents_run_a_grid_submitted_with_the_dashboard_executor(tmp_pat
         assert run["sweep_id"] == listed["id"] and run["best"] == summary["best"]["value"]
     metric = next(c for c in shown["leaderboard_columns"] if c.startswith("best "))
     assert {row["run"]: float(row[metric]) for row in shown["leaderboard"]} == pytest.approx(summaries)
+
+
+# --- the reaper's arithmetic, in process (no lease has to run out in real time)
+
+
+def test_reaper_requeues_while_attempts_remain_then_fails_with_the_reason(tmp_path, images):
+    from sqlalchemy import update
+
+    from utp_dist.dashboard import jobqueue, migrate, services
+    from utp_dist.dashboard.db import Database, Job
+
+    database = Database(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    migrate.upgrade(database.engine)
+    with database.sessions() as session:
+        project = services.create_project(session, "p")
+        config = services.create_config(session, project.id, "tiny", tiny_config(images, tmp_path / "root"))
+        run, job = services.queue_run(session, config.id, max_attempts=2)
+        agent = jobqueue.register(session, "a", "host", [], drain=False)
+        outcomes = []
+        for _ in range(2):
+            claimed = jobqueue.claim(session, agent.id, 0, True, [], lease_s=30)
+            jobqueue.start(session, job.id, agent.id, claimed["attempt"], pid=1)
+            session.execute(update(Job).where(Job.id == job.id).values(lease_expires=0.0))  # the agent went silent
+            session.commit()
+            assert jobqueue.reap(session) == 1
+            session.refresh(job)
+            outcomes.append((job.state, job.attempt, job.reason))
+        assert jobqueue.reap(session) == 0
+        assert outcomes[0] == ("queued", 1, "requeued: agent a stopped renewing its lease")
+        assert outcomes[1] == ("failed", 2, "agent a stopped renewing its lease on attempt 2 of 2: no attempts left")
+        session.expire_all()
+        assert services.get_run(session, run.id).error == outcomes[1][2]
+        assert jobqueue.claim(session, agent.id, 0, True, [], lease_s=30) is None  # nothing left to claim
+    database.engine.dispose()

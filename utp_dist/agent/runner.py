@@ -92,7 +92,8 @@ class Runner:
         except ConfigError as err:
             return f"its config does not load here: {one_line(err)}"
         existing = next((p for p in (root.resolve(), *root.resolve().parents) if p.exists()), None)
-        if existing is None or not os.access(existing, os.W_OK | os.X_OK):
+        # the nearest existing folder decides whether the run's folders can be made (a file on the way: never)
+        if existing is None or not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
             return (
                 f"output.root '{root}' is not writable on {socket.gethostname()} (share it with the other agents, or fix its permissions)"
             )

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 
 from utp_dist.dashboard import states
 from utp_dist.dashboard.db import Agent, ConfigRow, Gpu, Job, Run, now
-from utp_dist.dashboard.services import Conflict, found, swap
+from utp_dist.dashboard.services import Conflict, NotFound, found, swap
 from utp_dist.errors import EXIT_USER_ERROR
 from utp_dist.preemption import EXIT_RESUMABLE
 
@@ -92,10 +92,10 @@ def claim(session: Session, agent_id: int, free_gpus: int, cpu: bool, refused: l
         return None
     session.execute(update(Run).where(Run.id == claimed.run_id).values(state=states.CLAIMED, agent_id=agent_id, pid=None, updated=now()))
     session.commit()
-    run = session.get(Run, claimed.run_id)
+    run = session.get(Run, claimed.run_id, populate_existing=True)
     config = session.get(ConfigRow, run.config_id) if run.config_id is not None else None
     if config is None:
-        job = session.get(Job, claimed.id)
+        job = session.get(Job, claimed.id, populate_existing=True)
         swap(session, job, states.FAILED, reason="its config was deleted: queue the run again from a config")
         return None
     folder = {"root": run.root, "dataset": run.dataset, "name": run.name} if run.root else None
@@ -113,7 +113,9 @@ def claim(session: Session, agent_id: int, free_gpus: int, cpu: bool, refused: l
 
 def held_job(session: Session, job_id: int, agent_id: int, attempt: int) -> Job:
     """The job, if this agent still holds it at this attempt; else 409 naming who has it now (the agent kills its child)."""
-    job = found(session, Job, job_id, "job")
+    job = session.get(Job, job_id, populate_existing=True)  # as the database has it now, not as this session last saw it
+    if job is None:
+        raise NotFound(f"no job with id {job_id}")
     if job.agent_id != agent_id or job.attempt != attempt or job.state not in HELD:
         raise Conflict(f"job {job_id} attempt {attempt} is no longer this agent's (now: {job.state}, attempt {job.attempt})", job.state)
     return job
@@ -188,9 +190,10 @@ def refuse(session: Session, job_id: int, agent_id: int, attempt: int, reason: s
 
 def reap(session: Session) -> int:
     """Jobs whose lease expired on the server's clock: back to the queue while attempts remain, else failed; returns how many."""
-    expired = list(session.scalars(select(Job).where(Job.state.in_(HELD), Job.lease_expires < now())))
+    query = select(Job).where(Job.state.in_(HELD), Job.lease_expires < now()).execution_options(populate_existing=True)
+    expired = list(session.scalars(query))
     for job in expired:
-        run = session.get(Run, job.run_id)
+        run = session.get(Run, job.run_id, populate_existing=True)
         agent = session.scalar(select(Agent.name).where(Agent.id == job.agent_id)) if job.agent_id else None
         lapse = f"agent {agent or '?'} stopped renewing its lease"
         released = {"agent_id": None, "lease_expires": None}
@@ -202,6 +205,14 @@ def reap(session: Session) -> int:
             reason = f"{lapse} on attempt {run.attempts} of {job.max_attempts}: no attempts left"
             swap(session, job, states.FAILED, run={"pid": None, "error": reason}, reason=reason, **released)
     return len(expired)
+
+
+def held_by_agent(session: Session) -> dict[int, list[tuple[int, str]]]:
+    """(run id, state) of the jobs each agent holds now, for the agents page."""
+    held: dict[int, list[tuple[int, str]]] = {}
+    for agent_id, run_id, state in session.execute(select(Job.agent_id, Job.run_id, Job.state).where(Job.state.in_(HELD)).order_by(Job.id)):
+        held.setdefault(agent_id, []).append((run_id, state))
+    return held
 
 
 def run_states(session: Session, run_ids: list[int]) -> dict[int, dict]:

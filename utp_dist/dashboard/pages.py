@@ -15,7 +15,7 @@ from fastapi.templating import Jinja2Templates
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from utp_dist.dashboard import security, services, sources, states
+from utp_dist.dashboard import jobqueue, security, services, sources, states
 from utp_dist.dashboard.db import Agent, ConfigRow, Project, Sweep
 from utp_dist.dashboard.deps import SessionDep, SettingsDep
 
@@ -290,7 +290,8 @@ async def resubmit_failed(request: Request, sweep_id: int, session: SessionDep):
 def agents_view(request: Request, session: Session, error: str | None = None, status_code: int = 200) -> HTMLResponse:
     """The agents page, with an error from a failed registration."""
     items, _ = services.list_agents(session, limit=500)
-    return render(request, "agents.html", status_code=status_code, agents=items, error=error)
+    held = jobqueue.held_by_agent(session)
+    return render(request, "agents.html", status_code=status_code, agents=items, error=error, held=held)
 
 
 @router.get("/agents")
