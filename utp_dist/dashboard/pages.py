@@ -143,14 +143,14 @@ def configs_page(request: Request, project_id: int, session: SessionDep):
 
 
 @router.post("/projects/{project_id}/configs")
-async def create_config(request: Request, project_id: int, session: SessionDep):
+async def create_config(request: Request, project_id: int, session: SessionDep, settings: SettingsDep):
     """Paste a config file (YAML, or JSON, which is YAML too); errors come back on the form with the CLI's line."""
     form = await posted(request)
     if form is None:
         return csrf_refused(request)
     name, text = str(form.get("name", "")).strip() or "config", str(form.get("text", ""))
     try:
-        services.create_config(session, project_id, name, text=text)
+        services.create_config(session, project_id, name, text=text, allow_import=settings.allow_import)
     except services.Invalid as err:
         project = services.found(session, Project, project_id, "project")
         items, _ = services.list_configs(session, project_id, limit=500)
