@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 from conftest import REPO, make_image_folder, tiny_config
 from dashboard_support import Postgres, Server, wait_until
@@ -213,3 +214,74 @@ def test_a_row_written_straight_into_the_database_is_refused_by_the_agent_never_
             assert client.post(f"/api/v1/runs/{runs[key]}/cancel").json()["state"] == "cancelled"
         assert "allowed_quiet" in jobs["train.callbacks"]["reason"]  # the agent imported its --allow-import module
     assert not marker.exists() and not list((tmp_path / "work").glob("*.yaml"))  # nothing was written to run
+
+
+# --- item: agent tokens reach only what an agent calls
+
+
+def bearer(server: Server, token: str) -> httpx.Client:
+    return httpx.Client(base_url=server.url, timeout=60, headers={"Authorization": f"Bearer {token}"})
+
+
+def test_an_agent_token_runs_a_job_end_to_end_and_can_do_nothing_else(server, client, project, images, folder, tmp_path):
+    made = client.post("/api/v1/agent-tokens", json={"name": "node-a"})
+    assert made.status_code == 201 and made.json()["token"].startswith("utpa_"), made.text
+    secret, token_id = made.json()["token"], made.json()["id"]
+    listed = client.get("/api/v1/agent-tokens")
+    assert [t["name"] for t in listed.json()] == ["node-a"] and secret not in listed.text and "token" not in listed.json()[0]
+    assert client.post("/api/v1/agent-tokens", json={"name": "node-a"}).status_code == 409
+    config = client.post("/api/v1/configs", json={"project_id": project, "name": "plain", "config": tiny_config(images, folder / "root")})
+    (run_id, config_id) = (
+        client.post(f"/api/v1/runs/from-config/{config.json()['id']}", json={"priority": 10}).json()["run_id"],
+        config.json()["id"],
+    )
+    claims = tmp_path / "claims.txt"
+    cmd = [sys.executable, str(REPO / "tests" / "agent_noop.py"), "--server", server.url, "--token", secret, "--name", "tokened"]
+    cmd += ["--gpus", "none", "--poll", "0.2", "--workdir", str(tmp_path / "work")]
+    with open(tmp_path / "agent.log", "ab") as log:
+        agent = subprocess.Popen(cmd, env={**ENV, "UTP_TEST_CLAIMS": str(claims)}, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: client.get(f"/api/v1/runs/{run_id}").json()["state"] == "succeeded", 60, "the run", tmp_path / "agent.log")
+    finally:
+        agent.kill()
+        agent.wait()
+    assert claims.read_text().split()[0] == str(client.get(f"/api/v1/runs/{run_id}").json()["jobs"][-1]["id"])
+    with bearer(server, secret) as stolen:
+        refused = [
+            stolen.post("/api/v1/projects", json={"name": "mine"}),
+            stolen.post("/api/v1/configs", json={"project_id": project, "name": "x", "config": tiny_config(images, folder / "root")}),
+            stolen.post(f"/api/v1/runs/from-config/{config_id}", json={}),
+            stolen.get(f"/api/v1/configs/{config_id}"),
+            stolen.get(f"/api/v1/configs/project/{project}"),
+            stolen.get(f"/api/v1/runs/{run_id}"),
+            stolen.post("/api/v1/agent-tokens", json={"name": "more"}),
+            stolen.delete(f"/api/v1/agent-tokens/{token_id}"),
+            stolen.get("/web/runs"),
+        ]
+        assert [r.status_code for r in refused] == [403] * len(refused)
+        assert {r.json()["detail"] for r in refused} == {
+            "an agent token may only register, heartbeat, claim and report jobs; this needs the dashboard's own token"
+        }
+        agent_id = stolen.post("/api/v1/agents/register", json={"name": "tokened", "host": "h", "gpus": []}).json()["agent_id"]
+        assert stolen.post(f"/api/v1/agents/{agent_id}/heartbeat", json={"jobs": []}).status_code == 200
+        assert client.delete(f"/api/v1/agent-tokens/{token_id}").status_code == 204
+        revoked = stolen.post("/api/v1/jobs/claim", json={"agent_id": agent_id, "free_gpus": 0, "cpu": True, "refused": []})
+        assert revoked.status_code == 401
+    with bearer(server, "utpa_guessed") as guess:
+        assert guess.post("/api/v1/agents/register", json={"name": "g", "host": "h", "gpus": []}).status_code == 401
+
+
+def test_agent_tokens_are_made_shown_once_and_revoked_on_the_agents_page(server, client):
+    page = client.get("/web/agents").text
+    csrf = re.search(r'name="csrf" value="([^"]+)"', page).group(1)
+    made = client.post("/web/agents/tokens", data={"csrf": csrf, "name": "from-page"})
+    secret = re.search(r'<code class="secret">(utpa_[^<]+)</code>', made.text)
+    assert made.status_code == 201 and secret, made.text[-2000:]
+    again = client.get("/web/agents").text
+    assert "from-page" in again and secret.group(1) not in again
+    with bearer(server, secret.group(1)) as agent:
+        assert agent.post("/api/v1/agents/register", json={"name": "paged", "host": "h", "gpus": []}).status_code == 200
+        (row,) = [t for t in client.get("/api/v1/agent-tokens").json() if t["name"] == "from-page"]
+        assert client.post(f"/web/agents/tokens/{row['id']}/revoke", data={"csrf": csrf}, follow_redirects=False).status_code == 303
+        assert agent.post("/api/v1/agents/register", json={"name": "paged", "host": "h", "gpus": []}).status_code == 401
+    assert client.post("/web/agents/tokens", data={"csrf": csrf, "name": "   "}).status_code == 422
