@@ -33,7 +33,8 @@ class LeaseServer(Server):
     lease_s = LEASE_S
 
     def command(self) -> list[str]:
-        return super().command() + ["--lease-seconds", str(self.lease_s)]
+        # tests.hooks: the callbacks of resumable_config; a stored config names no other code than what is allowed
+        return super().command() + ["--lease-seconds", str(self.lease_s), "--allow-import", "tests.hooks"]
 
 
 class Agents:
@@ -45,6 +46,7 @@ class Agents:
     def start(self, name: str, *flags: str, noop: bool = False, **env: str) -> subprocess.Popen:
         entry = [str(REPO / "tests" / "agent_noop.py")] if noop else ["-m", "utp_dist.agent"]
         cmd = [sys.executable, *entry, "--server", self.server.url, "--name", name, "--gpus", "none", "--poll", "0.2", *flags]
+        cmd += ["--allow-import", "tests.hooks"]
         cmd += ["--workdir", str(self.folder / name)]
         with open(self.folder / f"{name}.log", "ab") as log:
             proc = subprocess.Popen(cmd, env={**ENV, **env}, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)

@@ -3,6 +3,9 @@
 A config names an entry by its registered name or by an import path `module:attr`. A user's module adds names with
 the register_* decorators; importing it (from Python, or through any import path in the config) registers them.
 Built-in entries are import paths too, so this module stays light and every name is listed from the start.
+
+A config that comes through the dashboard is not the user's own code: `check_references` lets it name only registered
+names and import paths under the modules an operator allowed with --allow-import (see `allow_imports`).
 """
 
 from __future__ import annotations
@@ -10,10 +13,20 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
-from collections.abc import Callable
-from typing import Any
+import os
+import re
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 from utp_dist.config import ConfigError
+from utp_dist.errors import UserError
+
+if TYPE_CHECKING:
+    from utp_dist.config import Config
+
+IMPORT_ENV = "UTP_DIST_IMPORT"
+"""Modules (comma-separated) an agent's training process imports before it looks up a name: the agent's --allow-import."""
+MODULE_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 
 
 def load_object(spec: str, key: str) -> Any:
@@ -60,6 +73,8 @@ class Registry:
 
     def get(self, spec: str) -> Any:
         """The entry registered as `spec`, or the object at import path `spec`; a one-line ConfigError otherwise."""
+        if spec not in self.entries and ":" not in spec:
+            _import_from_env()
         entry = self.entries.get(spec, spec)
         if isinstance(entry, str):
             if ":" not in entry:
@@ -71,6 +86,13 @@ class Registry:
 
 def _identity(obj: Any) -> tuple:
     return getattr(obj, "__module__", None), getattr(obj, "__qualname__", obj)
+
+
+@functools.cache
+def _import_from_env() -> None:
+    """Import the modules an agent allowed (its --allow-import, passed down in UTP_DIST_IMPORT), once, so their names resolve."""
+    for module in filter(None, os.environ.get(IMPORT_ENV, "").split(",")):
+        importlib.import_module(module)
 
 
 LOSSES = Registry(
@@ -123,3 +145,54 @@ def register_metric(name: str) -> Callable:
 def register_callback(name: str) -> Callable:
     """Decorator: a class (or factory) called without arguments, whose object has any of the Callback events."""
     return CALLBACKS.register(name)
+
+
+REGISTRIES = (LOSSES, MODELS, DATASETS, BATCH_TRANSFORMS, METRICS, CALLBACKS)
+
+
+def allow_imports(modules: Iterable[str]) -> tuple[str, ...]:
+    """Import the modules an operator trusts (--allow-import), so the names their register_* decorators add are known.
+
+    The modules are also prefixes: import paths `module:attr` whose module is one of them or below one (my_team allows
+    my_team.losses:focal2, not my_teamx) pass `check_references`. A module that does not import is a one-line UserError.
+    """
+    modules = tuple(modules)
+    for module in modules:
+        if not MODULE_NAME.fullmatch(module):
+            raise UserError(f"--allow-import {module!r}: give a module name, e.g. my_team or my_team.losses")
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            raise UserError(f"--allow-import {module}: cannot import it ({err}); is it installed or on PYTHONPATH?") from None
+    return modules
+
+
+def references(cfg: Config) -> list[tuple[Registry, str]]:
+    """Every (registry, entry) a config names; the option mappings are keyed by these names (the config checks that)."""
+    return [
+        (LOSSES, cfg.train.loss),
+        (MODELS, cfg.model.builder),
+        (DATASETS, cfg.data.dataset),
+        *((BATCH_TRANSFORMS, spec) for spec in cfg.data.batch_transforms),
+        *((METRICS, spec) for spec in cfg.train.metrics),
+        *((CALLBACKS, spec) for spec in cfg.train.callbacks),
+    ]
+
+
+def check_references(cfg: Config, allowed: Iterable[str] = ()) -> None:
+    """Refuse a config from the dashboard that names code nobody allowed: a one-line ConfigError naming the key.
+
+    A stored config is data anyone with the API may write, so it may name registered names (built-ins and those of
+    modules the process imported on an operator's --allow-import) and import paths under an allowed module only.
+    The CLI and the Python API do not call this: there the config is the user's own code.
+    """
+    allowed = tuple(allowed)
+    for registry, spec in references(cfg):
+        module, colon, attr = spec.partition(":")
+        if spec in registry.entries or (colon and attr and any(module == a or module.startswith(a + ".") for a in allowed)):
+            continue
+        known = ", ".join(sorted(registry.entries)) or "none"
+        raise ConfigError(
+            f"{registry.key}: '{spec}' is not a registered {registry.what}; registered: {known} "
+            "(an operator can allow a module with --allow-import)"
+        )

@@ -1,4 +1,4 @@
-"""python -m utp_dist.agent --server URL [--name NAME] [--gpus auto|0,1,...|none] [--token T] [--drain] [--poll SECONDS]"""
+"""python -m utp_dist.agent --server URL [--name NAME] [--gpus auto|0,1,...|none] [--token T] [--drain] [--poll SECONDS] [--allow-import MODULE ...]"""
 
 from __future__ import annotations
 
@@ -27,6 +27,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--poll", type=float, default=2.0, help="seconds between looks for work when idle (default 2)")
     parser.add_argument("--cpu-jobs", type=int, default=1, help="CPU jobs (gpus = 0) run at once (default 1)")
     parser.add_argument("--workdir", help="where job configs and process logs go (default: a new temporary folder)")
+    parser.add_argument(
+        "--allow-import",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import MODULE; jobs may name what it registers and MODULE[.sub]:attr paths (repeatable; default: built-ins only)",
+    )
     return parser.parse_args(argv)
 
 
@@ -40,13 +47,14 @@ def main(argv: list[str] | None = None, runner_class=None) -> int:
         from utp_dist.agent.gpus import inventory
         from utp_dist.agent.loop import Agent
         from utp_dist.agent.runner import Runner
+        from utp_dist.registry import allow_imports
 
         if args.poll <= 0:
             raise UserError(f"--poll {args.poll}: must be positive, e.g. 2")
         if args.cpu_jobs < 0:
             raise UserError(f"--cpu-jobs {args.cpu_jobs}: must be 0 (GPU jobs only) or more")
         workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix=f"utp-agent-{args.name}-"))
-        runner = (runner_class or Runner)(workdir)
+        runner = (runner_class or Runner)(workdir, allow_imports(args.allow_import))
         agent = Agent(Client(args.server, args.token), args.name, inventory(args.gpus), runner, args.poll, args.cpu_jobs, args.drain)
         return agent.run()
 

@@ -20,6 +20,7 @@ import yaml
 from utp_dist.config import ConfigError, from_dict
 from utp_dist.dashboard import rundata
 from utp_dist.errors import one_line
+from utp_dist.registry import IMPORT_ENV, check_references
 from utp_dist.run_lock import RunLock
 from utp_dist.runs import RunDir, base_name, find_runs
 
@@ -81,16 +82,22 @@ class Child:
 class Runner:
     """Starts `python -m utp_dist.train` (or `accelerate launch` for several GPUs) for a claimed job."""
 
-    def __init__(self, workdir: Path):
-        self.workdir = workdir
+    def __init__(self, workdir: Path, allow_import: tuple[str, ...] = ()):
+        self.workdir, self.allow_import = workdir, allow_import
         self.workdir.mkdir(parents=True, exist_ok=True)
 
     def cannot_run(self, job: dict) -> str | None:
-        """Why this machine cannot run the job (its output root is not writable here), None when it can."""
+        """Why this machine cannot run the job (it names code nobody allowed, its output root is not writable here), or None."""
         try:
-            root = Path(from_dict(job["config"], job["config_name"]).output.root)
+            cfg = from_dict(job["config"], job["config_name"])
         except ConfigError as err:
             return f"its config does not load here: {one_line(err)}"
+        try:
+            # the server checked it when it was stored; a row written into the database by other means is caught here
+            check_references(cfg, self.allow_import)
+        except ConfigError as err:
+            return f"its config names code this agent does not run: {one_line(err)}"
+        root = Path(cfg.output.root)
         existing = next((p for p in (root.resolve(), *root.resolve().parents) if p.exists()), None)
         # the nearest existing folder decides whether the run's folders can be made (a file on the way: never)
         if existing is None or not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
@@ -116,6 +123,8 @@ class Runner:
         # a later attempt continues the run's newest complete state; with none (it died before its first save) it starts anew
         resume = str(folder.checkpoints) if folder is not None and folder.states() else "never"
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(gpus)}  # "" hides every GPU from a CPU job
+        if self.allow_import:  # the names the allowed modules register resolve in the training process too
+            env[IMPORT_ENV] = ",".join(self.allow_import)
         log = self.workdir / f"{stem}.log"
         with open(log, "ab") as out:
             proc = subprocess.Popen(

@@ -1,4 +1,4 @@
-"""python -m utp_dist.dashboard [--host 127.0.0.1] [--port 8000] [--db URL] [--root OUTPUT_ROOT ...] [--lease-seconds 30]"""
+"""python -m utp_dist.dashboard [--host 127.0.0.1] [--port 8000] [--db URL] [--root OUTPUT_ROOT ...] [--lease-seconds 30] [--allow-import MODULE ...]"""
 
 from __future__ import annotations
 
@@ -26,6 +26,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=30.0,
         help="an agent's claim on a job lapses after this long without a heartbeat (default 30)",
     )
+    parser.add_argument(
+        "--allow-import",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import MODULE; stored configs may name what it registers and MODULE[.sub]:attr paths (repeatable; default: built-ins only)",
+    )
     return parser.parse_args(argv)
 
 
@@ -50,8 +57,10 @@ def main(argv: list[str] | None = None) -> int:
         import uvicorn
 
         from utp_dist.dashboard.app import create_app
+        from utp_dist.registry import allow_imports
 
-        settings = from_args(args.host, args.port, args.db, args.root, args.index_interval, args.lease_seconds)
+        allowed = allow_imports(args.allow_import)
+        settings = from_args(args.host, args.port, args.db, args.root, args.index_interval, args.lease_seconds, allowed)
         settings.roots[0].mkdir(parents=True, exist_ok=True)  # the default database lives there
         app = create_app(settings)
         check_database(app.state.db.engine)

@@ -17,7 +17,7 @@ from starlette.concurrency import run_in_threadpool
 
 from utp_dist import __version__
 from utp_dist.dashboard import jobqueue, migrate, pages
-from utp_dist.dashboard.api import agents, configs, jobs, projects, runs, sweeps, system
+from utp_dist.dashboard.api import agent_tokens, agents, configs, jobs, projects, runs, sweeps, system
 from utp_dist.dashboard.db import Database
 from utp_dist.dashboard.indexer import Indexer
 from utp_dist.dashboard.security import AccessMiddleware
@@ -51,7 +51,7 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="utp_dist dashboard", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.settings, app.state.db, app.state.indexer = settings, database, indexer
     app.add_middleware(AccessMiddleware, settings=settings)
-    for module in (projects, configs, runs, agents, jobs, sweeps, system):
+    for module in (projects, configs, runs, agents, agent_tokens, jobs, sweeps, system):
         app.include_router(module.router)
     app.include_router(pages.router)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")

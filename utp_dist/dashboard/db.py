@@ -133,6 +133,16 @@ class Job(Base):
     run: Mapped[Run] = relationship(back_populates="jobs")
 
 
+class AgentToken(Base):
+    """A credential for agents only (see tokens.py): its name and the SHA-256 of its secret, never the secret itself."""
+
+    __tablename__ = "agent_tokens"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created: Mapped[float] = mapped_column(Float, default=now)
+
+
 class Sweep(Base):
     """A sweep ledger found under an output root (OUTPUT_ROOT/sweeps/NAME/sweep.json)."""
 

@@ -15,7 +15,7 @@ from fastapi.templating import Jinja2Templates
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from utp_dist.dashboard import jobqueue, security, services, sources, states
+from utp_dist.dashboard import jobqueue, security, services, sources, states, tokens
 from utp_dist.dashboard.db import Agent, ConfigRow, Project, Sweep
 from utp_dist.dashboard.deps import SessionDep, SettingsDep
 
@@ -143,14 +143,14 @@ def configs_page(request: Request, project_id: int, session: SessionDep):
 
 
 @router.post("/projects/{project_id}/configs")
-async def create_config(request: Request, project_id: int, session: SessionDep):
+async def create_config(request: Request, project_id: int, session: SessionDep, settings: SettingsDep):
     """Paste a config file (YAML, or JSON, which is YAML too); errors come back on the form with the CLI's line."""
     form = await posted(request)
     if form is None:
         return csrf_refused(request)
     name, text = str(form.get("name", "")).strip() or "config", str(form.get("text", ""))
     try:
-        services.create_config(session, project_id, name, text=text)
+        services.create_config(session, project_id, name, text=text, allow_import=settings.allow_import)
     except services.Invalid as err:
         project = services.found(session, Project, project_id, "project")
         items, _ = services.list_configs(session, project_id, limit=500)
@@ -287,11 +287,13 @@ async def resubmit_failed(request: Request, sweep_id: int, session: SessionDep):
 # --- agents
 
 
-def agents_view(request: Request, session: Session, error: str | None = None, status_code: int = 200) -> HTMLResponse:
-    """The agents page, with an error from a failed registration."""
+def agents_view(request: Request, session: Session, status_code: int = 200, **shown) -> HTMLResponse:
+    """The agents page and the agent tokens; `shown`: error (registering), token_error, created (a new token's secret, once)."""
     items, _ = services.list_agents(session, limit=500)
     held = jobqueue.held_by_agent(session)
-    return render(request, "agents.html", status_code=status_code, agents=items, error=error, held=held)
+    made, _ = tokens.list_tokens(session, limit=500)
+    context = {"error": None, "token_error": None, "created": None, **shown}
+    return render(request, "agents.html", status_code=status_code, agents=items, held=held, tokens=made, **context)
 
 
 @router.get("/agents")
@@ -308,7 +310,32 @@ async def create_agent(request: Request, session: SessionDep):
         services.create_agent(session, str(form.get("name", "")).strip() or "agent", str(form.get("host", "")))
         return "/web/agents"
 
-    return await create_from_form(request, make, lambda error: agents_view(request, session, error, 409))
+    return await create_from_form(request, make, lambda error: agents_view(request, session, 409, error=error))
+
+
+@router.post("/agents/tokens")
+async def create_agent_token(request: Request, session: SessionDep):
+    """Make an agent token and show its secret on the page, this once."""
+    form = await posted(request)
+    if form is None:
+        return csrf_refused(request)
+    try:
+        row, token = tokens.create_token(session, str(form.get("name", "")))
+    except services.Conflict as err:
+        return agents_view(request, session, status_code=409, token_error=str(err))
+    except services.Invalid as err:
+        return agents_view(request, session, status_code=422, token_error=str(err))
+    return agents_view(request, session, status_code=201, created={"name": row.name, "token": token})
+
+
+@router.post("/agents/tokens/{token_id}/revoke")
+async def revoke_agent_token(request: Request, token_id: int, session: SessionDep):
+    """Revoke an agent token."""
+    form = await posted(request)
+    if form is None:
+        return csrf_refused(request)
+    tokens.revoke_token(session, token_id)
+    return back("/web/agents")
 
 
 @router.post("/agents/{agent_id}/drain")

@@ -288,3 +288,19 @@ class RunStateOut(BaseModel):
     state: str
     restarts: int
     attempts: int
+
+
+class AgentTokenIn(BaseModel):
+    name: str = Field(min_length=1, max_length=200, description="what the token is for, e.g. the agent's machine")
+
+
+class AgentTokenOut(Out):
+    """An agent token as listed: never its secret (only a hash of it is stored)."""
+
+    id: int
+    name: str
+    created: float
+
+
+class AgentTokenCreated(AgentTokenOut):
+    token: str = Field(description="the secret, shown this once: give it to the agent as --token or UTP_DASHBOARD_TOKEN")

@@ -10,6 +10,7 @@ from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 
+from utp_dist.dashboard import tokens
 from utp_dist.dashboard.settings import Settings
 
 SESSION_COOKIE, CSRF_COOKIE, CSRF_FIELD = "utp_session", "utp_csrf", "csrf"
@@ -61,6 +62,11 @@ class AccessMiddleware(BaseHTTPMiddleware):
             return JSONResponse({"detail": "cross-site request refused"}, status_code=403)
         if self.settings.token and not path.startswith(OPEN_PATHS):
             header_ok = token_ok(self.settings, bearer(request))
+            # agent tokens (tokens.py): a valid one passes for the agent endpoints only, 403 anywhere else
+            if not header_ok and await tokens.is_agent(request, bearer(request)):
+                if not tokens.agent_may(request.method, path):
+                    return JSONResponse({"detail": tokens.AGENT_ONLY}, status_code=403)
+                header_ok = True
             cookie_ok = logged_in(request, self.settings)
             if path.startswith("/web/") or path == "/":
                 if not (cookie_ok or header_ok):

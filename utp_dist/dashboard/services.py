@@ -12,6 +12,7 @@ from utp_dist.config import Config, ConfigError, flatten, from_dict, parse_yaml
 from utp_dist.dashboard import files, rundata, sources, states
 from utp_dist.dashboard.db import Agent, ConfigRow, Gpu, Job, Project, Run, Sweep, now
 from utp_dist.errors import UserError, one_line
+from utp_dist.registry import check_references
 from utp_dist.runs import RunDir
 
 
@@ -104,21 +105,29 @@ def delete_project(session: Session, project_id: int) -> None:
 # --- configs
 
 
-def validate_config(name: str, config: dict | None, text: str | None) -> tuple[dict, Config]:
-    """The raw sections and the validated Config from a mapping or config-file text, by the CLI's own code and messages."""
+def validate_config(name: str, config: dict | None, text: str | None, allow_import: tuple[str, ...] = ()) -> tuple[dict, Config]:
+    """The raw sections and the validated Config from a mapping or config-file text, by the CLI's own code and messages.
+
+    Unlike the CLI's, it may name only registered names and import paths under `allow_import` (the operator's
+    --allow-import): a stored config is run by agents, so it must not name arbitrary code.
+    """
     if (config is None) == (text is None):
         raise Invalid("give the config either as 'config' (its sections as a mapping) or as 'yaml' (the text of a config file)")
     try:
         raw = parse_yaml(text, name) if text is not None else config
-        return raw, from_dict(raw, name)
+        cfg = from_dict(raw, name)
+        check_references(cfg, allow_import)
+        return raw, cfg
     except ConfigError as err:
         raise Invalid(one_line(err)) from None
 
 
-def create_config(session: Session, project_id: int, name: str, config: dict | None = None, text: str | None = None) -> ConfigRow:
+def create_config(
+    session: Session, project_id: int, name: str, config: dict | None = None, text: str | None = None, allow_import: tuple[str, ...] = ()
+) -> ConfigRow:
     """Validate, then store a config with the fingerprint of its resolved form."""
     found(session, Project, project_id, "project")
-    raw, cfg = validate_config(name, config, text)
+    raw, cfg = validate_config(name, config, text, allow_import)
     row = ConfigRow(project_id=project_id, name=name, config=raw, config_hash=cfg.fingerprint())
     session.add(row)
     session.commit()

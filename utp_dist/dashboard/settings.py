@@ -29,6 +29,8 @@ class Settings:
     """How often the background indexer looks for new or changed run folders."""
     lease_s: float = 30.0
     """How long an agent's claim on a job lasts without a heartbeat; then the reaper requeues the job (issue 12)."""
+    allow_import: tuple[str, ...] = ()
+    """Modules (imported at start) whose registered names and `module:attr` paths stored configs may name (--allow-import)."""
     secret: bytes = field(default=b"", repr=False)
     """Signs the login cookie; derived from the token."""
 
@@ -59,7 +61,13 @@ def is_loopback(host: str) -> bool:
 
 
 def from_args(
-    host: str, port: int, db: str | None, roots: list[str] | None, index_interval_s: float = 5.0, lease_s: float = 30.0
+    host: str,
+    port: int,
+    db: str | None,
+    roots: list[str] | None,
+    index_interval_s: float = 5.0,
+    lease_s: float = 30.0,
+    allow_import: tuple[str, ...] = (),
 ) -> Settings:
     """Settings from the command line, falling back to DASHBOARD_DB_URL and UTP_DASHBOARD_TOKEN."""
     token = os.environ.get(TOKEN_ENV) or None
@@ -71,5 +79,6 @@ def from_args(
         token=token,
         index_interval_s=index_interval_s,
         lease_s=lease_s,
+        allow_import=tuple(allow_import),
         secret=(token or os.urandom(16).hex()).encode(),
     )

@@ -6,16 +6,18 @@ from fastapi import APIRouter, status
 
 from utp_dist.dashboard import services
 from utp_dist.dashboard.db import ConfigRow
-from utp_dist.dashboard.deps import PagingDep, SessionDep
+from utp_dist.dashboard.deps import PagingDep, SessionDep, SettingsDep
 from utp_dist.dashboard.schemas import ConfigIn, ConfigOut
 
 router = APIRouter(prefix="/api/v1/configs", tags=["configs"])
 
 
 @router.post("", response_model=ConfigOut, status_code=status.HTTP_201_CREATED)
-def create_config(body: ConfigIn, session: SessionDep):
-    """Store a config given as `config` (sections) or `yaml` (file text); a bad key or value is 422 with the CLI's line."""
-    return services.create_config(session, body.project_id, body.name, body.config, body.yaml)
+def create_config(body: ConfigIn, session: SessionDep, settings: SettingsDep):
+    """Store a config given as `config` (sections) or `yaml` (file text); a bad key or value is 422 with the CLI's line.
+
+    It may name only registered names and import paths under the server's --allow-import modules (422 otherwise)."""
+    return services.create_config(session, body.project_id, body.name, body.config, body.yaml, settings.allow_import)
 
 
 @router.get("/project/{project_id}", response_model=list[ConfigOut])
