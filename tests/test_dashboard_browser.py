@@ -185,7 +185,9 @@ def test_a_queued_run_goes_queued_running_succeeded_on_its_page_without_a_reload
     page.evaluate("() => { window.notReloaded = true; }")
     command = [sys.executable, "-m", "utp_dist.agent", "--server", server.url, "--name", "browser-agent", "--gpus", "none", "--poll", "0.5"]
     with open(tmp_path / "agent.log", "wb") as log:
-        agent = subprocess.Popen(command, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        agent = subprocess.Popen(
+            command, env={**os.environ, **server.xdg_env(), "PYTHONPATH": str(REPO)}, stdout=log, stderr=subprocess.STDOUT, cwd=REPO
+        )
     try:
         expect(page.locator("#run-state")).to_contain_text("running", timeout=90_000)
         expect(page.locator("#run-state")).to_contain_text("succeeded", timeout=120_000)
