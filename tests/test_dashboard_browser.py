@@ -45,7 +45,11 @@ def page(server):
         page = context.new_page()
         errors: list[str] = []
         page.on("pageerror", lambda err: errors.append(str(err)))
+        # what the Content-Security-Policy blocked (an inline script, a style) is only a console message
+        page.on("console", lambda message: errors.append(message.text) if "Content Security Policy" in message.text else None)
         page.errors = errors
+        page.goto(f"/web/login?token={server.token}")  # the login URL the dashboard prints on its first start
+        assert page.url.endswith("/web/runs")
         yield page
         browser.close()
 
@@ -154,6 +158,7 @@ def test_api_docs_render_without_internet(page):
     page.goto("/docs")
     expect(page.locator(".swagger-ui .info")).to_contain_text("utp_dist dashboard")
     expect(page.locator(".swagger-ui")).to_contain_text("/api/v1/runs/from-config/{config_id}")
+    expect(page.locator(".swagger-ui .authorize")).to_be_visible()  # the bearer scheme: paste the token there
     assert page.errors == []
 
 
