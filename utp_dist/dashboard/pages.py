@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 from utp_dist.dashboard import jobqueue, security, services, sources, states
 from utp_dist.dashboard.db import Agent, ConfigRow, Project, Sweep
 from utp_dist.dashboard.deps import SessionDep, SettingsDep
+from utp_dist.dashboard.settings import Settings
 
 router = APIRouter(prefix="/web", include_in_schema=False)
 templates = Jinja2Templates(directory=Path(__file__).parent / "templates")
@@ -78,20 +79,17 @@ def back(url: str) -> RedirectResponse:
 # --- login and logout (a dashboard started with --no-token has neither)
 
 
-def log_in(request: Request, settings, given: str | None, target: str) -> HTMLResponse | RedirectResponse:
+def log_in(request: Request, settings: Settings, given: str | None, target: str) -> HTMLResponse | RedirectResponse:
     """Check a token from the login form or URL: the session cookie and the page asked for, else the form again (401; 429 while slowed)."""
     if settings.token is None:
         return back(target)
-    throttle, client = request.app.state.throttle, security.client_address(request)
-    wait = throttle.wait_s(client)
+    right, wait = security.offered(request, settings, request.app.state.throttle, given)
     if wait > 0:
         headers = security.retry_after(wait)
         error = f"Too many wrong tokens: try again in {headers['Retry-After']} s."
         return render(request, "login.html", status_code=429, headers=headers, next=target, error=error)
-    if not security.token_ok(settings, given):
-        throttle.failed(client)
+    if not right:
         return render(request, "login.html", status_code=401, next=target, error="Wrong token.")
-    throttle.succeeded(client)
     return request.app.state.sessions.set(back(target))
 
 

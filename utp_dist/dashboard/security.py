@@ -135,6 +135,17 @@ def client_address(request: Request) -> str:
     return request.client.host if request.client else "?"
 
 
+def offered(request: Request, settings: Settings, throttle: Throttle, given: str | None) -> tuple[bool, float]:
+    """Check a token a client offers, counting wrong ones: (right, seconds it must still wait, when it was not checked)."""
+    client = client_address(request)
+    wait = throttle.wait_s(client)
+    if wait > 0:
+        return False, wait
+    right = token_ok(settings, given)
+    (throttle.succeeded if right else throttle.failed)(client)
+    return right, 0.0
+
+
 def retry_after(wait_s: float) -> dict[str, str]:
     """The Retry-After header of a 429: whole seconds, rounded up."""
     return {"Retry-After": str(max(1, math.ceil(wait_s)))}
@@ -189,14 +200,9 @@ class AccessMiddleware(BaseHTTPMiddleware):
     def unauthorized(self, request: Request) -> Response | None:
         """Without the token (header) or a login (cookie): 401 for the API, the login page for pages; 429 while slowed down."""
         path, write, given = request.url.path, request.method not in SAFE_METHODS, bearer(request)
-        header_ok = False
-        if given is not None:
-            client = client_address(request)
-            wait = self.throttle.wait_s(client)
-            if wait > 0:
-                return too_many(wait)
-            header_ok = token_ok(self.settings, given)
-            (self.throttle.succeeded if header_ok else self.throttle.failed)(client)
+        header_ok, wait = offered(request, self.settings, self.throttle, given) if given is not None else (False, 0.0)
+        if wait > 0:
+            return too_many(wait)
         cookie_ok = self.sessions.valid(request.cookies.get(SESSION_COOKIE))
         if path.startswith("/web/") or path == "/":
             if not (cookie_ok or header_ok):
