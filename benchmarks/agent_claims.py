@@ -28,9 +28,9 @@ from dashboard_support import Postgres, Server  # noqa: E402
 from utp_dist.agent.client import Client  # noqa: E402
 
 
-def race(url: str, agent_id: int, start_at: float, out) -> None:
+def race(url: str, token: str, agent_id: int, start_at: float, out) -> None:
     """One racing agent: claim until nothing is left; send back (job id, attempt) of every claim and the time of the last."""
-    client = Client(url)
+    client = Client(url, token)
     time.sleep(max(0.0, start_at - time.time()))
     claimed = []
     while True:
@@ -54,7 +54,7 @@ def measure(name: str, db_url: str, folder: Path, jobs: int, agents: int) -> dic
             ids = [api.post("/api/v1/agents/register", json={"name": f"bench-{i}"}).json()["agent_id"] for i in range(agents)]
         out = multiprocessing.Queue()
         start_at = time.time() + 2.0  # every process imported and waiting: they start together
-        procs = [multiprocessing.Process(target=race, args=(server.url, agent_id, start_at, out)) for agent_id in ids]
+        procs = [multiprocessing.Process(target=race, args=(server.url, server.token, agent_id, start_at, out)) for agent_id in ids]
         for proc in procs:
             proc.start()
         results = [out.get(timeout=600) for _ in procs]

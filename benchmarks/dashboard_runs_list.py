@@ -83,6 +83,7 @@ def main() -> int:
             port = s.getsockname()[1]
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         cmd = [sys.executable, "-m", "utp_dist.dashboard", "--port", str(port), "--root", str(root), "--index-interval", "3600"]
+        cmd += ["--no-token", "--db", f"sqlite:///{Path(tmp) / 'dashboard.db'}"]  # a throw-away server on loopback
         start = time.perf_counter()
         server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         url = f"http://127.0.0.1:{port}"

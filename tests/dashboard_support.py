@@ -39,24 +39,55 @@ def wait_until(ready, timeout: float, what: str, log: Path | None = None) -> Non
 
 
 class Server:
-    """`python -m utp_dist.dashboard` as a real process on a free port."""
+    """`python -m utp_dist.dashboard` as a real process on a free port, with a home of its own.
 
-    def __init__(self, roots: list[Path], db_url: str, log: Path, host: str = "127.0.0.1", token: str | None = None):
-        self.roots, self.db_url, self.log, self.host, self.token = roots, db_url, log, host, token
+    Its XDG_CONFIG_HOME and XDG_DATA_HOME lie in a folder of its own (`home`), so the token it generates on its
+    first start (or `token`, given through UTP_DASHBOARD_TOKEN) and its default files never touch the user's;
+    `xdg_env()` points agents and `submit` there, so they find the token as the same user's processes do.
+    """
+
+    def __init__(
+        self,
+        roots: list[Path],
+        db_url: str | None,
+        log: Path,
+        host: str = "127.0.0.1",
+        token: str | None = None,
+        flags: tuple[str, ...] = (),
+        home: Path | None = None,
+    ):
+        """`db_url` None: the default database; `flags`: more command-line flags; `home`: another server's, to share its token."""
+        self.roots, self.db_url, self.log, self.host, self.given_token, self.flags = roots, db_url, log, host, token, flags
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.home = home or log.parent / f"home-{self.port}"
         self.proc: subprocess.Popen | None = None
+
+    @property
+    def token_file(self) -> Path:
+        return self.home / "config" / "utp_dist" / "dashboard.token"
+
+    @property
+    def token(self) -> str | None:
+        """The token clients send: the one given, else the one the server wrote on its first start."""
+        if self.given_token:
+            return self.given_token
+        return self.token_file.read_text().strip() if self.token_file.exists() else None
+
+    def xdg_env(self) -> dict[str, str]:
+        """The server's config and data folders, for a process of the same user (it finds the token file there)."""
+        return {"XDG_CONFIG_HOME": str(self.home / "config"), "XDG_DATA_HOME": str(self.home / "data")}
 
     def command(self) -> list[str]:
         roots = [arg for root in self.roots for arg in ("--root", str(root))]
         cmd = [sys.executable, "-m", "utp_dist.dashboard", "--host", self.host, "--port", str(self.port), *roots]
-        return cmd + ["--db", self.db_url, "--index-interval", "1"]
+        return cmd + (["--db", self.db_url] if self.db_url else []) + ["--index-interval", "1", *self.flags]
 
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k != "UTP_DASHBOARD_TOKEN"}
-        env.update(PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
-        if self.token:
-            env["UTP_DASHBOARD_TOKEN"] = self.token
+        env.update(self.xdg_env(), PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
+        if self.given_token:
+            env["UTP_DASHBOARD_TOKEN"] = self.given_token
         return env
 
     def start(self) -> Server:
@@ -74,8 +105,9 @@ class Server:
             return False
 
     def client(self, authed: bool = True, **kwargs) -> httpx.Client:
-        """An HTTP client of this server; `authed` sends the token (when the server has one) as a Bearer header."""
-        headers = {"Authorization": f"Bearer {self.token}"} if self.token and authed else {}
+        """An HTTP client of this server; `authed` sends the token as a Bearer header."""
+        token = self.token if authed else None
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
         return httpx.Client(base_url=self.url, timeout=60, headers=headers, **kwargs)
 
     def stop(self) -> None:

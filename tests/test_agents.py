@@ -49,7 +49,7 @@ class Agents:
         cmd += ["--allow-import", "tests.hooks"]
         cmd += ["--workdir", str(self.folder / name)]
         with open(self.folder / f"{name}.log", "ab") as log:
-            proc = subprocess.Popen(cmd, env={**ENV, **env}, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+            proc = subprocess.Popen(cmd, env={**ENV, **self.server.xdg_env(), **env}, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
         self.procs[name] = proc
         return proc
 
@@ -219,14 +219,15 @@ def test_sigterm_to_an_agent_stops_its_jobs_resumably_and_ends_it(tmp_path, dash
 
 
 def test_agents_of_a_dashboard_with_a_token_need_it(tmp_path, dashboard, images):
-    server, client, group = dashboard([tmp_path / "root"], token="s3cret")
+    server, client, group = dashboard([tmp_path / "root"], token="s3cret-token-for-agents")
     (run_id,) = queue(client, tiny_config(images, tmp_path / "root"))
     claims = str(tmp_path / "claims.txt")
     assert group.start("tokenless", noop=True, UTP_TEST_CLAIMS=claims).wait(timeout=30) == 2
     assert (tmp_path / "tokenless.log").read_text().strip().splitlines()[-1] == (
-        f"utp_dist: error: {server.url} needs its token: pass --token or set UTP_DASHBOARD_TOKEN"
+        f"utp_dist: error: {server.url} needs its token: pass --token, set UTP_DASHBOARD_TOKEN, "
+        f"or run as the user whose {server.token_file} holds it"
     )
-    group.start("trusted", "--token", "s3cret", noop=True, UTP_TEST_CLAIMS=claims)
+    group.start("trusted", "--token", "s3cret-token-for-agents", noop=True, UTP_TEST_CLAIMS=claims)
     assert wait_run(client, run_id, state_is("succeeded"), timeout=30, group=group)["state"] == "succeeded"
 
 
@@ -375,14 +376,14 @@ def test_two_cpu_agents_run_a_grid_submitted_with_the_dashboard_executor(tmp_pat
     group.start("cpu-a")
     group.start("cpu-b")
     submit = ("--executor", "dashboard", "--server", server.url, "--wait", "--poll", "1")
-    done = run_cli(str(grid), *submit, module="utp_dist.submit", timeout=300)
+    done = run_cli(str(grid), *submit, module="utp_dist.submit", timeout=300, **server.xdg_env())  # finds the token file
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:] + group.logs()
     folder = root / "sweeps" / "on-agents"
-    status = run_cli("status", str(folder), module="utp_dist.submit")
+    status = run_cli("status", str(folder), module="utp_dist.submit", **server.xdg_env())
     assert status.stdout.count("COMPLETED") == 4 and f"{server.url}/web/runs/" in status.stdout, status.stdout
-    again = run_cli("resubmit", str(folder), "--failed", module="utp_dist.submit")
+    again = run_cli("resubmit", str(folder), "--failed", module="utp_dist.submit", **server.xdg_env())
     assert again.returncode == 0 and "nothing to resubmit" in again.stdout, again.stdout + again.stderr
-    board = run_cli("leaderboard", str(folder), module="utp_dist.submit")
+    board = run_cli("leaderboard", str(folder), module="utp_dist.submit", **server.xdg_env())
     assert board.returncode == 0 and board.stdout.count("COMPLETED") == 4, board.stdout + board.stderr
     client.post("/api/v1/index/refresh")  # links the queued runs to the sweep ledger the submission wrote
     runs = client.get("/api/v1/runs", params={"state": "succeeded"}).json()

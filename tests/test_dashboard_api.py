@@ -209,9 +209,12 @@ def test_pagination_and_openapi(api):
     ],
 )
 def test_a_wrong_database_url_is_one_line(tmp_path, url, says):
+    home = {"XDG_CONFIG_HOME": str(tmp_path / "config")}  # the token file it writes first
     for done in (
-        run_cli("--root", str(tmp_path), "--db", url, module="utp_dist.dashboard", timeout=60),
-        run_cli("--root", str(tmp_path), module="utp_dist.dashboard", timeout=60, DASHBOARD_DB_URL=url),  # the same from the environment
+        run_cli("--root", str(tmp_path), "--db", url, module="utp_dist.dashboard", timeout=60, **home),
+        run_cli(
+            "--root", str(tmp_path), module="utp_dist.dashboard", timeout=60, DASHBOARD_DB_URL=url, **home
+        ),  # the same from the environment
     ):
         lines = done.stderr.strip().splitlines()
         assert done.returncode == 2 and len(lines) == 1 and says in lines[0] and "secret" not in lines[0]

@@ -45,7 +45,11 @@ def page(server):
         page = context.new_page()
         errors: list[str] = []
         page.on("pageerror", lambda err: errors.append(str(err)))
+        # what the Content-Security-Policy blocked (an inline script, a style) is only a console message
+        page.on("console", lambda message: errors.append(message.text) if "Content Security Policy" in message.text else None)
         page.errors = errors
+        page.goto(f"/web/login?token={server.token}")  # the login URL the dashboard prints on its first start
+        assert page.url.endswith("/web/runs")
         yield page
         browser.close()
 
@@ -154,6 +158,7 @@ def test_api_docs_render_without_internet(page):
     page.goto("/docs")
     expect(page.locator(".swagger-ui .info")).to_contain_text("utp_dist dashboard")
     expect(page.locator(".swagger-ui")).to_contain_text("/api/v1/runs/from-config/{config_id}")
+    expect(page.locator(".swagger-ui .authorize")).to_be_visible()  # the bearer scheme: paste the token there
     assert page.errors == []
 
 
@@ -185,7 +190,9 @@ def test_a_queued_run_goes_queued_running_succeeded_on_its_page_without_a_reload
     page.evaluate("() => { window.notReloaded = true; }")
     command = [sys.executable, "-m", "utp_dist.agent", "--server", server.url, "--name", "browser-agent", "--gpus", "none", "--poll", "0.5"]
     with open(tmp_path / "agent.log", "wb") as log:
-        agent = subprocess.Popen(command, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        agent = subprocess.Popen(
+            command, env={**os.environ, **server.xdg_env(), "PYTHONPATH": str(REPO)}, stdout=log, stderr=subprocess.STDOUT, cwd=REPO
+        )
     try:
         expect(page.locator("#run-state")).to_contain_text("running", timeout=90_000)
         expect(page.locator("#run-state")).to_contain_text("succeeded", timeout=120_000)

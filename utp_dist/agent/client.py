@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 import urllib.error
 import urllib.request
 
+from utp_dist import credentials
+from utp_dist.credentials import TOKEN_ENV
 from utp_dist.errors import UserError
-
-TOKEN_ENV = "UTP_DASHBOARD_TOKEN"
 
 
 class Unreachable(Exception):
-    """The server did not answer (down, restarting, or a 5xx): try again later; running children keep running."""
+    """The server did not answer (down, restarting, a 5xx, or 429 while it slows down wrong tokens): try again later; running children keep running."""
 
 
 class Conflict(Exception):
@@ -21,13 +20,13 @@ class Conflict(Exception):
 
 
 class Client:
-    """Calls to one dashboard, with its token as a Bearer header when there is one."""
+    """Calls to one dashboard, with its token as a Bearer header: --token, $UTP_DASHBOARD_TOKEN, or the token file of this user."""
 
     def __init__(self, server: str, token: str | None = None, timeout_s: float = 30.0):
         if not server.startswith(("http://", "https://")):
             raise UserError(f"--server {server!r}: give the dashboard's URL, e.g. http://127.0.0.1:8000")
         self.server, self.timeout_s = server.rstrip("/"), timeout_s
-        self.token = token if token is not None else os.environ.get(TOKEN_ENV) or None
+        self.token, self.token_source = credentials.find(token)
 
     def call(self, method: str, path: str, body: dict | None = None) -> dict | list | None:
         """One request; the JSON answer (None for 204). 409 -> Conflict, no answer or 5xx -> Unreachable, 401/4xx -> UserError."""
@@ -43,10 +42,17 @@ class Client:
             detail = _detail(err)
             if err.code == 409:
                 raise Conflict(detail) from None
-            if err.code >= 500:
+            if err.code >= 500 or err.code == 429:
                 raise Unreachable(f"{method} {path}: HTTP {err.code}: {detail}") from None
+            if err.code == 401 and self.token is None:
+                raise UserError(
+                    f"{self.server} needs its token: pass --token, set {TOKEN_ENV}, or run as the user whose "
+                    f"{credentials.token_file()} holds it"
+                ) from None
             if err.code == 401:
-                raise UserError(f"{self.server} needs its token: pass --token or set {TOKEN_ENV}") from None
+                raise UserError(
+                    f"{self.server} refused the token from {self.token_source}: pass its own with --token or {TOKEN_ENV}"
+                ) from None
             raise UserError(f"{method} {self.server}{path}: HTTP {err.code}: {detail}") from None
         except (urllib.error.URLError, OSError) as err:
             raise Unreachable(f"{self.server}: {getattr(err, 'reason', err)}") from None

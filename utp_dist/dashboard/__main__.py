@@ -1,23 +1,35 @@
-"""python -m utp_dist.dashboard [--host 127.0.0.1] [--port 8000] [--db URL] [--root OUTPUT_ROOT ...] [--lease-seconds 30] [--allow-import MODULE ...]"""
+"""python -m utp_dist.dashboard [--host 127.0.0.1] [--port 8000] [--root OUTPUT_ROOT ...] [--token T | --no-token] [--allow-import MODULE] ..."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from utp_dist.dashboard.settings import DB_ENV, TOKEN_ENV, from_args
+from utp_dist import credentials
+from utp_dist.dashboard.settings import DB_ENV, DB_FILE, Settings, from_args
 from utp_dist.errors import UserError, first_line, run_command
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    """The command line: host, port, database URL, output roots, index interval."""
+    """The command line: host, port, who may call, database URL, output roots, index interval, lease."""
     parser = argparse.ArgumentParser(
         prog="python -m utp_dist.dashboard",
-        description=f"Web dashboard and API over the runs and sweeps under the output roots. Off localhost, set {TOKEN_ENV}.",
+        description="Web dashboard and API over the runs and sweeps under the output roots, guarded by a token.",
     )
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; any other needs the token)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--db", help=f"SQLAlchemy URL (or {DB_ENV}); default: sqlite file dashboard.db under the first root")
+    parser.add_argument(
+        "--token",
+        help=f"the access token (or ${credentials.TOKEN_ENV}; default: the one in {credentials.token_file()}, generated on first start)",
+    )
+    parser.add_argument("--no-token", action="store_true", help="no token at all (loopback --host only): any local user can queue jobs")
+    parser.add_argument(
+        "--allowed-host",
+        action="append",
+        help="a Host name the dashboard answers to besides 127.0.0.1, localhost, ::1 and --host (repeatable; e.g. a proxy's name)",
+    )
+    parser.add_argument("--session-hours", type=float, default=12.0, help="how long a login lasts (default 12)")
+    parser.add_argument("--db", help=f"SQLAlchemy URL (or {DB_ENV}); default: a SQLite file in ~/.local/share/utp_dist/dashboards/")
     parser.add_argument("--root", action="append", help="output root to index (repeatable; default: experiments)")
     parser.add_argument("--index-interval", type=float, default=5.0, help="seconds between looks for new or changed runs")
     parser.add_argument(
@@ -48,23 +60,52 @@ def check_database(engine) -> None:
         raise UserError(f"--db {url}: cannot connect: {first_line(getattr(err, 'orig', None) or err)}") from None
 
 
+def base_url(settings: Settings) -> str:
+    """The URL to open in a browser on this machine (a wildcard bind is reached through 127.0.0.1)."""
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    return f"http://{f'[{host}]' if ':' in host else host}:{settings.port}"
+
+
+def announce(settings: Settings, source: str | None, generated: bool) -> None:
+    """Say where the dashboard is and how to log in; the token itself is printed only on the start that generated it."""
+    url, roots = base_url(settings), ", ".join(map(str, settings.roots))
+    if settings.token is None:
+        print("utp_dist: warning: --no-token: any user of this machine can queue jobs that run as you", file=sys.stderr, flush=True)
+        how = "no token"
+    elif generated:
+        how = f"new token stored in {source}; log in once with {url}/web/login?token={settings.token}"
+    else:
+        how = f"token from {source}"
+    print(f"utp_dist dashboard: {url}/  ({how}; roots: {roots})", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Serve the dashboard until Ctrl-C; a bad flag or database is one line and exit code 2."""
+    """Serve the dashboard until Ctrl-C; a bad flag, token or database is one line and exit code 2."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
 
     def serve() -> int:
-        """Build the app, check the database, run uvicorn."""
+        """Resolve the token, build the app, check the database, run uvicorn."""
         import uvicorn
 
         from utp_dist.dashboard.app import create_app
         from utp_dist.registry import allow_imports
 
-        allowed = allow_imports(args.allow_import)
-        settings = from_args(args.host, args.port, args.db, args.root, args.index_interval, args.lease_seconds, allowed)
-        settings.roots[0].mkdir(parents=True, exist_ok=True)  # the default database lives there
+        if args.no_token and args.token is not None:
+            raise UserError("--no-token and --token: give one of them")
+        # with --no-token, Settings refuses a non-loopback --host; without, a first start writes the token file
+        token, source, generated = (None, None, False) if args.no_token else credentials.server_token(args.token)
+        settings = from_args(args, token, allow_imports(args.allow_import))
+        if not settings.db_url:
+            settings.default_db_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if (settings.roots[0] / DB_FILE).exists() and not settings.default_db_file.exists():
+                print(
+                    f"utp_dist: note: {settings.roots[0] / DB_FILE} (an earlier default) is no longer used: the database is "
+                    f"{settings.default_db_file}; move the file there to keep its projects and queue",
+                    file=sys.stderr,
+                )
         app = create_app(settings)
         check_database(app.state.db.engine)
-        print(f"utp_dist dashboard: http://{args.host}:{args.port}/  (roots: {', '.join(map(str, settings.roots))})", flush=True)
+        announce(settings, source, generated)
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
         return 0
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import secrets
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from utp_dist.dashboard import jobqueue, migrate, pages
 from utp_dist.dashboard.api import agent_tokens, agents, configs, jobs, projects, runs, sweeps, system
 from utp_dist.dashboard.db import Database
 from utp_dist.dashboard.indexer import Indexer
-from utp_dist.dashboard.security import AccessMiddleware
+from utp_dist.dashboard.security import CSP, AccessMiddleware, Sessions, Throttle
 from utp_dist.dashboard.services import Conflict, Invalid, NotFound
 from utp_dist.dashboard.settings import Settings
 
@@ -50,7 +51,8 @@ def create_app(settings: Settings) -> FastAPI:
     # /docs is served below from vendored Swagger UI files (FastAPI's default loads them from a CDN); no ReDoc
     app = FastAPI(title="utp_dist dashboard", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.settings, app.state.db, app.state.indexer = settings, database, indexer
-    app.add_middleware(AccessMiddleware, settings=settings)
+    app.state.sessions, app.state.throttle = Sessions(settings), Throttle()
+    app.add_middleware(AccessMiddleware, settings=settings, sessions=app.state.sessions, throttle=app.state.throttle)
     for module in (projects, configs, runs, agents, agent_tokens, jobs, sweeps, system):
         app.include_router(module.router)
     app.include_router(pages.router)
@@ -58,7 +60,23 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_api_route("/", lambda: RedirectResponse("/web/runs"), include_in_schema=False)
     app.add_api_route("/docs", api_docs, include_in_schema=False)
     add_error_answers(app)
+    if settings.token:
+        declare_bearer(app)
     return app
+
+
+def declare_bearer(app: FastAPI) -> None:
+    """The OpenAPI document says every API call takes 'Authorization: Bearer TOKEN' (so /docs has its Authorize button)."""
+    plain = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = plain()
+            schema.setdefault("components", {})["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+            schema["security"] = [{"bearer": []}]
+        return app.openapi_schema
+
+    app.openapi = openapi
 
 
 async def reap_forever(database: Database, interval_s: float) -> None:
@@ -77,15 +95,22 @@ async def reap_forever(database: Database, interval_s: float) -> None:
 
 
 def api_docs() -> HTMLResponse:
-    """The OpenAPI docs (Swagger UI) from the vendored files, so they work on a machine without internet."""
-    vendor = "/static/vendor/swagger-ui"
-    return get_swagger_ui_html(
+    """The OpenAPI docs (Swagger UI) from the vendored files, so they work on a machine without internet.
+
+    Swagger UI starts from an inline script and styles its parts inline: this page alone allows its own inline
+    script (by a nonce fresh per answer), inline styles and data: images.
+    """
+    vendor, nonce = "/static/vendor/swagger-ui", secrets.token_urlsafe(16)
+    page = get_swagger_ui_html(
         openapi_url="/openapi.json",
         title="utp_dist dashboard API",
         swagger_js_url=f"{vendor}/swagger-ui-bundle.js",
         swagger_css_url=f"{vendor}/swagger-ui.css",
         swagger_favicon_url=f"{vendor}/favicon-32x32.png",
     )
+    html = page.body.decode().replace("<script>", f'<script nonce="{nonce}">')
+    policy = f"{CSP}; script-src 'self' 'nonce-{nonce}'; style-src 'self' 'unsafe-inline'; img-src 'self' data:"
+    return HTMLResponse(html, headers={"Content-Security-Policy": policy})
 
 
 def add_error_answers(app: FastAPI) -> None:

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 from utp_dist.dashboard import jobqueue, security, services, sources, states, tokens
 from utp_dist.dashboard.db import Agent, ConfigRow, Project, Sweep
 from utp_dist.dashboard.deps import SessionDep, SettingsDep
+from utp_dist.dashboard.settings import Settings
 
 router = APIRouter(prefix="/web", include_in_schema=False)
 templates = Jinja2Templates(directory=Path(__file__).parent / "templates")
@@ -48,9 +49,10 @@ def _ago(stamp: float | None) -> str:
 templates.env.filters.update(num=_number, ago=_ago, tojson_compact=lambda v: json.dumps(v, default=str))
 
 
-def render(request: Request, template: str, status_code: int = 200, **context) -> HTMLResponse:
-    """A page, with the CSRF token every form posts back."""
-    return templates.TemplateResponse(request, template, {"csrf": request.state.csrf, **context}, status_code=status_code)
+def render(request: Request, template: str, status_code: int = 200, headers: dict | None = None, **context) -> HTMLResponse:
+    """A page, with the CSRF token every form posts back and whether the dashboard has logins (the header's logout button)."""
+    context = {"csrf": request.state.csrf, "logins": request.app.state.settings.token is not None, **context}
+    return templates.TemplateResponse(request, template, context, status_code=status_code, headers=headers)
 
 
 def error_page(request: Request, status: int, detail: str) -> HTMLResponse:
@@ -74,26 +76,48 @@ def back(url: str) -> RedirectResponse:
     return RedirectResponse(url, status_code=303)
 
 
-# --- login (only when the dashboard has a token)
+# --- login and logout (a dashboard started with --no-token has neither)
+
+
+def log_in(request: Request, settings: Settings, given: str | None, target: str) -> HTMLResponse | RedirectResponse:
+    """Check a token from the login form or URL: the session cookie and the page asked for, else the form again (401; 429 while slowed)."""
+    if settings.token is None:
+        return back(target)
+    right, wait = security.offered(request, settings, request.app.state.throttle, given)
+    if wait > 0:
+        headers = security.retry_after(wait)
+        error = f"Too many wrong tokens: try again in {headers['Retry-After']} s."
+        return render(request, "login.html", status_code=429, headers=headers, next=target, error=error)
+    if not right:
+        return render(request, "login.html", status_code=401, next=target, error="Wrong token.")
+    return request.app.state.sessions.set(back(target))
 
 
 @router.get("/login")
-def login_form(request: Request, settings: SettingsDep, next: str = "/web/runs"):
-    """The login form (only needed when the dashboard has a token)."""
-    return render(request, "login.html", next=security.safe_next(next), needed=bool(settings.token), failed=False)
+def login_form(request: Request, settings: SettingsDep, next: str = "/web/runs", token: str | None = None):
+    """The login form; with ?token= (the URL the dashboard prints) it logs in at once and redirects, dropping the token from the URL."""
+    target = security.safe_next(next)
+    if token is not None:
+        return log_in(request, settings, token, target)
+    return render(request, "login.html", next=target, error=None)
 
 
 @router.post("/login")
 async def login(request: Request, settings: SettingsDep):
-    """Check the token and set the login cookie (an HMAC of it, never the token)."""
+    """Check the token and set the session cookie (signed and dated, never the token)."""
     form = await posted(request)
     if form is None:
         return csrf_refused(request)
-    target = security.safe_next(form.get("next"))
-    if not security.token_ok(settings, form.get("token")):
-        return render(request, "login.html", status_code=401, next=target, needed=True, failed=True)
-    response = back(target)
-    response.set_cookie(security.SESSION_COOKIE, security.session_value(settings), httponly=True, samesite="strict")
+    return log_in(request, settings, form.get("token"), security.safe_next(form.get("next")))
+
+
+@router.post("/logout")
+async def logout(request: Request):
+    """Forget this browser's login."""
+    if await posted(request) is None:
+        return csrf_refused(request)
+    response = back("/web/login")
+    response.delete_cookie(security.SESSION_COOKIE, httponly=True, samesite="strict")
     return response
 
 

@@ -122,3 +122,16 @@ const utp = (() => {
 
   return { align, chart, liveChart, runPage, comparePage, refreshTables };
 })();
+
+// What a page starts comes from its data, not from inline scripts, which the Content-Security-Policy forbids
+document.addEventListener("DOMContentLoaded", () => {
+  const run = document.getElementById("run-page");
+  if (run) utp.runPage(Number(run.dataset.runId), run.dataset.live === "true");
+  const compare = document.getElementById("compare-data");
+  if (compare) {
+    const { labels, series } = JSON.parse(compare.textContent);
+    utp.comparePage(labels, series);
+  }
+  const board = document.querySelector("[data-refresh-tables]");
+  if (board) utp.refreshTables(board.dataset.refreshTables.split(" "), Number(board.dataset.refreshSeconds));
+});
