@@ -240,11 +240,11 @@ async def change_run(request: Request, run_id: int, action: str, session: Sessio
 
 
 @router.get("/compare")
-def compare_page(request: Request, session: SessionDep, ids: Annotated[list[int], Query()] = ()):
+def compare_page(request: Request, session: SessionDep, settings: SettingsDep, ids: Annotated[list[int], Query()] = ()):
     """Picked runs: overlaid curves and the config keys that differ."""
     if len(ids) < 2:
         return error_page(request, 422, "pick at least two runs to compare (tick them in the runs list)")
-    data = services.compare(session, ids[:12])
+    data = services.compare(session, ids[:12], settings.roots)
     labels = [f"#{r.id} {r.name or 'queued'}" for r in data["runs"]]
     return render(request, "compare.html", **data, labels=labels)
 

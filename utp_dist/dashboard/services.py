@@ -176,9 +176,9 @@ def get_run(session: Session, run_id: int) -> Run:
     return found(session, Run, run_id, "run")
 
 
-def run_folder(run: Run) -> RunDir | None:
-    """The run's folder once it has one."""
-    return RunDir(run.root, run.dataset, run.name) if run.root and run.dataset and run.name else None
+def run_folder(run: Run, roots: tuple[Path, ...]) -> RunDir | None:
+    """The run's folder once it has one, read only where it resolves inside the output roots (an agent reports any path)."""
+    return RunDir(run.root, run.dataset, run.name, within=roots) if run.root and run.dataset and run.name else None
 
 
 def latest_job(session: Session, run: Run) -> Job | None:
@@ -303,7 +303,7 @@ def sweep_board(sweep: Sweep) -> dict:
 
 def run_detail(session: Session, run: Run, roots: tuple[Path, ...]) -> dict:
     """The run row plus what its folder says: resolved config, progress, summary, figures, log tail, best export, sweep task, jobs."""
-    folder = run_folder(run)
+    folder = run_folder(run, roots)
     config, summary, progress, paths, task = None, None, {}, {}, None
     if folder is not None and folder.exists():
         config = folder.read_config()
@@ -338,20 +338,20 @@ def run_log(session: Session, run: Run, folder: RunDir) -> tuple[dict | None, Pa
     return task, path, tail
 
 
-def run_series(run: Run) -> dict:
+def run_series(run: Run, roots: tuple[Path, ...]) -> dict:
     """The run's curves for the charts: train loss/accuracy per step, every val metric per epoch."""
-    folder = run_folder(run)
+    folder = run_folder(run, roots)
     if folder is None or not folder.exists():
         return {"train": {}, "val": {}}
     return {"train": rundata.train_curves(folder), "val": rundata.val_curves(folder)}
 
 
-def compare(session: Session, run_ids: list[int]) -> dict:
+def compare(session: Session, run_ids: list[int], roots: tuple[Path, ...]) -> dict:
     """Runs side by side: their curves, and only the config keys whose values differ between them."""
     runs = [get_run(session, i) for i in run_ids]
     flat = []
     for run in runs:
-        folder = run_folder(run)
+        folder = run_folder(run, roots)
         raw = folder.read_config() if folder is not None else None
         if raw is None and run.config_id is not None:
             row = session.get(ConfigRow, run.config_id)
@@ -364,6 +364,6 @@ def compare(session: Session, run_ids: list[int]) -> dict:
     differing = [k for k in keys if len({repr(f.get(k)) for f in flat}) > 1]
     return {
         "runs": runs,
-        "series": [run_series(run) for run in runs],
+        "series": [run_series(run, roots) for run in runs],
         "differences": [{"key": k, "values": [f.get(k) for f in flat]} for k in differing],
     }

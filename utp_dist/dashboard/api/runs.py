@@ -53,11 +53,11 @@ def get_run(run_id: int, session: SessionDep, settings: SettingsDep):
 
 
 @router.get("/{run_id}/series")
-def run_series(run_id: int, session: SessionDep, log: bool = False) -> dict:
+def run_series(run_id: int, session: SessionDep, settings: SettingsDep, log: bool = False) -> dict:
     """Curves for charts: {"state", "train": {tag: {x, y}}, "val": {metric: {x, y}}} (+ "log": its tail); pages poll it while a run is active."""
     run = services.get_run(session, run_id)
-    series = {"state": run.state, "epoch": run.epoch, "step": run.step, "best": run.best, **services.run_series(run)}
-    folder = services.run_folder(run)
+    series = {"state": run.state, "epoch": run.epoch, "step": run.step, "best": run.best, **services.run_series(run, settings.roots)}
+    folder = services.run_folder(run, settings.roots)
     if log and folder is not None and folder.exists():
         series["log"] = services.run_log(session, run, folder)[2]
     if log and not series.get("log") and run.log_tail:  # a queued run's output, as its agent reported it
