@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
-from utp_dist.dashboard.settings import DB_ENV, TOKEN_ENV, from_args
+from utp_dist.dashboard.settings import DB_ENV, MAX_BODY, TOKEN_ENV, from_args
 from utp_dist.errors import UserError, first_line, run_command
 
 
@@ -26,6 +27,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=30.0,
         help="an agent's claim on a job lapses after this long without a heartbeat (default 30)",
     )
+    parser.add_argument("--max-body", type=int, default=MAX_BODY, metavar="BYTES", help="bigger request bodies are refused (default 1 MiB)")
     return parser.parse_args(argv)
 
 
@@ -52,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         from utp_dist.dashboard.app import create_app
 
         settings = from_args(args.host, args.port, args.db, args.root, args.index_interval, args.lease_seconds)
+        settings = dataclasses.replace(settings, max_body=args.max_body)
         settings.roots[0].mkdir(parents=True, exist_ok=True)  # the default database lives there
         app = create_app(settings)
         check_database(app.state.db.engine)

@@ -55,7 +55,8 @@ def secret(path: Path) -> bool:
     if name == TOKEN_FILE or name.endswith(DATABASE_SUFFIXES):
         return True
     for side in SQLITE_SIDE_FILES:
-        if name.endswith(side) and (name.removesuffix(side).endswith(DATABASE_SUFFIXES) or _sqlite(path.with_name(path.name[: -len(side)]))):
+        database = path.parent / path.name[: -len(side)]
+        if name.endswith(side) and (database.name.lower().endswith(DATABASE_SUFFIXES) or _sqlite(database)):
             return True
     return _sqlite(path)
 

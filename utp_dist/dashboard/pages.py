@@ -12,12 +12,14 @@ import yaml
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.templating import Jinja2Templates
+from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from utp_dist.dashboard import jobqueue, security, services, sources, states
 from utp_dist.dashboard.db import Agent, ConfigRow, Project, Sweep
 from utp_dist.dashboard.deps import SessionDep, SettingsDep
+from utp_dist.dashboard.schemas import QueueIn, problem
 
 router = APIRouter(prefix="/web", include_in_schema=False)
 templates = Jinja2Templates(directory=Path(__file__).parent / "templates")
@@ -151,10 +153,11 @@ async def create_config(request: Request, project_id: int, session: SessionDep):
     name, text = str(form.get("name", "")).strip() or "config", str(form.get("text", ""))
     try:
         services.create_config(session, project_id, name, text=text)
-    except services.Invalid as err:
+    except (services.Invalid, services.Conflict) as err:
         project = services.found(session, Project, project_id, "project")
         items, _ = services.list_configs(session, project_id, limit=500)
-        return render(request, "configs.html", status_code=422, project=project, configs=items, error=str(err), name=name, text=text)
+        status = 409 if isinstance(err, services.Conflict) else 422
+        return render(request, "configs.html", status_code=status, project=project, configs=items, error=str(err), name=name, text=text)
     return back(f"/web/projects/{project_id}/runs")
 
 
@@ -176,8 +179,11 @@ async def queue_run(request: Request, config_id: int, session: SessionDep):
     form = await posted(request)
     if form is None:
         return csrf_refused(request)
-    gpus = int(form.get("gpus") or 0)
-    run, _ = services.queue_run(session, config_id, gpus=max(0, gpus))
+    try:  # the same bounds as the API's body
+        queue = QueueIn(gpus=form.get("gpus") or 0)
+    except ValidationError as err:
+        return error_page(request, 422, problem(err.errors()))
+    run, _ = services.queue_run(session, config_id, gpus=queue.gpus)
     return back(f"/web/runs/{run.id}")
 
 

@@ -116,8 +116,10 @@ def validate_config(name: str, config: dict | None, text: str | None) -> tuple[d
 
 
 def create_config(session: Session, project_id: int, name: str, config: dict | None = None, text: str | None = None) -> ConfigRow:
-    """Validate, then store a config with the fingerprint of its resolved form."""
+    """Validate, then store a config with the fingerprint of its resolved form (409 when the project has one of that name)."""
     found(session, Project, project_id, "project")
+    if session.scalar(select(ConfigRow.id).where(ConfigRow.project_id == project_id, ConfigRow.name == name)) is not None:
+        raise Conflict(f"project {project_id} already has a config named '{name}': choose another name")
     raw, cfg = validate_config(name, config, text)
     row = ConfigRow(project_id=project_id, name=name, config=raw, config_hash=cfg.fingerprint())
     session.add(row)
@@ -125,10 +127,13 @@ def create_config(session: Session, project_id: int, name: str, config: dict | N
     return row
 
 
-def list_configs(session: Session, project_id: int, limit: int = 100, offset: int = 0) -> tuple[list[ConfigRow], int]:
-    """A project's configs, oldest first."""
+def list_configs(
+    session: Session, project_id: int, limit: int = 100, offset: int = 0, name: str | None = None
+) -> tuple[list[ConfigRow], int]:
+    """A project's configs, oldest first (only the one called `name`, when given)."""
     found(session, Project, project_id, "project")
-    return page(session, select(ConfigRow).where(ConfigRow.project_id == project_id).order_by(ConfigRow.id), limit, offset)
+    query = select(ConfigRow).where(ConfigRow.project_id == project_id).order_by(ConfigRow.id)
+    return page(session, query.where(ConfigRow.name == name) if name is not None else query, limit, offset)
 
 
 def delete_config(session: Session, config_id: int) -> None:

@@ -11,6 +11,7 @@ from utp_dist.errors import UserError
 
 TOKEN_ENV, DB_ENV = "UTP_DASHBOARD_TOKEN", "DASHBOARD_DB_URL"
 DB_FILE = "dashboard.db"
+MAX_BODY = 1 << 20  # bytes of a request body: the largest config text or agent report is a few KiB
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,8 @@ class Settings:
     """How often the background indexer looks for new or changed run folders."""
     lease_s: float = 30.0
     """How long an agent's claim on a job lasts without a heartbeat; then the reaper requeues the job (issue 12)."""
+    max_body: int = MAX_BODY
+    """Request bodies above this many bytes are answered 413 (--max-body)."""
     secret: bytes = field(default=b"", repr=False)
     """Signs the login cookie; derived from the token."""
 
@@ -37,6 +40,8 @@ class Settings:
             raise UserError("--root: give at least one output root")
         if not self.lease_s > 0:
             raise UserError(f"--lease-seconds {self.lease_s}: must be positive, e.g. 30 (agents heartbeat every third of it)")
+        if self.max_body < 1:
+            raise UserError(f"--max-body {self.max_body}: must be a positive number of bytes, e.g. 1048576 (1 MiB)")
         if not is_loopback(self.host) and not self.token:
             raise UserError(f"--host {self.host} is reachable from other machines: set {TOKEN_ENV} to a secret token first")
 
