@@ -54,8 +54,8 @@ def create_app(settings: Settings) -> FastAPI:
     # /docs is served below from vendored Swagger UI files (FastAPI's default loads them from a CDN); no ReDoc
     app = FastAPI(title="utp_dist dashboard", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.settings, app.state.db, app.state.indexer = settings, database, indexer
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body)  # inside the access check, so routes see its 413 as raised
     app.add_middleware(AccessMiddleware, settings=settings)
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body)
     for module in (projects, configs, runs, agents, jobs, sweeps, system):
         app.include_router(module.router)
     app.include_router(pages.router)
@@ -143,5 +143,6 @@ def add_error_answers(app: FastAPI) -> None:
 
 
 def jsonable(errors) -> list:
-    """Validation errors with their context made printable (pydantic puts exception objects there)."""
-    return json.loads(json.dumps(list(errors), default=str))
+    """Validation errors with their context made printable (pydantic puts exception objects there), without the input
+    they refused (a NaN there would break the JSON answer, and a big body need not travel back)."""
+    return json.loads(json.dumps([{k: v for k, v in e.items() if k != "input"} for e in errors], default=str))
