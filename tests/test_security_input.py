@@ -343,3 +343,22 @@ def test_no_route_of_the_openapi_document_answers_500(server, made):
     print(f"fuzz: {calls} calls over {len(document['paths'])} paths in {elapsed:.1f} s")
     assert not failures, "\n".join(failures[:20])
     assert calls > 100 and elapsed < 120
+
+
+def test_the_dashboard_executor_reuses_a_stored_config_or_takes_the_next_name(server, made):
+    """Config names are unique in a project: a resubmission finds its config again; another config gets NAME-v1."""
+    from utp_dist.agent.client import Client
+    from utp_dist.config import from_dict, parse_yaml
+    from utp_dist.sweep.executors import DashboardExecutor
+    from utp_dist.sweep.resources import Resources
+
+    executor, client = DashboardExecutor(Resources(), server=server.url), Client(server.url)
+    same = parse_yaml(QUICKSTART, "qs")
+    assert (
+        executor._config(client, made["project"], {"name": "qs", "config_hash": from_dict(same, "qs").fingerprint()}, same)
+        == made["config"]
+    )
+    other = {**same, "train": {**same.get("train", {}), "epochs": 7}}
+    renamed = executor._config(client, made["project"], {"name": "qs", "config_hash": from_dict(other, "qs").fingerprint()}, other)
+    with server.client() as api:
+        assert api.get(f"/api/v1/configs/{renamed}").json()["name"] == "qs-v1"
