@@ -352,7 +352,7 @@ def test_the_dashboard_executor_reuses_a_stored_config_or_takes_the_next_name(se
     from utp_dist.sweep.executors import DashboardExecutor
     from utp_dist.sweep.resources import Resources
 
-    executor, client = DashboardExecutor(Resources(), server=server.url), Client(server.url)
+    executor, client = DashboardExecutor(Resources(), server=server.url), Client(server.url, token=server.token)
     same = parse_yaml(QUICKSTART, "qs")
     assert (
         executor._config(client, made["project"], {"name": "qs", "config_hash": from_dict(same, "qs").fingerprint()}, same)
