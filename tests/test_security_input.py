@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO
-from dashboard_support import Postgres, Server
+from dashboard_support import Postgres, Server, private_root, serving, trained_root
 
 MAX_BODY = 65_536
 QUICKSTART = (REPO / "configs" / "quickstart.yaml").read_text()
@@ -362,3 +362,18 @@ def test_the_dashboard_executor_reuses_a_stored_config_or_takes_the_next_name(se
     renamed = executor._config(client, made["project"], {"name": "qs", "config_hash": from_dict(other, "qs").fingerprint()}, other)
     with server.client() as api:
         assert api.get(f"/api/v1/configs/{renamed}").json()["name"] == "qs-v1"
+
+
+def test_a_sweep_board_reads_no_run_outside_the_roots(tmp_path_factory):
+    """A ledger names any output root; the board shows progress only of runs inside the dashboard's roots."""
+    root = private_root(tmp_path_factory, "sweep-outside")
+    ledger_file = root / "sweeps" / "seeds" / "sweep.json"
+    with serving(root, tmp_path_factory, "sweep-outside") as server, server.client() as api:
+        sweep = api.get("/api/v1/sweeps").json()[0]["id"]
+        assert api.get(f"/api/v1/sweeps/{sweep}").json()["rows"][0]["step"] == 18
+        ledger = json.loads(ledger_file.read_text())
+        for task in ledger["tasks"]:  # the session's trained root: the same runs, outside this server's root
+            task["output_root"] = str(trained_root(tmp_path_factory.getbasetemp()))
+        ledger_file.write_text(json.dumps(ledger))
+        board = api.get(f"/api/v1/sweeps/{sweep}").json()
+        assert [row["step"] for row in board["rows"]] == [None] * 4 and [row["best"] for row in board["rows"]] == [None] * 4

@@ -266,24 +266,24 @@ def sweeps_page(request: Request, session: SessionDep):
 
 
 @router.get("/sweeps/{sweep_id}")
-def sweep_page(request: Request, sweep_id: int, session: SessionDep, message: str | None = None):
+def sweep_page(request: Request, sweep_id: int, session: SessionDep, settings: SettingsDep, message: str | None = None):
     """One sweep's board: tasks, resubmit-failed, leaderboard, seeds."""
     sweep = services.get_sweep(session, sweep_id)
-    board = services.sweep_board(sweep)
+    board = services.sweep_board(sweep, settings.roots)
     failed = [r for r in board["rows"] if r["state"] in sources.RESUBMITTABLE]
     runs = services.runs_by_logs(session, [row.get("logs") for row in board["rows"]])
     return render(request, "sweep.html", sweep=sweep, **board, failed=failed, message=message, runs=runs)
 
 
 @router.post("/sweeps/{sweep_id}/resubmit-failed")
-async def resubmit_failed(request: Request, sweep_id: int, session: SessionDep):
+async def resubmit_failed(request: Request, sweep_id: int, session: SessionDep, settings: SettingsDep):
     """Run `submit resubmit SWEEP --failed` and show the board with its last line."""
     form = await posted(request)
     if form is None:
         return csrf_refused(request)
     sweep = services.get_sweep(session, sweep_id)
     code, message = sources.resubmit_failed(Path(sweep.folder))
-    board = services.sweep_board(sweep)
+    board = services.sweep_board(sweep, settings.roots)
     failed = [r for r in board["rows"] if r["state"] in sources.RESUBMITTABLE]
     note = f"resubmit --failed: {message}" + ("" if code == 0 else f" (exit {code})")
     runs = services.runs_by_logs(session, [row.get("logs") for row in board["rows"]])

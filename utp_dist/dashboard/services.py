@@ -289,14 +289,14 @@ def runs_by_logs(session: Session, logs: list[str | None]) -> dict[str, int]:
     return out
 
 
-def sweep_board(sweep: Sweep) -> dict:
+def sweep_board(sweep: Sweep, roots: tuple[Path, ...]) -> dict:
     """The board of a sweep: task rows as `submit status` has them, the leaderboard, and mean ± std over seeds."""
     folder = Path(sweep.folder)
     board = {"rows": [], "leaderboard_columns": [], "leaderboard": [], "seed_groups": [], "error": None}
     try:
         ledger = sources.read_ledger(folder)
-        board["rows"] = [{**row, "kind": sources.kind(row["state"])} for row in sources.task_rows(folder, ledger)]
-        board["leaderboard_columns"], board["leaderboard"] = sources.leaderboard(folder, ledger)
+        board["rows"] = [{**row, "kind": sources.kind(row["state"])} for row in sources.task_rows(folder, ledger, roots)]
+        board["leaderboard_columns"], board["leaderboard"] = sources.leaderboard(folder, ledger, roots)
         board["seed_groups"] = sources.seed_groups(ledger, board["leaderboard"])
     except UserError as err:  # e.g. sacct unreachable: show the line, keep the page
         board["error"] = sources.describe_error(err)
