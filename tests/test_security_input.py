@@ -17,7 +17,7 @@ from dashboard_support import Postgres, Server, private_root, serving, trained_r
 MAX_BODY = 65_536
 QUICKSTART = (REPO / "configs" / "quickstart.yaml").read_text()
 SECRET = "TOP SECRET from outside the roots"
-FUZZ_EXAMPLES = 6  # per route and mode (bad and good bodies): about 30 s a database on the 2-core test machine
+FUZZ_EXAMPLES = 6  # per route and mode (broken and valid input): ~400 calls, 15-25 s a database on the 2-core test machine
 
 
 class LimitedServer(Server):
@@ -305,7 +305,41 @@ def test_a_config_name_taken_in_the_form_is_shown_as_409(server, made):
         assert response.status_code == 409 and "already has a config named" in response.text
 
 
-# --- the fuzz pass
+def test_the_dashboard_executor_reuses_a_stored_config_or_takes_the_next_name(server, made):
+    """Config names are unique in a project: a resubmission finds its config again; another config gets NAME-v1."""
+    from utp_dist.agent.client import Client
+    from utp_dist.config import from_dict, parse_yaml
+    from utp_dist.sweep.executors import DashboardExecutor
+    from utp_dist.sweep.resources import Resources
+
+    executor, client = DashboardExecutor(Resources(), server=server.url), Client(server.url, token=server.token)
+    same = parse_yaml(QUICKSTART, "qs")
+    assert (
+        executor._config(client, made["project"], {"name": "qs", "config_hash": from_dict(same, "qs").fingerprint()}, same)
+        == made["config"]
+    )
+    other = {**same, "train": {**same.get("train", {}), "epochs": 7}}
+    renamed = executor._config(client, made["project"], {"name": "qs", "config_hash": from_dict(other, "qs").fingerprint()}, other)
+    with server.client() as api:
+        assert api.get(f"/api/v1/configs/{renamed}").json()["name"] == "qs-v1"
+
+
+def test_a_sweep_board_reads_no_run_outside_the_roots(tmp_path_factory):
+    """A ledger names any output root; the board shows progress only of runs inside the dashboard's roots."""
+    root = private_root(tmp_path_factory, "sweep-outside")
+    ledger_file = root / "sweeps" / "seeds" / "sweep.json"
+    with serving(root, tmp_path_factory, "sweep-outside") as server, server.client() as api:
+        sweep = api.get("/api/v1/sweeps").json()[0]["id"]
+        assert api.get(f"/api/v1/sweeps/{sweep}").json()["rows"][0]["step"] == 18
+        ledger = json.loads(ledger_file.read_text())
+        for task in ledger["tasks"]:  # the session's trained root: the same runs, outside this server's root
+            task["output_root"] = str(trained_root(tmp_path_factory.getbasetemp()))
+        ledger_file.write_text(json.dumps(ledger))
+        board = api.get(f"/api/v1/sweeps/{sweep}").json()
+        assert [row["step"] for row in board["rows"]] == [None] * 4 and [row["best"] for row in board["rows"]] == [None] * 4
+
+
+# --- the fuzz pass: last, as it deletes what the tests above made
 
 
 def test_no_route_of_the_openapi_document_answers_500(server, made):
@@ -343,37 +377,3 @@ def test_no_route_of_the_openapi_document_answers_500(server, made):
     print(f"fuzz: {calls} calls over {len(document['paths'])} paths in {elapsed:.1f} s")
     assert not failures, "\n".join(failures[:20])
     assert calls > 100 and elapsed < 120
-
-
-def test_the_dashboard_executor_reuses_a_stored_config_or_takes_the_next_name(server, made):
-    """Config names are unique in a project: a resubmission finds its config again; another config gets NAME-v1."""
-    from utp_dist.agent.client import Client
-    from utp_dist.config import from_dict, parse_yaml
-    from utp_dist.sweep.executors import DashboardExecutor
-    from utp_dist.sweep.resources import Resources
-
-    executor, client = DashboardExecutor(Resources(), server=server.url), Client(server.url, token=server.token)
-    same = parse_yaml(QUICKSTART, "qs")
-    assert (
-        executor._config(client, made["project"], {"name": "qs", "config_hash": from_dict(same, "qs").fingerprint()}, same)
-        == made["config"]
-    )
-    other = {**same, "train": {**same.get("train", {}), "epochs": 7}}
-    renamed = executor._config(client, made["project"], {"name": "qs", "config_hash": from_dict(other, "qs").fingerprint()}, other)
-    with server.client() as api:
-        assert api.get(f"/api/v1/configs/{renamed}").json()["name"] == "qs-v1"
-
-
-def test_a_sweep_board_reads_no_run_outside_the_roots(tmp_path_factory):
-    """A ledger names any output root; the board shows progress only of runs inside the dashboard's roots."""
-    root = private_root(tmp_path_factory, "sweep-outside")
-    ledger_file = root / "sweeps" / "seeds" / "sweep.json"
-    with serving(root, tmp_path_factory, "sweep-outside") as server, server.client() as api:
-        sweep = api.get("/api/v1/sweeps").json()[0]["id"]
-        assert api.get(f"/api/v1/sweeps/{sweep}").json()["rows"][0]["step"] == 18
-        ledger = json.loads(ledger_file.read_text())
-        for task in ledger["tasks"]:  # the session's trained root: the same runs, outside this server's root
-            task["output_root"] = str(trained_root(tmp_path_factory.getbasetemp()))
-        ledger_file.write_text(json.dumps(ledger))
-        board = api.get(f"/api/v1/sweeps/{sweep}").json()
-        assert [row["step"] for row in board["rows"]] == [None] * 4 and [row["best"] for row in board["rows"]] == [None] * 4
