@@ -35,8 +35,11 @@ class RunDir:
     states), `finished_marker` and `lock_file` in checkpoints.
     """
 
-    def __init__(self, root: str | os.PathLike, dataset: str, name: str):
+    def __init__(self, root: str | os.PathLike, dataset: str, name: str, within: tuple[Path, ...] = ()):
         self.root, self.dataset, self.name = Path(root), dataset, name
+        # the folders its files must resolve into to be read (the dashboard's output roots); empty: anywhere (the CLI's
+        # own runs). A symlink planted in a served root (logs/x -> /etc) then shows nothing from outside it.
+        self.within = within
         self.logs, self.checkpoints = self.root / LOGS / dataset / name, self.root / CHECKPOINTS / dataset / name
         self.config_file, self.metrics_file, self.summary_file, self.figures = (self.logs / f for f in (CONFIG, METRICS, SUMMARY, FIGURES))
         self.evaluations = self.logs / EVALUATIONS
@@ -51,18 +54,28 @@ class RunDir:
     def __hash__(self) -> int:
         return hash((self.root, self.dataset, self.name))
 
+    def allows(self, path: Path) -> bool:
+        """Whether `path` may be read: always, unless the run is confined `within` folders and `path` resolves out of them."""
+        return not self.within or inside(path, self.within) is not None
+
+    def read_text(self, path: Path) -> str:
+        """The text of one of the run's files; OSError when it cannot be read or leads out of `within`."""
+        if not self.allows(path):
+            raise PermissionError(f"{path.name}: leads outside the output roots")
+        return path.read_text(encoding="utf-8")
+
     def is_finished(self) -> bool:
         """Whether the run trained to its end."""
-        return self.finished_marker.exists()
+        return self.finished_marker.exists() and self.allows(self.finished_marker)
 
     def states(self) -> list[Path]:
         """Complete training states, oldest first."""
-        return complete_states(self.state_dir)
+        return [state for state in complete_states(self.state_dir) if self.allows(state)]
 
     def read_config(self) -> dict | None:
         """The raw config mapping the run saved, None if missing or unreadable."""
         try:
-            raw = yaml.safe_load(self.config_file.read_text(encoding="utf-8"))
+            raw = yaml.safe_load(self.read_text(self.config_file))
         except (OSError, yaml.YAMLError):
             return None
         return raw if isinstance(raw, dict) else None
@@ -78,7 +91,7 @@ class RunDir:
     def read_summary(self) -> dict | None:
         """summary.json, None while the run has not finished or when it is unreadable."""
         try:
-            summary = json.loads(self.summary_file.read_text(encoding="utf-8"))
+            summary = json.loads(self.read_text(self.summary_file))
         except (OSError, ValueError):
             return None
         return summary if isinstance(summary, dict) else None
@@ -90,7 +103,7 @@ class RunDir:
     def metrics_lines(self) -> list[tuple[str, dict]]:
         """(raw line, record) of every well-formed metrics.jsonl line: an evaluation with its split, epoch and step."""
         try:
-            text = self.metrics_file.read_text(encoding="utf-8")
+            text = self.read_text(self.metrics_file)
         except OSError:
             return []
         lines = []
@@ -104,8 +117,8 @@ class RunDir:
         return lines
 
     def exists(self) -> bool:
-        """Whether the run's log folder exists."""
-        return self.logs.is_dir()
+        """Whether the run's log folder exists (and, for a confined run, lies inside `within`)."""
+        return self.logs.is_dir() and self.allows(self.logs)
 
     def describe(self) -> dict:
         """The run's paths, as summary.json records them."""
@@ -162,16 +175,44 @@ class RunDir:
         shutil.rmtree(self.checkpoints, ignore_errors=True)
 
 
-def find_runs(root: str | os.PathLike, name: str | None = None, dataset: str | None = None) -> Iterator[RunDir]:
-    """Runs under an output root (every data set, or one), all of them or those named NAME / NAME-vN."""
+def find_runs(
+    root: str | os.PathLike, name: str | None = None, dataset: str | None = None, within: tuple[Path, ...] = ()
+) -> Iterator[RunDir]:
+    """Runs under an output root (every data set, or one), all of them or those named NAME / NAME-vN.
+
+    `within`: the folders they must resolve into; a data set or run folder that is a symlink out of them is left out,
+    and the runs found are confined to them (RunDir.within).
+    """
     logs = Path(root) / LOGS
+    if within and inside(logs, within) is None:
+        return
     datasets = [logs / dataset] if dataset else (sorted(p for p in logs.iterdir() if p.is_dir()) if logs.is_dir() else [])
     for folder in datasets:
-        if not folder.is_dir():
+        if not folder.is_dir() or not _stays(folder, within):
             continue
         for run in sorted(folder.iterdir()):
-            if run.is_dir() and (name is None or is_version_of(name, run.name)):
-                yield RunDir(root, folder.name, run.name)
+            if run.is_dir() and (name is None or is_version_of(name, run.name)) and _stays(run, within):
+                yield RunDir(root, folder.name, run.name, within)
+
+
+def inside(path: str | os.PathLike, roots: tuple[Path, ...]) -> Path | None:
+    """`path` with every symlink and '..' resolved, when that lies inside one of `roots`; None when it leads out.
+
+    The one containment check of everything the dashboard reads or serves from the output roots.
+    """
+    try:
+        resolved = Path(path).resolve()
+    except (OSError, RuntimeError, ValueError):  # a symlink loop, a NUL character, a name too long
+        return None
+    for root in roots:
+        if resolved.is_relative_to(Path(root).resolve()):
+            return resolved
+    return None
+
+
+def _stays(entry: Path, within: tuple[Path, ...]) -> bool:
+    """Whether a folder entry, whose parent was checked already, stays within `within` (only a symlink can lead out)."""
+    return not within or not entry.is_symlink() or inside(entry, within) is not None
 
 
 def complete_states(folder: Path) -> list[Path]:

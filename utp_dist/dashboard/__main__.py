@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from utp_dist import credentials
-from utp_dist.dashboard.settings import DB_ENV, DB_FILE, Settings, from_args
+from utp_dist.dashboard.settings import DB_ENV, DB_FILE, MAX_BODY, Settings, from_args
 from utp_dist.errors import UserError, first_line, run_command
 
 
@@ -45,6 +45,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         metavar="MODULE",
         help="import MODULE; stored configs may name what it registers and MODULE[.sub]:attr paths (repeatable; default: built-ins only)",
     )
+    parser.add_argument("--max-body", type=int, default=MAX_BODY, metavar="BYTES", help="bigger request bodies are refused (default 1 MiB)")
     return parser.parse_args(argv)
 
 

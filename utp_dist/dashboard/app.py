@@ -14,6 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
+from sqlalchemy.exc import DataError, IntegrityError
 from starlette.concurrency import run_in_threadpool
 
 from utp_dist import __version__
@@ -21,9 +22,12 @@ from utp_dist.dashboard import jobqueue, migrate, pages
 from utp_dist.dashboard.api import agent_tokens, agents, configs, jobs, projects, runs, sweeps, system
 from utp_dist.dashboard.db import Database
 from utp_dist.dashboard.indexer import Indexer
+from utp_dist.dashboard.limits import BodyLimit
+from utp_dist.dashboard.schemas import problem
 from utp_dist.dashboard.security import CSP, AccessMiddleware, Sessions, Throttle
 from utp_dist.dashboard.services import Conflict, Invalid, NotFound
 from utp_dist.dashboard.settings import Settings
+from utp_dist.errors import one_line
 
 HERE = Path(__file__).parent
 log = logging.getLogger(__name__)
@@ -52,6 +56,7 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="utp_dist dashboard", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.settings, app.state.db, app.state.indexer = settings, database, indexer
     app.state.sessions, app.state.throttle = Sessions(settings), Throttle()
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body)  # inside the access check, so routes see its 413 as raised
     app.add_middleware(AccessMiddleware, settings=settings, sessions=app.state.sessions, throttle=app.state.throttle)
     for module in (projects, configs, runs, agents, agent_tokens, jobs, sweeps, system):
         app.include_router(module.router)
@@ -134,6 +139,19 @@ def add_error_answers(app: FastAPI) -> None:
     async def invalid(request: Request, err: Invalid):
         return answer(request, 422, str(err))
 
+    # the safety net under the schemas' bounds: what the database itself refuses is the client's input, not a server fault
+    @app.exception_handler(DataError)
+    async def unstorable(request: Request, err: DataError):
+        return answer(request, 422, f"the database cannot store this value: {one_line(err.orig or err)}")
+
+    @app.exception_handler(OverflowError)
+    async def overflow(request: Request, err: OverflowError):
+        return answer(request, 422, f"a number is out of range: {one_line(err)}")
+
+    @app.exception_handler(IntegrityError)
+    async def integrity(request: Request, err: IntegrityError):
+        return answer(request, 409, "this conflicts with what is stored (a name or index already used, or a row that is gone)")
+
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, err: RequestValidationError):
         broken = [e for e in err.errors() if e.get("type") == "json_invalid"]
@@ -145,9 +163,11 @@ def add_error_answers(app: FastAPI) -> None:
                 return JSONResponse(
                     {"detail": f"request body: invalid JSON at line {decode.lineno}, column {decode.colno}: {decode.msg}"}, status_code=422
                 )
-        return JSONResponse({"detail": jsonable(err.errors())}, status_code=422)
+        # one line to print, and every error with its location for programs
+        return JSONResponse({"detail": problem(err.errors()), "errors": jsonable(err.errors())}, status_code=422)
 
 
 def jsonable(errors) -> list:
-    """Validation errors with their context made printable (pydantic puts exception objects there)."""
-    return json.loads(json.dumps(list(errors), default=str))
+    """Validation errors with their context made printable (pydantic puts exception objects there), without the input
+    they refused (a NaN there would break the JSON answer, and a big body need not travel back)."""
+    return json.loads(json.dumps([{k: v for k, v in e.items() if k != "input"} for e in errors], default=str))

@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, Query, Request, Response
+from fastapi import Depends, Path, Query, Request, Response
 from sqlalchemy.orm import Session
 
+from utp_dist.dashboard.schemas import MAX_INT
 from utp_dist.dashboard.settings import Settings
 
 MAX_PAGE = 500
@@ -26,7 +27,7 @@ def get_settings(request: Request) -> Settings:
 class Paging:
     """?limit=&offset= on every list; the total count comes back in the X-Total-Count header."""
 
-    def __init__(self, response: Response, limit: int = Query(100, ge=1, le=MAX_PAGE), offset: int = Query(0, ge=0)):
+    def __init__(self, response: Response, limit: int = Query(100, ge=1, le=MAX_PAGE), offset: int = Query(0, ge=0, le=MAX_INT)):
         self.response, self.limit, self.offset = response, limit, offset
 
     def total(self, items: list, total: int) -> list:
@@ -38,3 +39,5 @@ class Paging:
 SessionDep = Annotated[Session, Depends(get_session)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 PagingDep = Annotated[Paging, Depends()]
+# an id in a URL: what the database's integer key can hold, so a huge or negative one is a 422, not a database error
+IdPath = Annotated[int, Path(ge=1, le=MAX_INT)]

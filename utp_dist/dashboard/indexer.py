@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from utp_dist.dashboard import rundata, sources, states
 from utp_dist.dashboard.db import Run, Sweep, now
 from utp_dist.errors import UserError
-from utp_dist.runs import RunDir, find_runs, is_version_of
+from utp_dist.runs import RunDir, find_runs, inside, is_version_of
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ class Indexer:
         rows = {(r.root, r.dataset, r.name): r for r in session.scalars(select(Run).where(Run.root.in_(roots)))}
         seen, read = set(), 0
         for root in roots:
-            for folder in find_runs(root):
+            for folder in find_runs(root, within=self.roots):  # a symlink out of the roots is no run
                 key = (root, folder.dataset, folder.name)
                 seen.add(key)
                 mtime = rundata.newest_mtime(folder)
@@ -70,7 +70,8 @@ class Indexer:
         config = folder.read_config()
         progress = rundata.progress(folder, config)
         summary = folder.read_summary() or {}
-        row.config_hash = summary.get("config_hash") or folder.config_hash()
+        given = summary.get("config_hash")
+        row.config_hash = given if isinstance(given, str) and 0 < len(given) <= 64 else folder.config_hash()
         for field in ("epoch", "step", "best_metric", "best", "img_per_s"):
             setattr(row, field, progress[field])
         row.restarts = progress["restarts"] or 0
@@ -84,6 +85,8 @@ class Indexer:
         seen = set()
         for root in self.roots:
             for path in sorted((root / "sweeps").glob(f"*/{sources.LEDGER}")):
+                if inside(path, self.roots) is None:  # a sweep folder linked in from elsewhere is not read
+                    continue
                 folder = str(path.parent)
                 seen.add(folder)
                 mtime = path.stat().st_mtime

@@ -12,12 +12,14 @@ import yaml
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.templating import Jinja2Templates
+from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from utp_dist.dashboard import jobqueue, security, services, sources, states, tokens
 from utp_dist.dashboard.db import Agent, ConfigRow, Project, Sweep
 from utp_dist.dashboard.deps import SessionDep, SettingsDep
+from utp_dist.dashboard.schemas import QueueIn, problem
 from utp_dist.dashboard.settings import Settings
 
 router = APIRouter(prefix="/web", include_in_schema=False)
@@ -175,10 +177,11 @@ async def create_config(request: Request, project_id: int, session: SessionDep, 
     name, text = str(form.get("name", "")).strip() or "config", str(form.get("text", ""))
     try:
         services.create_config(session, project_id, name, text=text, allow_import=settings.allow_import)
-    except services.Invalid as err:
+    except (services.Invalid, services.Conflict) as err:
         project = services.found(session, Project, project_id, "project")
         items, _ = services.list_configs(session, project_id, limit=500)
-        return render(request, "configs.html", status_code=422, project=project, configs=items, error=str(err), name=name, text=text)
+        status = 409 if isinstance(err, services.Conflict) else 422
+        return render(request, "configs.html", status_code=status, project=project, configs=items, error=str(err), name=name, text=text)
     return back(f"/web/projects/{project_id}/runs")
 
 
@@ -200,8 +203,11 @@ async def queue_run(request: Request, config_id: int, session: SessionDep):
     form = await posted(request)
     if form is None:
         return csrf_refused(request)
-    gpus = int(form.get("gpus") or 0)
-    run, _ = services.queue_run(session, config_id, gpus=max(0, gpus))
+    try:  # the same bounds as the API's body
+        queue = QueueIn(gpus=form.get("gpus") or 0)
+    except ValidationError as err:
+        return error_page(request, 422, problem(err.errors()))
+    run, _ = services.queue_run(session, config_id, gpus=queue.gpus)
     return back(f"/web/runs/{run.id}")
 
 
@@ -264,11 +270,11 @@ async def change_run(request: Request, run_id: int, action: str, session: Sessio
 
 
 @router.get("/compare")
-def compare_page(request: Request, session: SessionDep, ids: Annotated[list[int], Query()] = ()):
+def compare_page(request: Request, session: SessionDep, settings: SettingsDep, ids: Annotated[list[int], Query()] = ()):
     """Picked runs: overlaid curves and the config keys that differ."""
     if len(ids) < 2:
         return error_page(request, 422, "pick at least two runs to compare (tick them in the runs list)")
-    data = services.compare(session, ids[:12])
+    data = services.compare(session, ids[:12], settings.roots)
     labels = [f"#{r.id} {r.name or 'queued'}" for r in data["runs"]]
     return render(request, "compare.html", **data, labels=labels)
 
@@ -284,24 +290,24 @@ def sweeps_page(request: Request, session: SessionDep):
 
 
 @router.get("/sweeps/{sweep_id}")
-def sweep_page(request: Request, sweep_id: int, session: SessionDep, message: str | None = None):
+def sweep_page(request: Request, sweep_id: int, session: SessionDep, settings: SettingsDep, message: str | None = None):
     """One sweep's board: tasks, resubmit-failed, leaderboard, seeds."""
     sweep = services.get_sweep(session, sweep_id)
-    board = services.sweep_board(sweep)
+    board = services.sweep_board(sweep, settings.roots)
     failed = [r for r in board["rows"] if r["state"] in sources.RESUBMITTABLE]
     runs = services.runs_by_logs(session, [row.get("logs") for row in board["rows"]])
     return render(request, "sweep.html", sweep=sweep, **board, failed=failed, message=message, runs=runs)
 
 
 @router.post("/sweeps/{sweep_id}/resubmit-failed")
-async def resubmit_failed(request: Request, sweep_id: int, session: SessionDep):
+async def resubmit_failed(request: Request, sweep_id: int, session: SessionDep, settings: SettingsDep):
     """Run `submit resubmit SWEEP --failed` and show the board with its last line."""
     form = await posted(request)
     if form is None:
         return csrf_refused(request)
     sweep = services.get_sweep(session, sweep_id)
     code, message = sources.resubmit_failed(Path(sweep.folder))
-    board = services.sweep_board(sweep)
+    board = services.sweep_board(sweep, settings.roots)
     failed = [r for r in board["rows"] if r["state"] in sources.RESUBMITTABLE]
     note = f"resubmit --failed: {message}" + ("" if code == 0 else f" (exit {code})")
     runs = services.runs_by_logs(session, [row.get("logs") for row in board["rows"]])

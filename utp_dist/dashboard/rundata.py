@@ -1,4 +1,7 @@
-"""What a run page shows, read from the run's own folder through RunDir: progress, curves, figures, log tail, best export."""
+"""What a run page shows, read from the run's own folder through RunDir: progress, curves, figures, log tail, best export.
+
+The dashboard's RunDirs are confined to the output roots (RunDir.within): every file read here passes `run.allows`.
+"""
 
 from __future__ import annotations
 
@@ -52,19 +55,19 @@ def progress(run: RunDir, config: dict | None = None) -> dict:
     metric = (summary.get("best") or {}).get("metric") or train.get("monitor_metric") or "val_acc@1"
     mode = (summary.get("best") or {}).get("mode") or train.get("monitor_mode") or "max"
     values = [line[metric] for line in val if _number(line.get(metric))]
-    best = (summary.get("best") or {}).get("value")
+    best = _finite((summary.get("best") or {}).get("value"))
     if best is None and values:
         best = max(values) if mode == "max" else min(values)
     last = val[-1] if val else {}
     return {
-        "epoch": summary.get("last_epoch", last.get("epoch")),
-        "step": summary.get("steps", last.get("step")),
-        "best_metric": metric,
+        "epoch": _count(summary.get("last_epoch", last.get("epoch"))),
+        "step": _count(summary.get("steps", last.get("step"))),
+        "best_metric": str(metric)[:64],  # the column's width: a hand-edited summary must not stop the indexer
         "best": best,
-        "img_per_s": summary.get("train_img_per_s", last.get("train_img_per_s")),
-        "restarts": summary.get("restarts", 0),
-        "mfu": summary.get("mfu"),
-        "data_wait": summary.get("data_wait_fraction"),
+        "img_per_s": _finite(summary.get("train_img_per_s", last.get("train_img_per_s"))),
+        "restarts": _count(summary.get("restarts", 0)),
+        "mfu": _finite(summary.get("mfu")),
+        "data_wait": _finite(summary.get("data_wait_fraction")),
         "device": summary.get("device"),
         "world_size": summary.get("world_size"),
         "wall_time_s": summary.get("wall_time_s"),
@@ -74,6 +77,16 @@ def progress(run: RunDir, config: dict | None = None) -> dict:
 
 def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _finite(value) -> float | None:
+    """A number as the database and JSON can hold it: a diverged run's NaN or a string in a hand-edited file is None."""
+    return value if _number(value) else None
+
+
+def _count(value) -> int | None:
+    """An epoch, step or restart count that fits the database's integer columns, else None."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**31 else None
 
 
 def val_curves(run: RunDir) -> dict[str, dict[str, list]]:
@@ -92,8 +105,8 @@ def val_curves(run: RunDir) -> dict[str, dict[str, list]]:
 
 def train_curves(run: RunDir) -> dict[str, dict[str, list]]:
     """Train loss and accuracy per logged step from the run's TensorBoard events (cached until the events change)."""
-    events = sorted(run.logs.glob("events.out.tfevents.*")) if run.logs.is_dir() else []
-    if not events:
+    events = sorted(run.logs.glob("events.out.tfevents.*")) if run.exists() else []
+    if not events or not all(run.allows(p) for p in events):  # the reader takes the whole folder: none may lead out
         return {}
     stamp = max(p.stat().st_mtime for p in events) + len(events)
     key = str(run.logs)
@@ -120,7 +133,7 @@ def train_curves(run: RunDir) -> dict[str, dict[str, list]]:
 
 def figures(run: RunDir) -> dict[str, Path | None]:
     """The newest confusion matrix and ROC PNGs: the test ones when the run has them, else the last val epoch's."""
-    found = sorted(run.figures.glob("*.png")) if run.figures.is_dir() else []
+    found = sorted(p for p in run.figures.glob("*.png") if run.allows(p)) if run.figures.is_dir() else []
 
     def pick(prefix: str) -> Path | None:
         test = [p for p in found if p.name == f"{prefix}_test.png"]
@@ -132,7 +145,7 @@ def figures(run: RunDir) -> dict[str, Path | None]:
 
 def log_tail(run: RunDir, extra: list[Path] = (), lines: int = 80, limit_bytes: int = 64_000) -> tuple[Path | None, str]:
     """The last lines of the newest log: in the run's log folder, or `extra` ones (its sweep task's); a CLI run has none."""
-    found = [p for p in run.logs.glob("*") if p.suffix in LOG_SUFFIXES and p.is_file()] + [p for p in extra if p.is_file()]
+    found = [p for p in [*run.logs.glob("*"), *extra] if p.suffix in LOG_SUFFIXES and p.is_file() and run.allows(p)]
     if not found:
         return None, ""
     path = max(found, key=lambda p: p.stat().st_mtime)
@@ -154,4 +167,4 @@ def tail(path: Path, lines: int = 80, limit_bytes: int = 64_000) -> str:
 
 def best_export(run: RunDir) -> Path | None:
     """Where the best model was exported (the `best` link resolved), if it was."""
-    return run.best.resolve() if run.best.exists() else None
+    return run.best.resolve() if run.best.exists() and run.allows(run.best) else None

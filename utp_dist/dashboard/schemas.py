@@ -1,23 +1,76 @@
-"""Request and response bodies of the API (apart from the table models, so the wire format is stated on its own)."""
+"""Request and response bodies of the API (apart from the table models, so the wire format is stated on its own).
+
+Every request body is bounded to what the database can store, so junk input is a 422 naming the field, never a 500
+from the database: integers fit PostgreSQL's INTEGER, strings fit their columns and hold no NUL character, numbers
+are finite, names are not blank.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+
+MAX_INT = 2**31 - 1  # PostgreSQL's INTEGER, the narrowest column ids and counts live in
+MAX_GPUS = 64  # GPUs of one machine, or of one job
+MAX_LISTED = 10_000  # ids in one request (refused jobs, held jobs): well below the databases' bound-parameter limits
+
+Id = Annotated[int, Field(ge=1, le=MAX_INT)]
+Count = Annotated[int, Field(ge=0, le=MAX_INT)]
+Int = Annotated[int, Field(ge=-MAX_INT - 1, le=MAX_INT)]
+Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+Host = Annotated[str, Field(max_length=255)]
+
+
+def problem(errors: list[dict]) -> str:
+    """One line for a list of validation errors: where the first is and what is wrong (`body.priority: Input should be ...`)."""
+    if not errors:
+        return "invalid request"
+    first = errors[0]
+    where = ".".join(str(part) for part in first.get("loc", ()))
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return " ".join(f"{where}: {first.get('msg', 'invalid')}{more}".split())
+
+
+def _storable(value: Any, where: str = "") -> None:
+    """ValueError when a string (or key) anywhere in `value` holds a NUL character or a number is NaN or infinite."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise ValueError(f"{where or 'the value'} contains a NUL character")
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"{where or 'the value'} is not a finite number")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _storable(key, where)
+            _storable(item, f"{where}.{key}" if where else str(key))
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _storable(item, f"{where}[{i}]" if where else f"[{i}]")
+
+
+class In(BaseModel):
+    """A request body: no NUL character in any string (PostgreSQL cannot store one), no NaN or infinity (JSON has none)."""
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def storable(cls, value: Any) -> Any:
+        _storable(value)
+        return value
 
 
 class Out(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
 
-class ProjectIn(BaseModel):
-    name: str = Field(min_length=1, max_length=200)
+class ProjectIn(In):
+    name: Name
     description: str = ""
 
 
-class ProjectPatch(BaseModel):
-    name: str | None = Field(default=None, min_length=1, max_length=200)
+class ProjectPatch(In):
+    name: Name | None = None
     description: str | None = None
 
 
@@ -28,11 +81,11 @@ class ProjectOut(Out):
     created: float
 
 
-class ConfigIn(BaseModel):
+class ConfigIn(In):
     """A config: its sections as a mapping (`config`) or the text of a config file (`yaml`), one of the two."""
 
-    project_id: int
-    name: str = Field(min_length=1, max_length=200)
+    project_id: Id
+    name: Name
     config: dict[str, Any] | None = None
     yaml: str | None = None
 
@@ -46,11 +99,11 @@ class ConfigOut(Out):
     created: float
 
 
-class QueueIn(BaseModel):
+class QueueIn(In):
     """How to queue a run of a config (every field optional: a CPU job of priority 0)."""
 
-    gpus: int = Field(default=0, ge=0, le=64)
-    priority: int = 0
+    gpus: int = Field(default=0, ge=0, le=MAX_GPUS)
+    priority: Int = 0
     max_attempts: int = Field(default=3, ge=1, le=100)
 
 
@@ -121,11 +174,11 @@ class StateChangeOut(BaseModel):
     state: str
 
 
-class GpuIn(BaseModel):
-    agent_id: int
-    index: int = Field(ge=0)
-    name: str = ""
-    memory_mb: int = Field(default=0, ge=0)
+class GpuIn(In):
+    agent_id: Id
+    index: int = Field(ge=0, lt=MAX_GPUS)
+    name: str = Field(default="", max_length=200)
+    memory_mb: Count = 0
 
 
 class GpuOut(Out):
@@ -136,13 +189,13 @@ class GpuOut(Out):
     memory_mb: int
 
 
-class AgentIn(BaseModel):
-    name: str = Field(min_length=1, max_length=200)
-    host: str = ""
+class AgentIn(In):
+    name: Name
+    host: Host = ""
 
 
-class AgentPatch(BaseModel):
-    host: str | None = None
+class AgentPatch(In):
+    host: Host | None = None
     drain: bool | None = None
 
 
@@ -181,19 +234,28 @@ class ResubmitOut(BaseModel):
 # --- what agents send and get back (issue 12)
 
 
-class GpuReport(BaseModel):
-    index: int = Field(ge=0)
-    name: str = ""
-    memory_mb: int = Field(default=0, ge=0)
+class GpuReport(In):
+    index: int = Field(ge=0, lt=MAX_GPUS)
+    name: str = Field(default="", max_length=200)
+    memory_mb: Count = 0
 
 
-class RegisterIn(BaseModel):
+class RegisterIn(In):
     """An agent announcing itself: its name (unique), host, GPU inventory, and whether it starts drained."""
 
-    name: str = Field(min_length=1, max_length=200)
-    host: str = ""
-    gpus: list[GpuReport] = []
+    name: Name
+    host: Host = ""
+    gpus: list[GpuReport] = Field(default=[], max_length=MAX_GPUS)
     drain: bool = False
+
+    @field_validator("gpus")
+    @classmethod
+    def distinct(cls, gpus: list[GpuReport]) -> list[GpuReport]:
+        indices = [g.index for g in gpus]
+        twice = sorted({i for i in indices if indices.count(i) > 1})
+        if twice:
+            raise ValueError(f"GPU index {twice[0]} is listed twice; each GPU once, by its CUDA index")
+        return gpus
 
 
 class RegisterOut(BaseModel):
@@ -203,13 +265,13 @@ class RegisterOut(BaseModel):
     """How often to heartbeat: a third of the lease, so two lost heartbeats do not yet cost the job."""
 
 
-class HeldJob(BaseModel):
-    job_id: int
-    attempt: int
+class HeldJob(In):
+    job_id: Id
+    attempt: Count
 
 
-class HeartbeatIn(BaseModel):
-    jobs: list[HeldJob] = []
+class HeartbeatIn(In):
+    jobs: list[HeldJob] = Field(default=[], max_length=MAX_LISTED)
 
 
 class HeartbeatOut(BaseModel):
@@ -220,19 +282,19 @@ class HeartbeatOut(BaseModel):
     """Jobs this agent no longer holds (its lease expired, or they were cancelled): kill their processes now."""
 
 
-class ClaimIn(BaseModel):
-    agent_id: int
-    free_gpus: int = Field(default=0, ge=0)
+class ClaimIn(In):
+    agent_id: Id
+    free_gpus: Count = 0
     cpu: bool = True
     """Whether the agent can take a CPU job (gpus = 0) now."""
-    refused: list[int] = []
+    refused: list[Id] = Field(default=[], max_length=MAX_LISTED)
     """Jobs this agent refused before (it cannot run them): never offered to it again."""
 
 
-class RunFolder(BaseModel):
-    root: str
-    dataset: str
-    name: str
+class RunFolder(In):
+    root: str = Field(min_length=1, max_length=1000)
+    dataset: str = Field(min_length=1, max_length=255)
+    name: str = Field(min_length=1, max_length=255)
 
 
 class ClaimedJob(BaseModel):
@@ -251,30 +313,30 @@ class ClaimOut(BaseModel):
     job: ClaimedJob | None
 
 
-class AgentCall(BaseModel):
+class AgentCall(In):
     """Every call about a held job names the agent and the attempt it claimed (the fencing token)."""
 
-    agent_id: int
-    attempt: int
+    agent_id: Id
+    attempt: Count
 
 
 class StartIn(AgentCall):
-    pid: int
+    pid: Count
 
 
 class ProgressIn(AgentCall):
     run_folder: RunFolder | None = None
-    epoch: int | None = None
-    step: int | None = None
-    best_metric: str | None = None
+    epoch: Count | None = None
+    step: Count | None = None
+    best_metric: str | None = Field(default=None, max_length=64)
     best: float | None = None
     img_per_s: float | None = None
-    restarts: int | None = None
+    restarts: Count | None = None
     log_tail: str | None = None
 
 
 class FinishIn(AgentCall):
-    exit_code: int
+    exit_code: Int
     error: str | None = None
     """The one line `utp_dist: error: ...` the CLI printed last (exit code 2)."""
     log_tail: str | None = None

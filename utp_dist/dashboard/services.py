@@ -125,8 +125,10 @@ def validate_config(name: str, config: dict | None, text: str | None, allow_impo
 def create_config(
     session: Session, project_id: int, name: str, config: dict | None = None, text: str | None = None, allow_import: tuple[str, ...] = ()
 ) -> ConfigRow:
-    """Validate, then store a config with the fingerprint of its resolved form."""
+    """Validate, then store a config with the fingerprint of its resolved form (409 when the project has one of that name)."""
     found(session, Project, project_id, "project")
+    if session.scalar(select(ConfigRow.id).where(ConfigRow.project_id == project_id, ConfigRow.name == name)) is not None:
+        raise Conflict(f"project {project_id} already has a config named '{name}': choose another name")
     raw, cfg = validate_config(name, config, text, allow_import)
     row = ConfigRow(project_id=project_id, name=name, config=raw, config_hash=cfg.fingerprint())
     session.add(row)
@@ -134,10 +136,13 @@ def create_config(
     return row
 
 
-def list_configs(session: Session, project_id: int, limit: int = 100, offset: int = 0) -> tuple[list[ConfigRow], int]:
-    """A project's configs, oldest first."""
+def list_configs(
+    session: Session, project_id: int, limit: int = 100, offset: int = 0, name: str | None = None
+) -> tuple[list[ConfigRow], int]:
+    """A project's configs, oldest first (only the one called `name`, when given)."""
     found(session, Project, project_id, "project")
-    return page(session, select(ConfigRow).where(ConfigRow.project_id == project_id).order_by(ConfigRow.id), limit, offset)
+    query = select(ConfigRow).where(ConfigRow.project_id == project_id).order_by(ConfigRow.id)
+    return page(session, query.where(ConfigRow.name == name) if name is not None else query, limit, offset)
 
 
 def delete_config(session: Session, config_id: int) -> None:
@@ -185,9 +190,9 @@ def get_run(session: Session, run_id: int) -> Run:
     return found(session, Run, run_id, "run")
 
 
-def run_folder(run: Run) -> RunDir | None:
-    """The run's folder once it has one."""
-    return RunDir(run.root, run.dataset, run.name) if run.root and run.dataset and run.name else None
+def run_folder(run: Run, roots: tuple[Path, ...]) -> RunDir | None:
+    """The run's folder once it has one, read only where it resolves inside the output roots (an agent reports any path)."""
+    return RunDir(run.root, run.dataset, run.name, within=roots) if run.root and run.dataset and run.name else None
 
 
 def latest_job(session: Session, run: Run) -> Job | None:
@@ -293,14 +298,14 @@ def runs_by_logs(session: Session, logs: list[str | None]) -> dict[str, int]:
     return out
 
 
-def sweep_board(sweep: Sweep) -> dict:
+def sweep_board(sweep: Sweep, roots: tuple[Path, ...]) -> dict:
     """The board of a sweep: task rows as `submit status` has them, the leaderboard, and mean ± std over seeds."""
     folder = Path(sweep.folder)
     board = {"rows": [], "leaderboard_columns": [], "leaderboard": [], "seed_groups": [], "error": None}
     try:
         ledger = sources.read_ledger(folder)
-        board["rows"] = [{**row, "kind": sources.kind(row["state"])} for row in sources.task_rows(folder, ledger)]
-        board["leaderboard_columns"], board["leaderboard"] = sources.leaderboard(folder, ledger)
+        board["rows"] = [{**row, "kind": sources.kind(row["state"])} for row in sources.task_rows(folder, ledger, roots)]
+        board["leaderboard_columns"], board["leaderboard"] = sources.leaderboard(folder, ledger, roots)
         board["seed_groups"] = sources.seed_groups(ledger, board["leaderboard"])
     except UserError as err:  # e.g. sacct unreachable: show the line, keep the page
         board["error"] = sources.describe_error(err)
@@ -312,7 +317,7 @@ def sweep_board(sweep: Sweep) -> dict:
 
 def run_detail(session: Session, run: Run, roots: tuple[Path, ...]) -> dict:
     """The run row plus what its folder says: resolved config, progress, summary, figures, log tail, best export, sweep task, jobs."""
-    folder = run_folder(run)
+    folder = run_folder(run, roots)
     config, summary, progress, paths, task = None, None, {}, {}, None
     if folder is not None and folder.exists():
         config = folder.read_config()
@@ -347,20 +352,20 @@ def run_log(session: Session, run: Run, folder: RunDir) -> tuple[dict | None, Pa
     return task, path, tail
 
 
-def run_series(run: Run) -> dict:
+def run_series(run: Run, roots: tuple[Path, ...]) -> dict:
     """The run's curves for the charts: train loss/accuracy per step, every val metric per epoch."""
-    folder = run_folder(run)
+    folder = run_folder(run, roots)
     if folder is None or not folder.exists():
         return {"train": {}, "val": {}}
     return {"train": rundata.train_curves(folder), "val": rundata.val_curves(folder)}
 
 
-def compare(session: Session, run_ids: list[int]) -> dict:
+def compare(session: Session, run_ids: list[int], roots: tuple[Path, ...]) -> dict:
     """Runs side by side: their curves, and only the config keys whose values differ between them."""
     runs = [get_run(session, i) for i in run_ids]
     flat = []
     for run in runs:
-        folder = run_folder(run)
+        folder = run_folder(run, roots)
         raw = folder.read_config() if folder is not None else None
         if raw is None and run.config_id is not None:
             row = session.get(ConfigRow, run.config_id)
@@ -373,6 +378,6 @@ def compare(session: Session, run_ids: list[int]) -> dict:
     differing = [k for k in keys if len({repr(f.get(k)) for f in flat}) > 1]
     return {
         "runs": runs,
-        "series": [run_series(run) for run in runs],
+        "series": [run_series(run, roots) for run in runs],
         "differences": [{"key": k, "values": [f.get(k) for f in flat]} for k in differing],
     }

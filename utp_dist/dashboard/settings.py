@@ -14,6 +14,7 @@ from utp_dist.errors import UserError
 DB_ENV = "DASHBOARD_DB_URL"
 DB_FILE = "dashboard.db"
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
+MAX_BODY = 1 << 20  # bytes of a request body: the largest config text or agent report is a few KiB
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,8 @@ class Settings:
     """How long an agent's claim on a job lasts without a heartbeat; then the reaper requeues the job (issue 12)."""
     allow_import: tuple[str, ...] = ()
     """Modules (imported at start) whose registered names and `module:attr` paths stored configs may name (--allow-import)."""
+    max_body: int = MAX_BODY
+    """Request bodies above this many bytes are answered 413 (--max-body)."""
 
     def __post_init__(self) -> None:
         if not self.roots:
@@ -46,6 +49,8 @@ class Settings:
             raise UserError(f"--lease-seconds {self.lease_s}: must be positive, e.g. 30 (agents heartbeat every third of it)")
         if not self.session_hours > 0:
             raise UserError(f"--session-hours {self.session_hours}: must be positive, e.g. 12")
+        if self.max_body < 1:
+            raise UserError(f"--max-body {self.max_body}: must be a positive number of bytes, e.g. 1048576 (1 MiB)")
         if not is_loopback(self.host) and not self.token:
             raise UserError(
                 f"--no-token: only with a loopback --host (127.0.0.1, localhost, ::1); {self.host} is reachable from other machines"
@@ -86,4 +91,5 @@ def from_args(args, token: str | None, allow_import: tuple[str, ...] = ()) -> Se
         index_interval_s=args.index_interval,
         lease_s=args.lease_seconds,
         allow_import=tuple(allow_import),
+        max_body=args.max_body,
     )

@@ -34,14 +34,15 @@ def read_ledger(folder: Path) -> dict:
     return _ledger.read(folder)
 
 
-def task_rows(folder: Path, ledger: dict) -> list[dict]:
-    """One row per task, exactly what `submit status` prints (Slurm accounting or the local runner's records)."""
-    return _status.rows(folder, ledger)
+def task_rows(folder: Path, ledger: dict, roots: tuple[Path, ...]) -> list[dict]:
+    """One row per task, exactly what `submit status` prints (Slurm accounting or the local runner's records); runs are
+    read only inside the output roots."""
+    return _status.rows(folder, ledger, roots)
 
 
-def leaderboard(folder: Path, ledger: dict) -> tuple[list[str], list[dict]]:
-    """(columns, rows) of the package's leaderboard, ranked by the monitored metric."""
-    _, table = _status.leaderboard(folder, ledger)
+def leaderboard(folder: Path, ledger: dict, roots: tuple[Path, ...]) -> tuple[list[str], list[dict]]:
+    """(columns, rows) of the package's leaderboard, ranked by the monitored metric (runs inside the output roots)."""
+    _, table = _status.leaderboard(folder, ledger, roots)
     reader = csv.DictReader(io.StringIO(table))
     return [c for c in (reader.fieldnames or []) if c != "logs"], list(reader)
 

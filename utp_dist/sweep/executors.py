@@ -19,12 +19,14 @@ import sys
 import time
 from pathlib import Path
 from typing import ClassVar
+from urllib.parse import quote
 
 import yaml
 
 from utp_dist.agent.client import Client, Conflict, Unreachable
 from utp_dist.config import build_section, from_dict
 from utp_dist.errors import UserError
+from utp_dist.runs import versions
 from utp_dist.sweep import states
 from utp_dist.sweep.resources import Resources
 from utp_dist.sweep.task import TaskFailed, TaskRecord, TrainTask
@@ -198,8 +200,8 @@ class DashboardExecutor(Executor):
             if project is None:
                 project = self._project(client, ledger["name"])
             config = self._first_attempt(task)
-            made = self._call(client, "POST", "/api/v1/configs", {"project_id": project, "name": task["name"], "config": config})
-            queued = self._call(client, "POST", f"/api/v1/runs/from-config/{made['id']}", {"gpus": self.resources.gpus_per_node})
+            made = self._config(client, project, task, config)
+            queued = self._call(client, "POST", f"/api/v1/runs/from-config/{made}", {"gpus": self.resources.gpus_per_node})
             handles[index] = f"{client.server}{RUN_PAGE}{queued['run_id']}"
         return handles
 
@@ -253,6 +255,23 @@ class DashboardExecutor(Executor):
         except Unreachable as err:
             raise UserError(f"dashboard {client.server}: {err}") from None
         return True
+
+    def _config(self, client: Client, project: int, task: dict, config: dict) -> int:
+        """The id of the task's config in the project: stored now, or the same one a resubmission stored before.
+
+        A config name is unique in its project (409): a name taken by another config (another sweep of the same name)
+        makes the task's config NAME-v1, NAME-v2, ...
+        """
+        for name in versions(task["name"]):
+            try:
+                return client.post("/api/v1/configs", {"project_id": project, "name": name, "config": config})["id"]
+            except Conflict:
+                stored = self._call(client, "GET", f"/api/v1/configs/project/{project}?name={quote(name)}")
+                if stored and stored[0]["config_hash"] == task["config_hash"]:
+                    return stored[0]["id"]
+            except Unreachable as err:
+                raise UserError(f"dashboard {client.server}: {err}") from None
+        raise UserError(f"dashboard {client.server}: too many configs named '{task['name']}' in project {project}")
 
     def _project(self, client: Client, sweep: str) -> int:
         """The project "sweep NAME" that holds this sweep's configs (made on first use)."""

@@ -100,9 +100,9 @@ def record_submission(folder: Path, ledger: dict, executor: str, job_ids: dict[i
     write(folder, ledger)
 
 
-def find_run(output_root: str, name: str, config_hash: str) -> RunDir | None:
-    """The newest run NAME (or NAME-vN) trained from this exact config, if any."""
-    found = [run for run in find_runs(output_root, name) if run.config_hash() == config_hash]
+def find_run(output_root: str, name: str, config_hash: str, within: tuple[Path, ...] = ()) -> RunDir | None:
+    """The newest run NAME (or NAME-vN) trained from this exact config, if any (inside `within`, when given: find_runs)."""
+    found = [run for run in find_runs(output_root, name, within=within) if run.config_hash() == config_hash]
     return max(found, key=lambda run: run.logs.stat().st_mtime) if found else None
 
 

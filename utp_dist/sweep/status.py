@@ -16,8 +16,11 @@ COLUMNS = ("task", "run", "state", "restarts", "epoch", "step", "best", "img/s",
 SEED = "train.seed"
 
 
-def rows(folder: Path, ledger: dict) -> list[dict]:
-    """One status row per task: state, restarts, epoch/step reached, best metric so far, img/s, job."""
+def rows(folder: Path, ledger: dict, within: tuple[Path, ...] = ()) -> list[dict]:
+    """One status row per task: state, restarts, epoch/step reached, best metric so far, img/s, job.
+
+    `within`: read only run folders that resolve inside these (the dashboard's output roots; a ledger names any root).
+    """
     jobs = {t["index"]: t["jobs"][-1] for t in ledger["tasks"] if t["jobs"]}
     job_states = executors.of_ledger(folder, ledger).states(folder, ledger, jobs)
     out = []
@@ -30,17 +33,17 @@ def rows(folder: Path, ledger: dict) -> list[dict]:
                 "run": task["name"],
                 "state": job_states.get(task["index"], states.NOT_SUBMITTED),
                 "restarts": max(0, record.get("attempts", 1) - 1),
-                **_progress(task, submitted),
+                **_progress(task, submitted, within),
                 "job": jobs.get(task["index"], "-"),
             }
         )
     return out
 
 
-def _progress(task: dict, submitted: float) -> dict:
+def _progress(task: dict, submitted: float, within: tuple[Path, ...] = ()) -> dict:
     """Epoch, step, best monitored value so far and train img/s, read from the run's metrics.jsonl and summary.json."""
     metric, mode = task["monitor"]
-    found = find_run(task["output_root"], task["name"], task["config_hash"])
+    found = find_run(task["output_root"], task["name"], task["config_hash"], within)
     result = {"epoch": None, "step": None, "best": None, "img/s": None, "test": None, "logs": None}
     if found is None:
         return result
@@ -78,10 +81,10 @@ def markdown(table: list[dict], columns: tuple[str, ...]) -> str:
     return "\n".join(lines)
 
 
-def leaderboard(folder: Path, ledger: dict) -> tuple[str, str]:
+def leaderboard(folder: Path, ledger: dict, within: tuple[Path, ...] = ()) -> tuple[str, str]:
     """(Markdown, CSV) of the runs ranked by their monitored metric; runs without an evaluation come last. When runs
     differ only in train.seed, a second table ranks those groups by mean ± std over their seeds."""
-    status = {row["task"]: row for row in rows(folder, ledger)}
+    status = {row["task"]: row for row in rows(folder, ledger, within)}
     metric, mode = ledger["tasks"][0]["monitor"]
     swept = list(dict.fromkeys(k for t in ledger["tasks"] for k in t["swept"]))
     board = [

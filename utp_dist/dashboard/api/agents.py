@@ -6,7 +6,7 @@ from fastapi import APIRouter, status
 
 from utp_dist.dashboard import jobqueue, services
 from utp_dist.dashboard.db import Agent
-from utp_dist.dashboard.deps import PagingDep, SessionDep, SettingsDep
+from utp_dist.dashboard.deps import IdPath, PagingDep, SessionDep, SettingsDep
 from utp_dist.dashboard.schemas import AgentIn, AgentOut, AgentPatch, GpuIn, GpuOut, HeartbeatIn, HeartbeatOut, RegisterIn, RegisterOut
 
 router = APIRouter(prefix="/api/v1/agents", tags=["agents"])
@@ -38,25 +38,25 @@ def register(body: RegisterIn, session: SessionDep, settings: SettingsDep):
 
 
 @router.post("/{agent_id}/heartbeat", response_model=HeartbeatOut)
-def heartbeat(agent_id: int, body: HeartbeatIn, session: SessionDep, settings: SettingsDep):
+def heartbeat(agent_id: IdPath, body: HeartbeatIn, session: SessionDep, settings: SettingsDep):
     """Renew the leases of the jobs the agent holds; answer the jobs to abort, the jobs it lost (kill them) and drain."""
     held = [(j.job_id, j.attempt) for j in body.jobs]
     return HeartbeatOut(**jobqueue.heartbeat(session, agent_id, held, settings.lease_s))
 
 
 @router.get("/{agent_id}", response_model=AgentOut)
-def get_agent(agent_id: int, session: SessionDep):
+def get_agent(agent_id: IdPath, session: SessionDep):
     """One agent with its GPUs."""
     return services.found(session, Agent, agent_id, "agent")
 
 
 @router.patch("/{agent_id}", response_model=AgentOut)
-def update_agent(agent_id: int, body: AgentPatch, session: SessionDep):
+def update_agent(agent_id: IdPath, body: AgentPatch, session: SessionDep):
     """Change an agent's host, or drain it (it finishes what it runs and claims nothing new)."""
     return services.update_agent(session, agent_id, body.host, body.drain)
 
 
 @router.delete("/{agent_id}", status_code=status.HTTP_204_NO_CONTENT)
-def delete_agent(agent_id: int, session: SessionDep):
+def delete_agent(agent_id: IdPath, session: SessionDep):
     """Forget an agent and its GPUs."""
     services.delete_agent(session, agent_id)

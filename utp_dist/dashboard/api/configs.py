@@ -6,7 +6,7 @@ from fastapi import APIRouter, status
 
 from utp_dist.dashboard import services
 from utp_dist.dashboard.db import ConfigRow
-from utp_dist.dashboard.deps import PagingDep, SessionDep, SettingsDep
+from utp_dist.dashboard.deps import IdPath, PagingDep, SessionDep, SettingsDep
 from utp_dist.dashboard.schemas import ConfigIn, ConfigOut
 
 router = APIRouter(prefix="/api/v1/configs", tags=["configs"])
@@ -21,18 +21,18 @@ def create_config(body: ConfigIn, session: SessionDep, settings: SettingsDep):
 
 
 @router.get("/project/{project_id}", response_model=list[ConfigOut])
-def list_configs(project_id: int, session: SessionDep, paging: PagingDep):
-    """The configs of a project."""
-    return paging.total(*services.list_configs(session, project_id, paging.limit, paging.offset))
+def list_configs(project_id: IdPath, session: SessionDep, paging: PagingDep, name: str | None = None):
+    """The configs of a project (`?name=`: the one of that name, if any)."""
+    return paging.total(*services.list_configs(session, project_id, paging.limit, paging.offset, name))
 
 
 @router.get("/{config_id}", response_model=ConfigOut)
-def get_config(config_id: int, session: SessionDep):
+def get_config(config_id: IdPath, session: SessionDep):
     """One config: its sections as given and the fingerprint of its resolved form."""
     return services.found(session, ConfigRow, config_id, "config")
 
 
 @router.delete("/{config_id}", status_code=status.HTTP_204_NO_CONTENT)
-def delete_config(config_id: int, session: SessionDep):
+def delete_config(config_id: IdPath, session: SessionDep):
     """Delete a config (runs queued from it stay)."""
     services.delete_config(session, config_id)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, status
 
 from utp_dist.dashboard import services
-from utp_dist.dashboard.deps import PagingDep, SessionDep
+from utp_dist.dashboard.deps import IdPath, PagingDep, SessionDep
 from utp_dist.dashboard.schemas import ProjectIn, ProjectOut, ProjectPatch
 
 router = APIRouter(prefix="/api/v1/projects", tags=["projects"])
@@ -24,18 +24,18 @@ def create_project(body: ProjectIn, session: SessionDep):
 
 
 @router.get("/{project_id}", response_model=ProjectOut)
-def get_project(project_id: int, session: SessionDep):
+def get_project(project_id: IdPath, session: SessionDep):
     """One project."""
     return services.found(session, services.Project, project_id, "project")
 
 
 @router.patch("/{project_id}", response_model=ProjectOut)
-def update_project(project_id: int, body: ProjectPatch, session: SessionDep):
+def update_project(project_id: IdPath, body: ProjectPatch, session: SessionDep):
     """Rename a project or change its description (409 when the new name is taken)."""
     return services.update_project(session, project_id, body.name, body.description)
 
 
 @router.delete("/{project_id}", status_code=status.HTTP_204_NO_CONTENT)
-def delete_project(project_id: int, session: SessionDep):
+def delete_project(project_id: IdPath, session: SessionDep):
     """Delete a project with its configs (its runs stay, without a project)."""
     services.delete_project(session, project_id)

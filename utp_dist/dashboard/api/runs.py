@@ -7,14 +7,14 @@ from typing import Annotated
 from fastapi import APIRouter, Body, Query, status
 
 from utp_dist.dashboard import services
-from utp_dist.dashboard.deps import PagingDep, SessionDep, SettingsDep
-from utp_dist.dashboard.schemas import QueueIn, QueueOut, RunDetail, RunOut, StateChangeOut
+from utp_dist.dashboard.deps import IdPath, PagingDep, SessionDep, SettingsDep
+from utp_dist.dashboard.schemas import MAX_INT, QueueIn, QueueOut, RunDetail, RunOut, StateChangeOut
 
 router = APIRouter(prefix="/api/v1/runs", tags=["runs"])
 
 
 @router.post("/from-config/{config_id}", response_model=QueueOut, status_code=status.HTTP_201_CREATED)
-def queue_run(config_id: int, session: SessionDep, body: Annotated[QueueIn | None, Body()] = None):
+def queue_run(config_id: IdPath, session: SessionDep, body: Annotated[QueueIn | None, Body()] = None):
     """Queue a run of a config: a run row and a job row, both queued."""
     body = body or QueueIn()
     run, job = services.queue_run(session, config_id, body.gpus, body.priority, body.max_attempts)
@@ -25,8 +25,8 @@ def queue_run(config_id: int, session: SessionDep, body: Annotated[QueueIn | Non
 def list_runs(
     session: SessionDep,
     paging: PagingDep,
-    project_id: int | None = None,
-    sweep_id: int | None = None,
+    project_id: Annotated[int | None, Query(ge=1, le=MAX_INT)] = None,
+    sweep_id: Annotated[int | None, Query(ge=1, le=MAX_INT)] = None,
     state: str | None = None,
     q: Annotated[str | None, Query(description="part of the run name or data set")] = None,
 ):
@@ -35,7 +35,7 @@ def list_runs(
 
 
 @router.get("/{run_id}", response_model=RunDetail)
-def get_run(run_id: int, session: SessionDep, settings: SettingsDep):
+def get_run(run_id: IdPath, session: SessionDep, settings: SettingsDep):
     """A run with its state, resolved config, progress, summary, paths and jobs."""
     detail = services.run_detail(session, services.get_run(session, run_id), settings.roots)
     base = RunOut.model_validate(detail["run"]).model_dump()
@@ -53,11 +53,11 @@ def get_run(run_id: int, session: SessionDep, settings: SettingsDep):
 
 
 @router.get("/{run_id}/series")
-def run_series(run_id: int, session: SessionDep, log: bool = False) -> dict:
+def run_series(run_id: IdPath, session: SessionDep, settings: SettingsDep, log: bool = False) -> dict:
     """Curves for charts: {"state", "train": {tag: {x, y}}, "val": {metric: {x, y}}} (+ "log": its tail); pages poll it while a run is active."""
     run = services.get_run(session, run_id)
-    series = {"state": run.state, "epoch": run.epoch, "step": run.step, "best": run.best, **services.run_series(run)}
-    folder = services.run_folder(run)
+    series = {"state": run.state, "epoch": run.epoch, "step": run.step, "best": run.best, **services.run_series(run, settings.roots)}
+    folder = services.run_folder(run, settings.roots)
     if log and folder is not None and folder.exists():
         series["log"] = services.run_log(session, run, folder)[2]
     if log and not series.get("log") and run.log_tail:  # a queued run's output, as its agent reported it
@@ -66,20 +66,20 @@ def run_series(run_id: int, session: SessionDep, log: bool = False) -> dict:
 
 
 @router.post("/{run_id}/cancel", response_model=StateChangeOut)
-def cancel_run(run_id: int, session: SessionDep):
+def cancel_run(run_id: IdPath, session: SessionDep):
     """Cancel a queued/claimed job, or ask a running one to stop (409 with the current state otherwise)."""
     job = services.change_state(session, run_id, "cancel")
     return StateChangeOut(run_id=run_id, job_id=job.id, state=job.state)
 
 
 @router.post("/{run_id}/resume", response_model=StateChangeOut)
-def resume_run(run_id: int, session: SessionDep):
+def resume_run(run_id: IdPath, session: SessionDep):
     """Put a stopped, failed or cancelled run back in the queue (409 with the current state otherwise)."""
     job = services.change_state(session, run_id, "resume")
     return StateChangeOut(run_id=run_id, job_id=job.id, state=job.state)
 
 
 @router.delete("/{run_id}", status_code=status.HTTP_204_NO_CONTENT)
-def delete_run(run_id: int, session: SessionDep):
+def delete_run(run_id: IdPath, session: SessionDep):
     """Forget a run that is not active (its files stay)."""
     services.delete_run(session, run_id)

@@ -19,11 +19,9 @@ def refresh_index(request: Request) -> dict[str, int]:
 
 @router.get("/files/{root}/{path:path}")
 def serve_file(root: int, path: str, settings: SettingsDep) -> FileResponse:
-    """A file below output root number `root` (figures, logs, exports); 403 for anything resolving outside the roots."""
+    """A file below output root number `root` (figures, logs, exports); 403 for anything resolving outside the roots and
+    for database and token files."""
     try:
-        target = files.under_root(settings.roots, root, path)
-    except files.OutsideRoots as err:
-        raise HTTPException(status_code=403, detail=str(err)) from None
-    if not target.is_file():
-        raise HTTPException(status_code=404, detail=f"no file {path} in output root {root}")
-    return FileResponse(target)
+        return FileResponse(files.served(settings.roots, root, path))
+    except files.NotServed as err:
+        raise HTTPException(status_code=err.status, detail=str(err)) from None
