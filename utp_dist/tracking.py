@@ -119,7 +119,7 @@ class TensorBoardTracker:
         self.log_text(f"{split}/confusion_matrix", confusion_markdown(confusion, classes), step)
         name = f"{split}_epoch{epoch:03d}" if split == "val" else split
         auc = values.get(f"{split}_auroc_macro")
-        self._figure(f"{split}/confusion_matrix", lambda: confusion_figure(confusion, classes, f"{split} epoch {epoch}"), step, name)
+        self._figure(f"{split}/confusion_matrix", lambda: confusion_figure(confusion, classes, f"{split} epoch {epoch + 1}"), step, name)
         self._figure(f"{split}/roc_micro", lambda: roc_figure(*roc, auc, f"{split} ROC (micro)"), step, name)
         line = {"split": split, "epoch": epoch, "step": step, **values, **extra}
         with open(self.run.metrics_file, "a", encoding="utf-8") as fh:

@@ -29,13 +29,13 @@ const utp = (() => {
     }
     const opts = {
       title, width: Math.max(360, el.clientWidth - 12), height: 260,
-      // one x value (a single evaluation) is a zero-width range: widen it by half a unit each side, so its point sits
-      // in the middle above its own tick instead of nowhere
-      scales: { x: { time: false, range: (u, min, max) => (min === max ? [min - 0.5, max + 0.5] : [min, max]) } },
+      // one x value (a single evaluation): uPlot would span it from x - 1 to x + 1 (an "epoch 0"); half a unit each
+      // side puts its point in the middle, above its own tick and no other
+      scales: { x: { time: false, range: (u, min, max) => (u.data[0].length === 1 ? [u.data[0][0] - 0.5, u.data[0][0] + 0.5] : [min, max]) } },
       // epochs and steps are whole numbers: no 0.2-epoch ticks
       axes: [{ label: xLabel, incrs: [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000] }, {}],
       cursor: { drag: { x: true, y: false } },
-      series: [{ label: xLabel }, ...names.map((n, i) => ({ label: n, stroke: COLORS[i % COLORS.length], width: 2, spanGaps: true, points: { size: 7, show: sparse } }))],
+      series: [{ label: xLabel }, ...names.map((n, i) => ({ label: n, stroke: COLORS[i % COLORS.length], width: 2, spanGaps: true, points: { size: 7, fill: COLORS[i % COLORS.length], show: sparse } }))],
     };
     return new uPlot(opts, data, el);
   }

@@ -1,12 +1,12 @@
 // The run page stays live by fetching itself: every few seconds while the run is active, each part that changed
 // (title and state, where, progress, queue, figures, files, log) is swapped in from one fresh server render, so the
 // parts never disagree; the charts are fed the curves that render carries. A failed fetch (a server restarting)
-// waits twice as long each time, up to half a minute, says so, and the page picks up again once the server answers.
+// waits twice as long each time, up to 15 s, says so, and the page picks up again once the server answers.
 "use strict";
 (() => {
   const PARTS = ["run-title", "where", "progress", "queue", "figures", "files", "log-tail"];
   const ACTIVE = ["queued", "claimed", "running", "stopping"];
-  const EVERY_MS = 3000, MAX_WAIT_MS = 30000;
+  const EVERY_MS = 3000, MAX_WAIT_MS = 15000;
   const charts = {
     train: utp.liveChart(document.getElementById("chart-train"), "train loss per step", "step"),
     valLoss: utp.liveChart(document.getElementById("chart-val-loss"), "val loss per epoch", "epoch"),
