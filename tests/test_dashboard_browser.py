@@ -233,7 +233,7 @@ def test_a_queued_run_is_live_on_its_page_through_a_server_restart(page, server,
     assert shown(page)["name"] == "(waiting for an agent)" and shown(page)["state"] == "queued"
     page.evaluate("() => { window.notReloaded = true; }")
     command = [sys.executable, "-m", "utp_dist.agent", "--server", server.url, "--name", "browser-agent", "--gpus", "none", "--poll", "0.5"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "UTP_TEST_STEP_SLEEP": "1.5"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "UTP_TEST_STEP_SLEEP": "1"}
     with open(tmp_path / "agent.log", "wb") as log:
         agent = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
     try:
@@ -249,8 +249,7 @@ def test_a_queued_run_is_live_on_its_page_through_a_server_restart(page, server,
         server.stop()  # the page keeps trying, less often, and says so
         watch(page, lambda now: now["waiting"], 30, "that the dashboard did not answer")
         server.start()  # same port, same database
-        after = watch(page, lambda now: not now["waiting"] and step(now) > step(before), 60, "progress after the restart")[-1]
-        assert after["log"] != before["log"]
+        watch(page, lambda now: not now["waiting"] and step(now) > step(before) and now["log"] != before["log"], 60, "it moving again")
 
         expect(page.locator("#run-state")).to_contain_text("succeeded", timeout=120_000)
         expect(page.locator("#progress")).to_contain_text("test_acc@1")  # test metrics and figures came without a reload
