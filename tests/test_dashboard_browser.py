@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -33,7 +34,8 @@ def root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(root, tmp_path_factory):
-    with serving(root, tmp_path_factory, "browser-db") as running:
+    # the live-run test slows its steps with a callback of tests.hooks, which configs may name only when allowed
+    with serving(root, tmp_path_factory, "browser-db", flags=("--allow-import", "tests.hooks")) as running:
         yield running
 
 
@@ -175,32 +177,117 @@ def test_sweep_board_refreshes_without_a_reload(page, root):
     assert page.errors == []
 
 
-def test_a_queued_run_goes_queued_running_succeeded_on_its_page_without_a_reload(page, server, root, tmp_path):
-    """Issue 12: an agent takes the run; its page follows it through every state and fills its chart by itself."""
+# the val-loss chart's canvas: pixels of its series colour, and whether one lies in the middle third (a lone point centred)
+SERIES_PIXELS = """() => {
+  const canvas = document.querySelector("#chart-val-loss canvas");
+  const { width, height } = canvas;
+  const pixels = canvas.getContext("2d").getImageData(0, 0, width, height).data;
+  let count = 0, middle = 0;
+  for (let i = 0; i < pixels.length; i += 4) {
+    if (Math.abs(pixels[i] - 0x24) + Math.abs(pixels[i + 1] - 0x58) + Math.abs(pixels[i + 2] - 0xc4) < 60 && pixels[i + 3] > 200) {
+      count += 1;
+      const x = (i / 4) % width;
+      if (x > width / 3 && x < (2 * width) / 3) middle += 1;
+    }
+  }
+  return { count, middle };
+}"""
+
+
+def shown(page) -> dict:
+    """What the run page shows now, read in one go (so title and badge are compared at the same moment)."""
+    return page.evaluate(
+        """() => ({
+      name: document.getElementById("run-name").textContent, state: document.querySelector("#run-state").textContent.trim(),
+      epoch: document.getElementById("epoch").textContent, step: document.getElementById("step").textContent,
+      log: document.querySelector("#log-tail pre.log")?.textContent ?? "", waiting: !document.getElementById("poll-status").hidden,
+    })"""
+    )
+
+
+def step(now: dict) -> int:
+    """The step a reading shows (-1 for '-')."""
+    done = now["step"].split(" / ")[0]
+    return int(done) if done.isdigit() else -1
+
+
+def watch(page, until, timeout: float, what: str) -> list[dict]:
+    """The page as it was every 0.3 s until `until(now)` holds; every reading, for what happened on the way."""
+    seen, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        seen.append(shown(page))
+        if until(seen[-1]):
+            return seen
+        time.sleep(0.3)
+    raise AssertionError(f"the run page never showed {what}; last: {seen[-1] if seen else None}")
+
+
+def test_a_queued_run_is_live_on_its_page_through_a_server_restart(page, server, root, tmp_path):
+    """An agent takes a queued run; without a reload its page follows it step by step within the epoch and line by line
+    in its log, keeps trying while the server restarts, and shows figures and test metrics at the end."""
     with server.client() as api:
         for run in api.get("/api/v1/runs", params={"state": "queued"}).json():  # what earlier tests queued would go first
             api.post(f"/api/v1/runs/{run['id']}/cancel")
         images = make_image_folder(tmp_path / "shapes")
         project = api.post("/api/v1/projects", json={"name": "live"}).json()["id"]
-        config = tiny_config(images, root, train={"epochs": 3, "log_every_n_steps": 1})
+        # one epoch of 18 steps, slowed down so the page can be watched in the middle of it (a single evaluation)
+        train = {"epochs": 1, "log_every_n_steps": 1, "callbacks": ["tests.hooks:SlowSteps"]}
+        config = tiny_config(images, root, data={"batch_size": 4}, train=train)
         config_id = api.post("/api/v1/configs", json={"project_id": project, "name": "tiny", "config": config}).json()["id"]
         run_id = api.post(f"/api/v1/runs/from-config/{config_id}", json={}).json()["run_id"]
     page.goto(f"/web/runs/{run_id}")
-    expect(page.locator("#run-state")).to_contain_text("queued")
+    assert shown(page)["name"] == "(waiting for an agent)" and shown(page)["state"] == "queued"
     page.evaluate("() => { window.notReloaded = true; }")
-    command = [sys.executable, "-m", "utp_dist.agent", "--server", server.url, "--name", "browser-agent", "--gpus", "none", "--poll", "0.5"]
+    command = [
+        sys.executable,
+        "-m",
+        "utp_dist.agent",
+        "--server",
+        server.url,
+        "--name",
+        "browser-agent",
+        "--gpus",
+        "none",
+        "--poll",
+        "0.5",
+        "--allow-import",
+        "tests.hooks",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "UTP_TEST_STEP_SLEEP": "1"}
     with open(tmp_path / "agent.log", "wb") as log:
-        agent = subprocess.Popen(
-            command, env={**os.environ, **server.xdg_env(), "PYTHONPATH": str(REPO)}, stdout=log, stderr=subprocess.STDOUT, cwd=REPO
-        )
+        agent = subprocess.Popen(command, env={**env, **server.xdg_env()}, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
     try:
-        expect(page.locator("#run-state")).to_contain_text("running", timeout=90_000)
+        # within the first (and only) epoch the step moves and the log tail grows, from the agent's reports
+        seen = watch(page, lambda now: 2 <= step(now) <= 9, 120, "a step early in the first epoch")
+        running = [s for s in seen if s["state"] == "running"]
+        assert running and all(s["name"] != "(waiting for an agent)" for s in running)  # the title never contradicts the badge
+        before = watch(page, lambda now: step(now) > step(seen[-1]) and now["log"] != seen[-1]["log"], 30, "the step and log moving")[-1]
+        assert before["epoch"] == "1 / 1" and step(before) < 18 and before["step"].endswith(" / 18") and "train" in before["log"]
+        screenshot = shot(page, tmp_path, "9-live-run-mid-epoch")
+        print(f"live run page mid-epoch: {screenshot}")
+
+        server.stop()  # the page keeps trying, less often, and says so
+        watch(page, lambda now: now["waiting"], 30, "that the dashboard did not answer")
+        server.start()  # same port, same database
+        watch(page, lambda now: not now["waiting"] and step(now) > step(before) and now["log"] != before["log"], 60, "it moving again")
+
         expect(page.locator("#run-state")).to_contain_text("succeeded", timeout=120_000)
-        expect(page.locator("#chart-val .uplot")).to_be_visible()
-        expect(page.locator("#queue")).to_contain_text("succeeded")  # the parts that change with the state came along
+        expect(page.locator("#progress")).to_contain_text("test_acc@1")  # test metrics and figures came without a reload
+        matrix = page.locator("img#confusion-matrix")
+        expect(matrix).to_be_visible()
+        expect(page.locator("#queue")).to_contain_text("succeeded")
         expect(page.locator("#where")).to_contain_text("browser-agent")
-        expect(page.locator("#log-tail")).to_contain_text("done: best")
-        shot(page, tmp_path, "9-run-on-an-agent")
+        expect(page.locator("#log-tail pre.log")).to_contain_text("done: best")
+        final = shown(page)
+        with server.client() as api:
+            assert final["name"] == api.get(f"/api/v1/runs/{run_id}").json()["name"]
+        assert final["epoch"] == "1 / 1" and final["step"] == "18 / 18"
+        attempt_log = page.locator("#log-files a", has_text="attempt-1.log")  # every attempt's output stays reachable
+        assert "done: best" in page.request.get(attempt_log.get_attribute("href")).text()
+        expect(page.locator("#chart-val-loss .uplot")).to_be_visible()
+        pixels = page.evaluate(SERIES_PIXELS)
+        assert pixels["middle"] >= 20, pixels  # the single evaluation is a visible point, in the middle of its axis
+        shot(page, tmp_path, "10-run-on-an-agent")
     finally:
         agent.terminate()  # SIGTERM: nothing runs any more, so it exits at once
         agent.wait(timeout=30)

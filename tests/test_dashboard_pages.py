@@ -14,7 +14,8 @@ import yaml
 from conftest import REPO, tiny_config
 from dashboard_support import private_root, serving, wait_until
 
-from utp_dist.dashboard import sources
+from utp_dist.dashboard import rundata, sources
+from utp_dist.runs import RunDir
 
 
 @pytest.fixture(scope="module")
@@ -157,6 +158,7 @@ def test_a_running_run_shows_live_progress(web, root, tmp_path):
     )
     try:
         seen: list[int] = []
+        steps: set[int] = set()
 
         def running_with_points() -> bool:
             runs = web.get("/api/v1/runs", params={"q": "live"}).json()
@@ -165,12 +167,27 @@ def test_a_running_run_shows_live_progress(web, root, tmp_path):
             series = web.get(f"/api/v1/runs/{runs[0]['id']}/series").json()
             if runs[0]["state"] == "running" and series["val"]:
                 seen.append(len(series["val"]["val_loss"]["x"]))
-            return len(set(seen)) >= 2  # new points arrived while it was running
+                steps.add(runs[0]["step"])
+            return len(set(seen)) >= 2 and any(s % 9 for s in steps)  # new points arrived; the step moved within an epoch
 
-        wait_until(running_with_points, 120, "a running run with growing curves")
+        wait_until(running_with_points, 120, "a running run with growing curves and steps between evaluations")
     finally:
         child.wait(timeout=300)
     wait_until(lambda: web.get("/api/v1/runs", params={"q": "live"}).json()[0]["state"] == "succeeded", 30, "the live run finished")
+
+
+def test_progress_of_a_training_run_folder_is_step_level(tmp_path):
+    """progress.json (each log point) is ahead of metrics.jsonl (each evaluation); summary.json has the last word."""
+    folder = RunDir.create(tmp_path, "shapes", "run")
+    folder.metrics_file.write_text(json.dumps({"split": "val", "epoch": 0, "step": 9, "val_acc@1": 0.5}) + "\n")
+    assert rundata.progress(folder)["step"] == 9  # no log point yet: the last evaluation
+    folder.progress_file.write_text(json.dumps({"epoch": 1, "step": 13, "total_steps": 27, "img_per_s": 40.0}))
+    shown = rundata.progress(folder, {"train": {"epochs": 3}})
+    assert (shown["epoch"], shown["epochs"], shown["step"], shown["total_steps"], shown["img_per_s"]) == (1, 3, 13, 27, 40.0)
+    folder.progress_file.write_text(json.dumps({"epoch": 0, "step": 4, "total_steps": 27}))  # left by a segment before the state resumed
+    assert rundata.progress(folder)["step"] == 9
+    folder.summary_file.write_text(json.dumps({"steps": 27, "last_epoch": 2, "best": {"value": 0.7}}))
+    assert (rundata.progress(folder)["step"], rundata.progress(folder)["epoch"]) == (27, 2)
 
 
 def test_a_root_that_is_away_forgets_nothing(web, root):

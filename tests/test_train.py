@@ -63,6 +63,9 @@ def test_cli_run_writes_every_output(image_root, tmp_path):
 
     summary = json.loads((logs / "summary.json").read_text())
     assert summary["world_size"] == 1 and summary["steps"] == 2 * (72 // 8)
+    position = json.loads((logs / "progress.json").read_text())  # rewritten at every log point, for dashboards and agents
+    assert (position["epoch"], position["step"], position["total_steps"]) == (1, 18, 18)
+    assert "epoch=2," in proc.stderr and "epoch=0," not in proc.stderr  # the bar counts epochs from 1, as the epoch lines do
     assert summary["best"]["value"] == max(line["val_acc@1"] for line in lines[:2])
     assert summary["train_img_per_s"] > 0 and summary["wall_time_s"] > 0
     # FLOPs are counted once on a meta-device twin; they must equal a count on the real model (eager attention: the

@@ -157,8 +157,10 @@ class Reporter:
             values.update({"epoch/train_loss": window["epoch_loss"], "epoch/train_acc": window["epoch_acc"]})
             self.epoch_train_loss = window["epoch_loss"]
         self.tracker.log_scalars(values, step)
+        self.tracker.write_position({"epoch": epoch, "step": step, "img_per_s": window["img_per_s"] if window["count"] else None})
         if window["count"]:
-            postfix = {"epoch": str(epoch), "loss": f"{window['loss']:.4f}", "lr": f"{lr:.2e}", "img/s": f"{window['img_per_s']:.0f}"}
+            # the bar counts epochs from 1, as the epoch lines do
+            postfix = {"epoch": str(epoch + 1), "loss": f"{window['loss']:.4f}", "lr": f"{lr:.2e}", "img/s": f"{window['img_per_s']:.0f}"}
             postfix.update({"wait": f"{window['data_wait']:.0%}", **({"mfu": f"{mfu:.0%}"} if mfu is not None else {})})
             self.tracker.progress(window["steps"], postfix)
 

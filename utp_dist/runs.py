@@ -3,7 +3,7 @@
 A run named NAME on data set DATASET lives in two folders under OUTPUT_ROOT, so that `tensorboard --logdir
 OUTPUT_ROOT/logs` sees every run and checkpoints can sit on another quota:
 
-    logs/DATASET/NAME/          config.yaml, metrics.jsonl, summary.json, figures/, evaluations/, TensorBoard events
+    logs/DATASET/NAME/          config.yaml, progress.json, metrics.jsonl, summary.json, figures/, evaluations/, TensorBoard events
     checkpoints/DATASET/NAME/   best -> best-stepNNNNNNNN/ (save_pretrained export), state/step-NNNNNNNN/, FINISHED
 """
 
@@ -23,6 +23,7 @@ from utp_dist.errors import UserError
 
 LOGS, CHECKPOINTS = "logs", "checkpoints"
 CONFIG, METRICS, SUMMARY, FIGURES, EVALUATIONS = "config.yaml", "metrics.jsonl", "summary.json", "figures", "evaluations"
+PROGRESS = "progress.json"
 BEST, STATE_DIR, COMPLETE, FINISHED, LOCK = "best", "state", "COMPLETE", "FINISHED", "LOCK"
 MAX_VERSIONS = 10_000
 
@@ -31,7 +32,7 @@ class RunDir:
     """One run's folders under an output root, and the tolerant readers of what the run wrote there.
 
     Paths: `logs` and `checkpoints` (the two folders), `config_file`, `metrics_file`, `summary_file`, `figures` and
-    `evaluations` (reports of `python -m utp_dist.evaluate`) in logs; `best` (the export), `state_dir` (training
+    `evaluations` (reports of `python -m utp_dist.evaluate`) and `progress_file` in logs; `best` (the export), `state_dir` (training
     states), `finished_marker` and `lock_file` in checkpoints.
     """
 
@@ -42,7 +43,7 @@ class RunDir:
         self.within = within
         self.logs, self.checkpoints = self.root / LOGS / dataset / name, self.root / CHECKPOINTS / dataset / name
         self.config_file, self.metrics_file, self.summary_file, self.figures = (self.logs / f for f in (CONFIG, METRICS, SUMMARY, FIGURES))
-        self.evaluations = self.logs / EVALUATIONS
+        self.evaluations, self.progress_file = self.logs / EVALUATIONS, self.logs / PROGRESS
         self.best, self.state_dir, self.finished_marker, self.lock_file = (self.checkpoints / f for f in (BEST, STATE_DIR, FINISHED, LOCK))
 
     def __repr__(self) -> str:
@@ -95,6 +96,14 @@ class RunDir:
         except (OSError, ValueError):
             return None
         return summary if isinstance(summary, dict) else None
+
+    def read_progress(self) -> dict:
+        """progress.json: where training stood at its latest log point ({} before the first one, or when unreadable)."""
+        try:
+            position = json.loads(self.read_text(self.progress_file))
+        except (OSError, ValueError):
+            return {}
+        return position if isinstance(position, dict) and isinstance(position.get("step"), int) else {}
 
     def read_metrics(self) -> list[dict]:
         """Every well-formed line of metrics.jsonl (one a kill -9 cut short, or any malformed line, is left out)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
@@ -38,6 +39,9 @@ class Tracker(Protocol):
 
     def progress(self, steps: int, postfix: dict[str, str]) -> None:
         """Advance the progress bar."""
+
+    def write_position(self, position: dict) -> None:
+        """Where training stands (epoch, step, ...) as progress.json, rewritten at each log point."""
 
     def print(self, line: str) -> None:
         """A line on the console, above the progress bar."""
@@ -104,13 +108,18 @@ class TensorBoardTracker:
         self.bar.set_postfix(postfix, refresh=False)
         self.bar.update(steps)
 
+    def write_position(self, position: dict) -> None:
+        """progress.json at each log point, so a dashboard or agent sees steps between evaluations; the scalars go out with it."""
+        atomic.write_json(self.run.progress_file, {**position, "total_steps": self.bar.total, "time": time.time()}, indent=None)
+        self.writer.flush()  # TensorBoard's own flush comes every 2 min: the train curve would lag that far behind
+
     def log_eval(self, split: str, values: dict, epoch: int, step: int, confusion, roc, classes: list[str], extra: dict) -> None:
         """One evaluation: scalars, confusion matrix (text + figure), ROC figure, and a metrics.jsonl line (+ `extra`)."""
         self.log_scalars({f"{split}/{k.removeprefix(split + '_')}": v for k, v in values.items()}, step)
         self.log_text(f"{split}/confusion_matrix", confusion_markdown(confusion, classes), step)
         name = f"{split}_epoch{epoch:03d}" if split == "val" else split
         auc = values.get(f"{split}_auroc_macro")
-        self._figure(f"{split}/confusion_matrix", lambda: confusion_figure(confusion, classes, f"{split} epoch {epoch}"), step, name)
+        self._figure(f"{split}/confusion_matrix", lambda: confusion_figure(confusion, classes, f"{split} epoch {epoch + 1}"), step, name)
         self._figure(f"{split}/roc_micro", lambda: roc_figure(*roc, auc, f"{split} ROC (micro)"), step, name)
         line = {"split": split, "epoch": epoch, "step": step, **values, **extra}
         with open(self.run.metrics_file, "a", encoding="utf-8") as fh:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -71,7 +72,20 @@ class Child:
             found = rundata.progress(folder, folder.read_config())
             values.update({k: found[k] for k in ("epoch", "step", "best_metric", "best", "img_per_s", "restarts")})
             values["run_folder"] = {"root": str(folder.root), "dataset": folder.dataset, "name": folder.name}
+            self.mirror_log(folder)
         return values
+
+    def mirror_log(self, folder: RunDir) -> None:
+        """Append what the process printed since the last report to a copy in the run's log folder: each attempt's output
+        stays with the run (this agent's file is on this machine only), for the run page to link."""
+        copy = folder.logs / self.log.name
+        try:
+            done = copy.stat().st_size if copy.exists() else 0  # the copy's length is how far it got: no state to lose
+            with open(self.log, "rb") as source, open(copy, "ab") as target:
+                source.seek(done)
+                shutil.copyfileobj(source, target)
+        except OSError:  # a run folder that went away: the server still has the tail the agent reports
+            pass
 
     def error(self) -> str | None:
         """The one-line error the CLI printed last (`utp_dist: error: ...`), if it printed one."""

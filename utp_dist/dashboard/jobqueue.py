@@ -124,7 +124,9 @@ def held_job(session: Session, job_id: int, agent_id: int, attempt: int) -> Job:
 def start(session: Session, job_id: int, agent_id: int, attempt: int, pid: int) -> Job:
     """claimed -> running: the training process `pid` started (one more attempt of the run)."""
     job = held_job(session, job_id, agent_id, attempt)
-    if not swap(session, job, states.RUNNING, run={"pid": pid, "agent_id": agent_id, "attempts": Run.attempts + 1, "error": None}):
+    # a new attempt's output starts empty: the last one's stays in its own file in the run folder, linked from the run page
+    fresh = {"pid": pid, "agent_id": agent_id, "attempts": Run.attempts + 1, "error": None, "log_tail": None}
+    if not swap(session, job, states.RUNNING, run=fresh):
         raise Conflict(f"job {job_id} changed meanwhile; not started", job.state)
     return job
 

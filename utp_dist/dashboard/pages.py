@@ -253,8 +253,8 @@ def run_page(request: Request, run_id: int, session: SessionDep, settings: Setti
     config = session.get(ConfigRow, run.config_id) if run.config_id else None
     actions = [a for a, moves in states.ACTIONS.items() if detail["jobs"] and detail["jobs"][-1].state in moves]
     config_text = yaml.safe_dump(detail["config"], sort_keys=False) if detail["config"] else ""
-    live = run.state in states.ACTIVE
-    return render(request, "run.html", **detail, agent=agent, config_row=config, actions=actions, config_text=config_text, live=live)
+    series = services.run_series(run, settings.roots)  # the charts' data travels in the page: one fetch refreshes all of it
+    return render(request, "run.html", **detail, agent=agent, config_row=config, actions=actions, config_text=config_text, series=series)
 
 
 @router.post("/runs/{run_id}/{action}")

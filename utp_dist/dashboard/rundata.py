@@ -47,7 +47,11 @@ def disk_state(run: RunDir, mtime: float | None) -> str:
 
 
 def progress(run: RunDir, config: dict | None = None) -> dict:
-    """Epoch, step, best so far, img/s, restarts, MFU and data wait, from summary.json or else metrics.jsonl."""
+    """Epoch (0-based, as stored), step, totals, best so far, img/s, restarts, MFU and data wait.
+
+    A finished run's summary.json is final; while it trains, progress.json (rewritten at every log point) is ahead
+    of the last evaluation in metrics.jsonl, so the step moves within an epoch and not only at evaluations.
+    """
     summary = run.read_summary() or {}
     lines = run.read_metrics()
     val = [line for line in lines if line.get("split") == "val"]
@@ -59,12 +63,17 @@ def progress(run: RunDir, config: dict | None = None) -> dict:
     if best is None and values:
         best = max(values) if mode == "max" else min(values)
     last = val[-1] if val else {}
+    position = {} if summary else run.read_progress()
+    if position.get("step", -1) < last.get("step", -1):  # a resumed run before its first log point: the state it continues
+        position = {}
     return {
-        "epoch": _count(summary.get("last_epoch", last.get("epoch"))),
-        "step": _count(summary.get("steps", last.get("step"))),
+        "epoch": _count(summary.get("last_epoch", position.get("epoch", last.get("epoch")))),
+        "epochs": _count(train.get("epochs")),
+        "step": _count(summary.get("steps", position.get("step", last.get("step")))),
+        "total_steps": _count(summary.get("steps", position.get("total_steps"))),
         "best_metric": str(metric)[:64],  # the column's width: a hand-edited summary must not stop the indexer
         "best": best,
-        "img_per_s": _finite(summary.get("train_img_per_s", last.get("train_img_per_s"))),
+        "img_per_s": _finite(summary.get("train_img_per_s", position.get("img_per_s") or last.get("train_img_per_s"))),
         "restarts": _count(summary.get("restarts", 0)),
         "mfu": _finite(summary.get("mfu")),
         "data_wait": _finite(summary.get("data_wait_fraction")),
@@ -145,11 +154,14 @@ def figures(run: RunDir) -> dict[str, Path | None]:
 
 def log_tail(run: RunDir, extra: list[Path] = (), lines: int = 80, limit_bytes: int = 64_000) -> tuple[Path | None, str]:
     """The last lines of the newest log: in the run's log folder, or `extra` ones (its sweep task's); a CLI run has none."""
+    found = log_files(run, extra)
+    return (found[-1], tail(found[-1], lines, limit_bytes)) if found else (None, "")
+
+
+def log_files(run: RunDir, extra: list[Path] = ()) -> list[Path]:
+    """Every log of the run inside the roots, oldest first: its log folder's (an agent keeps each attempt's output there) and `extra` ones."""
     found = [p for p in [*run.logs.glob("*"), *extra] if p.suffix in LOG_SUFFIXES and p.is_file() and run.allows(p)]
-    if not found:
-        return None, ""
-    path = max(found, key=lambda p: p.stat().st_mtime)
-    return path, tail(path, lines, limit_bytes)
+    return sorted(found, key=lambda p: p.stat().st_mtime)
 
 
 def tail(path: Path, lines: int = 80, limit_bytes: int = 64_000) -> str:

@@ -316,40 +316,64 @@ def sweep_board(sweep: Sweep, roots: tuple[Path, ...]) -> dict:
 
 
 def run_detail(session: Session, run: Run, roots: tuple[Path, ...]) -> dict:
-    """The run row plus what its folder says: resolved config, progress, summary, figures, log tail, best export, sweep task, jobs."""
+    """The run row plus what its folder says: resolved config, progress, summary, figures, logs, best export, sweep task, jobs."""
     folder = run_folder(run, roots)
-    config, summary, progress, paths, task = None, None, {}, {}, None
+    config, summary, found, paths, task, logs = None, None, {}, {}, None, []
     if folder is not None and folder.exists():
         config = folder.read_config()
         summary = folder.read_summary()
-        progress = rundata.progress(folder, config)
+        found = rundata.progress(folder, config)
         figures = rundata.figures(folder)
-        task, log_path, progress["log_tail"] = run_log(session, run, folder)
+        task = run_task(session, run, folder)
         best = rundata.best_export(folder)
+        logs = [{"name": p.name, "url": files.url_of(roots, p)} for p in rundata.log_files(folder, task["logs"] if task else [])]
         paths = {
             "logs": str(folder.logs),
             "checkpoints": str(folder.checkpoints),
             "best_export": str(best) if best else None,
-            "log": str(log_path) if log_path else None,
             "confusion_matrix_url": files.url_of(roots, figures["confusion_matrix"]),
             "roc_url": files.url_of(roots, figures["roc"]),
-            "log_url": files.url_of(roots, log_path),
         }
     elif run.config_id is not None:
         row = session.get(ConfigRow, run.config_id)
         config = from_dict(row.config, row.name).to_dict() if row is not None else None
+    log_path, log_tail = run_log(session, run, folder, task)
+    paths.update(log=str(log_path) if log_path else None, log_url=files.url_of(roots, log_path))
+    # what an agent last reported stands in until the run folder can be read here
+    reported = {"epoch": run.epoch, "step": run.step, "best_metric": run.best_metric, "best": run.best, "img_per_s": run.img_per_s}
+    epochs = ((config or {}).get("train") or {}).get("epochs")
+    progress = {**reported, "epochs": epochs, "restarts": run.restarts, **{k: v for k, v in found.items() if v is not None}}
+    progress["log_tail"] = log_tail
     if task is not None:
         task = {k: v for k, v in task.items() if k != "logs"} | {"sweep_id": run.sweep_id}
     jobs = list(session.scalars(select(Job).where(Job.run_id == run.id).order_by(Job.id)))
-    return {"run": run, "config": config, "summary": summary, "progress": progress, "paths": paths, "jobs": jobs, "task": task}
+    return {
+        "run": run,
+        "config": config,
+        "summary": summary,
+        "progress": progress,
+        "paths": paths,
+        "jobs": jobs,
+        "task": task,
+        "logs": logs,
+    }
 
 
-def run_log(session: Session, run: Run, folder: RunDir) -> tuple[dict | None, Path | None, str]:
-    """(the sweep task that trained the run, its newest log, that log's tail): the run folder's own log or its task's."""
-    sweep = session.get(Sweep, run.sweep_id) if run.sweep_id else None  # the indexer linked it
-    task = sources.task_of_run(folder, [Path(sweep.folder)]) if sweep else None
-    path, tail = rundata.log_tail(folder, task["logs"] if task else [])
-    return task, path, tail
+def run_task(session: Session, run: Run, folder: RunDir) -> dict | None:
+    """The sweep task that trained the run (the indexer linked its sweep), with its log files."""
+    sweep = session.get(Sweep, run.sweep_id) if run.sweep_id else None
+    return sources.task_of_run(folder, [Path(sweep.folder)]) if sweep else None
+
+
+def run_log(session: Session, run: Run, folder: RunDir | None, task: dict | None = None) -> tuple[Path | None, str]:
+    """(the log shown, its tail): a run queued here shows its current attempt as its agent reports it (earlier attempts'
+    output is in its log folder), any other run the newest log of its folder or sweep task."""
+    if run.source == "queue" and run.log_tail:
+        return None, run.log_tail
+    if folder is None or not folder.exists():
+        return None, run.log_tail or ""
+    task = task if task is not None else run_task(session, run, folder)
+    return rundata.log_tail(folder, task["logs"] if task else [])
 
 
 def run_series(run: Run, roots: tuple[Path, ...]) -> dict:

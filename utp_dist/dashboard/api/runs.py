@@ -54,14 +54,11 @@ def get_run(run_id: IdPath, session: SessionDep, settings: SettingsDep):
 
 @router.get("/{run_id}/series")
 def run_series(run_id: IdPath, session: SessionDep, settings: SettingsDep, log: bool = False) -> dict:
-    """Curves for charts: {"state", "train": {tag: {x, y}}, "val": {metric: {x, y}}} (+ "log": its tail); pages poll it while a run is active."""
+    """Curves for charts: {"state", "train": {tag: {x, y}}, "val": {metric: {x, y}}} (+ "log": the tail the run page shows)."""
     run = services.get_run(session, run_id)
     series = {"state": run.state, "epoch": run.epoch, "step": run.step, "best": run.best, **services.run_series(run, settings.roots)}
-    folder = services.run_folder(run, settings.roots)
-    if log and folder is not None and folder.exists():
-        series["log"] = services.run_log(session, run, folder)[2]
-    if log and not series.get("log") and run.log_tail:  # a queued run's output, as its agent reported it
-        series["log"] = run.log_tail
+    if log:
+        series["log"] = services.run_log(session, run, services.run_folder(run, settings.roots))[1]
     return series
 
 

@@ -14,6 +14,12 @@ const utp = (() => {
     return [xs, ...columns];
   }
 
+  // few points are always dotted: a line of one point is no line at all (uPlot's own rule hides dots that crowd)
+  const sparse = (u) => u.data[0].length <= 30;
+
+  // epochs count from 1 on the pages, as on the console ("epoch 1/3"); metrics.jsonl and the API count from 0
+  const oneBased = (curve) => curve && { x: curve.x.map((epoch) => epoch + 1), y: curve.y };
+
   function chart(el, title, xLabel, names, data) {
     if (!el) return null;
     el.textContent = "";
@@ -23,11 +29,13 @@ const utp = (() => {
     }
     const opts = {
       title, width: Math.max(360, el.clientWidth - 12), height: 260,
-      scales: { x: { time: false } },
+      // one x value (a single evaluation): uPlot would span it from x - 1 to x + 1 (an "epoch 0"); half a unit each
+      // side puts its point in the middle, above its own tick and no other
+      scales: { x: { time: false, range: (u, min, max) => (u.data[0].length === 1 ? [u.data[0][0] - 0.5, u.data[0][0] + 0.5] : [min, max]) } },
       // epochs and steps are whole numbers: no 0.2-epoch ticks
       axes: [{ label: xLabel, incrs: [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000] }, {}],
       cursor: { drag: { x: true, y: false } },
-      series: [{ label: xLabel }, ...names.map((n, i) => ({ label: n, stroke: COLORS[i % COLORS.length], width: 2, spanGaps: true, points: { size: 5 } }))],
+      series: [{ label: xLabel }, ...names.map((n, i) => ({ label: n, stroke: COLORS[i % COLORS.length], width: 2, spanGaps: true, points: { size: 7, fill: COLORS[i % COLORS.length], show: sparse } }))],
     };
     return new uPlot(opts, data, el);
   }
@@ -51,44 +59,6 @@ const utp = (() => {
     return update;
   }
 
-  function runPage(runId, live) {
-    const train = liveChart(document.getElementById("chart-train"), "train loss per step", "step");
-    const valLoss = liveChart(document.getElementById("chart-val-loss"), "val loss per epoch", "epoch");
-    const val = liveChart(document.getElementById("chart-val"), "val metrics per epoch", "epoch");
-    async function update() {
-      const response = await fetch(`/api/v1/runs/${runId}/series?log=true`, { credentials: "same-origin" });
-      if (!response.ok) return null;
-      const s = await response.json();
-      train(["train loss"], [s.train.train_loss]);
-      valLoss(["val_loss"], [s.val.val_loss]);
-      const metrics = Object.keys(s.val).filter((k) => k !== "val_loss");
-      val(metrics, metrics.map((k) => s.val[k]));
-      const epochStep = document.getElementById("epoch-step");
-      if (epochStep) epochStep.textContent = `${s.epoch ?? "-"} / ${s.step ?? "-"}`;
-      const best = document.getElementById("best");
-      if (best && s.best !== null) best.textContent = Number(s.best).toPrecision(4);
-      const log = document.querySelector("pre.log");
-      if (log && s.log !== undefined && log.textContent !== s.log) {
-        const atEnd = log.scrollTop + log.clientHeight >= log.scrollHeight - 4;
-        log.textContent = s.log;
-        if (atEnd) log.scrollTop = log.scrollHeight; // follow the log unless the user scrolled up to read
-      }
-      const state = document.querySelector("#run-state .state");
-      if (state && state.textContent !== s.state) {
-        state.textContent = s.state;
-        state.className = `state state-${s.state}`;
-        swapParts(RUN_PARTS); // a new state: where it runs, its queue entry, files and log change with it
-      }
-      return s.state;
-    }
-    const ACTIVE = ["queued", "claimed", "running", "stopping"];
-    const RUN_PARTS = ["run-name", "where", "queue", "files", "log-tail"];
-    (async function poll() {
-      const state = await update();
-      if (live || ACTIVE.includes(state)) setTimeout(poll, 3000);
-    })();
-  }
-
   function comparePage(labels, series) {
     const select = document.getElementById("metric");
     const metrics = [...new Set(series.flatMap((s) => Object.keys(s.val)))].sort();
@@ -97,7 +67,7 @@ const utp = (() => {
     let plot = null;
     const draw = () => {
       if (plot) plot.destroy();
-      plot = chart(el, `${select.value} per epoch`, "epoch", labels, align(series.map((s) => s.val[select.value])));
+      plot = chart(el, `${select.value} per epoch`, "epoch", labels, align(series.map((s) => oneBased(s.val[select.value]))));
     };
     select.addEventListener("change", draw);
     draw();
@@ -105,14 +75,22 @@ const utp = (() => {
   }
 
   // a page whose tables change while tasks run (the sweep board): fetch it again and swap only those tables
-  // the elements with these ids, as the server renders this page now (parts of a page kept fresh without a reload)
   async function swapParts(ids) {
     const response = await fetch(location.pathname, { credentials: "same-origin" });
     if (!response.ok) return;
-    const fresh = new DOMParser().parseFromString(await response.text(), "text/html");
+    swapIn(new DOMParser().parseFromString(await response.text(), "text/html"), ids);
+  }
+
+  // the elements with these ids, as `fresh` (the page as the server renders it now) has them, where they changed
+  function swapIn(fresh, ids) {
     for (const id of ids) {
       const [now, next] = [document.getElementById(id), fresh.getElementById(id)];
-      if (now && next && now.innerHTML !== next.innerHTML) now.innerHTML = next.innerHTML;
+      if (!now || !next || now.innerHTML === next.innerHTML) continue;
+      const log = now.querySelector("pre.log");
+      const [atEnd, scrolled] = log ? [log.scrollTop + log.clientHeight >= log.scrollHeight - 4, log.scrollTop] : [true, 0];
+      now.innerHTML = next.innerHTML;
+      const grown = now.querySelector("pre.log");
+      if (grown) grown.scrollTop = atEnd ? grown.scrollHeight : scrolled; // follow a log unless the user scrolled up to read
     }
   }
 
@@ -120,13 +98,11 @@ const utp = (() => {
     setInterval(() => swapParts(ids), seconds * 1000);
   }
 
-  return { align, chart, liveChart, runPage, comparePage, refreshTables };
+  return { align, chart, liveChart, oneBased, comparePage, refreshTables, swapIn };
 })();
 
 // What a page starts comes from its data, not from inline scripts, which the Content-Security-Policy forbids
 document.addEventListener("DOMContentLoaded", () => {
-  const run = document.getElementById("run-page");
-  if (run) utp.runPage(Number(run.dataset.runId), run.dataset.live === "true");
   const compare = document.getElementById("compare-data");
   if (compare) {
     const { labels, series } = JSON.parse(compare.textContent);
