@@ -22,6 +22,7 @@ from utp_dist.dashboard import rundata
 from utp_dist.errors import one_line
 from utp_dist.run_lock import RunLock
 from utp_dist.runs import RunDir, base_name, find_runs
+from utp_dist.train import EXPECT_CUDA_ENV
 
 ERROR_PREFIX = "utp_dist: error: "
 PR_SET_PDEATHSIG = 1
@@ -116,6 +117,8 @@ class Runner:
         # a later attempt continues the run's newest complete state; with none (it died before its first save) it starts anew
         resume = str(folder.checkpoints) if folder is not None and folder.states() else "never"
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(gpus)}  # "" hides every GPU from a CPU job
+        # CUDA numbers GPUs as NVML (the agent's inventory) does; the training fails at start if it sees fewer than it was given
+        env.update(CUDA_DEVICE_ORDER="PCI_BUS_ID", **{EXPECT_CUDA_ENV: str(len(gpus))})
         log = self.workdir / f"{stem}.log"
         with open(log, "ab") as out:
             proc = subprocess.Popen(
