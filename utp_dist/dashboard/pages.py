@@ -9,11 +9,12 @@ from pathlib import Path
 from typing import Annotated
 
 import yaml
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.templating import Jinja2Templates
 from sqlalchemy import select
 from sqlalchemy.orm import Session
+from starlette.datastructures import FormData
 
 from utp_dist.dashboard import jobqueue, security, services, sources, states
 from utp_dist.dashboard.db import Agent, ConfigRow, Project, Sweep
@@ -64,6 +65,11 @@ async def posted(request: Request):
     return form if security.csrf_ok(request, form) else None
 
 
+# The form is read on the event loop (reading the body is async); the handlers that take it are plain `def`, so their
+# database work and subprocesses run in the threadpool and never hold up heartbeats or the reaper.
+PostedForm = Annotated[FormData | None, Depends(posted)]
+
+
 def csrf_refused(request: Request) -> HTMLResponse:
     """403 for a form whose CSRF token is missing or wrong."""
     return error_page(request, 403, "the form's CSRF token is missing or wrong: reload the page and submit again")
@@ -106,9 +112,8 @@ def projects_view(request: Request, session: Session, error: str | None = None, 
     return render(request, "projects.html", status_code=status_code, projects=items, error=error)
 
 
-async def create_from_form(request: Request, make, refused) -> HTMLResponse | RedirectResponse:
+def create_from_form(request: Request, form: FormData | None, make, refused) -> HTMLResponse | RedirectResponse:
     """A create form: check its CSRF token, make the object (answering the URL to go to), or show the form again with the 409."""
-    form = await posted(request)
     if form is None:
         return csrf_refused(request)
     try:
@@ -124,14 +129,14 @@ def projects_page(request: Request, session: SessionDep):
 
 
 @router.post("/projects")
-async def create_project(request: Request, session: SessionDep):
+def create_project(request: Request, session: SessionDep, form: PostedForm):
     """Create a project from the form, then go to its configs."""
 
     def make(form) -> str:
         project = services.create_project(session, str(form.get("name", "")).strip() or "-", str(form.get("description", "")))
         return f"/web/projects/{project.id}/configs"
 
-    return await create_from_form(request, make, lambda error: projects_view(request, session, error, 409))
+    return create_from_form(request, form, make, lambda error: projects_view(request, session, error, 409))
 
 
 @router.get("/projects/{project_id}/configs")
@@ -143,9 +148,8 @@ def configs_page(request: Request, project_id: int, session: SessionDep):
 
 
 @router.post("/projects/{project_id}/configs")
-async def create_config(request: Request, project_id: int, session: SessionDep):
+def create_config(request: Request, project_id: int, session: SessionDep, form: PostedForm):
     """Paste a config file (YAML, or JSON, which is YAML too); errors come back on the form with the CLI's line."""
-    form = await posted(request)
     if form is None:
         return csrf_refused(request)
     name, text = str(form.get("name", "")).strip() or "config", str(form.get("text", ""))
@@ -171,9 +175,8 @@ def project_runs_page(request: Request, project_id: int, session: SessionDep, pa
 
 
 @router.post("/configs/{config_id}/queue")
-async def queue_run(request: Request, config_id: int, session: SessionDep):
+def queue_run(request: Request, config_id: int, session: SessionDep, form: PostedForm):
     """Queue a run of a config, then show its page."""
-    form = await posted(request)
     if form is None:
         return csrf_refused(request)
     gpus = int(form.get("gpus") or 0)
@@ -228,9 +231,8 @@ def run_page(request: Request, run_id: int, session: SessionDep, settings: Setti
 
 
 @router.post("/runs/{run_id}/{action}")
-async def change_run(request: Request, run_id: int, action: str, session: SessionDep):
+def change_run(request: Request, run_id: int, action: str, session: SessionDep, form: PostedForm):
     """Cancel or resume a run from its page."""
-    form = await posted(request)
     if form is None:
         return csrf_refused(request)
     if action not in states.ACTIONS:
@@ -270,9 +272,8 @@ def sweep_page(request: Request, sweep_id: int, session: SessionDep, message: st
 
 
 @router.post("/sweeps/{sweep_id}/resubmit-failed")
-async def resubmit_failed(request: Request, sweep_id: int, session: SessionDep):
-    """Run `submit resubmit SWEEP --failed` and show the board with its last line."""
-    form = await posted(request)
+def resubmit_failed(request: Request, sweep_id: int, session: SessionDep, form: PostedForm):
+    """Run `submit resubmit SWEEP --failed` (up to minutes, in the threadpool) and show the board with its last line."""
     if form is None:
         return csrf_refused(request)
     sweep = services.get_sweep(session, sweep_id)
@@ -301,20 +302,19 @@ def agents_page(request: Request, session: SessionDep):
 
 
 @router.post("/agents")
-async def create_agent(request: Request, session: SessionDep):
+def create_agent(request: Request, session: SessionDep, form: PostedForm):
     """Register an agent from the form."""
 
     def make(form) -> str:
         services.create_agent(session, str(form.get("name", "")).strip() or "agent", str(form.get("host", "")))
         return "/web/agents"
 
-    return await create_from_form(request, make, lambda error: agents_view(request, session, error, 409))
+    return create_from_form(request, form, make, lambda error: agents_view(request, session, error, 409))
 
 
 @router.post("/agents/{agent_id}/drain")
-async def drain_agent(request: Request, agent_id: int, session: SessionDep):
+def drain_agent(request: Request, agent_id: int, session: SessionDep, form: PostedForm):
     """Drain an agent (or take it back into service)."""
-    form = await posted(request)
     if form is None:
         return csrf_refused(request)
     agent = services.found(session, Agent, agent_id, "agent")
