@@ -139,6 +139,8 @@ def held_job(session: Session, job_id: int, agent_id: int, attempt: int) -> Job:
     job = session.get(Job, job_id, populate_existing=True)  # as the database has it now, not as this session last saw it
     if job is None:
         raise NotFound(f"no job with id {job_id}")
+    if job.agent_id is None and job.attempt == attempt and job.state in HELD:  # its agent row was deleted (the id may be another's now)
+        raise NotFound(f"job {job_id} has no agent since its agent was deleted: register again and name it in the heartbeat")
     if job.agent_id != agent_id or job.attempt != attempt or job.state not in HELD:
         raise Conflict(f"job {job_id} attempt {attempt} is no longer this agent's (now: {job.state}, attempt {job.attempt})", job.state)
     return job
