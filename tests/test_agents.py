@@ -440,6 +440,14 @@ def test_reaper_requeues_while_attempts_remain_then_fails_with_the_reason(tmp_pa
         session.expire_all()
         assert services.get_run(session, run.id).error == outcomes[1][2]
         assert jobqueue.claim(session, agent.id, 0, True, [], lease_s=30) is None  # nothing left to claim
+        # a 2-GPU job under accelerate launch: the ranks print the CLI's line, the launcher exits 1; the line is the reason
+        _, job = services.queue_run(session, config.id, gpus=2)
+        claimed = jobqueue.claim(session, agent.id, 2, False, [], lease_s=30)
+        jobqueue.start(session, job.id, agent.id, claimed["attempt"], pid=1)
+        line = "this job was given 2 GPU(s) but this process sees 0 CUDA device(s) (...); it would train on the CPU: ..."
+        jobqueue.finish(session, job.id, agent.id, claimed["attempt"], 1, line, f"utp_dist: error: {line}\nChildFailedError")
+        session.refresh(job)
+        assert (job.state, job.reason, job.failures) == ("failed", f"{line} (exit code 1)", 1)
     database.engine.dispose()
 
 

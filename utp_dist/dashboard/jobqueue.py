@@ -182,7 +182,7 @@ def outcome(exit_code: int) -> str:
 
 
 def finish(session: Session, job_id: int, agent_id: int, attempt: int, exit_code: int, error: str | None, log_tail: str | None) -> Job:
-    """running/stopping -> succeeded | stopped | failed from the exit code; a failure keeps the CLI's line or the log tail."""
+    """running/stopping -> succeeded | stopped | failed from the exit code; a failure keeps the CLI's line (first) or the log tail."""
     job = held_job(session, job_id, agent_id, attempt)
     new = outcome(exit_code)
     tail = (log_tail or "")[-LOG_TAIL_CHARS:] or None
@@ -190,6 +190,8 @@ def finish(session: Session, job_id: int, agent_id: int, attempt: int, exit_code
     if new == states.FAILED:
         if exit_code == EXIT_USER_ERROR and error:
             message = error
+        elif exit_code > 0 and error:  # e.g. accelerate launch ends with 1 when its ranks ended with the CLI's line
+            message = f"{error} (exit code {exit_code})\n{tail or ''}".strip()
         elif exit_code < 0:
             message = f"killed by signal {-exit_code}\n{tail or ''}".strip()
         else:
