@@ -5,22 +5,26 @@ from __future__ import annotations
 import collections
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 from conftest import REPO, make_image_folder, run_cli, tiny_config
-from dashboard_support import Postgres, Server, wait_until
+from dashboard_support import Postgres, Server, private_root, wait_until
 from safetensors.torch import load_file
 
 LEASE_S = 6
+FAKE_NVML = REPO / "tests" / "fake_nvml"  # a pynvml that reports $UTP_TEST_FAKE_GPUS GPUs, first on the agents' path
 ENV = {
     **{k: v for k, v in os.environ.items() if k != "UTP_DASHBOARD_TOKEN"},
-    "PYTHONPATH": str(REPO),
+    "PYTHONPATH": f"{FAKE_NVML}{os.pathsep}{REPO}",
+    "UTP_TEST_FAKE_GPUS": "4",
     "HF_HUB_OFFLINE": "1",
     "OMP_NUM_THREADS": "1",
     "TOKENIZERS_PARALLELISM": "false",
@@ -43,14 +47,16 @@ class Agents:
     def __init__(self, server: Server, folder: Path):
         self.server, self.folder, self.procs = server, folder, {}
 
-    def start(self, name: str, *flags: str, noop: bool = False, **env: str) -> subprocess.Popen:
+    def start(self, name: str, *flags: str, noop: bool = False, label: str | None = None, **env: str) -> subprocess.Popen:
+        """An agent called `name`; its log is LABEL.log (default: the name) in the test's folder."""
+        label = label or name
         entry = [str(REPO / "tests" / "agent_noop.py")] if noop else ["-m", "utp_dist.agent"]
         cmd = [sys.executable, *entry, "--server", self.server.url, "--name", name, "--gpus", "none", "--poll", "0.2", *flags]
         cmd += ["--allow-import", "tests.hooks"]
-        cmd += ["--workdir", str(self.folder / name)]
-        with open(self.folder / f"{name}.log", "ab") as log:
+        cmd += ["--workdir", str(self.folder / label)]
+        with open(self.folder / f"{label}.log", "ab") as log:
             proc = subprocess.Popen(cmd, env={**ENV, **self.server.xdg_env(), **env}, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-        self.procs[name] = proc
+        self.procs[label] = proc
         return proc
 
     def logs(self) -> str:
@@ -345,7 +351,13 @@ def test_bad_data_root_fails_with_the_cli_line_unwritable_root_refused_2_gpu_job
     (bad,) = queue(client, tiny_config(tmp_path / "no-such-images", root), name="bad")
     (tmp_path / "a-file").write_text("")
     (elsewhere,) = queue(client, tiny_config(images, tmp_path / "a-file" / "root"), name="unwritable", priority=5)
-    group.start("one-gpu", "--gpus", "0")  # a listed GPU nvidia-smi does not know: the agent offers GPU 0
+    (on_gpu,) = queue(client, tiny_config(images, root), name="on-gpu", gpus=1)
+    group.start("one-gpu", "--gpus", "0")  # GPU 0 of the fake NVML's four
+    # the 1-GPU job is claimed, but the training sees no CUDA device on this machine: it fails at start, not trains on the CPU
+    cpu_only = wait_run(client, on_gpu, state_is("failed", "succeeded"), group=group)
+    assert cpu_only["state"] == "failed"
+    assert cpu_only["error"].startswith("this job was given 1 GPU(s) but this process sees 0 CUDA device(s) (CUDA_VISIBLE_DEVICES=0, torch")
+    assert cpu_only["error"].endswith("it would train on the CPU: check the driver and the torch build"), cpu_only["error"]
     failed = wait_run(client, bad, state_is("failed", "succeeded"), group=group)
     assert failed["state"] == "failed"
     assert failed["error"].startswith("data.root") and "\n" not in failed["error"], failed["error"]
@@ -361,7 +373,7 @@ def test_bad_data_root_fails_with_the_cli_line_unwritable_root_refused_2_gpu_job
         f"refused by agent one-gpu: output.root '{tmp_path / 'a-file' / 'root'}' is not writable"
     )
     agent = client.get("/api/v1/agents").json()[0]
-    assert [g["index"] for g in agent["gpus"]] == [0] and agent["last_heartbeat"]
+    assert [(g["index"], g["name"], g["memory_mb"]) for g in agent["gpus"]] == [(0, "Fake GPU", 80 * 1024)] and agent["last_heartbeat"]
 
 
 # --- (e) a grid on agents
@@ -415,7 +427,7 @@ def test_reaper_requeues_while_attempts_remain_then_fails_with_the_reason(tmp_pa
         project = services.create_project(session, "p")
         config = services.create_config(session, project.id, "tiny", tiny_config(images, tmp_path / "root"))
         run, job = services.queue_run(session, config.id, max_attempts=2)
-        agent = jobqueue.register(session, "a", "host", [], drain=False)
+        agent = jobqueue.register(session, "a", "host", [], drain=False, lease_s=30)
         outcomes = []
         for _ in range(2):
             claimed = jobqueue.claim(session, agent.id, 0, True, [], lease_s=30)
@@ -426,9 +438,200 @@ def test_reaper_requeues_while_attempts_remain_then_fails_with_the_reason(tmp_pa
             session.refresh(job)
             outcomes.append((job.state, job.attempt, job.reason))
         assert jobqueue.reap(session) == 0
-        assert outcomes[0] == ("queued", 1, "requeued: agent a stopped renewing its lease")
-        assert outcomes[1] == ("failed", 2, "agent a stopped renewing its lease on attempt 2 of 2: no attempts left")
+        assert outcomes[0] == ("queued", 1, "requeued: agent a stopped renewing its lease (failure 1 of 2 allowed)")
+        assert outcomes[1] == ("failed", 2, "agent a stopped renewing its lease on attempt 2: failure 2 of 2 allowed, no attempts left")
         session.expire_all()
         assert services.get_run(session, run.id).error == outcomes[1][2]
         assert jobqueue.claim(session, agent.id, 0, True, [], lease_s=30) is None  # nothing left to claim
+        # a 2-GPU job under accelerate launch: the ranks print the CLI's line, the launcher exits 1; the line is the reason
+        _, job = services.queue_run(session, config.id, gpus=2)
+        claimed = jobqueue.claim(session, agent.id, 2, False, [], lease_s=30)
+        jobqueue.start(session, job.id, agent.id, claimed["attempt"], pid=1)
+        line = "this job was given 2 GPU(s) but this process sees 0 CUDA device(s) (...); it would train on the CPU: ..."
+        jobqueue.finish(session, job.id, agent.id, claimed["attempt"], 1, line, f"utp_dist: error: {line}\nChildFailedError")
+        session.refresh(job)
+        assert (job.state, job.reason, job.failures) == ("failed", f"{line} (exit code 1)", 1)
     database.engine.dispose()
+
+
+# --- GPUs the driver reports, names, a server that forgets, stops that cost nothing, a loop that never blocks
+
+
+def test_gpus_the_driver_does_not_report_are_refused_in_one_line(monkeypatch, capsys):
+    from utp_dist.agent.__main__ import main
+    from utp_dist.agent.gpus import inventory
+
+    def agent(gpus: str) -> tuple[int, str]:
+        code = main(["--server", "http://127.0.0.1:9", "--gpus", gpus])
+        return code, capsys.readouterr().err.strip()
+
+    real = sys.modules.get("pynvml") or __import__("pynvml")
+    try:
+        real.nvmlInit()
+        real.nvmlShutdown()
+    except real.NVMLError as err:  # this machine: no driver, as on every CPU-only machine
+        assert agent("0,1") == (2, f"utp_dist: error: --gpus 0,1: this machine has no NVIDIA GPU (NVML: {err})")
+    monkeypatch.syspath_prepend(str(FAKE_NVML))
+    monkeypatch.delitem(sys.modules, "pynvml")
+    monkeypatch.setenv("UTP_TEST_FAKE_GPUS", "2")
+    assert agent("0,1,3") == (2, "utp_dist: error: --gpus 3: this machine has GPUs 0-1")
+    assert (
+        agent(",".join(map(str, range(64))))[1] == f"utp_dist: error: --gpus {','.join(map(str, range(2, 64)))}: this machine has GPUs 0-1"
+    )
+    assert [(g["index"], g["name"], g["memory_mb"]) for g in inventory("auto")] == [(0, "Fake GPU", 81920), (1, "Fake GPU", 81920)]
+    assert [g["index"] for g in inventory("1")] == [1]
+    monkeypatch.setenv("UTP_TEST_FAKE_GPUS", "0")
+    assert agent("0") == (2, "utp_dist: error: --gpus 0: this machine has no NVIDIA GPU (NVML: NVML Shared Library Not Found)")
+    assert inventory("auto") == []  # a CPU machine serves CPU jobs
+
+
+def test_the_training_fails_at_start_when_it_sees_fewer_cuda_devices_than_it_was_given(monkeypatch):
+    from utp_dist.errors import UserError
+    from utp_dist.sweep.resources import Resources
+    from utp_dist.train import EXPECT_CUDA_ENV, check_expected_devices
+
+    monkeypatch.setenv(EXPECT_CUDA_ENV, "2")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    with pytest.raises(UserError, match=r"^this job was given 2 GPU\(s\) but this process sees 0 CUDA device\(s\)"):
+        check_expected_devices()
+    monkeypatch.setenv(EXPECT_CUDA_ENV, "0")  # a CPU job
+    check_expected_devices()
+    # a Slurm task with GPUs sets the same expectation: each process its share of the node's GPUs
+    assert Resources(gpus_per_node=4).submitit_parameters("g")["setup"] == [f"export {EXPECT_CUDA_ENV}=1"]
+    assert Resources(gpus_per_node=4, tasks_per_node=2).device_check() == [f"export {EXPECT_CUDA_ENV}=2"]
+    assert Resources().device_check() == []
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """(server, client): one server for this module's later tests; each test's agents and runs end with the test.
+
+    Its second root is a copy of the session's trained root: a debug-executor sweep with two failed tasks to resubmit.
+    """
+    folder = tmp_path_factory.mktemp("shared-dashboard")
+    roots = [folder / "root", private_root(tmp_path_factory, "agents-sweep")]
+    server = LeaseServer(roots, f"sqlite:///{folder / 'db.sqlite'}", folder / "server.log").start()
+    client = server.client()
+    yield server, client
+    client.close()
+    server.stop()
+
+
+@pytest.fixture
+def crew(shared, tmp_path):
+    """Agents of the shared server for one test, stopped at its end."""
+    group = Agents(shared[0], tmp_path)
+    yield group
+    group.stop()
+
+
+def test_a_second_agent_with_a_live_agents_name_is_refused_in_one_line(shared, crew, tmp_path):
+    _, client = shared
+    claims = str(tmp_path / "claims.txt")
+    crew.start("twin", noop=True, UTP_TEST_CLAIMS=claims)
+    wait_until(lambda: any(a["name"] == "twin" and a["last_heartbeat"] for a in client.get("/api/v1/agents").json()), 30, "twin")
+    assert crew.start("twin", noop=True, label="twin-again", UTP_TEST_CLAIMS=claims).wait(timeout=30) == 2
+    line = (tmp_path / "twin-again.log").read_text().strip().splitlines()[-1]
+    assert re.fullmatch(
+        r"utp_dist: error: --name twin: an agent of that name is running on \S+ \(heartbeat \d+ s ago\); give this one another "
+        rf"--name, or start it again once that one has been silent for {LEASE_S} s",
+        line,
+    ), line
+    assert [a["name"] for a in client.get("/api/v1/agents").json()].count("twin") == 1
+
+
+def test_an_agent_deleted_on_the_server_registers_again_and_its_job_finishes_as_the_same_run(shared, crew, images, tmp_path):
+    _, client = shared
+    (run_id,) = queue(client, tiny_config(images, tmp_path / "root"), name="forgotten")
+    crew.start("forgotten", noop=True, UTP_TEST_CLAIMS=str(tmp_path / "claims.txt"), UTP_TEST_NOOP_SECONDS="8")
+    old = wait_run(client, run_id, state_is("running"), group=crew)["agent_id"]
+    deleted = time.time()
+    assert client.delete(f"/api/v1/agents/{old}").status_code == 204
+    done = wait_run(client, run_id, state_is("succeeded", "failed", "queued"), timeout=60, group=crew)
+    # a job it had lost would have been requeued after the lease and claimed again as attempt 2
+    assert done["state"] == "succeeded" and done["jobs"][-1]["attempt"] == 1 and done["attempts"] == 1, crew.logs()
+    (agent,) = [a for a in client.get("/api/v1/agents").json() if a["name"] == "forgotten"]
+    assert agent["created"] > deleted and done["agent_id"] == agent["id"]  # a new row (SQLite may give it the old id)
+    assert "registering again (its 1 running job(s) keep running)" in (tmp_path / "forgotten.log").read_text()
+
+
+def test_stop_and_resume_cost_no_attempt_and_a_lost_lease_after_four_still_requeues(shared, crew, images, tmp_path):
+    _, client = shared
+    (run_id,) = queue(client, tiny_config(images, tmp_path / "root"), name="stop-resume")
+    agent = crew.start("stop-resume", noop=True, UTP_TEST_CLAIMS=str(tmp_path / "claims.txt"), UTP_TEST_NOOP_SECONDS="300")
+    for attempt in range(1, 5):
+        wait_run(client, run_id, lambda r, a=attempt: r["state"] == "running" and r["jobs"][-1]["attempt"] == a, group=crew)
+        assert client.post(f"/api/v1/runs/{run_id}/cancel").json()["state"] == "stopping"
+        wait_run(client, run_id, state_is("stopped"), group=crew)
+        assert client.post(f"/api/v1/runs/{run_id}/resume").json()["state"] == "queued"
+    run = wait_run(client, run_id, lambda r: r["state"] == "running" and r["jobs"][-1]["attempt"] == 5, group=crew)
+    assert run["jobs"][-1]["failures"] == 0 and run["jobs"][-1]["max_attempts"] == 3
+    os.kill(agent.pid, signal.SIGSTOP)  # the agent goes silent: its lease runs out, a failure
+    requeued = wait_run(client, run_id, state_is("queued", "failed"), timeout=LEASE_S + 30, group=crew)
+    agent.kill()
+    agent.wait()
+    job = requeued["jobs"][-1]
+    assert (requeued["state"], job["failures"], job["attempt"]) == ("queued", 1, 5), job
+    assert job["reason"] == "requeued: agent stop-resume stopped renewing its lease (failure 1 of 3 allowed)"
+    assert client.post(f"/api/v1/runs/{run_id}/cancel").json()["state"] == "cancelled"
+
+
+def test_heartbeats_are_answered_within_a_second_while_a_resubmit_runs_for_seconds(shared, crew, images, tmp_path):
+    server, client = shared
+    (sweep,) = client.get("/api/v1/sweeps").json()  # its two failed tasks fail again, in the resubmit's own process
+    (run_id,) = queue(client, tiny_config(images, tmp_path / "root"), name="steady")
+    crew.start("steady", noop=True, UTP_TEST_CLAIMS=str(tmp_path / "claims.txt"), UTP_TEST_NOOP_SECONDS="300")
+    wait_run(client, run_id, state_is("running"), group=crew)
+    probe = client.post("/api/v1/agents/register", json={"name": "probe"}).json()["agent_id"]
+    answer = {}
+
+    def resubmit() -> None:  # the button on the sweep page: `submit resubmit --failed` runs the tasks in turn (debug executor)
+        with server.client(follow_redirects=False) as web:
+            token = re.search(r'name="csrf" value="([^"]+)"', web.get(f"/web/sweeps/{sweep['id']}").text).group(1)
+            started = time.monotonic()
+            answer["page"] = web.post(f"/web/sweeps/{sweep['id']}/resubmit-failed", data={"csrf": token}, timeout=300).text
+            answer["seconds"] = time.monotonic() - started
+
+    pressed = threading.Thread(target=resubmit)
+    pressed.start()
+    latencies = []
+    while pressed.is_alive():
+        started = time.monotonic()
+        assert client.post(f"/api/v1/agents/{probe}/heartbeat", json={"jobs": []}).status_code == 200
+        latencies.append(time.monotonic() - started)
+        time.sleep(0.2)
+    pressed.join()
+    assert "resubmit --failed:" in answer["page"] and answer["seconds"] > 3, answer  # long enough to block the loop, if it could
+    # blocked, the loop would answer one heartbeat after the whole resubmit; on a loaded machine a rare one waits for
+    # the CPU or the indexer's write (measured: typically 0.05-0.1 s, once 1.4 s at load 10 on 2 cores)
+    slow = [t for t in latencies if t >= 1.0]
+    assert len(slow) <= len(latencies) // 20 and max(latencies) < answer["seconds"] / 4, (answer["seconds"], len(latencies), slow)
+    job = client.get(f"/api/v1/runs/{run_id}").json()["jobs"][-1]
+    assert (job["state"], job["attempt"], job["reason"]) == ("running", 1, None)  # its lease never ran out
+    assert client.post(f"/api/v1/runs/{run_id}/cancel").json()["state"] == "stopping"
+    wait_run(client, run_id, state_is("stopped"), group=crew)
+
+
+def test_a_database_deleted_under_the_server_is_replaced_and_the_running_training_finishes_indexed(
+    shared, crew, images, tmp_path, reference
+):
+    server, client = shared
+    root = server.roots[0]
+    crew.start("survivor", **SLOW)
+    (run_id,) = queue(client, resumable_config(images, root), name="survivor")
+    run = wait_run(client, run_id, has_state, group=crew)
+    database = Path(server.db_url.removeprefix("sqlite:///"))
+    database.unlink()
+    wait_until(lambda: "was deleted under the server: started a new one" in server.log.read_text(), 15, "the server to notice", server.log)
+    assert database.exists() and client.get("/api/v1/projects").json() == []
+    log = tmp_path / "survivor.log"
+    wait_until(lambda: "pid" in log.read_text() and "trains on, its run is indexed from its folder" in log.read_text(), 30, "orphan", log)
+
+    def finished_on_disk() -> dict | None:
+        runs = client.get("/api/v1/runs", params={"q": run["name"], "limit": 50}).json()
+        return next((r for r in runs if r["name"] == run["name"] and r["state"] == "succeeded"), None)
+
+    wait_until(finished_on_disk, 120, "the run to finish, indexed from its folder", log)
+    assert [a["name"] for a in client.get("/api/v1/agents").json()] == ["survivor"]  # registered again
+    wait_until(lambda: "(unknown to the server) ended with exit code 0" in log.read_text(), 30, "the agent to see its child end", log)
+    assert_same_weights(reference, finished_on_disk())

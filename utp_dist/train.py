@@ -19,6 +19,9 @@ from utp_dist.preemption import EXIT_RESUMABLE, Stopped
 if TYPE_CHECKING:
     from utp_dist.config import Config
 
+# set by whoever gave this process its GPUs (an agent, a Slurm task with gpus_per_node): how many CUDA devices it must see
+EXPECT_CUDA_ENV = "UTP_EXPECT_CUDA_DEVICES"
+
 
 def train(cfg: Config) -> dict:
     """Train (or continue) the run of `cfg` in this process and return its summary (what summary.json holds).
@@ -88,9 +91,29 @@ def run(argv: list[str] | None = None) -> Outcome:
     return Outcome(code, stopped[0] if stopped else None)
 
 
+def check_expected_devices() -> None:
+    """A job given N GPUs must not quietly train on the CPU: fail at start when fewer than $UTP_EXPECT_CUDA_DEVICES are visible."""
+    wanted = os.environ.get(EXPECT_CUDA_ENV, "").strip()
+    if not wanted or wanted == "0":
+        return
+    if not wanted.isdigit():
+        raise UserError(f"{EXPECT_CUDA_ENV}={wanted!r}: must be a number of CUDA devices, e.g. 1")
+    import torch
+
+    seen = torch.cuda.device_count()
+    if seen < int(wanted):
+        build = f"torch {torch.__version__}" + ("" if torch.version.cuda else " (built without CUDA)")
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "unset")
+        raise UserError(
+            f"this job was given {wanted} GPU(s) but this process sees {seen} CUDA device(s) "
+            f"(CUDA_VISIBLE_DEVICES={visible}, {build}); it would train on the CPU: check the driver and the torch build"
+        )
+
+
 def _train(args: argparse.Namespace) -> int:
     from utp_dist.config import load_config
 
+    check_expected_devices()
     if args.config is None:
         raise UserError(
             "no config file given; run: python -m utp_dist.train CONFIG.yaml [section.key=value ...], e.g. configs/quickstart.yaml"

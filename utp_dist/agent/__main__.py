@@ -21,7 +21,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--server", required=True, help="the dashboard's URL, e.g. http://127.0.0.1:8000")
     parser.add_argument("--name", default=socket.gethostname(), help="this agent's name on the dashboard (default: the host name)")
-    parser.add_argument("--gpus", default="auto", help="auto (every GPU nvidia-smi lists), none (CPU jobs only) or indices like 0,1")
+    parser.add_argument(
+        "--gpus",
+        default="auto",
+        help="auto (every GPU the driver reports), none (CPU jobs only) or indices like 0,1 (checked against the driver)",
+    )
     parser.add_argument("--token", help=f"the dashboard's token (default: ${TOKEN_ENV}, else the token file of this user, {token_file()})")
     parser.add_argument("--drain", action="store_true", help="claim nothing new; finish what runs, then exit")
     parser.add_argument("--poll", type=float, default=2.0, help="seconds between looks for work when idle (default 2)")

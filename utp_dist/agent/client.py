@@ -15,6 +15,10 @@ class Unreachable(Exception):
     """The server did not answer (down, restarting, a 5xx, or 429 while it slows down wrong tokens): try again later; running children keep running."""
 
 
+class Gone(UserError):
+    """404: the server does not know the agent (deleted, or its database was reset) or the job; an agent registers again."""
+
+
 class Conflict(Exception):
     """409: the state changed under the caller; for an agent, it no longer holds the job at this attempt and its process must die."""
 
@@ -29,7 +33,7 @@ class Client:
         self.token, self.token_source = credentials.find(token)
 
     def call(self, method: str, path: str, body: dict | None = None) -> dict | list | None:
-        """One request; the JSON answer (None for 204). 409 -> Conflict, no answer or 5xx -> Unreachable, 401/4xx -> UserError."""
+        """One request; the JSON answer (None for 204). 409 -> Conflict, 404 -> Gone, no answer or 5xx -> Unreachable, 401/4xx -> UserError."""
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
@@ -42,6 +46,8 @@ class Client:
             detail = _detail(err)
             if err.code == 409:
                 raise Conflict(detail) from None
+            if err.code == 404:
+                raise Gone(f"{method} {path}: {detail}") from None
             if err.code >= 500 or err.code == 429:
                 raise Unreachable(f"{method} {path}: HTTP {err.code}: {detail}") from None
             if err.code == 401 and self.token is None:

@@ -11,8 +11,9 @@ import socket
 import time
 from dataclasses import dataclass, field
 
-from utp_dist.agent.client import Client, Conflict, Unreachable
+from utp_dist.agent.client import Client, Conflict, Gone, Unreachable
 from utp_dist.agent.runner import Child, Runner
+from utp_dist.errors import UserError
 
 log = logging.getLogger("utp_dist.agent")
 PROGRESS_EVERY_S = 2.0
@@ -26,6 +27,7 @@ class Slot:
     gpus: list[str]
     aborted: bool = False
     started: bool = False  # the server knows it runs (claimed -> running); retried when the server did not answer
+    orphan: bool = False  # the server has no row for its job any more (a reset database): it finishes unreported
     reported: float = field(default=0.0)
 
 
@@ -64,6 +66,8 @@ class Agent:
                 log.warning("agent %s: %s; trying again", self.name, err)
             except Conflict as err:  # a job changed under a call that is not about a running child (a refusal, a failed start)
                 log.warning("agent %s: %s", self.name, err)
+            except Gone as err:  # the server forgot this agent or a job: children keep running
+                self.recover(err)
             if not busy:
                 time.sleep(self.poll_s)
 
@@ -76,7 +80,7 @@ class Agent:
                 slot.child.signal(signal.SIGTERM)
 
     def register(self) -> None:
-        """Announce this agent and its GPUs; retried until the server answers."""
+        """Announce this agent and its GPUs; retried until the server answers. A live agent of the same name: one line, exit 2."""
         body = {"name": self.name, "host": socket.gethostname(), "gpus": self.inventory, "drain": self.drain_flag}
         while True:
             try:
@@ -85,17 +89,43 @@ class Agent:
             except Unreachable as err:
                 log.warning("agent %s: cannot register yet (%s)", self.name, err)
                 time.sleep(self.poll_s)
+            except Conflict as err:
+                raise UserError(str(err)) from None
         self.agent_id, self.heartbeat_s = answer["agent_id"], answer["heartbeat_seconds"]
         log.info("agent %s: registered as %d with GPUs [%s]", self.name, self.agent_id, ",".join(self.gpus))
 
+    def recover(self, err: Gone) -> None:
+        """The server answered 404 (the agent was deleted, its database reset): register again; running jobs keep running.
+
+        The next heartbeat tells the server which jobs this agent still runs: it takes back the ones it still has a row
+        for (the same run, the same attempt), and the ones it has no row for finish unreported, indexed from their folders.
+        """
+        log.warning("agent %s: %s; registering again (its %d running job(s) keep running)", self.name, err, len(self.slots))
+        try:
+            self.beat()
+            return
+        except Gone:
+            pass
+        self.register()
+        self.beat()
+
     def beat(self) -> None:
         """Renew the leases; SIGTERM what a user aborted; SIGKILL at once what this agent no longer holds."""
-        held = [{"job_id": job_id, "attempt": slot.child.job["attempt"]} for job_id, slot in self.slots.items()]
-        answer = self.client.post(f"/api/v1/agents/{self.agent_id}/heartbeat", {"jobs": held})
+        held = [{"job_id": job_id, "attempt": slot.child.job["attempt"]} for job_id, slot in self.slots.items() if not slot.orphan]
+        answer = self.client.post(f"/api/v1/agents/{self.agent_id}/heartbeat", {"jobs": held, "name": self.name})
         self.last_beat = time.monotonic()
         self.drained = answer["drain"] or self.drain_flag
         for job_id in answer["lost"]:
             self.lose(job_id)
+        for job_id in answer.get("unknown", []):
+            slot = self.slots[job_id]
+            log.warning(
+                "agent %s: the server has no job %d any more: pid %d trains on, its run is indexed from its folder",
+                self.name,
+                job_id,
+                slot.child.pid,
+            )
+            slot.orphan = True
         for job_id in answer["abort"]:
             slot = self.slots.get(job_id)
             if slot is not None and not slot.aborted:
@@ -115,6 +145,10 @@ class Agent:
         ended = [(job_id, slot, slot.child.poll()) for job_id, slot in list(self.slots.items())]
         ended = [(job_id, slot, code) for job_id, slot, code in ended if code is not None]
         for job_id, slot, code in ended:
+            if slot.orphan:
+                log.info("agent %s: job %d (unknown to the server) ended with exit code %d", self.name, job_id, code)
+                self.slots.pop(job_id)
+                continue
             if not slot.started and not self.started(job_id):  # a start the server never heard of: say it first
                 continue
             child, last = slot.child, slot.child.progress()
@@ -130,7 +164,7 @@ class Agent:
     def report(self) -> None:
         """Progress of each running process, every few seconds."""
         for job_id, slot in list(self.slots.items()):
-            if not slot.started and not self.started(job_id):
+            if slot.orphan or (not slot.started and not self.started(job_id)):
                 continue
             if time.monotonic() - slot.reported >= PROGRESS_EVERY_S:
                 slot.reported = time.monotonic()

@@ -24,6 +24,7 @@ from utp_dist.errors import one_line
 from utp_dist.registry import IMPORT_ENV, check_references
 from utp_dist.run_lock import RunLock
 from utp_dist.runs import RunDir, base_name, find_runs
+from utp_dist.train import EXPECT_CUDA_ENV
 
 ERROR_PREFIX = "utp_dist: error: "
 PR_SET_PDEATHSIG = 1
@@ -139,6 +140,8 @@ class Runner:
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(gpus)}  # "" hides every GPU from a CPU job
         if self.allow_import:  # the names the allowed modules register resolve in the training process too
             env[IMPORT_ENV] = ",".join(self.allow_import)
+        # CUDA numbers GPUs as NVML (the agent's inventory) does; the training fails at start if it sees fewer than it was given
+        env.update(CUDA_DEVICE_ORDER="PCI_BUS_ID", **{EXPECT_CUDA_ENV: str(len(gpus))})
         log = self.workdir / f"{stem}.log"
         with open(log, "ab") as out:
             proc = subprocess.Popen(

@@ -41,9 +41,10 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI):
         """Migrate, index once, then index in the background until shutdown."""
         migrate.upgrade(database.engine)
+        database.watch_file()
         indexer.refresh()
         indexer.start(settings.index_interval_s)
-        reaper = asyncio.create_task(reap_forever(database, min(settings.lease_s / 4, 2.0)))
+        reaper = asyncio.create_task(reap_forever(database, indexer, min(settings.lease_s / 4, 2.0)))
         yield
         reaper.cancel()
         with suppress(asyncio.CancelledError):
@@ -84,10 +85,23 @@ def declare_bearer(app: FastAPI) -> None:
     app.openapi = openapi
 
 
-async def reap_forever(database: Database, interval_s: float) -> None:
-    """The reaper, on the server's clock: every few seconds, jobs whose agents stopped heartbeating go back to the queue."""
+async def reap_forever(database: Database, indexer: Indexer, interval_s: float) -> None:
+    """The reaper, on the server's clock: every few seconds, jobs whose agents stopped heartbeating go back to the queue.
+
+    It also notices a SQLite file deleted under the server, and starts a new one (agents register again, runs are
+    indexed again from the roots) instead of writing on into the unlinked file.
+    """
 
     def reap_once() -> int:
+        if database.file_deleted():
+            database.reopen()
+            migrate.upgrade(database.engine)
+            log.warning(
+                "utp_dist dashboard: the database file %s was deleted under the server: started a new one; agents register "
+                "again and runs are indexed again from the roots (queued runs and configs of the old file are gone)",
+                database.file,
+            )
+            indexer.refresh()
         with database.sessions() as session:
             return jobqueue.reap(session)
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import JSON, Boolean, Float, ForeignKey, Integer, String, Text, UniqueConstraint, create_engine, event
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 
@@ -125,6 +127,8 @@ class Job(Base):
     priority: Mapped[int] = mapped_column(Integer, default=0)
     attempt: Mapped[int] = mapped_column(Integer, default=0)  # the fencing token: +1 on every claim
     max_attempts: Mapped[int] = mapped_column(Integer, default=3)
+    # failed exits and lost leases: what max_attempts limits (a user's stop and resume costs nothing)
+    failures: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     lease_expires: Mapped[float | None] = mapped_column(Float, nullable=True, index=True)
     agent_id: Mapped[int | None] = mapped_column(ForeignKey("agents.id", ondelete="SET NULL"), nullable=True)
     reason: Mapped[str | None] = mapped_column(Text, nullable=True)
@@ -171,11 +175,41 @@ class Database:
         if sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        name = make_url(url).database if sqlite else None
+        self.file = Path(name).resolve() if name and name != ":memory:" else None
+        self.file_id: tuple[int, int] | None = None
+
+    def watch_file(self) -> None:
+        """Remember which SQLite file this is (once it exists), for file_deleted()."""
+        self.file_id = _file_id(self.file)
+
+    def file_deleted(self) -> bool:
+        """Whether the SQLite file is gone or was replaced since watch_file(): open connections would go on writing into
+        an unlinked file, answering 200 for writes nobody will ever read."""
+        return self.file_id is not None and _file_id(self.file) != self.file_id
+
+    def reopen(self) -> None:
+        """Drop every connection to the old file and start a new one (the caller migrates it); its leftover WAL is not ours."""
+        self.engine.dispose()
+        if not self.file.exists():
+            for leftover in (self.file.with_name(self.file.name + "-wal"), self.file.with_name(self.file.name + "-shm")):
+                leftover.unlink(missing_ok=True)
+        with self.engine.connect():  # creates the file
+            pass
+        self.watch_file()
 
     def session(self) -> Iterator[Session]:
         """One session per request (the FastAPI dependency behind get_session)."""
         with self.sessions() as session:
             yield session
+
+
+def _file_id(path: Path | None) -> tuple[int, int] | None:
+    try:
+        stat = os.stat(path) if path is not None else None
+    except FileNotFoundError:
+        return None
+    return (stat.st_dev, stat.st_ino) if stat else None
 
 
 def _sqlite_pragmas(connection, _record) -> None:

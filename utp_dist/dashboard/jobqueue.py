@@ -22,17 +22,27 @@ LOG_TAIL_CHARS = 8000
 PROGRESS_FIELDS = ("epoch", "step", "best_metric", "best", "img_per_s", "restarts", "log_tail")
 
 
-def register(session: Session, name: str, host: str, gpus: list[dict], drain: bool) -> Agent:
-    """Create or refresh the agent called `name`: its host, its GPU inventory (replaced as reported) and its heartbeat."""
+def register(session: Session, name: str, host: str, gpus: list[dict], drain: bool, lease_s: float) -> Agent:
+    """Create the agent called `name`, or take over the row of one that stopped heartbeating: its host, GPUs and heartbeat.
+
+    While an agent of that name heartbeats (within the lease) a second one is refused (409): two processes sharing one
+    row would renew and lose each other's jobs.
+    """
     agent = session.scalar(select(Agent).where(Agent.name == name))
     if agent is None:
         agent = Agent(name=name, host=host)
         session.add(agent)
         try:
             session.flush()
-        except IntegrityError:  # the same name registered concurrently: take that row
+        except IntegrityError:  # the same name registered concurrently: that one is alive
             session.rollback()
-            agent = session.scalar(select(Agent).where(Agent.name == name))
+            raise Conflict(f"--name {name}: another agent registered that name at the same moment; give this one another --name") from None
+    elif agent.last_heartbeat is not None and now() - agent.last_heartbeat < lease_s:
+        age = now() - agent.last_heartbeat
+        raise Conflict(
+            f"--name {name}: an agent of that name is running on {agent.host or 'another host'} (heartbeat {age:.0f} s ago); "
+            f"give this one another --name, or start it again once that one has been silent for {lease_s:.0f} s"
+        )
     agent.host, agent.last_heartbeat = host, now()
     agent.drain = agent.drain or drain
     session.execute(delete(Gpu).where(Gpu.agent_id == agent.id))
@@ -42,23 +52,35 @@ def register(session: Session, name: str, host: str, gpus: list[dict], drain: bo
     return agent
 
 
-def heartbeat(session: Session, agent_id: int, held: list[tuple[int, int]], lease_s: float) -> dict:
-    """Renew the leases of the (job, attempt) pairs the agent holds; answer what to abort, what it lost, and drain."""
+def heartbeat(session: Session, agent_id: int, held: list[tuple[int, int]], lease_s: float, name: str | None = None) -> dict:
+    """Renew the leases of the (job, attempt) pairs the agent holds; answer what to abort, what it lost, what the server never heard of.
+
+    A job whose agent row was deleted (DELETE /api/v1/agents/ID) while it ran has no agent; the re-registered agent that
+    still holds it at the same attempt takes it back, so the run goes on as the same run.
+    """
     agent = found(session, Agent, agent_id, "agent")
+    if name is not None and agent.name != name:  # a reset database gave this id to another agent
+        raise NotFound(f"agent {agent_id} is '{agent.name}', not '{name}': register again")
     agent.last_heartbeat = now()
-    lost = []
+    lost, unknown = [], []
     for job_id, attempt in held:
-        renewed = session.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.attempt == attempt, Job.agent_id == agent_id, Job.state.in_(HELD))
-            .values(lease_expires=now() + lease_s)
-        )
-        if not renewed.rowcount:
+        ours = (Job.id == job_id, Job.attempt == attempt, Job.state.in_(HELD))
+        renewed = session.execute(update(Job).where(*ours, Job.agent_id == agent_id).values(lease_expires=now() + lease_s))
+        if renewed.rowcount:
+            continue
+        adopted = session.execute(
+            update(Job).where(*ours, Job.agent_id.is_(None)).values(agent_id=agent_id, lease_expires=now() + lease_s).returning(Job.run_id)
+        ).first()
+        if adopted is not None:
+            session.execute(update(Run).where(Run.id == adopted.run_id).values(agent_id=agent_id))
+        elif session.scalar(select(Job.id).where(Job.id == job_id)) is None:
+            unknown.append(job_id)
+        else:
             lost.append(job_id)
     session.commit()
-    mine = [job_id for job_id, _ in held if job_id not in lost]
+    mine = [job_id for job_id, _ in held if job_id not in lost and job_id not in unknown]
     abort = list(session.scalars(select(Job.id).where(Job.id.in_(mine), Job.state == states.STOPPING))) if mine else []
-    return {"drain": agent.drain, "abort": abort, "lost": lost}
+    return {"drain": agent.drain, "abort": abort, "lost": lost, "unknown": unknown}
 
 
 def claim(session: Session, agent_id: int, free_gpus: int, cpu: bool, refused: list[int], lease_s: float) -> dict | None:
@@ -113,9 +135,12 @@ def claim(session: Session, agent_id: int, free_gpus: int, cpu: bool, refused: l
 
 def held_job(session: Session, job_id: int, agent_id: int, attempt: int) -> Job:
     """The job, if this agent still holds it at this attempt; else 409 naming who has it now (the agent kills its child)."""
+    found(session, Agent, agent_id, "agent")  # 404 for an agent the server forgot: it registers again and keeps its jobs
     job = session.get(Job, job_id, populate_existing=True)  # as the database has it now, not as this session last saw it
     if job is None:
         raise NotFound(f"no job with id {job_id}")
+    if job.agent_id is None and job.attempt == attempt and job.state in HELD:  # its agent row was deleted (the id may be another's now)
+        raise NotFound(f"job {job_id} has no agent since its agent was deleted: register again and name it in the heartbeat")
     if job.agent_id != agent_id or job.attempt != attempt or job.state not in HELD:
         raise Conflict(f"job {job_id} attempt {attempt} is no longer this agent's (now: {job.state}, attempt {job.attempt})", job.state)
     return job
@@ -159,7 +184,7 @@ def outcome(exit_code: int) -> str:
 
 
 def finish(session: Session, job_id: int, agent_id: int, attempt: int, exit_code: int, error: str | None, log_tail: str | None) -> Job:
-    """running/stopping -> succeeded | stopped | failed from the exit code; a failure keeps the CLI's line or the log tail."""
+    """running/stopping -> succeeded | stopped | failed from the exit code; a failure keeps the CLI's line (first) or the log tail."""
     job = held_job(session, job_id, agent_id, attempt)
     new = outcome(exit_code)
     tail = (log_tail or "")[-LOG_TAIL_CHARS:] or None
@@ -167,6 +192,8 @@ def finish(session: Session, job_id: int, agent_id: int, attempt: int, exit_code
     if new == states.FAILED:
         if exit_code == EXIT_USER_ERROR and error:
             message = error
+        elif exit_code > 0 and error:  # e.g. accelerate launch ends with 1 when its ranks ended with the CLI's line
+            message = f"{error} (exit code {exit_code})\n{tail or ''}".strip()
         elif exit_code < 0:
             message = f"killed by signal {-exit_code}\n{tail or ''}".strip()
         else:
@@ -174,7 +201,8 @@ def finish(session: Session, job_id: int, agent_id: int, attempt: int, exit_code
         reason = message.splitlines()[0]
     run = {"pid": None, "error": message, **({"log_tail": tail} if tail else {})}
     # a success keeps the job's last reason (why it was requeued, who refused it): the history of how it got there
-    if not swap(session, job, new, run=run, lease_expires=None, **({"reason": reason} if reason else {})):
+    failed = {"reason": reason, "failures": Job.failures + 1} if new == states.FAILED else {}
+    if not swap(session, job, new, run=run, lease_expires=None, **failed):
         raise Conflict(f"job {job_id} changed meanwhile; its outcome was not recorded", job.state)
     return job
 
@@ -191,21 +219,27 @@ def refuse(session: Session, job_id: int, agent_id: int, attempt: int, reason: s
 
 
 def reap(session: Session) -> int:
-    """Jobs whose lease expired on the server's clock: back to the queue while attempts remain, else failed; returns how many."""
+    """Jobs whose lease expired on the server's clock: back to the queue while failures < max_attempts, else failed; how many.
+
+    A lost lease is a failure; a user's stop is not (stopped -> resume may repeat any number of times), and a job lost
+    while only claimed never started. The attempt number (the fencing token) grows on every claim regardless.
+    """
     query = select(Job).where(Job.state.in_(HELD), Job.lease_expires < now()).execution_options(populate_existing=True)
     expired = list(session.scalars(query))
     for job in expired:
-        run = session.get(Run, job.run_id, populate_existing=True)
         agent = session.scalar(select(Agent.name).where(Agent.id == job.agent_id)) if job.agent_id else None
         lapse = f"agent {agent or '?'} stopped renewing its lease"
         released = {"agent_id": None, "lease_expires": None}
         if job.state == states.STOPPING:  # asked to stop and its agent is gone: it saved what it could, resume continues it
             swap(session, job, states.STOPPED, run={"pid": None}, reason=f"{lapse} while stopping", **released)
-        elif job.state == states.CLAIMED or run.attempts < job.max_attempts:
+        elif job.state == states.CLAIMED:
             swap(session, job, states.QUEUED, run={"pid": None, "agent_id": None}, reason=f"requeued: {lapse}", **released)
+        elif job.failures + 1 < job.max_attempts:
+            requeued = f"requeued: {lapse} (failure {job.failures + 1} of {job.max_attempts} allowed)"
+            swap(session, job, states.QUEUED, run={"pid": None, "agent_id": None}, reason=requeued, failures=job.failures + 1, **released)
         else:
-            reason = f"{lapse} on attempt {run.attempts} of {job.max_attempts}: no attempts left"
-            swap(session, job, states.FAILED, run={"pid": None, "error": reason}, reason=reason, **released)
+            reason = f"{lapse} on attempt {job.attempt}: failure {job.failures + 1} of {job.max_attempts} allowed, no attempts left"
+            swap(session, job, states.FAILED, run={"pid": None, "error": reason}, reason=reason, failures=job.failures + 1, **released)
     return len(expired)
 
 

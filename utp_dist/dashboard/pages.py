@@ -9,12 +9,13 @@ from pathlib import Path
 from typing import Annotated
 
 import yaml
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.templating import Jinja2Templates
 from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
+from starlette.datastructures import FormData
 
 from utp_dist.dashboard import jobqueue, security, services, sources, states, tokens
 from utp_dist.dashboard.db import Agent, ConfigRow, Project, Sweep
@@ -68,6 +69,11 @@ async def posted(request: Request):
     return form if security.csrf_ok(request, form) else None
 
 
+# The form is read on the event loop (reading the body is async); the handlers that take it are plain `def`, so their
+# database work and subprocesses run in the threadpool and never hold up heartbeats or the reaper.
+PostedForm = Annotated[FormData | None, Depends(posted)]
+
+
 def csrf_refused(request: Request) -> HTMLResponse:
     """403 for a form whose CSRF token is missing or wrong."""
     return error_page(request, 403, "the form's CSRF token is missing or wrong: reload the page and submit again")
@@ -105,18 +111,17 @@ def login_form(request: Request, settings: SettingsDep, next: str = "/web/runs",
 
 
 @router.post("/login")
-async def login(request: Request, settings: SettingsDep):
+def login(request: Request, settings: SettingsDep, form: PostedForm):
     """Check the token and set the session cookie (signed and dated, never the token)."""
-    form = await posted(request)
     if form is None:
         return csrf_refused(request)
     return log_in(request, settings, form.get("token"), security.safe_next(form.get("next")))
 
 
 @router.post("/logout")
-async def logout(request: Request):
+def logout(request: Request, form: PostedForm):
     """Forget this browser's login."""
-    if await posted(request) is None:
+    if form is None:
         return csrf_refused(request)
     response = back("/web/login")
     response.delete_cookie(security.SESSION_COOKIE, httponly=True, samesite="strict")
@@ -132,9 +137,8 @@ def projects_view(request: Request, session: Session, error: str | None = None, 
     return render(request, "projects.html", status_code=status_code, projects=items, error=error)
 
 
-async def create_from_form(request: Request, make, refused) -> HTMLResponse | RedirectResponse:
+def create_from_form(request: Request, form: FormData | None, make, refused) -> HTMLResponse | RedirectResponse:
     """A create form: check its CSRF token, make the object (answering the URL to go to), or show the form again with the 409."""
-    form = await posted(request)
     if form is None:
         return csrf_refused(request)
     try:
@@ -150,14 +154,14 @@ def projects_page(request: Request, session: SessionDep):
 
 
 @router.post("/projects")
-async def create_project(request: Request, session: SessionDep):
+def create_project(request: Request, session: SessionDep, form: PostedForm):
     """Create a project from the form, then go to its configs."""
 
     def make(form) -> str:
         project = services.create_project(session, str(form.get("name", "")).strip() or "-", str(form.get("description", "")))
         return f"/web/projects/{project.id}/configs"
 
-    return await create_from_form(request, make, lambda error: projects_view(request, session, error, 409))
+    return create_from_form(request, form, make, lambda error: projects_view(request, session, error, 409))
 
 
 @router.get("/projects/{project_id}/configs")
@@ -169,9 +173,8 @@ def configs_page(request: Request, project_id: int, session: SessionDep):
 
 
 @router.post("/projects/{project_id}/configs")
-async def create_config(request: Request, project_id: int, session: SessionDep, settings: SettingsDep):
+def create_config(request: Request, project_id: int, session: SessionDep, settings: SettingsDep, form: PostedForm):
     """Paste a config file (YAML, or JSON, which is YAML too); errors come back on the form with the CLI's line."""
-    form = await posted(request)
     if form is None:
         return csrf_refused(request)
     name, text = str(form.get("name", "")).strip() or "config", str(form.get("text", ""))
@@ -198,9 +201,8 @@ def project_runs_page(request: Request, project_id: int, session: SessionDep, pa
 
 
 @router.post("/configs/{config_id}/queue")
-async def queue_run(request: Request, config_id: int, session: SessionDep):
+def queue_run(request: Request, config_id: int, session: SessionDep, form: PostedForm):
     """Queue a run of a config, then show its page."""
-    form = await posted(request)
     if form is None:
         return csrf_refused(request)
     try:  # the same bounds as the API's body
@@ -258,9 +260,8 @@ def run_page(request: Request, run_id: int, session: SessionDep, settings: Setti
 
 
 @router.post("/runs/{run_id}/{action}")
-async def change_run(request: Request, run_id: int, action: str, session: SessionDep):
+def change_run(request: Request, run_id: int, action: str, session: SessionDep, form: PostedForm):
     """Cancel or resume a run from its page."""
-    form = await posted(request)
     if form is None:
         return csrf_refused(request)
     if action not in states.ACTIONS:
@@ -300,9 +301,8 @@ def sweep_page(request: Request, sweep_id: int, session: SessionDep, settings: S
 
 
 @router.post("/sweeps/{sweep_id}/resubmit-failed")
-async def resubmit_failed(request: Request, sweep_id: int, session: SessionDep, settings: SettingsDep):
-    """Run `submit resubmit SWEEP --failed` and show the board with its last line."""
-    form = await posted(request)
+def resubmit_failed(request: Request, sweep_id: int, session: SessionDep, settings: SettingsDep, form: PostedForm):
+    """Run `submit resubmit SWEEP --failed` (up to minutes, in the threadpool) and show the board with its last line."""
     if form is None:
         return csrf_refused(request)
     sweep = services.get_sweep(session, sweep_id)
@@ -333,20 +333,19 @@ def agents_page(request: Request, session: SessionDep):
 
 
 @router.post("/agents")
-async def create_agent(request: Request, session: SessionDep):
+def create_agent(request: Request, session: SessionDep, form: PostedForm):
     """Register an agent from the form."""
 
     def make(form) -> str:
         services.create_agent(session, str(form.get("name", "")).strip() or "agent", str(form.get("host", "")))
         return "/web/agents"
 
-    return await create_from_form(request, make, lambda error: agents_view(request, session, 409, error=error))
+    return create_from_form(request, form, make, lambda error: agents_view(request, session, 409, error=error))
 
 
 @router.post("/agents/tokens")
-async def create_agent_token(request: Request, session: SessionDep):
+def create_agent_token(request: Request, session: SessionDep, form: PostedForm):
     """Make an agent token and show its secret on the page, this once."""
-    form = await posted(request)
     if form is None:
         return csrf_refused(request)
     try:
@@ -359,9 +358,8 @@ async def create_agent_token(request: Request, session: SessionDep):
 
 
 @router.post("/agents/tokens/{token_id}/revoke")
-async def revoke_agent_token(request: Request, token_id: int, session: SessionDep):
+def revoke_agent_token(request: Request, token_id: int, session: SessionDep, form: PostedForm):
     """Revoke an agent token."""
-    form = await posted(request)
     if form is None:
         return csrf_refused(request)
     tokens.revoke_token(session, token_id)
@@ -369,9 +367,8 @@ async def revoke_agent_token(request: Request, token_id: int, session: SessionDe
 
 
 @router.post("/agents/{agent_id}/drain")
-async def drain_agent(request: Request, agent_id: int, session: SessionDep):
+def drain_agent(request: Request, agent_id: int, session: SessionDep, form: PostedForm):
     """Drain an agent (or take it back into service)."""
-    form = await posted(request)
     if form is None:
         return csrf_refused(request)
     agent = services.found(session, Agent, agent_id, "agent")

@@ -121,6 +121,8 @@ class JobOut(Out):
     priority: int
     attempt: int
     max_attempts: int
+    failures: int = 0
+    """Failed exits and lost leases so far; a lost lease requeues the job while failures < max_attempts."""
     lease_expires: float | None
     agent_id: int | None
     reason: str | None
@@ -272,6 +274,8 @@ class HeldJob(In):
 
 class HeartbeatIn(In):
     jobs: list[HeldJob] = Field(default=[], max_length=MAX_LISTED)
+    name: str | None = Field(default=None, max_length=200)
+    """The agent's name: a database that was reset may give its id to another agent, and then this one must register again."""
 
 
 class HeartbeatOut(BaseModel):
@@ -280,6 +284,8 @@ class HeartbeatOut(BaseModel):
     """Jobs a user asked to stop (state stopping): send SIGTERM, the run saves and exits 75."""
     lost: list[int]
     """Jobs this agent no longer holds (its lease expired, or they were cancelled): kill their processes now."""
+    unknown: list[int] = []
+    """Jobs the server has no row for (its database was reset): let them finish; their runs are indexed from their folders."""
 
 
 class ClaimIn(In):

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from utp_dist.config import ConfigError, build_section, read_yaml
+from utp_dist.train import EXPECT_CUDA_ENV
 
 # sbatch's long options (Slurm 22.05 `man sbatch`), for the profile's free `sbatch:` block
 SBATCH_OPTIONS = frozenset(
@@ -99,6 +100,12 @@ class Resources:
         """Training processes per node."""
         return self.tasks_per_node or max(1, self.gpus_per_node)
 
+    def device_check(self) -> list[str]:
+        """The setup line that makes each training process fail at start when it sees fewer GPUs than its share (not train on the CPU)."""
+        if not self.gpus_per_node:
+            return []
+        return [f"export {EXPECT_CUDA_ENV}={max(1, self.gpus_per_node // self.processes_per_node)}"]
+
     def submitit_parameters(self, job_name: str) -> dict:
         """Keyword arguments for submitit's SlurmExecutor.update_parameters."""
         params = {
@@ -110,7 +117,7 @@ class Resources:
             "signal_delay_s": self.signal_delay_s,
             # scontrol requeue (submitit's requeue) is refused on clusters whose default is --no-requeue
             "additional_parameters": {"requeue": True, **self.sbatch},
-            "setup": list(self.setup),
+            "setup": list(self.setup) + self.device_check(),
         }
         optional = {
             "partition": self.partition,

@@ -32,8 +32,8 @@ def add_gpu(body: GpuIn, session: SessionDep):
 
 @router.post("/register", response_model=RegisterOut)
 def register(body: RegisterIn, session: SessionDep, settings: SettingsDep):
-    """An agent process starting: create or refresh the agent of this name with its GPU inventory (issue 12)."""
-    agent = jobqueue.register(session, body.name, body.host, [g.model_dump() for g in body.gpus], body.drain)
+    """An agent process starting: create the agent of this name, or take over one that stopped heartbeating (409 while it is alive)."""
+    agent = jobqueue.register(session, body.name, body.host, [g.model_dump() for g in body.gpus], body.drain, settings.lease_s)
     return RegisterOut(agent_id=agent.id, lease_seconds=settings.lease_s, heartbeat_seconds=settings.lease_s / 3)
 
 
@@ -41,7 +41,7 @@ def register(body: RegisterIn, session: SessionDep, settings: SettingsDep):
 def heartbeat(agent_id: IdPath, body: HeartbeatIn, session: SessionDep, settings: SettingsDep):
     """Renew the leases of the jobs the agent holds; answer the jobs to abort, the jobs it lost (kill them) and drain."""
     held = [(j.job_id, j.attempt) for j in body.jobs]
-    return HeartbeatOut(**jobqueue.heartbeat(session, agent_id, held, settings.lease_s))
+    return HeartbeatOut(**jobqueue.heartbeat(session, agent_id, held, settings.lease_s, body.name))
 
 
 @router.get("/{agent_id}", response_model=AgentOut)
