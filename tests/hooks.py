@@ -37,8 +37,11 @@ class SlowSteps:
 
 
 class FullDiskOnMain:
-    """Fails the main process alone after its first evaluation, as a full disk does when the best model is exported there."""
+    """Fails the main process alone at its first evaluation, as a full disk does when the best model is exported there;
+    writes the time it failed into the file UTP_TEST_FULL_DISK names."""
 
     def on_evaluate(self, split: str, metrics: dict, step: int) -> None:
         """Raise what a write into a full file system raises."""
-        raise OSError(errno.ENOSPC, "No space left on device", str(Path(os.environ.get("UTP_TEST_FULL_DISK", ".")) / "best"))
+        mark = Path(os.environ["UTP_TEST_FULL_DISK"])
+        mark.write_text(str(time.time()))
+        raise OSError(errno.ENOSPC, "No space left on device", str(mark.parent / "best"))

@@ -329,7 +329,16 @@ def worker_death(err: BaseException) -> UserError | None:
     """
     text = first_line(err).rstrip(". ")
     if not (isinstance(err, RuntimeError) and text.startswith("DataLoader worker (pid")):
-        return None
+        # the dead worker may show up as another error first (a batch whose shared memory it was still handing over):
+        # torch's own check of this process's workers tells, with the signal that killed it
+        from torch.utils.data._utils.signal_handling import _error_if_any_worker_fails
+
+        try:
+            _error_if_any_worker_fails()
+        except RuntimeError as died:
+            text = first_line(died).rstrip(". ")
+        else:
+            return None
     return UserError(
         f"data.num_workers: a data loading worker died ({text}); the out-of-memory killer is the usual cause: lower "
         "data.num_workers, data.prefetch_factor or data.batch_size. The newest complete training state continues the run"
