@@ -198,11 +198,9 @@ DDP = {
 }
 
 
-def launch(config: Path, *extra: str, nproc: int = 2) -> list[str]:
-    """torchrun through utp_dist.launch, which exits with the ranks' own code (75 when they stopped to be resumed)."""
-    cmd = torchrun_cmd(str(config), *extra, nproc=nproc)
-    cmd[1:3] = ["-m", "utp_dist.launch"]
-    return cmd
+def launch(config: Path) -> list[str]:
+    """2 processes through utp_dist.launch, which exits with the ranks' own code (75 when they stopped to be resumed)."""
+    return torchrun_cmd(str(config), launcher="utp_dist.launch")
 
 
 @pytest.fixture(scope="module")

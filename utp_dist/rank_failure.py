@@ -25,6 +25,7 @@ POLL_S = 0.2
 GRACE_S = 1.5
 
 _watch: _Watch | None = None
+_failed = False  # this process failed a run with peers
 _runs = 0  # runs watched in this process: every rank counts the same, so each run's keys are its own
 
 
@@ -82,8 +83,19 @@ def watch() -> None:
 
 def fail() -> None:
     """This rank is failing: make every other rank end, and wait (a few seconds at most) until they have."""
+    global _failed
     if _watch is not None:
+        _failed = True
         _watch.fail()
+
+
+def exit_now(code: int) -> None:
+    """End the process at once after a failure with peers: the process group's teardown at a normal exit waits for
+    ranks that are gone (seconds under gloo); everything of the run is written and closed by then."""
+    if _failed:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def unwatch() -> None:

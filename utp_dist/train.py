@@ -76,7 +76,11 @@ class Outcome:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command; user errors become one line on stderr and exit code 2."""
-    return run(argv).code
+    from utp_dist import rank_failure
+
+    code = run(argv).code
+    rank_failure.exit_now(code)
+    return code
 
 
 def run(argv: list[str] | None = None) -> Outcome:
