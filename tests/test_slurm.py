@@ -238,11 +238,15 @@ def test_scancel_of_an_array_task_with_workers_stops_it_resumably_and_resubmit_c
         time.sleep(0.5)
     subprocess.run(["scancel", job], check=True, timeout=30, env={**os.environ, **slurm})
     assert [r["State"].split()[0] for r in sacct(slurm, job)] == ["CANCELLED"]
+    task_record = folder / "tasks" / "0.json"
+    deadline = time.time() + 30  # Slurm calls the job CANCELLED at once; the task writes its record as it ends
+    while json.loads(task_record.read_text())["state"] == "RUNNING" and time.time() < deadline:
+        time.sleep(0.5)
     log = "".join(p.read_text() for p in (folder / "slurm").glob(f"{job}_0_log.*"))
-    stopped = int(log.split("stopped by signal at step ")[1].split(";")[0])
+    assert json.loads(task_record.read_text())["state"] == "STOPPED", log[-3000:]
     assert "DataLoader worker" not in log and "cannot write" not in log, log[-3000:]
+    stopped = int(log.split("stopped by signal at step ")[1].split(";")[0])
     assert sorted(p.name for p in (ckpt / "state").glob("step-*"))[-1] == f"step-{stopped:08d}"  # saved at the stop
-    assert json.loads((folder / "tasks" / "0.json").read_text())["state"] == "STOPPED"
 
     again = submit(slurm, "resubmit", str(folder), "--tasks", "0", "--wait", "--poll", "2", UTP_TEST_STEP_SLEEP="0")
     assert again.returncode == 0, again.stdout + again.stderr
