@@ -380,6 +380,9 @@ def test_two_cpu_agents_run_a_grid_submitted_with_the_dashboard_executor(tmp_pat
     assert status.stdout.count("COMPLETED") == 4 and f"{server.url}/web/runs/" in status.stdout, status.stdout
     again = run_cli("resubmit", str(folder), "--failed", module="utp_dist.submit")
     assert again.returncode == 0 and "nothing to resubmit" in again.stdout, again.stdout + again.stderr
+    # the agents ran each point with checkpoint.resume: never; they are still the grid's own points, done
+    plan = run_cli(str(grid), *submit[:4], "--dry-run", module="utp_dist.submit")
+    assert plan.returncode == 0 and "4 run(s), 0 to submit" in plan.stdout, plan.stdout + plan.stderr
     board = run_cli("leaderboard", str(folder), module="utp_dist.submit")
     assert board.returncode == 0 and board.stdout.count("COMPLETED") == 4, board.stdout + board.stderr
     client.post("/api/v1/index/refresh")  # links the queued runs to the sweep ledger the submission wrote
