@@ -71,10 +71,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def torchrun(*args: str, nproc: int = 2) -> list[str]:
-    """`torchrun --nproc_per_node N -m utp_dist.train ARGS` on a free loopback port (CPU: gloo)."""
+def torchrun(*args: str, nproc: int = 2, launcher: str = "torch.distributed.run") -> list[str]:
+    """`torchrun --nproc_per_node N -m utp_dist.train ARGS` on a free loopback port (CPU: gloo); `launcher="utp_dist.launch"`
+    for the torchrun that exits with the ranks' own code."""
     rendezvous = ["--master_addr", "127.0.0.1", "--master_port", str(free_port())]
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), *rendezvous, "-m", "utp_dist.train", *args]
+    return [sys.executable, "-m", launcher, "--nproc_per_node", str(nproc), *rendezvous, "-m", "utp_dist.train", *args]
 
 
 @pytest.fixture

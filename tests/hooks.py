@@ -6,6 +6,7 @@ its uninterrupted reference alike.
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from pathlib import Path
@@ -33,3 +34,14 @@ class SlowSteps:
     def on_step_end(self, step: int) -> None:
         """Slow the run down."""
         time.sleep(self.seconds)
+
+
+class FullDiskOnMain:
+    """Fails the main process alone at its first evaluation, as a full disk does when the best model is exported there;
+    writes the time it failed into the file UTP_TEST_FULL_DISK names."""
+
+    def on_evaluate(self, split: str, metrics: dict, step: int) -> None:
+        """Raise what a write into a full file system raises."""
+        mark = Path(os.environ["UTP_TEST_FULL_DISK"])
+        mark.write_text(str(time.time()))
+        raise OSError(errno.ENOSPC, "No space left on device", str(mark.parent / "best"))

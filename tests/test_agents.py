@@ -237,14 +237,14 @@ def test_agents_of_a_dashboard_with_a_token_need_it(tmp_path, dashboard, images)
     assert wait_run(client, run_id, state_is("succeeded"), timeout=30, group=group)["state"] == "succeeded"
 
 
-def test_n_gpu_jobs_run_under_accelerate_launch_one_process_per_gpu(tmp_path):
+def test_n_gpu_jobs_run_under_the_launcher_one_process_per_gpu(tmp_path):
     from utp_dist.agent.runner import Runner
 
     runner = Runner(tmp_path)
     single = runner.command(tmp_path / "c.yaml", ["3"], "never")
     assert single[1:] == ["-m", "utp_dist.train", str(tmp_path / "c.yaml"), "checkpoint.resume=never"]
     multi = runner.command(tmp_path / "c.yaml", ["0", "1"], "/out/checkpoints/shapes/run")
-    assert multi[1:6] == ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    assert multi[1:7] == ["-m", "utp_dist.launch", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
     assert multi[-4:] == ["-m", "utp_dist.train", str(tmp_path / "c.yaml"), "checkpoint.resume=/out/checkpoints/shapes/run"]
 
 
@@ -395,6 +395,9 @@ def test_two_cpu_agents_run_a_grid_submitted_with_the_dashboard_executor(tmp_pat
     assert status.stdout.count("COMPLETED") == 4 and f"{server.url}/web/runs/" in status.stdout, status.stdout
     again = run_cli("resubmit", str(folder), "--failed", module="utp_dist.submit", **server.xdg_env())
     assert again.returncode == 0 and "nothing to resubmit" in again.stdout, again.stdout + again.stderr
+    # the agents ran each point with checkpoint.resume: never; they are still the grid's own points, done
+    plan = run_cli(str(grid), *submit[:4], "--dry-run", module="utp_dist.submit", **server.xdg_env())
+    assert plan.returncode == 0 and "4 run(s), 0 to submit" in plan.stdout, plan.stdout + plan.stderr
     board = run_cli("leaderboard", str(folder), module="utp_dist.submit", **server.xdg_env())
     assert board.returncode == 0 and board.stdout.count("COMPLETED") == 4, board.stdout + board.stderr
     client.post("/api/v1/index/refresh")  # links the queued runs to the sweep ledger the submission wrote
@@ -443,7 +446,7 @@ def test_reaper_requeues_while_attempts_remain_then_fails_with_the_reason(tmp_pa
         session.expire_all()
         assert services.get_run(session, run.id).error == outcomes[1][2]
         assert jobqueue.claim(session, agent.id, 0, True, [], lease_s=30) is None  # nothing left to claim
-        # a 2-GPU job under accelerate launch: the ranks print the CLI's line, the launcher exits 1; the line is the reason
+        # a 2-GPU job whose launcher exits 1 after its ranks printed the CLI's line: the line is the reason
         _, job = services.queue_run(session, config.id, gpus=2)
         claimed = jobqueue.claim(session, agent.id, 2, False, [], lease_s=30)
         jobqueue.start(session, job.id, agent.id, claimed["attempt"], pid=1)

@@ -343,7 +343,10 @@ def test_fingerprint_changes_with_fields_and_ignores_excluded():
     lr = load_config(None, ["optim.lr=3e-4"])
     named = load_config(None, ["output.run_name=other", "output.root=/tmp/x"])
     assert lr.fingerprint() != base.fingerprint()
-    assert named.fingerprint() != base.fingerprint()
+    assert named.fingerprint(exclude=()) != base.fingerprint(exclude=())
+    # by default the fingerprint is what the run is: where it is written and how it is resumed are not
+    assert named.fingerprint() == base.fingerprint() == load_config(None, ["checkpoint.resume=never"]).fingerprint()
+    assert load_config(None, ["train.epochs=7"]).fingerprint() != base.fingerprint()  # a longer run is another one
     excl = ("output.run_name", "output.root")
     assert named.fingerprint(exclude=excl) == base.fingerprint(exclude=excl)
     # excluding some keys does not hide changes to others

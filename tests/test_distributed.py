@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -139,3 +140,29 @@ def test_ranks_with_different_configs_stop_with_a_clear_error(data, tmp_path):
 def test_per_device_batch_larger_than_a_shard_is_refused(data, tmp_path, capsys, fresh_accelerate):
     assert main([str(_config(data, tmp_path / "out", tmp_path, 80))]) == 2
     assert "data.batch_size: 80 x 1 processes is more than the 72 training images" in capsys.readouterr().err
+
+
+def test_a_failure_on_rank_0_alone_ends_both_ranks_within_seconds_with_one_message(data, tmp_path):
+    # rank 0 alone fails at its first evaluation, as a full disk fails the best-model export; rank 1 goes on into the
+    # epoch end's collective, where it would wait for rank 0 until torch's timeout
+    raw = tiny_config(data, tmp_path / "out", data={"batch_size": 4}, train={"epochs": 2, "callbacks": ["tests.hooks:FullDiskOnMain"]})
+    config = tmp_path / "full.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    failed_at = tmp_path / "failed_at"
+    proc = subprocess.run(
+        torchrun(str(config), launcher="utp_dist.launch"),
+        env={**ENV, "UTP_TEST_FULL_DISK": str(failed_at)},
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    ended = time.time() - float(failed_at.read_text())
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("utp_dist: error:")]
+    assert errors == [
+        f"utp_dist: error: no space left on device writing {tmp_path / 'best'}; free some space and run the same command again"
+    ]
+    assert "utp_dist: rank 1 stopped: rank 0 failed" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert ended < 15, f"the ranks ended {ended:.1f} s after the failure"
+    print(f"both ranks ended {ended:.1f} s after rank 0 failed")

@@ -210,3 +210,38 @@ def test_local_executor_runs_each_task_in_its_own_process_and_the_ledger_tracks_
     assert {p.name for p in (tmp_path / "out" / "logs" / "later").iterdir()} | {
         p.name for p in (tmp_path / "out" / "logs" / "shapes").iterdir()
     } >= {"vit__cross_entropy__scratch__root=shapes-v1", "vit__cross_entropy__scratch__root=later-v1"}
+
+
+def test_runs_of_a_grid_point_continued_elsewhere_or_by_an_agent_stay_that_point(tmp_path, capsys, monkeypatch):
+    from utp_dist.config import from_dict
+    from utp_dist.sweep import ledger
+    from utp_dist.sweep.executors import DashboardExecutor
+    from utp_dist.sweep.submit import main
+
+    out = tmp_path / "out"
+    grid = write_grid(tmp_path / "g.yaml", {"base": {"output": {"root": str(out)}}, "sweep": {"optim.lr": [0.1, 0.2]}})
+    first, second = load_grid(grid).tasks
+    # the first finished on an agent (checkpoint.resume: never); the second was continued from a path, with other workers
+    changes = ((first, {"checkpoint": {"resume": "never"}}), (second, {"checkpoint": {"resume": str(out)}, "data": {"num_workers": 0}}))
+    for task, change in changes:
+        raw = task.config.to_dict()
+        for section, values in change.items():
+            raw[section].update(values)
+        ran = from_dict(raw, "run")
+        run = RunDir(out, "shapes", task.name)
+        run.logs.mkdir(parents=True)
+        run.config_file.write_text(ran.to_yaml())
+        if task is first:
+            run.summary_file.write_text(json.dumps({"config_hash": ran.fingerprint()}))  # what the trainer writes
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")  # no Slurm client: --dry-run only plans
+    assert main([str(grid), "--dry-run"]) == 0
+    assert "2 run(s), 1 to submit" in capsys.readouterr().out  # the agent's run is this grid point, done
+    assert ledger.find_run(str(out), second.name, second.config.fingerprint()) == RunDir(out, "shapes", second.name)
+
+    # status counts a dashboard task's restarts as the dashboard does (its agents keep no task record)
+    answer = {"7": {"state": "running", "restarts": 2, "attempts": 3}}
+    monkeypatch.setattr(DashboardExecutor, "_call", lambda self, client, method, path, body=None: answer)
+    executor = DashboardExecutor(load_resources(None, {}, "grid"))
+    jobs = {0: "http://127.0.0.1:1/web/runs/7", 1: "http://127.0.0.1:1/web/runs/8"}
+    assert executor.restarts(tmp_path, {"tasks": []}, jobs) == {0: 2, 1: 0}
+    assert executor.states(tmp_path, {"tasks": []}, jobs) == {0: "RUNNING", 1: "LOST"}

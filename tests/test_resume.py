@@ -191,34 +191,110 @@ def _workers(torchrun: subprocess.Popen, n: int) -> list[psutil.Process]:
     raise AssertionError("workers did not start")
 
 
-def test_two_processes_with_gpu_augment_stop_on_one_ranks_signal_and_resume_bit_identical(data, tmp_path, capsys, fresh_accelerate):
-    def torchrun(config: Path, *extra: str, nproc: int = 2) -> list[str]:
-        return torchrun_cmd(str(config), *extra, nproc=nproc)
+# augmentation on the device (Kornia) in the 2-process runs, on the CPU workers in the single-process ones: both resume exactly
+DDP = {
+    "train": {"epochs": 2},
+    "data": {"batch_size": 4, "augment": "none", "gpu_augment": ["random_resized_crop", "horizontal_flip", "color_jitter"]},
+}
 
-    # augmentation on the device (Kornia) here, on the CPU workers in the single-process tests: both resume exactly
-    gpu_augment = ["random_resized_crop", "horizontal_flip", "color_jitter"]
-    sections = {"train": {"epochs": 2}, "data": {"batch_size": 4, "augment": "none", "gpu_augment": gpu_augment}}
-    reference = subprocess.run(
-        torchrun(_config(data, tmp_path / "ref", **sections)), env=ENV, cwd=REPO, capture_output=True, text=True, timeout=120
-    )
-    assert reference.returncode == 0, reference.stderr[-3000:]
 
-    config = _config(data, tmp_path / "cut", **sections)
-    proc = _start(torchrun(config), slow_save=0.3)
+def launch(config: Path) -> list[str]:
+    """2 processes through utp_dist.launch, which exits with the ranks' own code (75 when they stopped to be resumed)."""
+    return torchrun_cmd(str(config), launcher="utp_dist.launch")
+
+
+@pytest.fixture(scope="module")
+def reference_ddp(data, tmp_path_factory) -> Path:
+    """One uninterrupted 2-process run that the interrupted ones must reproduce bit for bit."""
+    out = tmp_path_factory.mktemp("reference_ddp") / "ref"
+    proc = subprocess.run(launch(_config(data, out, **DDP)), env=ENV, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_two_processes_with_gpu_augment_stop_on_one_ranks_signal_and_resume_bit_identical(
+    data, reference_ddp, tmp_path, capsys, fresh_accelerate
+):
+    config = _config(data, tmp_path / "cut", **DDP)
+    proc = _start(launch(config), slow_save=0.3)
     ckpt_parent = tmp_path / "cut" / "checkpoints" / "shapes"
     wait_for(lambda: ckpt_parent.exists() and any(_states(p) for p in ckpt_parent.iterdir()), proc)
     rank1 = sorted(_workers(proc, 2), key=lambda p: p.environ().get("RANK", ""))[1]
     rank1.send_signal(signal.SIGUSR2)  # only rank 1 is signalled: both must agree, save once and stop
     _, err = proc.communicate(timeout=90)
-    assert proc.returncode != 0 and err.count(f"exit {EXIT_RESUMABLE} = stopped to be resumed") == 2, err[-3000:]
+    assert proc.returncode == EXIT_RESUMABLE and err.count(f"exit {EXIT_RESUMABLE} = stopped to be resumed") == 2, err[-3000:]
 
     # a mid-epoch state cannot continue on another world size (here: this one process)
     assert main([str(config)]) == 2
     assert "mid-epoch" in capsys.readouterr().err
 
-    final = subprocess.run(torchrun(config), env=ENV, cwd=REPO, capture_output=True, text=True, timeout=120)
+    final = subprocess.run(launch(config), env=ENV, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert final.returncode == 0, final.stderr[-3000:]
-    _assert_same_run(tmp_path / "ref", tmp_path / "cut")
+    _assert_same_run(reference_ddp, tmp_path / "cut")
+
+
+# --- a stop signal to the whole process group (scancel, timeout, systemd, a terminal): DataLoader workers get it too
+
+
+def _start_group(cmd: list[str]) -> subprocess.Popen:
+    """A training command in a session of its own, as a job step or a terminal's foreground job is."""
+    env = {**ENV, "UTP_TEST_SLOW_SAVE": "0.3"}
+    return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _stop_group_after_a_new_state(cmd: list[str], out: Path, sig: int) -> int:
+    """Start `cmd`, wait for a state newer than any before, signal the whole group: exit 75, a state at the stop step."""
+    ckpt_parent = out / "checkpoints" / "shapes"
+
+    def newest() -> str:
+        return max((p.parent.name for run in ckpt_parent.iterdir() for p in _states(run)), default="") if ckpt_parent.exists() else ""
+
+    before = newest()
+    proc = _start_group(cmd)
+    wait_for(lambda: newest() > before, proc)
+    os.killpg(proc.pid, sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_RESUMABLE, err[-3000:]
+    step = int(err.split("stopped by signal at step ")[1].split(";")[0])
+    assert newest() == f"step-{step:08d}" and "DataLoader worker" not in err and "Traceback" not in err, err[-3000:]
+    return step
+
+
+def test_group_signals_with_workers_stop_at_a_saved_step_and_resume_bit_identical(data, reference, tmp_path):
+    config = _config(data, tmp_path / "cut")  # data.num_workers: 2
+    steps = [
+        _stop_group_after_a_new_state(_train_cmd(config), tmp_path / "cut", sig) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+    ]
+    assert steps == sorted(set(steps))
+    final = run_cli(str(config))
+    assert final.returncode == 0, final.stderr[-3000:]
+    _assert_same_run(reference, tmp_path / "cut")
+
+
+def test_a_group_sigterm_to_two_processes_with_workers_exits_75_through_the_launcher(data, reference_ddp, tmp_path):
+    config = _config(data, tmp_path / "cut", **DDP)
+    _stop_group_after_a_new_state(launch(config), tmp_path / "cut", signal.SIGTERM)
+    final = subprocess.run(launch(config), env=ENV, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert final.returncode == 0, final.stderr[-3000:]
+    _assert_same_run(reference_ddp, tmp_path / "cut")
+
+
+def test_a_killed_dataloader_worker_is_one_line_not_a_write_error(data, tmp_path):
+    config = _config(data, tmp_path / "cut")
+    proc = _start_group(_train_cmd(config))
+    ckpt_parent = tmp_path / "cut" / "checkpoints" / "shapes"
+    wait_for(lambda: ckpt_parent.exists() and any(_states(p) for p in ckpt_parent.iterdir()), proc)
+    worker = psutil.Process(proc.pid).children()[0]  # the main process's children are its DataLoader workers
+    worker.kill()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, err[-3000:]
+    (line,) = [line for line in err.splitlines() if line.startswith("utp_dist:")]
+    # torch names the signal when its SIGCHLD handler sees the death first, else only that the worker "exited unexpectedly"
+    assert line.startswith("utp_dist: error: data.num_workers: a data loading worker died (DataLoader worker (pid"), err[-3000:]
+    assert str(worker.pid) in line and line.endswith(
+        "lower data.num_workers, data.prefetch_factor or data.batch_size. The newest complete training state continues the run"
+    )
+    assert "Traceback" not in err and "cannot write" not in err
 
 
 def test_resumed_tracker_drops_later_cut_and_malformed_metrics_lines(tmp_path):

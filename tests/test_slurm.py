@@ -218,3 +218,39 @@ def test_requeued_task_resumes_and_ends_with_the_uninterrupted_weights(requeue_s
     assert json.loads((logs / "summary.json").read_text())["restarts"] == 1
     weights = load_file(out / "checkpoints" / "shapes" / logs.name / "best" / "model.safetensors")
     assert weights.keys() == reference_weights.keys() and all(weights[k].equal(reference_weights[k]) for k in weights)
+
+
+def test_scancel_of_an_array_task_with_workers_stops_it_resumably_and_resubmit_continues_exactly(slurm, data, reference_weights, tmp_path):
+    # scancel sends SIGTERM to every process of the task's step (DataLoader workers included), SIGKILL KillWait later
+    base = tiny_config(data, tmp_path / "out", **{k: dict(v) for k, v in REQUEUE_BASE.items()})
+    base["data"]["num_workers"] = 2  # the reference trained without workers: they change nothing in the result
+    base["checkpoint"] = {"every_n_steps": 4, "every_n_minutes": None}
+    grid = grid_file(tmp_path, base, {"train.label_smoothing": [0.0, 0.1]}, {"time_min": 20}, "cancel")
+    result = submit(slurm, str(grid), UTP_TEST_STEP_SLEEP="0.4")
+    assert result.returncode == 0, result.stderr
+    folder, record = ledger(tmp_path / "out", "cancel")
+    job = record["tasks"][0]["jobs"][-1]
+    assert "_" in job  # an array task
+    ckpt = tmp_path / "out" / "checkpoints" / "shapes" / record["tasks"][0]["name"]
+    deadline = time.time() + 240
+    while not list(ckpt.glob("state/step-*/COMPLETE")):
+        assert time.time() < deadline, "the task never saved a state"
+        time.sleep(0.5)
+    subprocess.run(["scancel", job], check=True, timeout=30, env={**os.environ, **slurm})
+    assert [r["State"].split()[0] for r in sacct(slurm, job)] == ["CANCELLED"]
+    task_record = folder / "tasks" / "0.json"
+    deadline = time.time() + 30  # Slurm calls the job CANCELLED at once; the task writes its record as it ends
+    while json.loads(task_record.read_text())["state"] == "RUNNING" and time.time() < deadline:
+        time.sleep(0.5)
+    log = "".join(p.read_text() for p in (folder / "slurm").glob(f"{job}_0_log.*"))
+    assert json.loads(task_record.read_text())["state"] == "STOPPED", log[-3000:]
+    assert "DataLoader worker" not in log and "cannot write" not in log, log[-3000:]
+    stopped = int(log.split("stopped by signal at step ")[1].split(";")[0])
+    assert sorted(p.name for p in (ckpt / "state").glob("step-*"))[-1] == f"step-{stopped:08d}"  # saved at the stop
+
+    again = submit(slurm, "resubmit", str(folder), "--tasks", "0", "--wait", "--poll", "2", UTP_TEST_STEP_SLEEP="0")
+    assert again.returncode == 0, again.stdout + again.stderr
+    (logs,) = (tmp_path / "out" / "logs" / "shapes").glob(record["tasks"][0]["name"])  # the same run folder, continued
+    assert json.loads((logs / "summary.json").read_text())["restarts"] == 1
+    weights = load_file(ckpt / "best" / "model.safetensors")
+    assert weights.keys() == reference_weights.keys() and all(weights[k].equal(reference_weights[k]) for k in weights)

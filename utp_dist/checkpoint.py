@@ -22,6 +22,7 @@ from transformers.utils import logging as hf_logging
 
 from utp_dist import atomic
 from utp_dist.config import CheckpointConfig
+from utp_dist.data import worker_death
 from utp_dist.errors import UserError, first_line
 from utp_dist.preemption import Stopped, StopRequest
 from utp_dist.runs import COMPLETE, RunDir, complete_states
@@ -166,6 +167,8 @@ def _attempt(write, folder: Path) -> OSError | None:
     except OSError as err:
         return err
     except Exception as err:  # torch.save and safetensors report a full disk as RuntimeError / SafetensorError
+        if worker_death(err):  # torch reports a dead DataLoader worker wherever the main process is: not a write error
+            raise
         full = "No space left" in str(err) or shutil.disk_usage(folder).free < 2**20
         return OSError(errno.ENOSPC if full else errno.EIO, first_line(err), str(folder))
     return None

@@ -296,9 +296,15 @@ class Config:
         """The resolved config as YAML, loadable by load_config."""
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
-    def fingerprint(self, exclude: tuple[str, ...] = ()) -> str:
-        """Stable hash of the resolved config without the dotted keys in `exclude`."""
-        flat = {k: v for k, v in flatten(self.to_dict()).items() if not any(k == e or k.startswith(e + ".") for e in exclude)}
+    def fingerprint(self, exclude: tuple[str, ...] | None = None) -> str:
+        """Stable hash of the resolved config without the dotted keys in `exclude`.
+
+        By default that is what the run is: without the settings a resume may change that leave its result as it is
+        (SAME_RUN_IGNORES), so a run continued with checkpoint.resume=PATH or more workers, or started by an agent
+        with checkpoint.resume=never, is still the same run to `submit` and `status`.
+        """
+        exclude = SAME_RUN_IGNORES if exclude is None else exclude
+        flat = {k: v for k, v in flatten(self.to_dict()).items() if not under(k, exclude)}
         return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -316,6 +322,14 @@ MAY_CHANGE_ON_RESUME = (
     "data.pin_memory",
     "data.eval_batch_size",
 )
+# of those, the ones that make a run longer: a run with more epochs is another grid point until it has trained them
+RUN_LENGTH = ("train.epochs", "train.max_steps")
+SAME_RUN_IGNORES = tuple(key for key in MAY_CHANGE_ON_RESUME if key not in RUN_LENGTH)
+
+
+def under(key: str, prefixes: tuple[str, ...]) -> bool:
+    """Whether dotted `key` is one of `prefixes` or lies below one ("checkpoint.resume" is under "checkpoint")."""
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
 
 
 def metric_names(topk: list[int], extra: list[str] = ()) -> list[str]:

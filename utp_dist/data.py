@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import random
+import signal
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,8 +18,9 @@ from torchvision.transforms import v2
 
 from utp_dist.builtin_data import BUILTIN_PREFIX, materialize
 from utp_dist.config import SPLITS, DataConfig
-from utp_dist.errors import UserError
+from utp_dist.errors import UserError, first_line
 from utp_dist.image_index import Listing, list_splits_once
+from utp_dist.preemption import STOP_SIGNALS
 
 log = logging.getLogger(__name__)
 
@@ -318,7 +321,56 @@ def collate_encoded(batch: list) -> tuple[EncodedBatch, torch.Tensor]:
     return EncodedBatch([item for item, _ in batch]), torch.tensor([label for _, label in batch])
 
 
+def worker_death(err: BaseException) -> UserError | None:
+    """The one-line error for torch's report that a DataLoader worker died, None for any other error.
+
+    torch's SIGCHLD handler raises that RuntimeError wherever the main process happens to be (inside a save too), so
+    callers that wrap errors by where they happened ask here first, and a dead worker is never called a write error.
+    """
+    text = first_line(err).rstrip(". ")
+    if not (isinstance(err, RuntimeError) and text.startswith("DataLoader worker (pid")):
+        # the dead worker may show up as another error first (a batch whose shared memory it was still handing over):
+        # torch's own check of this process's workers tells, with the signal that killed it
+        from torch.utils.data._utils.signal_handling import _error_if_any_worker_fails
+
+        try:
+            _error_if_any_worker_fails()
+        except RuntimeError as died:
+            text = first_line(died).rstrip(". ")
+        else:
+            return None
+    return UserError(
+        f"data.num_workers: a data loading worker died ({text}); the out-of-memory killer is the usual cause: lower "
+        "data.num_workers, data.prefetch_factor or data.batch_size. The newest complete training state continues the run"
+    )
+
+
+def _outlive_stop_signals() -> None:
+    """Keep this worker alive through stop signals sent to the whole process group, which the main process answers.
+
+    scancel, timeout, systemd and a terminal's Ctrl-C signal every process of the job, workers included; a worker
+    that died of it would fail the very save the signal asks for. Ignoring the signals outright would also ignore
+    the main process's own shutdown of its workers (multiprocessing's terminate() is a SIGTERM, and its exit joins
+    the worker), so one thread takes them all and ends the worker only when its parent sent the signal.
+    """
+    signals = {*STOP_SIGNALS, signal.SIGINT}
+    for sig in signals:
+        signal.signal(sig, signal.SIG_DFL)  # a fork inherits the main process's handlers; the default ends the worker
+    signal.pthread_sigmask(signal.SIG_BLOCK, signals)  # blocked in every thread: only sigwaitinfo below receives them
+    parent = os.getppid()
+
+    def wait() -> None:
+        while True:
+            info = signal.sigwaitinfo(signals)
+            if info.si_pid == parent:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {info.si_signo})
+                os.kill(os.getpid(), info.si_signo)  # delivered to this thread: ends the worker as the parent expects
+
+    threading.Thread(target=wait, name="stop-signals", daemon=True).start()
+
+
 def _seed_worker(worker_id: int) -> None:
+    _outlive_stop_signals()
     # numpy/python RNGs in workers follow torch's per-worker seed, so any library using them is reproducible
     import numpy as np
 

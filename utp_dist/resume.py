@@ -13,7 +13,7 @@ from accelerate.utils import broadcast_object_list
 
 from utp_dist import __version__
 from utp_dist.checkpoint import damage, read_identity
-from utp_dist.config import MAY_CHANGE_ON_RESUME, Config, flatten
+from utp_dist.config import MAY_CHANGE_ON_RESUME, Config, flatten, under
 from utp_dist.errors import UserError
 from utp_dist.run_lock import RunLock
 from utp_dist.runs import COMPLETE, STATE_DIR, RunDir, base_name, complete_states, find_runs
@@ -148,7 +148,7 @@ def check(state: Path, saved: dict, current: dict, allow_changes: bool, mid_epoc
     # a key added to utp_dist after the state was written took its default then, whatever it is called
     defaults = json.loads(json.dumps(flatten(Config().to_dict()), default=str))
     for key in sorted(set(saved["config"]) | set(current["config"])):
-        if any(key == m or key.startswith(m + ".") for m in MAY_CHANGE_ON_RESUME):
+        if under(key, MAY_CHANGE_ON_RESUME):
             continue
         old, new = saved["config"].get(key, defaults.get(key, "<absent>")), current["config"].get(key, "<absent>")
         if old != new:

@@ -29,6 +29,7 @@ def train(cfg: Config) -> dict:
     Errors the user can fix raise UserError (ConfigError, DataError, ...); a stop signal raises Stopped once the
     training state is saved, and the same call continues the run.
     """
+    from utp_dist import rank_failure
     from utp_dist.config import Config, from_dict
     from utp_dist.trainer import Trainer, reset_accelerate
 
@@ -36,15 +37,26 @@ def train(cfg: Config) -> dict:
         raise TypeError(f"train() takes a Config, got {type(cfg).__name__}; build one with Config(...) or Config.from_yaml(path)")
     cfg = from_dict(cfg.to_dict(), "config")  # validated again: fields assigned after construction are checked too
     reset_accelerate()  # Accelerate's process-wide state belongs to an earlier run in this process, if any
-    trainer = Trainer(cfg)
     try:
-        return trainer.fit()
-    except OSError as err:  # a full disk anywhere but in a state or an export (those say more): still one line
-        if err.errno != errno.ENOSPC:
-            raise
-        raise UserError(
+        return Trainer(cfg).fit()
+    except Stopped:
+        raise  # every rank stops at the same agreed step
+    except Exception as err:
+        rank_failure.fail()  # the other ranks may be waiting for this one in a collective: end them first
+        raise _one_line(err, cfg) from None
+    finally:
+        rank_failure.unwatch()
+
+
+def _one_line(err: Exception, cfg: Config) -> Exception:
+    """The UserError for a dead DataLoader worker or a full disk (anywhere but a state or an export, which say more)."""
+    from utp_dist.data import worker_death
+
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        return UserError(
             f"no space left on device writing {err.filename or cfg.output.root}; free some space and run the same command again"
-        ) from None
+        )
+    return worker_death(err) or err
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -67,7 +79,11 @@ class Outcome:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command; user errors become one line on stderr and exit code 2."""
-    return run(argv).code
+    from utp_dist import rank_failure
+
+    code = run(argv).code
+    rank_failure.exit_now(code)
+    return code
 
 
 def run(argv: list[str] | None = None) -> Outcome:

@@ -11,6 +11,7 @@ import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import gather_object, set_seed
 
+from utp_dist import rank_failure
 from utp_dist.batch_transforms import build_batch_transform
 from utp_dist.callbacks import Callbacks
 from utp_dist.checkpoint import BestModel, Checkpointer, NullBestModel, rng_state, set_rng_state
@@ -83,6 +84,7 @@ def build_accelerator(cfg: Config) -> Accelerator:
             f"the launcher started {expected} processes but the process group has {accelerator.num_processes}; "
             "launch with torchrun or accelerate launch --multi_gpu/--multi_cpu"
         )
+    rank_failure.watch()  # from here on, a failure on one rank ends every rank (nothing to watch in a single process)
     if accelerator.num_processes > 1:
         # every rank must train the same run: compare config hashes before any rank touches data or files
         hashes = gather_object([cfg.fingerprint()])

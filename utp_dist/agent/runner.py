@@ -35,7 +35,7 @@ class Child:
 
     def __init__(self, job: dict, proc: subprocess.Popen, log: Path, folder: RunDir | None, config: dict):
         self.job, self.proc, self.log, self.folder, self.config = job, proc, log, folder, config
-        self.family: set[int] = {proc.pid}  # every pid seen below it: accelerate's rank 0 is a grandchild
+        self.family: set[int] = {proc.pid}  # every pid seen below it: a launcher's rank 0 is a grandchild
 
     @property
     def pid(self) -> int:
@@ -46,7 +46,7 @@ class Child:
         return self.proc.poll()
 
     def signal(self, signum: int) -> None:
-        """Send a signal to the whole process group (accelerate's launcher and every rank)."""
+        """Send a signal to the whole process group (the launcher and every rank)."""
         try:
             os.killpg(self.proc.pid, signum)
         except ProcessLookupError:
@@ -95,7 +95,7 @@ class Child:
 
 
 class Runner:
-    """Starts `python -m utp_dist.train` (or `accelerate launch` for several GPUs) for a claimed job."""
+    """Starts `python -m utp_dist.train` (or `python -m utp_dist.launch` for several GPUs) for a claimed job."""
 
     def __init__(self, workdir: Path, allow_import: tuple[str, ...] = ()):
         self.workdir, self.allow_import = workdir, allow_import
@@ -122,12 +122,16 @@ class Runner:
         return None
 
     def command(self, config_file: Path, gpus: list[str], resume: str) -> list[str]:
-        """The training command: one process for a CPU or 1-GPU job, accelerate launch with one process per GPU beyond that."""
+        """The training command: one process for a CPU or 1-GPU job, utp_dist.launch with one process per GPU beyond that.
+
+        utp_dist.launch (torchrun's options) exits with the ranks' own code, so a stopped N-GPU job is 75 (resumable)
+        and a refused one 2, as a 1-GPU job; accelerate's and torchrun's launchers turn both into 1.
+        """
         train = ["-m", "utp_dist.train", str(config_file), f"checkpoint.resume={resume}"]
         if len(gpus) <= 1:
             return [sys.executable, *train]
-        launch = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(len(gpus))]
-        return [sys.executable, *launch, "--main_process_port", str(_free_port()), *train]
+        launch = ["-m", "utp_dist.launch", "--nproc_per_node", str(len(gpus)), "--master_addr", "127.0.0.1"]
+        return [sys.executable, *launch, "--master_port", str(_free_port()), *train]
 
     def start(self, job: dict, gpus: list[str]) -> Child:
         """Write the job's config, start its process (seeing only `gpus`), and return it; continues the run an earlier attempt made."""
@@ -171,7 +175,7 @@ def _free_port() -> int:
 
 
 def _family(pid: int) -> set[int]:
-    """`pid` and every process below it (accelerate's ranks are grandchildren of the agent), from /proc."""
+    """`pid` and every process below it (a launcher's ranks are grandchildren of the agent), from /proc."""
     parents: dict[int, int] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():

@@ -80,6 +80,10 @@ class Executor(abc.ABC):
     def states(self, folder: Path, ledger: dict, jobs: dict[int, str]) -> dict[int, str]:
         """{task index: state} of each task's newest job ({task index: job handle}), in the vocabulary of `states`."""
 
+    def restarts(self, folder: Path, ledger: dict, jobs: dict[int, str]) -> dict[int, int]:
+        """{task index: how often its run was started again}, from the records the tasks keep themselves."""
+        return {task["index"]: max(0, TaskRecord(folder, task["index"]).read().get("attempts", 1) - 1) for task in ledger["tasks"]}
+
 
 class SlurmExecutor(Executor):
     """The tasks as ONE Slurm array job through submitit; states from Slurm accounting."""
@@ -207,17 +211,27 @@ class DashboardExecutor(Executor):
 
     def states(self, folder: Path, ledger: dict, jobs: dict[int, str]) -> dict[int, str]:
         """One request per server: the state of every task's run, in the sweep vocabulary."""
+        found: dict[int, str] = {}
+        for index, row in self._by_run(jobs).items():
+            state = (row or {}).get("state")
+            found[index] = DASHBOARD_STATES.get(state, states.LOST if state is None else states.UNKNOWN)  # a deleted run is lost
+        return found
+
+    def restarts(self, folder: Path, ledger: dict, jobs: dict[int, str]) -> dict[int, int]:
+        """The dashboard's count: the agents' tasks keep no record of their own."""
+        return {index: (row or {}).get("restarts") or 0 for index, row in self._by_run(jobs).items()}
+
+    def _by_run(self, jobs: dict[int, str]) -> dict[int, dict | None]:
+        """{task index: its run's row of /api/v1/jobs/by-run (state, restarts, attempts), None for a deleted run}."""
         by_server: dict[str, dict[int, int]] = {}
         for index, handle in jobs.items():
             server, run_id = _run_page(handle)
             by_server.setdefault(server, {})[index] = run_id
-        found: dict[int, str] = {}
+        found: dict[int, dict | None] = {}
         for server, runs in by_server.items():
             query = "&".join(f"ids={run_id}" for run_id in runs.values())
             answer = self._call(self._client(server), "GET", f"/api/v1/jobs/by-run?{query}")
-            for index, run_id in runs.items():
-                state = (answer.get(str(run_id)) or {}).get("state")
-                found[index] = DASHBOARD_STATES.get(state, states.LOST if state is None else states.UNKNOWN)  # a deleted run is lost
+            found.update({index: answer.get(str(run_id)) for index, run_id in runs.items()})
         return found
 
     def _first_attempt(self, task: dict) -> dict:

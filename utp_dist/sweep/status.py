@@ -10,7 +10,6 @@ from pathlib import Path
 
 from utp_dist.sweep import executors, states
 from utp_dist.sweep.ledger import find_run
-from utp_dist.sweep.task import TaskRecord
 
 COLUMNS = ("task", "run", "state", "restarts", "epoch", "step", "best", "img/s", "job")
 SEED = "train.seed"
@@ -22,17 +21,17 @@ def rows(folder: Path, ledger: dict, within: tuple[Path, ...] = ()) -> list[dict
     `within`: read only run folders that resolve inside these (the dashboard's output roots; a ledger names any root).
     """
     jobs = {t["index"]: t["jobs"][-1] for t in ledger["tasks"] if t["jobs"]}
-    job_states = executors.of_ledger(folder, ledger).states(folder, ledger, jobs)
+    executor = executors.of_ledger(folder, ledger)
+    job_states, restarts = executor.states(folder, ledger, jobs), executor.restarts(folder, ledger, jobs)
     out = []
     for task in ledger["tasks"]:
-        record = TaskRecord(folder, task["index"]).read()
         submitted = max((sub["time"] for sub in ledger["submissions"] if str(task["index"]) in sub["tasks"]), default=0.0)
         out.append(
             {
                 "task": task["index"],
                 "run": task["name"],
                 "state": job_states.get(task["index"], states.NOT_SUBMITTED),
-                "restarts": max(0, record.get("attempts", 1) - 1),
+                "restarts": restarts.get(task["index"], 0),
                 **_progress(task, submitted, within),
                 "job": jobs.get(task["index"], "-"),
             }
