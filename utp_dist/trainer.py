@@ -22,7 +22,7 @@ from utp_dist.errors import UserError, first_line
 from utp_dist.flops import peak_tflops, train_flops_per_image
 from utp_dist.losses import build_loss
 from utp_dist.metrics import EvalMetrics
-from utp_dist.model import input_spec, is_convolutional
+from utp_dist.model import exported_processor, input_spec, is_convolutional
 from utp_dist.optim import build_optimizer, build_scheduler, optimizer_steps
 from utp_dist.preemption import StopRequest
 from utp_dist.registry import MODELS
@@ -111,6 +111,7 @@ class Trainer:
         self.loss, self.progress = build_loss(cfg.train), Progress()  # progress keys the batch transform (bench steps too)
         self.batch_transform = build_batch_transform(cfg.data, len(self.classes), cfg.train.seed, acc.process_index)
         self.spec = input_spec(self.processor, cfg.data.image_size)
+        self.processor = exported_processor(self.processor, self.spec)  # the export describes this very input
         pin = cfg.data.pin_memory if cfg.data.pin_memory is not None else acc.device.type == "cuda"
         split_loaders = build_loaders(self.splits, self.spec, cfg.data, cfg.train.seed, acc.num_processes, pin)
         self.samplers = {split: s.sampler for split, s in split_loaders.items()}
