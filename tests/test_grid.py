@@ -66,6 +66,12 @@ def test_base_path_is_relative_to_the_grid_and_inline_bases_work(tmp_path, monke
         ({"sweeps": {}}, "unknown top-level key 'sweeps'; valid keys: name, base, set, sweep, resources"),
         ({"base": "missing.yaml"}, "base config 'missing.yaml' not found"),
         ({"sweep": {"train.epochs": [0]}}, "sweep (train.epochs=0): train.epochs must be > 0"),
+        (
+            {"set": {"optim.lr": 0.1}, "sweep": {"optim.lr": [1, 2]}},
+            "'optim.lr' is both in set: and sweep:; one would silently override the other: keep one",
+        ),
+        ({"set": {"model.config.patch_size": 4}, "sweep": {"model.config": [{}]}}, "'model.config.patch_size' and 'model.config' are both"),
+        ({"sweep": {"train.seed": [1, 2], "zip": [{"train.seed": [3], "optim.lr": [1]}]}}, "'train.seed' is in sweep: twice"),
     ],
 )
 def test_bad_grids_are_one_line_errors_naming_the_file(tmp_path, grid, message):
