@@ -219,6 +219,7 @@ def test_a_users_splits_are_checked_and_capped_like_the_image_folder_index(tmp_p
         (Splits(tmp_path, ["a", "b"], {**files, "extra": files["val"]}), "returned a split 'extra'; splits are train, val, test"),
         (Splits(tmp_path, ["a"], files), "train has label 1; labels index the 1 classes (0 to 0)"),
         (Splits(tmp_path / "sub", ["a", "b"], files), f"'{tmp_path}/train0.png' is not under Splits.root"),
+        (Splits(tmp_path, ["a"], {s: [(f, 0) for f, _ in v] for s, v in files.items()}), "returned one class ('a'); a classifier needs"),
     ]:
         returned["splits"] = splits
         with pytest.raises(DataError, match=f"^data.dataset: test_api_splits.*{re.escape(expect)}"):

@@ -90,6 +90,8 @@ def index_splits(cfg: DataConfig, seed: int) -> Splits:
     classes = listings["train"].classes
     if not classes:
         raise DataError(f"data.root: '{root / 'train'}' has no class folders")
+    if len(classes) < 2:  # found now, not as a metrics traceback after the first epoch
+        raise DataError(f"data.root: '{root / 'train'}' has one class folder ('{classes[0]}'); a classifier needs at least two classes")
     ambiguous = cfg.ambiguous_cap(classes)
     if ambiguous:
         raise DataError(ambiguous)
