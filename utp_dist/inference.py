@@ -140,7 +140,7 @@ def image_files(paths: list[str]) -> list[str]:
     files = []
     for item in paths:
         if os.path.isdir(item):
-            found = [os.path.join(d, f) for d, _, names in os.walk(item, followlinks=True) for f in names]
+            found = [os.path.join(d, f) for d, names in _walk(item) for f in names]
             files += sorted(f for f in found if f.lower().endswith(IMAGE_EXTENSIONS) and not _hidden(os.path.relpath(f, item)))
         elif os.path.exists(item):
             files.append(item)
@@ -149,6 +149,19 @@ def image_files(paths: list[str]) -> list[str]:
     if not files:
         raise UserError(f"no image files in {', '.join(paths)}")
     return files
+
+
+def _walk(folder: str) -> Iterator[tuple[str, list[str]]]:
+    """(folder, file names) below `folder`, following symbolic links but entering each real folder once: a link to a
+    parent (a loop) or a second link to a folder adds nothing."""
+    seen = set()
+    for path, folders, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(path)
+        if real in seen:
+            folders.clear()
+            continue
+        seen.add(real)
+        yield path, names
 
 
 def _hidden(relative: str) -> bool:
