@@ -24,17 +24,26 @@ def rows(folder: Path, ledger: dict) -> list[dict]:
     for task in ledger["tasks"]:
         record = TaskRecord(folder, task["index"]).read()
         submitted = max((sub["time"] for sub in ledger["submissions"] if str(task["index"]) in sub["tasks"]), default=0.0)
+        state = job_states.get(task["index"], states.NOT_SUBMITTED)
+        if state == states.LOST and _finished_since(task, submitted):
+            state = states.COMPLETED  # its record is gone (deleted, another disk), but the run says it trained to its end
         out.append(
             {
                 "task": task["index"],
                 "run": task["name"],
-                "state": job_states.get(task["index"], states.NOT_SUBMITTED),
+                "state": state,
                 "restarts": max(0, record.get("attempts", 1) - 1),
                 **_progress(task, submitted),
                 "job": jobs.get(task["index"], "-"),
             }
         )
     return out
+
+
+def _finished_since(task: dict, submitted: float) -> bool:
+    """Whether the task's run (of its exact config) wrote its FINISHED marker after the task's newest submission."""
+    found = find_run(task["output_root"], task["name"], task["config_hash"])
+    return found is not None and found.is_finished() and found.finished_marker.stat().st_mtime >= submitted
 
 
 def _progress(task: dict, submitted: float) -> dict:
