@@ -118,6 +118,19 @@ def test_python_api_run_equals_the_cli_run(data, tmp_path):
         ("train.loss=no_such_module:fn", "train.loss: cannot import 'no_such_module'"),
         ("train.loss_options.gamma=2", "train.loss_options: cross_entropy: got an unexpected keyword argument 'gamma'"),
         ("data.batch_transforms=[mixup] data.batch_transform_options.mixup.beta=1", "data.batch_transform_options: MixUp: got an"),
+        ("train.loss=test_api:NOT_CALLABLE", "train.loss: 'test_api:NOT_CALLABLE' is a value of type float, not a function or class"),
+        (
+            "train.metrics=[test_api:NOT_CALLABLE]",
+            "train.metrics: 'test_api:NOT_CALLABLE' is a value of type float, not a function or class",
+        ),
+        (
+            "train.metrics=[test_api:not_a_metric]",
+            "train.metrics: 'test_api:not_a_metric' returned a value of type int; a metric factory returns",
+        ),
+        (
+            "train.callbacks=[test_api:NOT_CALLABLE]",
+            "train.callbacks: 'test_api:NOT_CALLABLE' is a value of type float, not a function or class",
+        ),
     ],
 )
 def test_unknown_names_and_options_are_one_line_listing_the_registered_ones(data, tmp_path, capsys, fresh_accelerate, override, expect):
@@ -127,6 +140,41 @@ def test_unknown_names_and_options_are_one_line_listing_the_registered_ones(data
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"utp_dist: error: {expect}") and "\n" not in err, err
     assert not (tmp_path / "out").exists()  # found before anything was written
+
+
+NOT_CALLABLE = 0.5  # named by import paths in the tests above and below
+
+
+def vector_loss(logits, targets):
+    return F.cross_entropy(logits, targets if targets.ndim == 1 else targets.argmax(-1), reduction="none")
+
+
+def not_a_metric(num_classes):
+    return num_classes
+
+
+def float_loss(logits, targets):
+    return 1.0
+
+
+def nan_loss(logits, targets):
+    return cross_entropy(logits, targets) * float("nan")
+
+
+@pytest.mark.parametrize(
+    ("loss", "expect"),
+    [
+        ("vector_loss", "train.loss: 'test_api:vector_loss' returned a tensor of shape (8,); a loss returns one number as a 0-dim"),
+        ("float_loss", "train.loss: 'test_api:float_loss' returned a value of type float; a loss returns one number"),
+        ("nan_loss", "the training loss is not finite (NaN or inf) at step 1, before any weight update: train.loss 'test_api:nan_loss'"),
+    ],
+)
+def test_a_loss_that_is_not_one_finite_number_is_one_line_naming_train_loss(data, tmp_path, capsys, fresh_accelerate, loss, expect):
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(data, tmp_path / "out", train={"loss": f"test_api:{loss}"})))
+    assert main([str(config)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()  # the progress bar's line, then the error
+    assert err[-1].startswith(f"utp_dist: error: {expect}") and "Traceback" not in err, err
 
 
 def test_cli_prints_an_unknown_loss_as_one_line(data, tmp_path):
@@ -171,6 +219,7 @@ def test_a_users_splits_are_checked_and_capped_like_the_image_folder_index(tmp_p
         (Splits(tmp_path, ["a", "b"], {**files, "extra": files["val"]}), "returned a split 'extra'; splits are train, val, test"),
         (Splits(tmp_path, ["a"], files), "train has label 1; labels index the 1 classes (0 to 0)"),
         (Splits(tmp_path / "sub", ["a", "b"], files), f"'{tmp_path}/train0.png' is not under Splits.root"),
+        (Splits(tmp_path, ["a"], {s: [(f, 0) for f, _ in v] for s, v in files.items()}), "returned one class ('a'); a classifier needs"),
     ]:
         returned["splits"] = splits
         with pytest.raises(DataError, match=f"^data.dataset: test_api_splits.*{re.escape(expect)}"):

@@ -111,6 +111,17 @@ def test_unknown_nested_key_suggests_closest(tmp_path):
     assert msg.startswith(str(path)) and "'data.batchsize'" in msg and "did you mean 'data.batch_size'?" in msg
 
 
+def test_a_misspelt_field_assigned_after_construction_is_refused():
+    cfg = Config()
+    with pytest.raises(ConfigError) as info:
+        cfg.optim.learning_rate = 1e-5
+    assert str(info.value).startswith("unknown key 'optim.learning_rate'; ") and "valid keys: optim.name, optim.lr," in str(info.value)
+    with pytest.raises(ConfigError, match="unknown key 'optimizer'; did you mean 'optim'"):
+        cfg.optimizer = {}
+    cfg.optim.lr = 1e-5  # a real field is still assigned, and train(cfg) checks its value
+    assert cfg.optim.lr == 1e-5 and not hasattr(cfg.optim, "learning_rate")
+
+
 def test_unknown_section_suggests_closest():
     msg = error_of(["optimizer.lr=1e-3"])
     assert "unknown key 'optimizer'" in msg and "did you mean 'optim'?" in msg

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -66,6 +67,12 @@ def test_base_path_is_relative_to_the_grid_and_inline_bases_work(tmp_path, monke
         ({"sweeps": {}}, "unknown top-level key 'sweeps'; valid keys: name, base, set, sweep, resources"),
         ({"base": "missing.yaml"}, "base config 'missing.yaml' not found"),
         ({"sweep": {"train.epochs": [0]}}, "sweep (train.epochs=0): train.epochs must be > 0"),
+        (
+            {"set": {"optim.lr": 0.1}, "sweep": {"optim.lr": [1, 2]}},
+            "'optim.lr' is both in set: and sweep:; one would silently override the other: keep one",
+        ),
+        ({"set": {"model.config.patch_size": 4}, "sweep": {"model.config": [{}]}}, "'model.config.patch_size' and 'model.config' are both"),
+        ({"sweep": {"train.seed": [1, 2], "zip": [{"train.seed": [3], "optim.lr": [1]}]}}, "'train.seed' is in sweep: twice"),
     ],
 )
 def test_bad_grids_are_one_line_errors_naming_the_file(tmp_path, grid, message):
@@ -173,7 +180,16 @@ def tiny_grid(tmp_path) -> Path:
     )
 
 
-def test_local_executor_runs_each_task_in_its_own_process_and_the_ledger_tracks_it(tiny_grid, tmp_path):
+def wait_until(predicate, timeout: float = 30) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_local_executor_runs_each_task_in_its_own_process_and_the_ledger_tracks_it(tiny_grid, tmp_path, capsys):
+    from utp_dist.sweep.submit import main as submit
+
     result = run_cli(str(tiny_grid), "--executor", "local", "--wait", "--poll", "1", module="utp_dist.submit", timeout=300)
     assert result.returncode == 1, result.stderr  # one of the two failed: its data is missing
     sweep = tmp_path / "out" / "sweeps" / "tiny"
@@ -197,6 +213,20 @@ def test_local_executor_runs_each_task_in_its_own_process_and_the_ledger_tracks_
     board = run_cli("leaderboard", str(sweep), module="utp_dist.submit")
     assert board.returncode == 0 and board.stdout.startswith("| rank | run | data.root | best val_acc@1 | epoch | test_acc@1 | state |")
     assert (sweep / "leaderboard.csv").read_text().splitlines()[0] == "rank,run,data.root,best val_acc@1,epoch,test_acc@1,state,logs"
+
+    # the task records are lost (deleted, another disk): the runs' FINISHED markers still say both completed, and
+    # resubmit trains neither again (no -v1)
+    shutil.rmtree(sweep / "tasks")
+    runner = int(json.loads((sweep / "sweep.json").read_text())["tasks"][1]["jobs"][-1].removeprefix("pid:"))
+    wait_until(lambda: not Path(f"/proc/{runner}").exists())  # the runner may still be exiting after --wait returned
+    assert submit(["status", str(sweep)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert " | COMPLETED | 0 | 0 | 3 | " in table[2] and " | COMPLETED | 0 | 0 | 3 | " in table[3], table
+    assert submit(["resubmit", str(sweep), "--failed"]) == 0
+    assert capsys.readouterr().out.startswith("nothing to resubmit")
+    assert submit(["resubmit", str(sweep), "--tasks", "0,1"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("this exact config already completed in ") == 2 and "nothing to resubmit" in out, out
 
     # the same grid again: both exact configs completed, so nothing is submitted
     skip = run_cli(str(tiny_grid), "--executor", "debug", module="utp_dist.submit")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -89,3 +90,104 @@ def test_evaluate_refuses_a_split_whose_classes_the_model_lacks(trained, tmp_pat
     result = run_cli(summary["paths"]["best_model"], str(other / "test"), "--out", str(tmp_path / "r"), module="utp_dist.evaluate")
     assert result.returncode == 2 and result.stderr.count("\n") == 1
     assert "class folder(s) owl do not match the model's classes cat, dog, fox" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("out", "message"),
+    [
+        ("folder", "--out {tmp}/folder: is a folder; name a file in it, e.g. {tmp}/folder/preds.csv"),
+        ("file.csv/preds.csv", "--out {tmp}/file.csv/preds.csv: {tmp}/file.csv is a file, not a folder; choose another path"),
+        ("file.csv/sub/preds.csv", "--out {tmp}/file.csv/sub/preds.csv: {tmp}/file.csv is a file, not a folder"),
+        ("preds.txt", "--out {tmp}/preds.txt: write a .csv or a .jsonl file"),
+    ],
+)
+def test_predict_checks_out_before_it_reads_the_model_or_any_image(tmp_path, capsys, out, message):
+    from utp_dist.predict import main
+
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file.csv").write_text("old\n")
+    # neither the model nor the image exists: the --out error comes first, before any work
+    assert main(["no-such-model", "no-such-image.png", "--out", str(tmp_path / out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"utp_dist: error: {message.format(tmp=tmp_path)}") and err.count("\n") == 1, err
+
+
+def test_predict_out_in_a_read_only_folder_or_file_is_one_line_before_any_work(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "ro-file.csv").write_text("old\n")
+    (tmp_path / "ro-file.csv").chmod(0o444)
+    (tmp_path / "ro").chmod(0o555)
+    # root writes everywhere: drop the capabilities that let it, as a normal user's process has none
+    prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    for out, reason in [
+        (tmp_path / "ro" / "p.csv", f"in {tmp_path / 'ro'}: "),
+        (tmp_path / "ro-file.csv", f"{tmp_path / 'ro-file.csv'}: "),
+    ]:
+        proc = subprocess.run(
+            [*prefix, sys.executable, "-m", "utp_dist.predict", "no-such-model", "x.png", "--out", str(out)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+        assert proc.stderr == f"utp_dist: error: --out {out}: cannot write {reason}Permission denied\n"
+    assert (tmp_path / "ro-file.csv").read_text() == "old\n"
+
+
+def test_predict_replaces_out_whole_or_leaves_the_old_file(trained, tmp_path, capsys, monkeypatch):
+    import errno
+    import os
+
+    from utp_dist import predict
+
+    out, data, summary = trained
+    preds = tmp_path / "preds.csv"
+    preds.write_text("the old predictions\n")
+    image = str(data / "val" / "dog" / "0000.jpg")
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(predict.os, "fsync", full_disk)
+    assert predict.main([summary["paths"]["best_model"], image, "--workers", "0", "--out", str(preds)]) == 2
+    assert capsys.readouterr().err.endswith(f"cannot write {preds}: No space left on device; the file is as it was before this command\n")
+    assert preds.read_text() == "the old predictions\n" and os.listdir(tmp_path) == ["preds.csv"]  # no temporary file left
+    monkeypatch.undo()
+    assert predict.main([summary["paths"]["best_model"], image, "--workers", "0", "--out", str(preds)]) == 0
+    assert preds.read_text().splitlines()[1].startswith(f"{image},")
+
+
+def test_a_symlink_loop_in_an_image_folder_lists_each_image_once(tmp_path):
+    from utp_dist.inference import image_files
+
+    make_image_folder(tmp_path / "imgs", classes=("cat",), per_class={"a": 2})
+    (tmp_path / "imgs" / "a" / "cat" / "loop").symlink_to(tmp_path / "imgs")  # a link to a parent
+    (tmp_path / "imgs" / "again").symlink_to(tmp_path / "imgs" / "a")  # a second link to a folder
+    files = image_files([str(tmp_path / "imgs")])
+    assert len(files) == 2 and sorted(map(os.path.realpath, files)) == sorted(
+        str(p) for p in (tmp_path / "imgs" / "a" / "cat").iterdir() if p.is_file()
+    )
+
+
+def test_evaluate_on_a_split_where_no_image_can_be_read_is_one_line(trained, tmp_path, capsys):
+    from utp_dist.evaluate import main
+
+    _, _, summary = trained
+    for name in ("cat", "dog"):
+        (tmp_path / "split" / name).mkdir(parents=True)
+        (tmp_path / "split" / name / "0.png").write_bytes(b"not a png")
+    assert main([summary["paths"]["best_model"], str(tmp_path / "split"), "--workers", "0", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert (
+        err[-1]
+        == f"utp_dist: error: {tmp_path / 'split'}: none of its 2 images can be read (the lines above name each); fix or replace them"
+    )
+    assert "Traceback" not in "\n".join(err)

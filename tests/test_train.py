@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import REPO, run_cli, save_tiny_vit, tiny_config, write_image
+from conftest import REPO, make_image_folder, run_cli, save_tiny_vit, tiny_config, write_image
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.flop_counter import FlopCounterMode
@@ -200,6 +200,17 @@ def test_user_errors_are_one_line(image_root, tmp_path, override, message, capsy
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("utp_dist: error: ") and message in err
     assert not (tmp_path / "out").exists()  # nothing was created for a run that never started
+
+
+@pytest.mark.parametrize("args", [["--dry-run"], ["data.batch_transforms=[mixup,cutmix]"]])
+def test_one_class_data_is_one_line_naming_the_split(tmp_path, args, capsys, fresh_accelerate):
+    data = make_image_folder(tmp_path / "one", classes=("cat",), per_class={"train": 4, "val": 2})
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_config(data, tmp_path / "out")))
+    assert main([str(cfg), *args]) == 2
+    err = capsys.readouterr().err
+    assert err == f"utp_dist: error: data.root: '{data / 'train'}' has one class folder ('cat'); a classifier needs at least two classes\n"
+    assert not (tmp_path / "out").exists()
 
 
 def test_dry_run_prints_counts_after_caps(image_root, tmp_path, capsys, fresh_accelerate):

@@ -12,7 +12,7 @@ import os
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal, Union
+from typing import Any, ClassVar, Literal, Union
 
 import yaml
 
@@ -31,9 +31,23 @@ class ConfigError(UserError):
     """A config file or override that cannot be used as written."""
 
 
+class _Section:
+    """Assigning a name that is not a field (cfg.optim.learning_rate = 1e-5) is a ConfigError naming the valid keys, not
+    a new attribute that nothing reads."""
+
+    _prefix: ClassVar[str] = ""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name not in self.__dataclass_fields__:
+            _check_keys(type(self), {name: value}, self._prefix)
+        object.__setattr__(self, name, value)
+
+
 @dataclass
-class DataConfig:
+class DataConfig(_Section):
     """Where the images come from and how they reach the model."""
+
+    _prefix: ClassVar[str] = "data."
 
     root: str = "builtin:fashion-mnist-mini"
     """ImageFolder root holding train/ val/ [test/], or builtin:fashion-mnist-mini."""
@@ -109,8 +123,10 @@ class DataConfig:
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(_Section):
     """Which Hugging Face image classifier to train."""
+
+    _prefix: ClassVar[str] = "model."
 
     builder: str = "transformers"
     """Builds (model, image processor): transformers (AutoModelForImageClassification), a registered name or module:attr."""
@@ -129,8 +145,10 @@ class ModelConfig:
 
 
 @dataclass
-class OptimConfig:
+class OptimConfig(_Section):
     """Optimizer, schedule and gradient handling."""
+
+    _prefix: ClassVar[str] = "optim."
 
     name: Literal["adamw", "adam"] = "adamw"
     """Optimizer; weight decay never applies to biases, norms and other 1-D parameters."""
@@ -158,8 +176,10 @@ class OptimConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(_Section):
     """Length, precision, loss and what counts as the best model."""
+
+    _prefix: ClassVar[str] = "train."
 
     epochs: int = 5
     """Passes over the (capped) training set."""
@@ -216,8 +236,10 @@ class TrainConfig:
 
 
 @dataclass
-class OutputConfig:
+class OutputConfig(_Section):
     """Where logs, checkpoints and exports go and how the run is named."""
+
+    _prefix: ClassVar[str] = "output."
 
     root: str = "experiments"
     """Output root: logs/ and checkpoints/ are created below it."""
@@ -240,8 +262,10 @@ class OutputConfig:
 
 
 @dataclass
-class CheckpointConfig:
+class CheckpointConfig(_Section):
     """Full training state for exact resume: when to save, how many to keep, what to resume."""
+
+    _prefix: ClassVar[str] = "checkpoint."
 
     every_n_steps: int | None = None
     """Save the training state every N optimizer steps; null = not by step count."""
@@ -263,7 +287,7 @@ class CheckpointConfig:
 
 
 @dataclass
-class Config:
+class Config(_Section):
     """The whole run: one section per component. Sections may be given as dicts, validated exactly as YAML is:
     `Config(data={"root": "data/pets"}, optim={"lr": 3e-4})`."""
 

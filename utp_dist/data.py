@@ -93,6 +93,8 @@ def index_splits(cfg: DataConfig, seed: int) -> Splits:
     classes = listings["train"].classes
     if not classes:
         raise DataError(f"data.root: '{root / 'train'}' has no class folders")
+    if len(classes) < 2:  # found now, not as a metrics traceback after the first epoch
+        raise DataError(f"data.root: '{root / 'train'}' has one class folder ('{classes[0]}'); a classifier needs at least two classes")
     ambiguous = cfg.ambiguous_cap(classes)
     if ambiguous:
         raise DataError(ambiguous)
@@ -253,10 +255,26 @@ class EpochSampler(Sampler):
         return iter([(self.epoch, i) for i in order[start:end]])
 
 
+class CenterCrop:
+    """A centre crop whose offset rounds down, as transformers' image processors place it (torchvision's rounds to the
+    nearest pixel), so the exported processor crops the very pixels training evaluated on."""
+
+    def __init__(self, size: tuple[int, int]):
+        self.size = size
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        """The centre (height, width) of `image`; one smaller than that is padded as torchvision does."""
+        (height, width), (crop_h, crop_w) = image.shape[-2:], self.size
+        if crop_h > height or crop_w > width:
+            return v2.functional.center_crop(image, list(self.size))
+        top, left = (height - crop_h) // 2, (width - crop_w) // 2
+        return image[..., top : top + crop_h, left : left + crop_w]
+
+
 def build_transforms(spec: InputSpec, augment: str) -> tuple[v2.Transform, v2.Transform]:
     """(train, eval) transforms on uint8 tensors; normalisation happens later, on the device. Only a
     `standard` train transform is random."""
-    eval_tf = v2.Compose([v2.Resize(spec.resize, antialias=True), v2.CenterCrop(spec.size)])
+    eval_tf = v2.Compose([v2.Resize(spec.resize, antialias=True), CenterCrop(spec.size)])
     if augment == "none":
         return eval_tf, eval_tf
     train_tf = v2.Compose([v2.RandomResizedCrop(spec.size, antialias=True), v2.RandomHorizontalFlip()])

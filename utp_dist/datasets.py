@@ -46,6 +46,8 @@ def _check(splits: Splits, spec: str) -> None:
         outside = next((path for path, _ in items if not str(path).startswith(root)), None)
         if outside is not None:  # resume hashes every file's path relative to the root
             raise DataError(f"{where}: '{outside}' is not under Splits.root '{splits.root}'; every file must lie under the root")
+    if len(splits.classes) < 2:
+        raise DataError(f"{where} returned one class ('{splits.classes[0]}'); a classifier needs at least two classes")
 
 
 def _capped(items: list[tuple[str, int]], classes: list[str], cap: int | dict | None, seed: int, split: str) -> list[tuple[str, int]]:

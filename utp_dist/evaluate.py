@@ -65,6 +65,8 @@ def evaluate(args: argparse.Namespace) -> int:
     metrics = EvalMetrics(len(loaded.classes), loaded.config.train.eval_topk, loaded.device)
     for _, logits, labels in batches(loaded, samples, batch, args.workers):
         metrics.update(logits, labels)  # unreadable files carry label -100: counted as skipped, as in training
+    if metrics.count == 0:  # nothing to measure: torchmetrics would fail on an empty split
+        raise UserError(f"{folder}: none of its {len(samples)} images can be read (the lines above name each); fix or replace them")
     values, confusion, roc = metrics.compute("eval")
     values = {k.removeprefix("eval_"): v for k, v in values.items()}
     out = _out_dir(args.out, loaded.run, folder)

@@ -71,7 +71,7 @@ def load_model(model: str, root: str, device: str | None = None) -> LoadedModel:
     """Load MODEL onto the GPU when there is one, with the eval transform and input statistics of its training."""
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-    from utp_dist.model import input_spec, is_convolutional
+    from utp_dist.model import EXACT_INPUT, input_spec, is_convolutional
 
     folder, run = find_model(model, root)
     raw = run.read_config() if run is not None else None
@@ -91,7 +91,16 @@ def load_model(model: str, root: str, device: str | None = None) -> LoadedModel:
     except (OSError, ValueError) as err:
         raise UserError(f"{folder}: cannot load the model: {first_line(err)}") from None
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    spec = input_spec(processor, config.data.image_size)
+    if getattr(processor, EXACT_INPUT, None):  # exported with the training input: the processor alone says it
+        spec = input_spec(processor, None)
+    else:
+        if run is None:
+            log.warning(
+                "%s: its preprocessor_config.json does not record the training input (an export of an older utp_dist?); "
+                "using the image processor's sizes; use it from its run's checkpoint folder, whose config says the input",
+                folder,
+            )
+        spec = input_spec(processor, config.data.image_size)
     classes = [network.config.id2label[i] for i in range(network.config.num_labels)]
     # the memory format training used (channels-last for conv nets on CUDA by default): the same kernels, the same numbers
     channels_last = (
@@ -131,7 +140,7 @@ def image_files(paths: list[str]) -> list[str]:
     files = []
     for item in paths:
         if os.path.isdir(item):
-            found = [os.path.join(d, f) for d, _, names in os.walk(item, followlinks=True) for f in names]
+            found = [os.path.join(d, f) for d, names in _walk(item) for f in names]
             files += sorted(f for f in found if f.lower().endswith(IMAGE_EXTENSIONS) and not _hidden(os.path.relpath(f, item)))
         elif os.path.exists(item):
             files.append(item)
@@ -140,6 +149,19 @@ def image_files(paths: list[str]) -> list[str]:
     if not files:
         raise UserError(f"no image files in {', '.join(paths)}")
     return files
+
+
+def _walk(folder: str) -> Iterator[tuple[str, list[str]]]:
+    """(folder, file names) below `folder`, following symbolic links but entering each real folder once: a link to a
+    parent (a loop) or a second link to a folder adds nothing."""
+    seen = set()
+    for path, folders, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(path)
+        if real in seen:
+            folders.clear()
+            continue
+        seen.add(real)
+        yield path, names
 
 
 def _hidden(relative: str) -> bool:

@@ -11,7 +11,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from utp_dist.config import TrainConfig
+from utp_dist.config import ConfigError, TrainConfig
 from utp_dist.data import IGNORE_LABEL
 from utp_dist.registry import LOSSES, bind_options
 
@@ -20,6 +20,14 @@ def build_loss(cfg: TrainConfig) -> Callable[[torch.Tensor, torch.Tensor], torch
     """train.loss with train.loss_options (and train.label_smoothing, when set) bound."""
     options = {**cfg.loss_options, **({"label_smoothing": cfg.label_smoothing} if cfg.label_smoothing else {})}
     return bind_options(LOSSES.get(cfg.loss), options, "train.loss_options", None, None)
+
+
+def checked_loss(value: object, name: str) -> torch.Tensor:
+    """`value` when it is one number (a 0-dim tensor) that backward() can start from; else a ConfigError naming train.loss."""
+    if isinstance(value, torch.Tensor) and value.ndim == 0:
+        return value
+    got = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else f"a value of type {type(value).__name__}"
+    raise ConfigError(f"train.loss: '{name}' returned {got}; a loss returns one number as a 0-dim tensor, e.g. the mean over the batch")
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:

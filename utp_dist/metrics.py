@@ -39,6 +39,10 @@ class EvalMetrics:
         )
         for spec in extra:  # train.metrics
             scalars[_unique(metric_key(spec), scalars)] = metric = METRICS.get(spec)(num_classes)
+            if not isinstance(metric, Metric):
+                raise ConfigError(
+                    f"train.metrics: '{spec}' returned a value of type {type(metric).__name__}; a metric factory returns a torchmetrics Metric"
+                )
             metric.sync_on_compute = False
         self.scalars = MetricCollection(scalars).to(device)
         self.confusion = MulticlassConfusionMatrix(**kw).to(device)

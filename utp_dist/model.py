@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -69,6 +70,66 @@ def input_spec(processor, image_size: int | None) -> InputSpec:
     mean = tuple(mean) if isinstance(mean, (list, tuple)) else (mean,) * 3
     std = tuple(std) if isinstance(std, (list, tuple)) else (std,) * 3
     return InputSpec(size=tuple(final), resize=resize, mean=mean, std=std)
+
+
+EXACT_INPUT = "utp_dist_training_input"
+"""Key of an exported processor that reproduces the training input exactly: its settings alone say how to feed the model."""
+
+
+def exported_processor(processor, spec: InputSpec):
+    """An image processor that turns an image into exactly what training evaluated on: `spec`'s resize (bilinear, as
+    training's transform), centre crop, 1/255 rescale and mean/std, whatever the model's own processor defaults say.
+
+    The model's processor class is kept where its settings can say this (ConvNeXt's crop_pct rule, or a class with the
+    generic resize and crop); any other is replaced by the generic ViT processor, so transformers.pipeline, predict
+    and evaluate see the same pixels."""
+    from transformers import ConvNextImageProcessor
+    from transformers.image_utils import PILImageResampling
+
+    generic, generic_class = _generic_processor()
+    (height, width), pct = spec.size, getattr(processor, "crop_pct", None)
+    settings = {
+        "do_resize": True,
+        "resample": PILImageResampling.BILINEAR,
+        "do_center_crop": True,
+        "crop_size": {"height": height, "width": width},
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(spec.mean),
+        "image_std": list(spec.std),
+        "do_convert_rgb": True,  # training decodes every image as RGB (grayscale and palette images too)
+        "do_pad": False,
+        EXACT_INPUT: asdict(spec),
+    }
+    if isinstance(spec.resize, int):
+        settings["size"] = {"shortest_edge": spec.resize}
+    else:
+        settings["size"] = {"height": spec.resize[0], "width": spec.resize[1]}
+        settings["do_center_crop"] = tuple(spec.resize) != tuple(spec.size)
+    cls = type(processor)
+    if isinstance(processor, ConvNextImageProcessor) and pct and height == width < 384 and spec.resize == int(height / pct):
+        # ConvNeXt's resize: shortest edge to size/crop_pct, then a centre crop to size (below 384 px)
+        settings.update(size={"shortest_edge": height}, crop_pct=pct, do_center_crop=False)
+    elif not (issubclass(cls, generic) and cls.resize is generic.resize and cls._preprocess is generic._preprocess):
+        cls = generic_class
+    base = processor.to_dict() if cls is type(processor) else {}
+    base.pop("image_processor_type", None)
+    return cls.from_dict({**base, **settings})
+
+
+def _generic_processor():
+    """(the base class whose resize and crop follow the settings alone, the generic processor class)."""
+    try:
+        from transformers import ViTImageProcessor
+        from transformers.image_processing_backends import TorchvisionBackend  # transformers 5
+
+        return TorchvisionBackend, ViTImageProcessor
+    except ImportError:  # transformers 4: the fast (torchvision) processors
+        from transformers import ViTImageProcessorFast
+        from transformers.image_processing_utils_fast import BaseImageProcessorFast
+
+        return BaseImageProcessorFast, ViTImageProcessorFast
 
 
 def _load_pretrained(flavour: str, labels: dict, overrides: dict, attention: dict):

@@ -80,7 +80,11 @@ class Registry:
             if ":" not in entry:
                 known = ", ".join(sorted(self.entries)) or "none"
                 raise ConfigError(f"{self.key}: unknown {self.what} '{spec}'; registered: {known} (or an import path module:attr)")
-            return load_object(entry, self.key)
+            entry = load_object(entry, self.key)
+        if not callable(entry):  # every entry is called: a loss, a builder, a factory
+            raise ConfigError(
+                f"{self.key}: '{spec}' is a value of type {type(entry).__name__}, not a function or class; name a callable {self.what}"
+            )
         return entry
 
 

@@ -121,9 +121,15 @@ class Reporter:
     """Turns the meter's windows into logged scalars, the progress bar, the per-epoch line and the summary."""
 
     def __init__(
-        self, accelerator: Accelerator, tracker: Tracker, flops_per_image: float | None, peak_tflops: float | None, optim: OptimConfig
+        self,
+        accelerator: Accelerator,
+        tracker: Tracker,
+        flops_per_image: float | None,
+        peak_tflops: float | None,
+        optim: OptimConfig,
+        loss: str = "cross_entropy",
     ):
-        self.accelerator, self.tracker, self.optim = accelerator, tracker, optim
+        self.accelerator, self.tracker, self.optim, self.loss = accelerator, tracker, optim, loss
         self.flops_per_image, self.peak_tflops = flops_per_image, peak_tflops
         self.meter = Meter(accelerator)
         self.epoch_train_loss: float | None = None
@@ -136,6 +142,11 @@ class Reporter:
             raise self._nonfinite(step)
 
     def _nonfinite(self, step: int) -> NonFiniteLoss:
+        if step == 1:  # computed before any weight update: the loss itself, not the learning rate
+            return NonFiniteLoss(
+                f"the training loss is not finite (NaN or inf) at step 1, before any weight update: train.loss '{self.loss}' "
+                "gives NaN or inf on the first batches; check the loss function and train.loss_options"
+            )
         clip = f"lower optim.max_grad_norm (now {self.optim.max_grad_norm})" if self.optim.max_grad_norm else "set optim.max_grad_norm"
         return NonFiniteLoss(
             f"the training loss is not finite (NaN or inf) at step {step}: lower optim.lr (now {self.optim.lr:g}) or {clip} "

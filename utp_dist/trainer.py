@@ -21,9 +21,9 @@ from utp_dist.datasets import build_splits
 from utp_dist.device_input import DeviceInput, ModelInput
 from utp_dist.errors import UserError, first_line
 from utp_dist.flops import peak_tflops, train_flops_per_image
-from utp_dist.losses import build_loss
+from utp_dist.losses import build_loss, checked_loss
 from utp_dist.metrics import EvalMetrics
-from utp_dist.model import input_spec, is_convolutional
+from utp_dist.model import exported_processor, input_spec, is_convolutional
 from utp_dist.optim import build_optimizer, build_scheduler, optimizer_steps
 from utp_dist.preemption import StopRequest
 from utp_dist.registry import MODELS
@@ -113,6 +113,7 @@ class Trainer:
         self.loss, self.progress = build_loss(cfg.train), Progress()  # progress keys the batch transform (bench steps too)
         self.batch_transform = build_batch_transform(cfg.data, len(self.classes), cfg.train.seed, acc.process_index)
         self.spec = input_spec(self.processor, cfg.data.image_size)
+        self.processor = exported_processor(self.processor, self.spec)  # the export describes this very input
         pin = cfg.data.pin_memory if cfg.data.pin_memory is not None else acc.device.type == "cuda"
         split_loaders = build_loaders(self.splits, self.spec, cfg.data, cfg.train.seed, acc.num_processes, pin)
         self.samplers = {split: s.sampler for split, s in split_loaders.items()}
@@ -157,7 +158,7 @@ class Trainer:
         # only the main process reports MFU: the other ranks skip the count (about 1 s for ViT-B/16)
         flops = train_flops_per_image(self.model, self.spec.size) if main else None
         peak = peak_tflops(cfg.train.peak_tflops, acc.device, acc.mixed_precision)
-        self.reporter = Reporter(acc, NullTracker(), flops, peak, cfg.optim)
+        self.reporter = Reporter(acc, NullTracker(), flops, peak, cfg.optim, cfg.train.loss)
         ck = (self.run, acc, cfg.checkpoint, self.stop, cfg.train.log_every_n_steps, self.callbacks, self.reporter.check_finite)
         self.checkpointer = Checkpointer(*ck)
         shared = {"optimizer": self.optimizer, "scheduler": self.scheduler, "progress": self.progress, "best": self.best}
@@ -261,7 +262,7 @@ class Trainer:
         pixels, labels = self.inputs("train", images, labels)
         pixels, targets = self.batch_transform(pixels, labels, (self.progress.epoch, self.progress.position))  # MixUp, CutMix, ...
         logits = self.model(pixel_values=pixels).logits
-        loss = self.loss(logits.float(), targets)
+        loss = checked_loss(self.loss(logits.float(), targets), self.cfg.train.loss)
         self.accelerator.backward(loss)
         if self.accelerator.sync_gradients and self.cfg.optim.max_grad_norm:
             self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.optim.max_grad_norm)

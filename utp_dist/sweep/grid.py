@@ -66,6 +66,7 @@ def load_grid(path: str | os.PathLike) -> Grid:
         raise ConfigError(f"{path}: unknown top-level key '{unknown[0]}'; valid keys: {', '.join(GRID_KEYS)}")
     base = _fixed(path, _base(path, raw.get("base")), raw.get("set"))
     axes = _axes(path, raw.get("sweep") or {})
+    _check_disjoint(path, raw.get("set") or {}, axes)
     combos = [{k: v for group in combo for k, v in group.items()} for combo in itertools.product(*axes)]
     named = _varying(combos)  # a single-valued axis tells no run apart: it stays out of the names
     tasks = [Task(index, swept, _resolve(path, base, swept, named)) for index, swept in enumerate(combos)]
@@ -163,6 +164,19 @@ def _axes(path: Path, sweep: Any) -> list[list[dict]]:
         _check_values(path, f"sweep.{key}", values)
         axes.append([{key: v} for v in values])
     return axes
+
+
+def _check_disjoint(path: Path, fixed: dict, axes: list[list[dict]]) -> None:
+    """A key set in two places (set: and sweep:, or twice in the sweep) would silently take one value: refuse it."""
+    seen = {str(key): "set" for key in fixed}
+    for axis in axes:
+        for key in axis[0]:
+            clash = next((k for k in seen if k == key or k.startswith(key + ".") or key.startswith(k + ".")), None)
+            if clash is not None:
+                keys = f"'{key}' is" if clash == key else f"'{clash}' and '{key}' are"
+                where = "both in set: and sweep:" if seen[clash] == "set" else "in sweep: twice"
+                raise ConfigError(f"{path}: {keys} {where}; one would silently override the other: keep one")
+            seen[key] = "sweep"
 
 
 def _zip_rows(path: Path, number: int, group: Any) -> list[dict]:

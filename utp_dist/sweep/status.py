@@ -26,17 +26,26 @@ def rows(folder: Path, ledger: dict, within: tuple[Path, ...] = ()) -> list[dict
     out = []
     for task in ledger["tasks"]:
         submitted = max((sub["time"] for sub in ledger["submissions"] if str(task["index"]) in sub["tasks"]), default=0.0)
+        state = job_states.get(task["index"], states.NOT_SUBMITTED)
+        if state == states.LOST and _finished_since(task, submitted, within):
+            state = states.COMPLETED  # its record is gone (deleted, another disk), but the run says it trained to its end
         out.append(
             {
                 "task": task["index"],
                 "run": task["name"],
-                "state": job_states.get(task["index"], states.NOT_SUBMITTED),
+                "state": state,
                 "restarts": restarts.get(task["index"], 0),
                 **_progress(task, submitted, within),
                 "job": jobs.get(task["index"], "-"),
             }
         )
     return out
+
+
+def _finished_since(task: dict, submitted: float, within: tuple[Path, ...] = ()) -> bool:
+    """Whether the task's run (of its exact config) wrote its FINISHED marker after the task's newest submission."""
+    found = find_run(task["output_root"], task["name"], task["config_hash"], within)
+    return found is not None and found.is_finished() and found.finished_marker.stat().st_mtime >= submitted
 
 
 def _progress(task: dict, submitted: float, within: tuple[Path, ...] = ()) -> dict:

@@ -27,7 +27,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         if argv[0] == "resubmit":
             parser.add_argument("--failed", action="store_true", help="the failed, cancelled, timed-out and lost tasks")
             parser.add_argument("--tasks", help="comma-separated task indices, instead of --failed")
-            parser.add_argument("--force", action="store_true", help="with --tasks: also tasks that are still pending or running")
+            parser.add_argument(
+                "--force",
+                action="store_true",
+                help="also tasks whose exact config completed and, with --tasks, those still pending or running",
+            )
             parser.add_argument("--wait", action="store_true", help="wait for the tasks, showing their status")
             parser.add_argument("--poll", type=float, default=10.0, help=argparse.SUPPRESS)
         if argv[0] == "_run-local":
@@ -79,7 +83,7 @@ def submit(args: argparse.Namespace) -> int:
     executor = executors.EXECUTORS[args.executor](resources, args.parallel, args.server)
     todo, skipped = [], []
     for task in grid.tasks:
-        done = None if args.force else _completed(task)
+        done = None if args.force else _completed(task.config.output.root, task.name, task.config.fingerprint(), task.index)
         (skipped if done else todo).append((task, done))
     print(_plan(grid, todo, skipped, resources))
     if args.preflight and not _preflight([task for task, _ in todo]):
@@ -118,14 +122,17 @@ def _preflight(tasks: list) -> bool:
     return ok
 
 
-def _completed(task) -> RunDir | None:
-    """The completed run of this grid point's exact config; a warning names a summary.json that cannot be read."""
-    root, name, config_hash = task.config.output.root, task.name, task.config.fingerprint()
+def _completed(root: str, name: str, config_hash: str, index: int) -> RunDir | None:
+    """The completed run of a grid point's exact config; a warning names a summary.json that cannot be read."""
     done = ledger.completed_run(root, name, config_hash)
     if done is None:
         for summary in ledger.unreadable_summaries(root, name, config_hash):
-            print(f"utp_dist: warning: task {task.index} ({name}) runs again: {summary} cannot be read; fix or delete it", file=sys.stderr)
+            print(f"utp_dist: warning: task {index} ({name}) runs again: {summary} cannot be read; fix or delete it", file=sys.stderr)
     return done
+
+
+def _skipped(index: int, name: str, done: RunDir) -> str:
+    return f"skipped task {index} ({name}): this exact config already completed in {done.logs}"
 
 
 def _plan(grid, todo: list, skipped: list, resources: Resources) -> str:
@@ -140,7 +147,7 @@ def _plan(grid, todo: list, skipped: list, resources: Resources) -> str:
         for t, _ in todo
     ]
     lines = [f"grid {grid.path}: {len(grid.tasks)} run(s), {len(todo)} to submit", markdown(table, ("task", "run", "swept", "resources"))]
-    lines += [f"skipped task {t.index} ({t.name}): this exact config already completed in {done}" for t, done in skipped]
+    lines += [_skipped(t.index, t.name, done) for t, done in skipped]
     return "\n".join(lines)
 
 
@@ -197,6 +204,13 @@ def resubmit(args: argparse.Namespace) -> int:
         indices = [r["task"] for r in rows(folder, record) if r["state"] in states.RESUBMITTABLE]
     else:
         raise UserError("resubmit: say which tasks: --failed, or --tasks 0,3")
+    if not args.force:  # as submit does: a task whose exact config completed is not trained again (as NAME-vN)
+        for index in list(indices):
+            task = record["tasks"][index]
+            done = _completed(task["output_root"], task["name"], task["config_hash"], index)
+            if done is not None:
+                print(_skipped(index, task["name"], done))
+                indices.remove(index)
     if not indices:
         print("nothing to resubmit: no task failed, was cancelled, timed out or got lost")
         return 0
