@@ -25,4 +25,4 @@ python -m pip install -q -e ".[test]"
 # lint and format are part of the suite: a finding fails the run (and CI) before any test starts
 python -m ruff check --quiet .
 python -m ruff format --check --quiet .
-python -m pytest -q "$@"
+python -m pytest -q --durations=15 "$@"
