@@ -3,14 +3,17 @@ files, junk ids, numbers, strings and bodies, and a fuzz pass over every route o
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import re
 import sqlite3
+import threading
 import time
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import REPO
 from dashboard_support import Postgres, Server, private_root, serving, trained_root
 
@@ -337,6 +340,54 @@ def test_a_sweep_board_reads_no_run_outside_the_roots(tmp_path_factory):
         ledger_file.write_text(json.dumps(ledger))
         board = api.get(f"/api/v1/sweeps/{sweep}").json()
         assert [row["step"] for row in board["rows"]] == [None] * 4 and [row["best"] for row in board["rows"]] == [None] * 4
+
+
+def test_a_planted_sweep_folder_neither_sends_the_token_away_nor_runs_code(tmp_path_factory):
+    """Anyone who may write into an output root can plant a sweep folder: its ledger names the server the board asks
+    (with the dashboard's token) and its task configs are what "Resubmit failed" trains. Neither is taken on trust."""
+    root = private_root(tmp_path_factory, "sweep-planted")
+    ledger_file = root / "sweeps" / "seeds" / "sweep.json"
+    heard: list[dict] = []
+
+    class Listener(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (the standard library's name)
+            heard.append(dict(self.headers))
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"[]")
+
+        def log_message(self, *args):
+            pass
+
+    listener = http.server.HTTPServer(("127.0.0.1", 0), Listener)
+    threading.Thread(target=listener.serve_forever, daemon=True).start()
+    original = ledger_file.read_text()
+    with serving(root, tmp_path_factory, "sweep-planted") as server, server.client() as api:
+        sweep = api.get("/api/v1/sweeps").json()[0]["id"]
+        ledger = json.loads(original)
+        ledger["executor"] = "dashboard"
+        for task in ledger["tasks"]:
+            task["jobs"] = [f"http://127.0.0.1:{listener.server_port}/web/runs/{task['index'] + 1}"]
+        ledger_file.write_text(json.dumps(ledger))
+        board = api.get(f"/api/v1/sweeps/{sweep}").json()
+        assert "not on this dashboard; it is not contacted from here" in board["error"] and board["rows"] == []
+        resubmit = api.post(f"/api/v1/sweeps/{sweep}/resubmit-failed").json()
+        assert resubmit["exit_code"] == 2 and "not contacted from here" in resubmit["message"]
+        assert heard == []  # no request, so no token, left for the planted server
+
+        ledger = json.loads(original)  # its own executor again, and a task config that names a shell command as its loss
+        marker = root / "PLANTED"
+        planted = yaml.safe_load(Path(ledger["tasks"][0]["config"]).read_text())
+        planted["train"].update(loss="os:system", loss_options={"command": f"touch {marker}"})
+        (root / "planted.yaml").write_text(yaml.safe_dump(planted))
+        ledger["tasks"][0]["config"] = str(root / "planted.yaml")
+        ledger_file.write_text(json.dumps(ledger))
+        resubmit = api.post(f"/api/v1/sweeps/{sweep}/resubmit-failed").json()
+        assert resubmit["exit_code"] == 2
+        assert "task 0: train.loss: 'os:system' is not a registered loss" in resubmit["message"], resubmit
+        time.sleep(1)
+        assert not marker.exists()
+    listener.shutdown()
 
 
 # --- the fuzz pass: last, as it deletes what the tests above made

@@ -294,7 +294,7 @@ def sweeps_page(request: Request, session: SessionDep):
 def sweep_page(request: Request, sweep_id: int, session: SessionDep, settings: SettingsDep, message: str | None = None):
     """One sweep's board: tasks, resubmit-failed, leaderboard, seeds."""
     sweep = services.get_sweep(session, sweep_id)
-    board = services.sweep_board(sweep, settings.roots)
+    board = services.sweep_board(sweep, settings.roots, security.own_server(settings))
     failed = [r for r in board["rows"] if r["state"] in sources.RESUBMITTABLE]
     runs = services.runs_by_logs(session, [row.get("logs") for row in board["rows"]])
     return render(request, "sweep.html", sweep=sweep, **board, failed=failed, message=message, runs=runs)
@@ -306,8 +306,8 @@ def resubmit_failed(request: Request, sweep_id: int, session: SessionDep, settin
     if form is None:
         return csrf_refused(request)
     sweep = services.get_sweep(session, sweep_id)
-    code, message = sources.resubmit_failed(Path(sweep.folder))
-    board = services.sweep_board(sweep, settings.roots)
+    code, message = sources.resubmit_failed(Path(sweep.folder), security.own_server(settings), settings.allow_import)
+    board = services.sweep_board(sweep, settings.roots, security.own_server(settings))
     failed = [r for r in board["rows"] if r["state"] in sources.RESUBMITTABLE]
     note = f"resubmit --failed: {message}" + ("" if code == 0 else f" (exit {code})")
     runs = services.runs_by_logs(session, [row.get("logs") for row in board["rows"]])

@@ -9,6 +9,7 @@ import secrets
 import socket
 import threading
 import time
+from collections.abc import Callable
 from urllib.parse import quote, urlsplit
 
 from starlette.middleware.base import BaseHTTPMiddleware
@@ -47,6 +48,21 @@ def allowed_hosts(settings: Settings) -> frozenset[str]:
         except OSError:
             pass
     return frozenset(name.lower().strip("[]") for name in names if name)
+
+
+def own_server(settings: Settings) -> Callable[[str], bool]:
+    """Whether a URL names this dashboard (a host it answers to, its port): the only server it contacts for a sweep file."""
+    hosts = allowed_hosts(settings)
+
+    def own(url: str) -> bool:
+        try:
+            parts = urlsplit(url)
+            port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+        except ValueError:  # a port that is no number
+            return False
+        return parts.scheme in ("http", "https") and (parts.hostname or "") in hosts and port == settings.port
+
+    return own
 
 
 def host_name(host_header: str) -> str:

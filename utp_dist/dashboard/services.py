@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from sqlalchemy import func, select, update
@@ -298,12 +299,16 @@ def runs_by_logs(session: Session, logs: list[str | None]) -> dict[str, int]:
     return out
 
 
-def sweep_board(sweep: Sweep, roots: tuple[Path, ...]) -> dict:
-    """The board of a sweep: task rows as `submit status` has them, the leaderboard, and mean ± std over seeds."""
+def sweep_board(sweep: Sweep, roots: tuple[Path, ...], own: Callable[[str], bool]) -> dict:
+    """The board of a sweep: task rows as `submit status` has them, the leaderboard, and mean ± std over seeds.
+
+    `own`: whether a server URL is this dashboard's; a ledger whose runs are queued elsewhere is not read further.
+    """
     folder = Path(sweep.folder)
     board = {"rows": [], "leaderboard_columns": [], "leaderboard": [], "seed_groups": [], "error": None}
     try:
         ledger = sources.read_ledger(folder)
+        sources.check_servers(folder, ledger, own)
         board["rows"] = [{**row, "kind": sources.kind(row["state"])} for row in sources.task_rows(folder, ledger, roots)]
         board["leaderboard_columns"], board["leaderboard"] = sources.leaderboard(folder, ledger, roots)
         board["seed_groups"] = sources.seed_groups(ledger, board["leaderboard"])

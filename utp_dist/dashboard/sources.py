@@ -11,9 +11,12 @@ import os
 import statistics
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
+from utp_dist.config import ConfigError, load_config
 from utp_dist.errors import UserError, first_line
+from utp_dist.registry import check_references
 from utp_dist.runs import RunDir, is_version_of
 from utp_dist.sweep import executors as _executors
 from utp_dist.sweep import ledger as _ledger
@@ -32,6 +35,36 @@ RESUBMITTABLE = _states.RESUBMITTABLE
 def read_ledger(folder: Path) -> dict:
     """The sweep's ledger (UserError with one line when it is missing or broken)."""
     return _ledger.read(folder)
+
+
+def check_servers(folder: Path, ledger: dict, own: Callable[[str], bool]) -> None:
+    """Refuse a ledger whose runs are queued on another dashboard: the dashboard would send its own token there.
+
+    A ledger is a file in an output root, which other users may write: the servers its job handles name are data, so
+    this process contacts only itself (`own`: whether a URL is this dashboard), never a URL a file chose.
+    """
+    if ledger.get("executor") != "dashboard":
+        return
+    for task in ledger.get("tasks", []):
+        for handle in task.get("jobs", []):
+            server = str(handle).rpartition(_executors.RUN_PAGE)[0]
+            if not own(server):
+                raise UserError(
+                    f"{folder.name}: its runs were queued on {server or 'an unnamed server'}, not on this dashboard; it is not "
+                    "contacted from here (it would be sent this dashboard's token): see them there, or run "
+                    f"python -m utp_dist.submit status {folder}"
+                )
+
+
+def check_sweep(folder: Path, own: Callable[[str], bool], allow_import: tuple[str, ...]) -> None:
+    """What the dashboard checks before it launches a sweep's tasks again: its servers, and the code its configs name."""
+    ledger = read_ledger(folder)
+    check_servers(folder, ledger, own)
+    for task in ledger["tasks"]:
+        try:
+            check_references(load_config(task["config"]), allow_import)
+        except (ConfigError, OSError, KeyError, TypeError) as err:
+            raise UserError(f"{folder.name}: task {task.get('index', '?')}: {first_line(err)}") from None
 
 
 def task_rows(folder: Path, ledger: dict, roots: tuple[Path, ...]) -> list[dict]:
@@ -81,8 +114,16 @@ def kind(state: str) -> str:
     return "waiting"
 
 
-def resubmit_failed(folder: Path, timeout_s: float = 120.0) -> tuple[int, str]:
-    """Run `python -m utp_dist.submit resubmit FOLDER --failed` (an argument list, never a shell string): (exit code, its last line)."""
+def resubmit_failed(folder: Path, own: Callable[[str], bool], allow_import: tuple[str, ...], timeout_s: float = 120.0) -> tuple[int, str]:
+    """Run `python -m utp_dist.submit resubmit FOLDER --failed` (an argument list, never a shell string): (exit code, its last line).
+
+    The sweep folder lies in an output root that others may write, so it is checked as a stored config is first: its
+    runs must be queued here (`own`), and every task config may name only registered code (the dashboard's --allow-import).
+    """
+    try:
+        check_sweep(folder, own, allow_import)
+    except UserError as err:
+        return 2, str(err)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")])}
     try:
         done = subprocess.run(
