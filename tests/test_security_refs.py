@@ -262,7 +262,7 @@ def test_an_agent_token_runs_a_job_end_to_end_and_can_do_nothing_else(server, cl
         assert {r.json()["detail"] for r in refused} == {
             "an agent token may only register, heartbeat, claim and report jobs; this needs the dashboard's own token"
         }
-        agent_id = stolen.post("/api/v1/agents/register", json={"name": "tokened", "host": "h", "gpus": []}).json()["agent_id"]
+        agent_id = stolen.post("/api/v1/agents/register", json={"name": "tokened-again", "host": "h", "gpus": []}).json()["agent_id"]
         assert stolen.post(f"/api/v1/agents/{agent_id}/heartbeat", json={"jobs": []}).status_code == 200
         assert client.delete(f"/api/v1/agent-tokens/{token_id}").status_code == 204
         revoked = stolen.post("/api/v1/jobs/claim", json={"agent_id": agent_id, "free_gpus": 0, "cpu": True, "refused": []})

@@ -168,9 +168,23 @@ def test_sbatch_refusing_the_job_is_one_line_with_slurms_message(slurm, data, tm
     assert not (tmp_path / "out" / "sweeps" / "refused").exists()
 
 
-def test_two_fake_gpus_train_as_world_size_two(slurm, data, tmp_path):
+def test_fake_gpus_fail_with_the_reason_and_two_tasks_per_node_train_as_world_size_two(slurm, data, tmp_path):
+    # the cluster's two GPUs are fake (gres on a CPU machine): a GPU task must refuse to train on the CPU
+    gpu_grid = grid_file(
+        tmp_path,
+        tiny_config(data, tmp_path / "gpu-out", train={"epochs": 1}),
+        {"train.seed": [7]},
+        {"gpus_per_node": 2, "time_min": 20},
+        "gpu",
+    )
+    result = submit(slurm, str(gpu_grid), "--wait", "--poll", "2")
+    assert result.returncode != 0 and "| FAILED |" in result.stdout, result.stdout + result.stderr
+    rank_logs = [p.read_text() for p in (tmp_path / "gpu-out" / "sweeps" / "gpu" / "slurm").glob("*_log.err")]
+    reason = "utp_dist: error: this job was given 1 GPU(s) but this process sees 0 CUDA device(s)"
+    assert len(rank_logs) == 2 and all(reason in log for log in rank_logs)
+    # the same world of two, as CPU processes
     base = tiny_config(data, tmp_path / "out", train={"epochs": 1})
-    grid = grid_file(tmp_path, base, {"train.seed": [7]}, {"gpus_per_node": 2, "time_min": 20}, "ddp")
+    grid = grid_file(tmp_path, base, {"train.seed": [7]}, {"tasks_per_node": 2, "time_min": 20}, "ddp")
     result = submit(slurm, str(grid), "--wait", "--poll", "2")
     assert result.returncode == 0, result.stdout + result.stderr
     _, record = ledger(tmp_path / "out", "ddp")
