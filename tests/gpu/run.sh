@@ -2,13 +2,31 @@
 # GPU checks, one prepared script for a CUDA machine (run from the repo root): bash tests/gpu/run.sh
 # 1. the quickstart on CUDA (bf16 by default, with MFU and data wait in its summary), 2. python -m utp_dist.bench on
 # ViT-B/16 and ResNet-50 at 224 px from generated JPEGs (plain, Kornia GPU augmentation, torch.compile),
-# 3. the end-to-end and resume tests on CUDA. Logs go to $OUT (default /tmp/gpu-out).
+# 3. the end-to-end and resume tests on CUDA, 4. the agent's NVML inventory and the CUDA-device check. Logs go to $OUT (default /tmp/gpu-out).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export PYTHONPATH=$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 UTP_DIST_CACHE=/tmp/utp-cache
 OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
 nvidia-smi -L; python -c "import torch, transformers, accelerate, torchmetrics; print('torch', torch.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__, 'torchmetrics', torchmetrics.__version__)"
 python tests/gpu/make_jpegs.py /tmp/gpu-jpegs
+# the agent's GPU inventory from the real driver (NVML; the CPU suite uses a fake pynvml) and the CUDA-device check
+python - > "$OUT/nvml.log" 2>&1 <<'PY'
+import os
+from utp_dist.agent.gpus import inventory
+from utp_dist.errors import UserError
+gpus = inventory("auto")
+print("NVML inventory:", gpus)
+try:
+    inventory(str(len(gpus)))
+    print("FAIL: --gpus beyond the driver's GPUs was accepted")
+except UserError as err:
+    print("--gpus beyond the driver's GPUs refused:", err)
+os.environ["UTP_EXPECT_CUDA_DEVICES"] = str(len(gpus))
+from utp_dist.train import check_expected_devices
+check_expected_devices()
+print(f"UTP_EXPECT_CUDA_DEVICES={len(gpus)}: the training entry sees them all")
+PY
+echo "nvml exit $?"; cat "$OUT/nvml.log"
 timeout 120 python -m utp_dist.train configs/quickstart.yaml output.root="$OUT/quickstart" checkpoint.resume=never 2> "$OUT/quickstart.log"
 echo "quickstart exit $?"
 # python -m utp_dist.bench: model step, data path, end to end and the plain loop, at 224 px from the JPEGs
