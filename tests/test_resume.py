@@ -38,7 +38,7 @@ def data(tmp_path_factory) -> Path:
 def _config(root: Path, out: Path, **sections) -> Path:
     base = {
         "data": {"augment": "standard", "num_workers": 2, "image_size": None},
-        "train": {"epochs": 2, "log_every_n_steps": 1, "callbacks": ["tests.hooks:SlowSave"]},
+        "train": {"epochs": 2, "log_every_n_steps": 1, "callbacks": ["tests.hooks:SlowSave", "tests.hooks:SlowSteps"]},
         "checkpoint": {"every_n_steps": 4, "every_n_minutes": None, "keep_last": 2},
     }
     for section, values in sections.items():
@@ -238,7 +238,8 @@ def test_two_processes_with_gpu_augment_stop_on_one_ranks_signal_and_resume_bit_
 
 def _start_group(cmd: list[str]) -> subprocess.Popen:
     """A training command in a session of its own, as a job step or a terminal's foreground job is."""
-    env = {**ENV, "UTP_TEST_SLOW_SAVE": "0.3"}
+    # slow steps: a stop signal that comes just after a state still finds steps left to stop at, on a loaded machine
+    env = {**ENV, "UTP_TEST_SLOW_SAVE": "0.3", "UTP_TEST_STEP_SLEEP": "0.25"}
     return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 

@@ -381,8 +381,9 @@ def _outlive_stop_signals() -> None:
         while True:
             info = signal.sigwaitinfo(signals)
             if info.si_pid == parent:
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, {info.si_signo})
-                os.kill(os.getpid(), info.si_signo)  # delivered to this thread: ends the worker as the parent expects
+                # the parent ends its workers (terminate() at its exit or shutdown): end quietly, with code 0, so torch's
+                # SIGCHLD check in the parent never reports this as a worker "killed by signal" over the real error
+                os._exit(0)
 
     threading.Thread(target=wait, name="stop-signals", daemon=True).start()
 

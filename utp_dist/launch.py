@@ -42,8 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(args)
     except ChildFailedError as err:
-        codes = {failure.exitcode for failure in err.failures.values()}
-        return codes.pop() if len(codes) == 1 and min(codes) > 0 else EXIT_FAILED
+        # a rank that ended by a signal (negative: torchrun's teardown once the first rank left, or a copy of the
+        # group's signal arriving after its handler was gone) does not outvote the code the other ranks chose
+        chosen = {failure.exitcode for failure in err.failures.values() if failure.exitcode > 0}
+        return chosen.pop() if len(chosen) == 1 else EXIT_FAILED
     except SignalException as err:  # Ctrl-C (SIGINT), SIGHUP, SIGQUIT: the ranks were shut down with it
         return 128 + int(err.sigval)
     return 0
