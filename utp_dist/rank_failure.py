@@ -38,7 +38,8 @@ class _Watch:
         self.store = dist.distributed_c10d._get_default_store()
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.failing = self.done = False
-        threading.Thread(target=self._run, name="rank-failure", daemon=True).start()
+        self.thread = threading.Thread(target=self._run, name="rank-failure", daemon=True)
+        self.thread.start()
 
     def _run(self) -> None:
         try:
@@ -103,4 +104,7 @@ def unwatch() -> None:
     global _watch
     if _watch is not None:
         _watch.done = True
+        # let the thread leave its store call now: one still inside it while the process (and the store) is torn down
+        # at exit can abort the process ("terminate called without an active exception"), turning a 75 into a crash
+        _watch.thread.join(timeout=POLL_S * 2 + 1.0)
         _watch = None
