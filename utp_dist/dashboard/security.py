@@ -3,6 +3,7 @@ cookie), a slow-down of wrong tokens, cross-site write refusal, CSRF tokens on f
 
 from __future__ import annotations
 
+import functools
 import hmac
 import math
 import secrets
@@ -37,6 +38,7 @@ HEADERS = {
 # --- the Host header (DNS rebinding: a foreign page whose name now resolves to 127.0.0.1 sends its own name)
 
 
+@functools.cache  # per settings (frozen): a wildcard bind resolves this machine's names once, not per request
 def allowed_hosts(settings: Settings) -> frozenset[str]:
     """Host names the dashboard answers to: loopback, the bound address, --allowed-host, and this machine's names on a wildcard bind."""
     names = {*LOOPBACK_NAMES, settings.host, *settings.allowed_hosts}
