@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from utp_dist.config import Config  # noqa: E402
-from utp_dist.runs import FINISHED, RunDir, find_runs  # noqa: E402
+from utp_dist.store.run_dir import FINISHED, RunDir, find_runs  # noqa: E402
 
 
 def generate(root: Path, count: int) -> None:

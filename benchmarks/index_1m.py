@@ -64,9 +64,9 @@ def main() -> int:
     os.environ["UTP_DIST_CACHE"] = str(work / "cache")  # set before utp_dist reads it
     from torchvision.datasets import ImageFolder
 
-    from utp_dist import image_index
     from utp_dist.config import DataConfig
-    from utp_dist.data import index_splits
+    from utp_dist.data import folder_index
+    from utp_dist.data.loaders import index_splits
 
     root = work / "data"
     try:
@@ -78,7 +78,7 @@ def main() -> int:
         ImageFolder(str(root / "train"))  # warms the page cache and the dentry cache for every contender
 
         def uncached():
-            shutil.rmtree(image_index.cache_dir(), ignore_errors=True)
+            shutil.rmtree(folder_index.cache_dir(), ignore_errors=True)
             return index_splits(cfg, 0)
 
         rows = []

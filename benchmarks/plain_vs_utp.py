@@ -38,11 +38,11 @@ from accelerate.state import AcceleratorState, GradientState  # noqa: E402
 from torchvision import datasets  # noqa: E402
 
 from utp_dist.bench import plain_loader  # noqa: E402
-from utp_dist.checkpoint import BestModel, Checkpointer  # noqa: E402
 from utp_dist.config import load_config  # noqa: E402
-from utp_dist.data import resolve_root  # noqa: E402
+from utp_dist.data.loaders import resolve_root  # noqa: E402
 from utp_dist.model import build_model, input_spec  # noqa: E402
 from utp_dist.optim import build_optimizer, build_scheduler, optimizer_steps  # noqa: E402
+from utp_dist.store.checkpoint import BestModel, Checkpointer  # noqa: E402
 from utp_dist.tracking import TensorBoardTracker  # noqa: E402
 from utp_dist.trainer import Trainer  # noqa: E402
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Rebuild utp_dist/assets/fashion_mnist_mini.npz from Debian's dataset-fashion-mnist files.
+"""Rebuild utp_dist/data/assets/fashion_mnist_mini.npz from Debian's dataset-fashion-mnist files.
 
 Usage: python scripts/build_fashion_mnist_mini.py [SRC_DIR] [--out PATH]
 """
@@ -13,7 +13,7 @@ import pathlib
 import numpy as np
 
 DEFAULT_SRC = "/usr/share/datasets/fashion-mnist"
-DEFAULT_OUT = pathlib.Path(__file__).resolve().parent.parent / "utp_dist" / "assets" / "fashion_mnist_mini.npz"
+DEFAULT_OUT = pathlib.Path(__file__).resolve().parent.parent / "utp_dist" / "data" / "assets" / "fashion_mnist_mini.npz"
 CLASSES = ("T-shirt_top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle_boot")
 SEED = 20240601
 N_TRAIN, N_VAL, N_TEST = 250, 60, 40  # per class
@@ -71,7 +71,7 @@ def build(src: pathlib.Path, out: pathlib.Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("src", nargs="?", default=DEFAULT_SRC, help=f"directory with the IDX .gz files (default {DEFAULT_SRC})")
-    ap.add_argument("--out", default=str(DEFAULT_OUT), help="output .npz (default utp_dist/assets/fashion_mnist_mini.npz)")
+    ap.add_argument("--out", default=str(DEFAULT_OUT), help="output .npz (default utp_dist/data/assets/fashion_mnist_mini.npz)")
     args = ap.parse_args()
     build(pathlib.Path(args.src), pathlib.Path(args.out))
 

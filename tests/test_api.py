@@ -20,15 +20,15 @@ from safetensors.torch import load_file
 from test_resume import ENV, _assert_same_run, _config, _scalars, _start, _states, _workers
 
 from utp_dist import Config, ConfigError, register_callback, register_loss, train
-from utp_dist.batch_transforms import build_batch_transform
 from utp_dist.callbacks import Callbacks
 from utp_dist.config import DataConfig, TrainConfig, load_config
-from utp_dist.data import IGNORE_LABEL, DataError, Splits
-from utp_dist.datasets import build_splits
+from utp_dist.data.batch_transforms import build_batch_transform
+from utp_dist.data.loaders import IGNORE_LABEL, DataError, Splits
+from utp_dist.data.user_datasets import build_splits
 from utp_dist.losses import build_loss, cross_entropy, focal, soft_cross_entropy
 from utp_dist.preemption import EXIT_RESUMABLE
 from utp_dist.registry import DATASETS, LOSSES
-from utp_dist.resume import ResumeError, check, identity
+from utp_dist.store.resume import ResumeError, check, identity
 from utp_dist.train import main
 
 API_SCRIPT = """
@@ -214,7 +214,7 @@ def test_a_users_splits_are_checked_and_capped_like_the_image_folder_index(tmp_p
     per_class = {split: [sum(y == c for _, y in capped.samples[split]) for c in (0, 1)] for split in ("train", "val")}
     assert per_class == {"train": [3, 3], "val": [5, 1]} and capped.samples == build_splits(cfg, seed=1).samples
     for splits, expect in [
-        (files, "returned dict; return utp_dist.data.Splits(root, classes, samples)"),
+        (files, "returned dict; return utp_dist.data.loaders.Splits(root, classes, samples)"),
         (Splits(tmp_path, ["a", "b"], {"train": files["train"]}), "returned no val images; train and val are required"),
         (Splits(tmp_path, ["a", "b"], {**files, "extra": files["val"]}), "returned a split 'extra'; splits are train, val, test"),
         (Splits(tmp_path, ["a"], files), "train has label 1; labels index the 1 classes (0 to 0)"),
@@ -297,7 +297,7 @@ from pathlib import Path
 import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
-from utp_dist.data import Splits
+from utp_dist.data.loaders import Splits
 from utp_dist.model import build_model
 
 

@@ -3,7 +3,7 @@ import multiprocessing
 import pytest
 import torchvision.io
 
-from utp_dist.builtin_data import BUILTIN_DATASETS, default_cache_dir, materialize
+from utp_dist.data.builtin import BUILTIN_DATASETS, default_cache_dir, materialize
 
 NAME = "fashion-mnist-mini"
 PER_CLASS = {"train": 250, "val": 60, "test": 40}

@@ -14,8 +14,9 @@ import yaml
 from conftest import REPO, tiny_config
 from dashboard_support import private_root, serving, wait_until
 
-from utp_dist.dashboard import rundata, sources
-from utp_dist.runs import RunDir
+from utp_dist.dashboard import sources
+from utp_dist.store import runfiles
+from utp_dist.store.run_dir import RunDir
 
 
 @pytest.fixture(scope="module")
@@ -180,14 +181,14 @@ def test_progress_of_a_training_run_folder_is_step_level(tmp_path):
     """progress.json (each log point) is ahead of metrics.jsonl (each evaluation); summary.json has the last word."""
     folder = RunDir.create(tmp_path, "shapes", "run")
     folder.metrics_file.write_text(json.dumps({"split": "val", "epoch": 0, "step": 9, "val_acc@1": 0.5}) + "\n")
-    assert rundata.progress(folder)["step"] == 9  # no log point yet: the last evaluation
+    assert runfiles.progress(folder)["step"] == 9  # no log point yet: the last evaluation
     folder.progress_file.write_text(json.dumps({"epoch": 1, "step": 13, "total_steps": 27, "img_per_s": 40.0}))
-    shown = rundata.progress(folder, {"train": {"epochs": 3}})
+    shown = runfiles.progress(folder, {"train": {"epochs": 3}})
     assert (shown["epoch"], shown["epochs"], shown["step"], shown["total_steps"], shown["img_per_s"]) == (1, 3, 13, 27, 40.0)
     folder.progress_file.write_text(json.dumps({"epoch": 0, "step": 4, "total_steps": 27}))  # left by a segment before the state resumed
-    assert rundata.progress(folder)["step"] == 9
+    assert runfiles.progress(folder)["step"] == 9
     folder.summary_file.write_text(json.dumps({"steps": 27, "last_epoch": 2, "best": {"value": 0.7}}))
-    assert (rundata.progress(folder)["step"], rundata.progress(folder)["epoch"]) == (27, 2)
+    assert (runfiles.progress(folder)["step"], runfiles.progress(folder)["epoch"]) == (27, 2)
 
 
 def test_a_root_that_is_away_forgets_nothing(web, root):

@@ -1,4 +1,4 @@
-"""utp_dist.data on real image files: decoding, indexing with caps, reproducible transforms, samplers and loaders."""
+"""utp_dist.data.loaders on real image files: decoding, indexing with caps, reproducible transforms, samplers and loaders."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from conftest import make_image_folder
 from PIL import Image
 
 from utp_dist.config import DataConfig
-from utp_dist.data import (
+from utp_dist.data.loaders import (
     IGNORE_LABEL,
     DataError,
     EpochSampler,

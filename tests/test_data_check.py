@@ -7,7 +7,7 @@ import shutil
 import yaml
 from conftest import make_image_folder, run_cli, tiny_config
 
-from utp_dist.data_check import check, inspect_file
+from utp_dist.data.check import check, inspect_file
 
 
 def test_a_clean_root_passes_with_a_count_per_split_and_class(tmp_path):

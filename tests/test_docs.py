@@ -81,7 +81,7 @@ def readme_commands() -> list[str]:
 
 
 def test_readme_commands_run(tmp_path):
-    from utp_dist.data import resolve_root
+    from utp_dist.data.loaders import resolve_root
 
     commands = readme_commands()
     assert [c.split()[2] if c.split()[1] == "-m" else c.split()[1] for c in commands] == [

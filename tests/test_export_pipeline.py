@@ -149,8 +149,8 @@ def test_the_exported_processor_computes_the_pixels_of_training_eval_transform(n
     import torch
     import transformers
 
-    from utp_dist.data import build_transforms
-    from utp_dist.device_input import ModelInput
+    from utp_dist.data.device_input import ModelInput
+    from utp_dist.data.loaders import build_transforms
     from utp_dist.model import exported_processor, input_spec
 
     original = getattr(transformers, name)(**settings)

@@ -11,8 +11,8 @@ import torch
 from conftest import make_image_folder
 
 from utp_dist.config import DataConfig
-from utp_dist.data import IGNORE_LABEL, DataError, ImageFolderSplit, InputSpec, build_loader, build_transforms, index_splits
-from utp_dist.device_input import DeviceDecoder
+from utp_dist.data.device_input import DeviceDecoder
+from utp_dist.data.loaders import IGNORE_LABEL, DataError, ImageFolderSplit, InputSpec, build_loader, build_transforms, index_splits
 
 SPEC = InputSpec(size=(16, 16), resize=(18, 18), mean=(0.5,) * 3, std=(0.5,) * 3)
 

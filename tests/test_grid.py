@@ -14,7 +14,7 @@ import yaml
 from conftest import REPO, make_image_folder, run_cli, tiny_config
 
 from utp_dist.config import ConfigError
-from utp_dist.runs import RunDir
+from utp_dist.store.run_dir import RunDir
 from utp_dist.sweep.grid import load_grid
 from utp_dist.sweep.resources import load_resources
 

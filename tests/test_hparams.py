@@ -9,7 +9,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import api_pb2, metadata
 
 from utp_dist.config import DEFAULT_HPARAMS, ConfigError, from_dict
-from utp_dist.runs import RunDir
+from utp_dist.store.run_dir import RunDir
 from utp_dist.tracking import TensorBoardTracker
 
 

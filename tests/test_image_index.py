@@ -11,16 +11,16 @@ import pytest
 import torch.multiprocessing as mp
 from conftest import make_image_folder, write_image
 
-from utp_dist import image_index
 from utp_dist.config import DataConfig
-from utp_dist.data import DataError, index_splits
+from utp_dist.data import folder_index
+from utp_dist.data.loaders import DataError, index_splits
 
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch) -> Path:
     """A private cache folder that caches any tree, however small."""
     monkeypatch.setenv("UTP_DIST_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(image_index, "CACHE_MIN_FILES", 1)
+    monkeypatch.setattr(folder_index, "CACHE_MIN_FILES", 1)
     return tmp_path / "cache" / "index"
 
 
@@ -64,7 +64,7 @@ def test_the_cache_is_used_and_notices_added_removed_and_renamed_files_and_class
     assert len(list(cache.glob("*.json"))) == 2  # train and val
     # a second job reads the cache: no folder is scanned
     with monkeypatch.context() as patch:
-        patch.setattr(image_index, "_walk", lambda *a: pytest.fail("listed again although nothing changed"))
+        patch.setattr(folder_index, "_walk", lambda *a: pytest.fail("listed again although nothing changed"))
         assert _files(root) == first
 
     write_image(root / "train" / "cat" / "sub" / "new.png", rng, 0)  # a new file in a nested folder
@@ -100,8 +100,8 @@ def _rank(rank: int, root: str, store: str, out: str) -> None:
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     calls = []
-    original = image_index.list_split
-    image_index.list_split = lambda folder, cache=True: calls.append(folder) or original(folder, cache)
+    original = folder_index.list_split
+    folder_index.list_split = lambda folder, cache=True: calls.append(folder) or original(folder, cache)
     splits = index_splits(DataConfig(root=root), 0)
     Path(out, f"rank{rank}.json").write_text(json.dumps({"samples": splits.samples, "listed": len(calls)}))
     dist.destroy_process_group()

@@ -20,7 +20,7 @@ from conftest import run_cli as _run_cli
 from safetensors.torch import load_file
 
 from utp_dist.preemption import EXIT_RESUMABLE
-from utp_dist.runs import RunDir, find_runs
+from utp_dist.store.run_dir import RunDir, find_runs
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
@@ -255,7 +255,7 @@ def test_a_full_disk_is_one_line_and_the_run_resumes_once_there_is_room(data, sm
     run = _only_run(small_disk / "out")
     kept = run.states()
     assert kept  # the states written before are intact
-    from utp_dist.checkpoint import damage
+    from utp_dist.store.checkpoint import damage
 
     assert all(damage(state) is None for state in kept)
     filler.unlink()

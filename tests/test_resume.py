@@ -299,7 +299,7 @@ def test_a_killed_dataloader_worker_is_one_line_not_a_write_error(data, tmp_path
 
 
 def test_resumed_tracker_drops_later_cut_and_malformed_metrics_lines(tmp_path):
-    from utp_dist.runs import RunDir
+    from utp_dist.store.run_dir import RunDir
     from utp_dist.tracking import TensorBoardTracker
 
     run = RunDir(tmp_path, "data", "run")

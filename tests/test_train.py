@@ -16,7 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForImageClassification
 
 from utp_dist.config import from_dict
-from utp_dist.runs import RunDir, sanitize
+from utp_dist.store.run_dir import RunDir, sanitize
 from utp_dist.train import main
 
 
@@ -294,8 +294,8 @@ def test_epochs_have_their_own_order_and_skip_resumes_mid_epoch(image_root, tmp_
 
 
 def test_compile_failure_warns_once_and_trains_eager(caplog):
-    from utp_dist.data import InputSpec
-    from utp_dist.device_input import ModelInput
+    from utp_dist.data.device_input import ModelInput
+    from utp_dist.data.loaders import InputSpec
     from utp_dist.trainer import compiled
 
     class NoCompiler(torch.nn.Module):

@@ -93,7 +93,7 @@ def plain_loader(data, spec, split: str, device, generator=None):
     from torchvision import datasets
     from torchvision import transforms as T
 
-    from utp_dist.data import resolve_root
+    from utp_dist.data.loaders import resolve_root
 
     train = split == "train"
     norm = [T.ToTensor(), T.Normalize(spec.mean, spec.std)]

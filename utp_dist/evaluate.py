@@ -7,8 +7,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from utp_dist import atomic
 from utp_dist.errors import UserError, run_command
+from utp_dist.store import atomic
 
 REPORT = "report.json"
 
@@ -27,8 +27,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def split_folder(data: str) -> Path:
     """DATA itself when it holds class folders, DATA/test when DATA is a root with a test split (builtin:NAME too)."""
-    from utp_dist.builtin_data import BUILTIN_PREFIX
-    from utp_dist.data import resolve_root
+    from utp_dist.data.builtin import BUILTIN_PREFIX
+    from utp_dist.data.loaders import resolve_root
 
     path = resolve_root(data) if data.startswith(BUILTIN_PREFIX) else Path(data).expanduser()
     if not path.is_dir():
@@ -38,7 +38,7 @@ def split_folder(data: str) -> Path:
 
 def samples_of(folder: Path, classes: list[str]) -> list[tuple[str, int]]:
     """(path, label) of every image of the split, labelled by the model's class names; a class the model lacks is an error."""
-    from utp_dist.image_index import list_split
+    from utp_dist.data.folder_index import list_split
 
     listing = list_split(folder)
     unknown = [c for c in listing.classes if c not in classes]

@@ -14,11 +14,11 @@ from pathlib import Path
 import torch
 
 from utp_dist.config import Config, DataConfig, from_dict
-from utp_dist.data import IGNORE_LABEL, ImageFolderSplit, build_loader, build_transforms
-from utp_dist.device_input import DeviceDecoder, ModelInput, PassThrough
+from utp_dist.data.device_input import DeviceDecoder, ModelInput, PassThrough
+from utp_dist.data.folder_index import IMAGE_EXTENSIONS
+from utp_dist.data.loaders import IGNORE_LABEL, ImageFolderSplit, build_loader, build_transforms
 from utp_dist.errors import UserError, first_line
-from utp_dist.image_index import IMAGE_EXTENSIONS
-from utp_dist.runs import RunDir, find_runs
+from utp_dist.store.run_dir import RunDir, find_runs
 
 log = logging.getLogger(__name__)
 

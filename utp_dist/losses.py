@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from utp_dist.config import ConfigError, TrainConfig
-from utp_dist.data import IGNORE_LABEL
+from utp_dist.data.loaders import IGNORE_LABEL
 from utp_dist.registry import LOSSES, bind_options
 
 

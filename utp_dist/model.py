@@ -12,7 +12,7 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassi
 from transformers.models.auto import image_processing_auto
 
 from utp_dist.config import ModelConfig
-from utp_dist.data import InputSpec
+from utp_dist.data.loaders import InputSpec
 from utp_dist.errors import UserError, first_line
 
 log = logging.getLogger(__name__)

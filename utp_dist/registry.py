@@ -109,7 +109,7 @@ LOSSES = Registry(
     },
 )
 MODELS = Registry("model.builder", "model builder", {"transformers": "utp_dist.model:build_model"})
-DATASETS = Registry("data.dataset", "dataset", {"image_folder": "utp_dist.data:index_splits"})
+DATASETS = Registry("data.dataset", "dataset", {"image_folder": "utp_dist.data.loaders:index_splits"})
 BATCH_TRANSFORMS = Registry(
     "data.batch_transforms", "batch transform", {"mixup": "torchvision.transforms.v2:MixUp", "cutmix": "torchvision.transforms.v2:CutMix"}
 )
@@ -132,7 +132,7 @@ def register_model(name: str) -> Callable:
 
 
 def register_dataset(name: str) -> Callable:
-    """Decorator: `fn(data_cfg, seed) -> utp_dist.data.Splits` (files and labels of train, val and optionally test)."""
+    """Decorator: `fn(data_cfg, seed) -> utp_dist.data.loaders.Splits` (files and labels of train, val and optionally test)."""
     return DATASETS.register(name)
 
 

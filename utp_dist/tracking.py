@@ -17,10 +17,10 @@ from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 from tqdm.auto import tqdm
 
-from utp_dist import atomic
 from utp_dist.config import DEFAULT_HPARAMS
 from utp_dist.metrics import confusion_figure, confusion_markdown, roc_figure
-from utp_dist.runs import RunDir
+from utp_dist.store import atomic
+from utp_dist.store.run_dir import RunDir
 
 log = logging.getLogger(__name__)
 

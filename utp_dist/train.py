@@ -50,7 +50,7 @@ def train(cfg: Config) -> dict:
 
 def _one_line(err: Exception, cfg: Config) -> Exception:
     """The UserError for a dead DataLoader worker or a full disk (anywhere but a state or an export, which say more)."""
-    from utp_dist.data import worker_death
+    from utp_dist.data.loaders import worker_death
 
     if isinstance(err, OSError) and err.errno == errno.ENOSPC:
         return UserError(

@@ -12,13 +12,12 @@ from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import gather_object, set_seed
 
 from utp_dist import rank_failure
-from utp_dist.batch_transforms import build_batch_transform
 from utp_dist.callbacks import Callbacks
-from utp_dist.checkpoint import BestModel, Checkpointer, NullBestModel, rng_state, set_rng_state
 from utp_dist.config import Config
-from utp_dist.data import IGNORE_LABEL, build_loaders
-from utp_dist.datasets import build_splits
-from utp_dist.device_input import DeviceInput, ModelInput
+from utp_dist.data.batch_transforms import build_batch_transform
+from utp_dist.data.device_input import DeviceInput, ModelInput
+from utp_dist.data.loaders import IGNORE_LABEL, build_loaders
+from utp_dist.data.user_datasets import build_splits
 from utp_dist.errors import UserError, first_line
 from utp_dist.flops import peak_tflops, train_flops_per_image
 from utp_dist.losses import build_loss, checked_loss
@@ -28,7 +27,8 @@ from utp_dist.optim import build_optimizer, build_scheduler, optimizer_steps
 from utp_dist.preemption import StopRequest
 from utp_dist.registry import MODELS
 from utp_dist.reporting import Reporter
-from utp_dist.resume import open_run
+from utp_dist.store.checkpoint import BestModel, Checkpointer, NullBestModel, rng_state, set_rng_state
+from utp_dist.store.resume import open_run
 from utp_dist.tracking import NullTracker, TensorBoardTracker
 
 log = logging.getLogger(__name__)

@@ -19,11 +19,11 @@ from pathlib import Path
 import yaml
 
 from utp_dist.config import ConfigError, from_dict
-from utp_dist.dashboard import rundata
 from utp_dist.errors import one_line
 from utp_dist.registry import IMPORT_ENV, check_references
-from utp_dist.run_lock import RunLock
-from utp_dist.runs import RunDir, base_name, find_runs
+from utp_dist.store import runfiles
+from utp_dist.store.lock import RunLock
+from utp_dist.store.run_dir import RunDir, base_name, find_runs
 from utp_dist.train import EXPECT_CUDA_ENV
 
 ERROR_PREFIX = "utp_dist: error: "
@@ -67,10 +67,10 @@ class Child:
 
     def progress(self) -> dict:
         """Epoch, step, best so far, img/s and restarts from the run's own files, plus the tail of the process's output."""
-        values = {"log_tail": rundata.tail(self.log)}
+        values = {"log_tail": runfiles.tail(self.log)}
         folder = self.run_folder()
         if folder is not None:
-            found = rundata.progress(folder, folder.read_config())
+            found = runfiles.progress(folder, folder.read_config())
             values.update({k: found[k] for k in ("epoch", "step", "best_metric", "best", "img_per_s", "restarts")})
             values["run_folder"] = {"root": str(folder.root), "dataset": folder.dataset, "name": folder.name}
             self.mirror_log(folder)
@@ -90,7 +90,7 @@ class Child:
 
     def error(self) -> str | None:
         """The one-line error the CLI printed last (`utp_dist: error: ...`), if it printed one."""
-        lines = [line for line in rundata.tail(self.log, lines=200).splitlines() if line.startswith(ERROR_PREFIX)]
+        lines = [line for line in runfiles.tail(self.log, lines=200).splitlines() if line.startswith(ERROR_PREFIX)]
         return lines[-1].removeprefix(ERROR_PREFIX) if lines else None
 
 

@@ -89,7 +89,7 @@ class Run(Base):
     config_id: Mapped[int | None] = mapped_column(ForeignKey("configs.id", ondelete="SET NULL"), nullable=True)
     source: Mapped[str] = mapped_column(String(16), default="queue")  # queue | disk
     state: Mapped[str] = mapped_column(String(16), default=states.QUEUED, index=True)
-    # the run folder (utp_dist.runs.RunDir(root, dataset, name)); null until a queued run made it
+    # the run folder (utp_dist.store.run_dir.RunDir(root, dataset, name)); null until a queued run made it
     root: Mapped[str | None] = mapped_column(String(1000), nullable=True)
     dataset: Mapped[str | None] = mapped_column(String(255), nullable=True)
     name: Mapped[str | None] = mapped_column(String(255), nullable=True)

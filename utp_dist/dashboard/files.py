@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from utp_dist.runs import inside
+from utp_dist.store.run_dir import inside
 
 TOKEN_FILE = "dashboard.token"
 DATABASE_SUFFIXES = (".db", ".sqlite", ".sqlite3")

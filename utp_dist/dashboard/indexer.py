@@ -13,10 +13,11 @@ from pathlib import Path
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from utp_dist.dashboard import rundata, sources, states
+from utp_dist.dashboard import sources, states
 from utp_dist.dashboard.db import Run, Sweep, now
 from utp_dist.errors import UserError
-from utp_dist.runs import RunDir, find_runs, inside, is_version_of
+from utp_dist.store import runfiles
+from utp_dist.store.run_dir import RunDir, find_runs, inside, is_version_of
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ class Indexer:
             for folder in find_runs(root, within=self.roots):  # a symlink out of the roots is no run
                 key = (root, folder.dataset, folder.name)
                 seen.add(key)
-                mtime = rundata.newest_mtime(folder)
+                mtime = runfiles.newest_mtime(folder)
                 row = rows.get(key)
                 # unchanged files: nothing to read, except that a "running" folder turns stopped as time passes
                 if row is not None and row.indexed_mtime == mtime and not (row.source == "disk" and row.state == states.RUNNING):
@@ -68,7 +69,7 @@ class Indexer:
     @staticmethod
     def _read(row: Run, folder: RunDir, mtime: float | None) -> None:
         config = folder.read_config()
-        progress = rundata.progress(folder, config)
+        progress = runfiles.progress(folder, config)
         summary = folder.read_summary() or {}
         given = summary.get("config_hash")
         row.config_hash = given if isinstance(given, str) and 0 < len(given) <= 64 else folder.config_hash()
@@ -76,7 +77,7 @@ class Indexer:
             setattr(row, field, progress[field])
         row.restarts = progress["restarts"] or 0
         if row.source == "disk":  # a queued run's state is its job's, not a guess from its files
-            row.state = rundata.disk_state(folder, mtime)
+            row.state = runfiles.disk_state(folder, mtime)
         row.indexed_mtime = mtime
         row.updated = now()
 

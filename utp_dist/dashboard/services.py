@@ -10,11 +10,12 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
 from utp_dist.config import Config, ConfigError, flatten, from_dict, parse_yaml
-from utp_dist.dashboard import files, rundata, sources, states
+from utp_dist.dashboard import files, sources, states
 from utp_dist.dashboard.db import Agent, ConfigRow, Gpu, Job, Project, Run, Sweep, now
 from utp_dist.errors import UserError, one_line
 from utp_dist.registry import check_references
-from utp_dist.runs import RunDir
+from utp_dist.store import runfiles
+from utp_dist.store.run_dir import RunDir
 
 
 class NotFound(Exception):
@@ -327,11 +328,11 @@ def run_detail(session: Session, run: Run, roots: tuple[Path, ...]) -> dict:
     if folder is not None and folder.exists():
         config = folder.read_config()
         summary = folder.read_summary()
-        found = rundata.progress(folder, config)
-        figures = rundata.figures(folder)
+        found = runfiles.progress(folder, config)
+        figures = runfiles.figures(folder)
         task = run_task(session, run, folder)
-        best = rundata.best_export(folder)
-        logs = [{"name": p.name, "url": files.url_of(roots, p)} for p in rundata.log_files(folder, task["logs"] if task else [])]
+        best = runfiles.best_export(folder)
+        logs = [{"name": p.name, "url": files.url_of(roots, p)} for p in runfiles.log_files(folder, task["logs"] if task else [])]
         paths = {
             "logs": str(folder.logs),
             "checkpoints": str(folder.checkpoints),
@@ -378,7 +379,7 @@ def run_log(session: Session, run: Run, folder: RunDir | None, task: dict | None
     if folder is None or not folder.exists():
         return None, run.log_tail or ""
     task = task if task is not None else run_task(session, run, folder)
-    return rundata.log_tail(folder, task["logs"] if task else [])
+    return runfiles.log_tail(folder, task["logs"] if task else [])
 
 
 def run_series(run: Run, roots: tuple[Path, ...]) -> dict:
@@ -386,7 +387,7 @@ def run_series(run: Run, roots: tuple[Path, ...]) -> dict:
     folder = run_folder(run, roots)
     if folder is None or not folder.exists():
         return {"train": {}, "val": {}}
-    return {"train": rundata.train_curves(folder), "val": rundata.val_curves(folder)}
+    return {"train": runfiles.train_curves(folder), "val": runfiles.val_curves(folder)}
 
 
 def compare(session: Session, run_ids: list[int], roots: tuple[Path, ...]) -> dict:

@@ -17,7 +17,7 @@ from pathlib import Path
 from utp_dist.config import ConfigError, load_config
 from utp_dist.errors import UserError, first_line
 from utp_dist.registry import check_references
-from utp_dist.runs import RunDir, is_version_of
+from utp_dist.store.run_dir import RunDir, is_version_of
 from utp_dist.sweep import executors as _executors
 from utp_dist.sweep import ledger as _ledger
 from utp_dist.sweep import states as _states

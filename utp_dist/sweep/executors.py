@@ -26,7 +26,7 @@ import yaml
 from utp_dist.agent.client import Client, Conflict, Unreachable
 from utp_dist.config import build_section, from_dict
 from utp_dist.errors import UserError
-from utp_dist.runs import versions
+from utp_dist.store.run_dir import versions
 from utp_dist.sweep import states
 from utp_dist.sweep.resources import Resources
 from utp_dist.sweep.task import TaskFailed, TaskRecord, TrainTask

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from utp_dist.config import Config, ConfigError, flatten, from_dict, read_yaml, set_dotted
-from utp_dist.runs import base_name, sanitize
+from utp_dist.store.run_dir import base_name, sanitize
 
 GRID_KEYS = ("name", "base", "set", "sweep", "resources")
 EXPERIMENTS_LIST = "training_configurations"  # the list an experiments file defines (the old system's name)

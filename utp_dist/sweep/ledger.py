@@ -7,9 +7,9 @@ import os
 import time
 from pathlib import Path
 
-from utp_dist import atomic
 from utp_dist.errors import UserError
-from utp_dist.runs import MAX_VERSIONS, RunDir, find_runs, versions
+from utp_dist.store import atomic
+from utp_dist.store.run_dir import MAX_VERSIONS, RunDir, find_runs, versions
 from utp_dist.sweep.grid import Grid
 
 LEDGER = "sweep.json"

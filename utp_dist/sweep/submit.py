@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from utp_dist.errors import UserError, run_command
-from utp_dist.runs import RunDir
+from utp_dist.store.run_dir import RunDir
 from utp_dist.sweep import executors, ledger, states
 from utp_dist.sweep.resources import Resources, as_dict, load_resources
 from utp_dist.sweep.status import COLUMNS, leaderboard, markdown, rows
@@ -114,7 +114,7 @@ def submit(args: argparse.Namespace) -> int:
 
 def _preflight(tasks: list) -> bool:
     """Check each distinct data root of `tasks`; whether all would let a run start."""
-    from utp_dist.data_check import check_roots
+    from utp_dist.data.check import check_roots
 
     ok = check_roots(sorted({task.config.data.root for task in tasks}))
     if not ok:

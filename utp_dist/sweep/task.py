@@ -9,8 +9,8 @@ import socket
 import time
 from pathlib import Path
 
-from utp_dist import atomic
 from utp_dist.preemption import EXIT_RESUMABLE
+from utp_dist.store import atomic
 from utp_dist.sweep import states
 
 TASKS_DIR = "tasks"

@@ -11,7 +11,7 @@ import threading
 import time
 from pathlib import Path
 
-from utp_dist.runs import RunDir
+from utp_dist.store.run_dir import RunDir
 
 LIVE_WINDOW_S = 180.0  # a run folder written to this recently is taken as running
 LOG_SUFFIXES = (".log", ".out", ".err")

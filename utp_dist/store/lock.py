@@ -17,7 +17,7 @@ import time
 from typing import IO
 
 from utp_dist.errors import UserError
-from utp_dist.runs import RunDir
+from utp_dist.store.run_dir import RunDir
 
 
 class RunLockError(UserError):

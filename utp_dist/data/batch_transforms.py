@@ -11,7 +11,7 @@ import torch
 from torchvision.transforms import v2
 
 from utp_dist.config import DataConfig
-from utp_dist.data import keyed_transform
+from utp_dist.data.loaders import keyed_transform
 from utp_dist.losses import as_probabilities
 from utp_dist.registry import BATCH_TRANSFORMS, bind_options
 

@@ -20,9 +20,9 @@ from pathlib import Path
 from PIL import Image
 
 from utp_dist.config import SPLITS, DataConfig
-from utp_dist.data import DataError, decode, index_splits, resolve_root
+from utp_dist.data.folder_index import list_splits_once
+from utp_dist.data.loaders import DataError, decode, index_splits, resolve_root
 from utp_dist.errors import UserError, first_line, run_command
-from utp_dist.image_index import list_splits_once
 
 # the last bytes a complete file of the format holds (JPEG's EOI marker, PNG's IEND chunk, GIF's trailer)
 ENDINGS = {"JPEG": (b"\xff\xd9", 64), "PNG": (b"IEND", 12), "GIF": (b";", 2)}

@@ -16,10 +16,10 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.transforms import v2
 
-from utp_dist.builtin_data import BUILTIN_PREFIX, materialize
 from utp_dist.config import SPLITS, DataConfig
+from utp_dist.data.builtin import BUILTIN_PREFIX, materialize
+from utp_dist.data.folder_index import Listing, list_splits_once
 from utp_dist.errors import UserError, first_line
-from utp_dist.image_index import Listing, list_splits_once
 from utp_dist.preemption import STOP_SIGNALS
 
 log = logging.getLogger(__name__)
@@ -396,11 +396,3 @@ def _seed_worker(worker_id: int) -> None:
     worker_seed = torch.initial_seed() % 2**32
     np.random.seed(worker_seed)
     random.seed(worker_seed)
-
-
-if __name__ == "__main__":  # python -m utp_dist.data check ROOT: the command lives in data_check.py
-    import sys
-
-    from utp_dist.data_check import main
-
-    sys.exit(main())

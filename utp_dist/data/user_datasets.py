@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 from utp_dist.config import SPLITS, DataConfig
-from utp_dist.data import DataError, Splits, cap_files, check_cap_classes, index_splits
+from utp_dist.data.loaders import DataError, Splits, cap_files, check_cap_classes, index_splits
 from utp_dist.registry import DATASETS
 
 
@@ -28,7 +28,7 @@ def _check(splits: Splits, spec: str) -> None:
     """One line naming data.dataset for anything the trainer could not use."""
     where = f"data.dataset: {spec}"
     if not isinstance(splits, Splits):
-        raise DataError(f"{where} returned {type(splits).__name__}; return utp_dist.data.Splits(root, classes, samples)")
+        raise DataError(f"{where} returned {type(splits).__name__}; return utp_dist.data.loaders.Splits(root, classes, samples)")
     if not splits.classes:
         raise DataError(f"{where} returned no classes")
     for split in ("train", "val"):

@@ -16,8 +16,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from utp_dist import atomic
-from utp_dist.builtin_data import default_cache_dir
+from utp_dist.data.builtin import default_cache_dir
+from utp_dist.store import atomic
 
 log = logging.getLogger(__name__)
 

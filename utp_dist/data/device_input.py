@@ -11,7 +11,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import v2
 
 from utp_dist.config import DataConfig
-from utp_dist.data import Encoded, EncodedBatch, InputSpec, SplitLoader, bad_image, decode, keyed_transform
+from utp_dist.data.loaders import Encoded, EncodedBatch, InputSpec, SplitLoader, bad_image, decode, keyed_transform
 from utp_dist.errors import UserError
 
 log = logging.getLogger(__name__)
