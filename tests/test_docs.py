@@ -1,4 +1,5 @@
-"""The README and the example configs stay in step with the config tree."""
+"""The README, the docs/ pages and the example configs stay in step with the code: their commands run as written,
+their links resolve, and the configuration reference is what the config classes say."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import dataclasses
 import json
 import os
 import re
+import runpy
 import shlex
 import shutil
 import subprocess
@@ -14,16 +16,25 @@ import sys
 import pytest
 from conftest import REPO, make_image_folder, run_cli
 
-from utp_dist.config import Config, load_config
+from utp_dist.config import load_config
 from utp_dist.sweep.grid import load_grid
 from utp_dist.sweep.resources import Resources, load_resources
 
+# the front page first, then the pages in name order: the order their marked commands run in
+PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 
-def test_readme_documents_every_config_key():
-    readme = (REPO / "README.md").read_text()
-    for section in dataclasses.fields(Config):
-        for field in dataclasses.fields(section.type if isinstance(section.type, type) else type(getattr(Config(), section.name))):
-            assert f"`{section.name}.{field.name}`" in readme, f"README lacks {section.name}.{field.name}"
+
+def page(name: str) -> str:
+    return (REPO / name).read_text()
+
+
+def test_configuration_reference_is_generated_from_the_config_classes():
+    """docs/configuration.md's key table is written by scripts/gen_config_docs.py from the field docstrings of config.py."""
+    generator = runpy.run_path(str(REPO / "scripts" / "gen_config_docs.py"))
+    current = page("docs/configuration.md")
+    assert generator["render"](current) == current, (
+        f"docs/configuration.md is out of date with utp_dist/config.py; run: {generator['COMMAND']}"
+    )
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
@@ -39,24 +50,53 @@ def test_example_grids_and_profiles_are_valid(path):
         load_resources(profile, grid.resources, str(path))
 
 
-def test_readme_documents_every_profile_key():
-    readme = (REPO / "README.md").read_text()
+def test_docs_document_every_profile_key():
+    sweeps = page("docs/sweeps.md")
     for field in dataclasses.fields(Resources):
-        assert f"`{field.name}`" in readme, f"README lacks the profile key {field.name}"
+        assert f"`{field.name}`" in sweeps, f"docs/sweeps.md lacks the profile key {field.name}"
 
 
 def test_readme_commands_exist():
-    readme = (REPO / "README.md").read_text()
+    readme = page("README.md")
     assert 'pip install -e ".[test]" && python -m utp_dist.train configs/quickstart.yaml' in readme
     assert "bash tests/run.sh" in readme and "bash tests/run.sh" in (REPO / ".ci" / "run").read_text()
+    assert 'pip install "utp_dist[dashboard]"' in readme
+    distributed = page("docs/distributed.md")
     for name in ("1gpu.yaml", "1node_multi_gpu.yaml", "multi_node.yaml"):
-        assert (REPO / "launch" / name).is_file() and f"launch/{name}" in readme
+        assert (REPO / "launch" / name).is_file() and f"launch/{name}" in distributed
 
 
-def test_readme_worked_example_runs(tmp_path):
-    """The Extension points example: its two files and its command, as written, on a my_data/ listed by labels.csv."""
-    readme = (REPO / "README.md").read_text()
-    section = readme.split("### Worked example")[1].split("\n## ")[0]
+def _slug(heading: str) -> str:
+    """GitHub's anchor of a Markdown heading: lower case, punctuation dropped, spaces to dashes."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def _anchors(text: str) -> set[str]:
+    prose = re.sub(r"```.*?```", "", text, flags=re.S)  # a "# comment" in a code block is no heading
+    return {_slug(m.group(1).replace("`", "")) for m in re.finditer(r"^#+ (.+)$", prose, re.M)}
+
+
+def test_docs_links_resolve():
+    """Every relative link of README.md and docs/*.md names a file that exists, and a heading there when it has #anchor."""
+    broken = []
+    for source in PAGES:
+        prose = re.sub(r"```.*?```", "", source.read_text(), flags=re.S)
+        for target in re.findall(r"\]\(([^)\s]+)\)", prose):
+            if re.match(r"[a-z]+:", target):  # https:, mailto:
+                continue
+            path, _, anchor = target.partition("#")
+            file = (source.parent / path).resolve() if path else source
+            name = f"{source.relative_to(REPO)}: ({target})"
+            if not file.exists():
+                broken.append(f"{name}: no file {path}")
+            elif anchor and file.suffix == ".md" and anchor not in _anchors(file.read_text()):
+                broken.append(f"{name}: no heading #{anchor} in {file.relative_to(REPO)}")
+    assert not broken, "\n".join(broken)
+
+
+def test_worked_example_runs(tmp_path):
+    """docs/extending.md's worked example: its two files and its command, as written, on a my_data/ listed by labels.csv."""
+    section = page("docs/extending.md").split("## Worked example")[1].split("\n## ")[0]
     blocks = re.findall(r"```(\w*)\n(.*?)```", section, re.S)
     for _, text in blocks:
         name = text.splitlines()[0].removeprefix("# ")
@@ -74,18 +114,18 @@ def test_readme_worked_example_runs(tmp_path):
     assert len(summaries) == 2 and all("test_precision_macro" in s["test"] for s in summaries)
 
 
-def readme_commands() -> list[str]:
-    """Every command in the README's code blocks marked `<!-- run by tests/test_docs.py ... -->`."""
-    blocks = re.findall(r"<!-- run by tests/test_docs\.py[^>]*-->\n```\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+def marked_commands() -> list[str]:
+    """Every command in the code blocks of README.md and docs/*.md marked `<!-- run by tests/test_docs.py ... -->`."""
+    blocks = [block for p in PAGES for block in re.findall(r"<!-- run by tests/test_docs\.py[^>]*-->\n```\n(.*?)```", p.read_text(), re.S)]
     return [line.strip() for block in blocks for line in block.splitlines() if line.strip()]
 
 
-def test_readme_commands_run(tmp_path):
+def test_marked_commands_run(tmp_path):
     from utp_dist.data.loaders import resolve_root
 
-    commands = readme_commands()
+    commands = marked_commands()
     assert [c.split()[2] if c.split()[1] == "-m" else c.split()[1] for c in commands] == [
-        "benchmarks/index_1m.py", "utp_dist.data", "utp_dist.predict", "utp_dist.evaluate", "utp_dist.submit", "utp_dist.submit",
+        "benchmarks/index_1m.py", "utp_dist.data", "utp_dist.submit", "utp_dist.submit", "utp_dist.predict", "utp_dist.evaluate",
     ]  # fmt: skip
     for folder in ("configs", "benchmarks"):  # the commands name repository paths, relative to a working folder of their own
         (tmp_path / folder).symlink_to(REPO / folder)
