@@ -17,7 +17,7 @@ from transformers import AutoModelForImageClassification
 
 from utp_dist.config import from_dict
 from utp_dist.store.run_dir import RunDir, sanitize
-from utp_dist.train import main
+from utp_dist.train_command import main
 
 
 def _fit(raw: dict) -> dict:

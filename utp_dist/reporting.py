@@ -9,10 +9,10 @@ import time
 import torch
 from accelerate import Accelerator
 
-from utp_dist import __version__
 from utp_dist.config import OptimConfig
 from utp_dist.errors import UserError
 from utp_dist.tracking import Tracker
+from utp_dist.version import __version__
 
 
 class NonFiniteLoss(UserError):

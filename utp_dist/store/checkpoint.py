@@ -21,8 +21,7 @@ from safetensors.torch import load_model, save_model
 from transformers.utils import logging as hf_logging
 
 from utp_dist.config import CheckpointConfig
-from utp_dist.data.loaders import worker_death
-from utp_dist.errors import UserError, first_line
+from utp_dist.errors import UserError, first_line, worker_death
 from utp_dist.preemption import Stopped, StopRequest
 from utp_dist.store import atomic
 from utp_dist.store.run_dir import COMPLETE, RunDir, complete_states
