@@ -1,4 +1,4 @@
-"""Agents that execute queued runs (issue 12), with real processes: a uvicorn server, agent processes, training children."""
+"""Agents that execute queued runs, with real processes: a uvicorn server, agent processes, training children."""
 
 from __future__ import annotations
 

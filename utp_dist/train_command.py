@@ -97,10 +97,10 @@ def _train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(cfg.to_yaml(), end="")
         return 0
-    from utp_dist.trainer import Trainer
-
     if args.dry_run:
-        print(Trainer(cfg, dry_run=True).describe())
+        from utp_dist.trainer import Components
+
+        print(Components(cfg).describe())
         return 0
     summary = train(cfg)
     best, log = summary["best"], logging.getLogger("utp_dist")
