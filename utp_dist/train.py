@@ -1,12 +1,12 @@
-"""`python -m utp_dist.train CONFIG.yaml [key=value ...]`: the train command (it lives in utp_dist.train_command).
+"""`python -m utp_dist.train CONFIG.yaml [key=value ...]`: runs the train command, utp_dist.train_command.main.
 
-Nothing imports this module: importing it would make the package attribute `utp_dist.train` this module instead of
-the function train(cfg) that `from utp_dist import train` gives.
+It defines nothing to import: importing this module would make the package attribute `utp_dist.train` this module
+instead of the function train(cfg) that `from utp_dist import train` gives.
 """
 
 import sys
 
-from utp_dist.train_command import main
-
 if __name__ == "__main__":
+    from utp_dist.train_command import main
+
     sys.exit(main())
