@@ -1,4 +1,4 @@
-"""Agents that execute queued runs (issue 12), with real processes: a uvicorn server, agent processes, training children."""
+"""Agents that execute queued runs, with real processes: a uvicorn server, agent processes, training children."""
 
 from __future__ import annotations
 
@@ -491,7 +491,7 @@ def test_gpus_the_driver_does_not_report_are_refused_in_one_line(monkeypatch, ca
 def test_the_training_fails_at_start_when_it_sees_fewer_cuda_devices_than_it_was_given(monkeypatch):
     from utp_dist.errors import UserError
     from utp_dist.sweep.resources import Resources
-    from utp_dist.train import EXPECT_CUDA_ENV, check_expected_devices
+    from utp_dist.train_command import EXPECT_CUDA_ENV, check_expected_devices
 
     monkeypatch.setenv(EXPECT_CUDA_ENV, "2")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")

@@ -29,7 +29,7 @@ from utp_dist.losses import build_loss, cross_entropy, focal, soft_cross_entropy
 from utp_dist.preemption import EXIT_RESUMABLE
 from utp_dist.registry import DATASETS, LOSSES
 from utp_dist.store.resume import ResumeError, check, identity
-from utp_dist.train import main
+from utp_dist.train_command import main
 
 API_SCRIPT = """
 import json, sys

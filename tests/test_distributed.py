@@ -14,7 +14,7 @@ import yaml
 from conftest import REPO, free_port, make_image_folder, tiny_config, torchrun
 from safetensors.torch import load_file
 
-from utp_dist.train import main
+from utp_dist.train_command import main
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 

@@ -34,7 +34,7 @@ def test_a_run_outside_a_grid_shows_the_default_hyper_parameters(tmp_path):
     run.logs.mkdir(parents=True)
     cfg = from_dict({"optim": {"lr": 0.01}, "train": {"monitor_metric": "val_f1_macro"}})
     tracker = TensorBoardTracker(run, 10)
-    tracker.write_config(cfg.to_yaml())
+    tracker.write_config(cfg)
     tracker.write_summary({"best": {"metric": "val_f1_macro", "value": 0.5}, "steps": 10})
     tracker.close()
     values, metrics, ended, scalars = read_hparams(run.logs)

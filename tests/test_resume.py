@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from utp_dist.preemption import EXIT_RESUMABLE
-from utp_dist.train import main
+from utp_dist.train_command import main
 
 # bit-identical float results need the same thread count in every segment: pin it for all runs here
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}

@@ -17,7 +17,7 @@ from transformers import AutoModelForImageClassification
 
 from utp_dist.config import from_dict
 from utp_dist.store.run_dir import RunDir, sanitize
-from utp_dist.train import main
+from utp_dist.train_command import main
 
 
 def _fit(raw: dict) -> dict:
@@ -318,3 +318,55 @@ def test_counted_flops_follow_frozen_parameters():
     full = train_flops_per_image(build_model(ModelConfig(flavour="vit", config=vit), ["a", "b"], 16)[0], (16, 16))
     probe = train_flops_per_image(build_model(ModelConfig(flavour="vit", config=vit, freeze_backbone=True), ["a", "b"], 16)[0], (16, 16))
     assert 0 < probe < full  # a linear probe does no backward through the backbone
+
+
+def test_best_model_off_the_main_process_tracks_the_best_and_writes_nothing(tmp_path):
+    from utp_dist.store.checkpoint import BestModel, Exports, NoExports
+
+    run = RunDir(tmp_path, "data", "run")
+    run.checkpoints.mkdir(parents=True)
+    best = BestModel(run, "val_acc@1", "max", per_epoch=True, main=False)
+    assert best.update(object(), object(), {"val_acc@1": 0.5}, epoch=0, step=10)  # the "model" is never touched
+    assert not best.update(object(), object(), {"val_acc@1": 0.4}, epoch=1, step=20)
+    assert best.best == {"metric": "val_acc@1", "mode": "max", "value": 0.5, "epoch": 0, "step": 10}
+    assert best.state_dict() == {"best": best.best} and not list(run.checkpoints.iterdir())
+    # the do-nothing side has every method of the writing side, so a new export cannot run on every rank unnoticed
+    public = {cls: {name for name in vars(cls) if not name.startswith("_")} for cls in (Exports, NoExports)}
+    assert public[Exports] - {"__init__"} == public[NoExports] and not issubclass(NoExports, Exports)
+
+
+def test_a_log_point_agrees_the_checkpoint_flags_within_its_own_reduction(tmp_path):
+    from utp_dist.config import CheckpointConfig, OptimConfig
+    from utp_dist.preemption import Stopped, StopRequest
+    from utp_dist.reporting import Reporter
+    from utp_dist.store.checkpoint import Checkpointer
+    from utp_dist.tracking import NullTracker
+    from utp_dist.trainer import Progress
+
+    class TwoRanks:  # what the loop asks of Accelerate, with the other rank's sums mirrored: every reduction counted
+        device, num_processes, is_main_process, reductions = torch.device("cpu"), 2, True, []
+
+        def reduce(self, tensor, op):
+            self.reductions.append(op)
+            return tensor * 2 if op == "sum" else tensor
+
+    class Scalars(NullTracker):
+        def log_scalars(self, values, step):
+            self.values = values
+
+    acc, stop, tracker = TwoRanks(), StopRequest(), Scalars()
+    reporter = Reporter(acc, tracker, None, None, OptimConfig())
+    checkpointer = Checkpointer(RunDir(tmp_path, "data", "run"), acc, CheckpointConfig(), stop, 5, None, None)
+    checkpointer.progress = Progress(step=5)
+    reporter.meter.add(torch.tensor([6.0, 2.0, 3.0, 0.0], dtype=torch.float64), step=5)
+    agreed = reporter.log_train(5, 0, 0.1, riders=checkpointer.flags())
+    checkpointer.maybe_save(agreed=agreed)
+    assert acc.reductions == ["sum"] and agreed == [0.0, 0.0]
+    assert tracker.values["train/loss"] == 12 / 6 and tracker.values["train/acc"] == 4 / 6 and reporter.meter.images == 6
+
+    stop.signum = 15  # one rank was asked to stop: the sum says so to every rank, which saves and stops
+    reporter.meter.add(torch.tensor([6.0, 2.0, 3.0, 0.0], dtype=torch.float64), step=10)
+    checkpointer.progress.step, checkpointer.save = 10, lambda: None
+    with pytest.raises(Stopped):
+        checkpointer.maybe_save(agreed=reporter.log_train(10, 0, 0.1, riders=checkpointer.flags()))
+    assert acc.reductions == ["sum", "sum"]

@@ -51,9 +51,9 @@ def measure(cfg, warmup: int, steps: int, repeats: int) -> dict[str, float]:
     """The five img/s figures for this config on this machine, each the best of `repeats` interleaved rounds."""
     import torch
 
-    from utp_dist.trainer import Trainer
+    from utp_dist.trainer import Components
 
-    trainer = Trainer(cfg, dry_run=True)  # the components only: no run folder is claimed
+    trainer = Components(cfg)  # no run folder is claimed
     acc, model = trainer.accelerator, trainer.model
     sync = torch.cuda.synchronize if acc.device.type == "cuda" else (lambda: None)
     batch = cfg.data.batch_size

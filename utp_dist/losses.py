@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from utp_dist.config import ConfigError, TrainConfig
+from utp_dist.data.batch_transforms import as_probabilities
 from utp_dist.data.loaders import IGNORE_LABEL
 from utp_dist.registry import LOSSES, bind_options
 
@@ -50,12 +51,3 @@ def focal(logits: torch.Tensor, targets: torch.Tensor, gamma: float = 2.0, label
     weighted = probs * (1 - log_p.exp()).pow(gamma) if gamma else probs
     has_target = probs.sum(-1) > 0  # skipped images have none: they add nothing and do not count
     return -(weighted * log_p).sum() / has_target.sum().clamp(min=1)
-
-
-def as_probabilities(targets: torch.Tensor, num_classes: int, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Class indices as one-hot rows (zeros for IGNORE_LABEL); probabilities pass; then label smoothing as torch applies it."""
-    if not targets.is_floating_point():
-        targets = F.one_hot(targets.clamp(min=0), num_classes).float() * (targets != IGNORE_LABEL).unsqueeze(-1)
-    if label_smoothing:
-        targets = targets * (1 - label_smoothing) + targets.sum(-1, keepdim=True) * (label_smoothing / num_classes)
-    return targets

@@ -9,10 +9,10 @@ import time
 import torch
 from accelerate import Accelerator
 
-from utp_dist import __version__
 from utp_dist.config import OptimConfig
 from utp_dist.errors import UserError
 from utp_dist.tracking import Tracker
+from utp_dist.version import __version__
 
 
 class NonFiniteLoss(UserError):
@@ -84,24 +84,26 @@ class Meter:
         """Restart the clock after evaluation, so img/s counts training only."""
         self.tick = time.perf_counter()
 
-    def flush(self, step: int, end_of_epoch: bool) -> dict | None:
-        """Reduce over ranks and reset; None when there is nothing new to report."""
+    def flush(self, step: int, end_of_epoch: bool, riders: list[float] = ()) -> tuple[dict | None, list[float]]:
+        """Reduce over ranks and reset: (the window, None when there is nothing new to report; `riders` summed over
+        ranks, values another part needs agreed at this point, in the same collective instead of one of its own)."""
         now = time.perf_counter()
-        stats = self.accelerator.reduce(torch.cat([self.window, self.epoch]), "sum").tolist()
-        loss, correct, count, _, e_loss, e_correct, e_count, e_skipped = stats
+        extra = torch.tensor(riders, device=self.window.device, dtype=torch.float64)
+        stats = self.accelerator.reduce(torch.cat([self.window, self.epoch, extra]), "sum").tolist()
+        (loss, correct, count, _, e_loss, e_correct, e_count, e_skipped), riders = stats[:8], stats[8:]
         self.window.zero_()
         if end_of_epoch:
             self.epoch.zero_()
             self.skipped = int(e_skipped)  # bad images are skipped every epoch: report one epoch's count
         if count == 0 and not end_of_epoch:
-            return None
+            return None, riders
         elapsed, self.tick = now - self.tick, now
         self.train_time += elapsed
         self.images += int(count)
         wait, self.wait = self.wait, 0.0
         self.wait_time += wait
         steps, self.logged_step = step - self.logged_step, step
-        return {
+        window = {
             "loss": loss / max(count, 1),
             "acc": correct / max(count, 1),
             "img_per_s": count / max(elapsed, 1e-9),
@@ -111,6 +113,7 @@ class Meter:
             "steps": steps,
             "count": count,
         }
+        return window, riders
 
     def img_per_s(self) -> float:
         """Training images per second over the whole run so far."""
@@ -153,11 +156,12 @@ class Reporter:
             f"to clip gradients, and start a new run (checkpoint.resume=never); the states saved before step {step} stay complete"
         )
 
-    def log_train(self, step: int, epoch: int, lr: float, end_of_epoch: bool = False) -> None:
-        """Log mean training loss/acc over all ranks since the last point (or the epoch), the lr, img/s and MFU."""
-        window = self.meter.flush(step, end_of_epoch)
+    def log_train(self, step: int, epoch: int, lr: float, end_of_epoch: bool = False, riders: list[float] = ()) -> list[float]:
+        """Log mean training loss/acc over all ranks since the last point (or the epoch), the lr, img/s and MFU; return
+        `riders` summed over ranks in the same collective (Meter.flush)."""
+        window, riders = self.meter.flush(step, end_of_epoch, riders)
         if window is None:
-            return
+            return riders
         if not math.isfinite(window["loss"] + window["epoch_loss"]):
             raise self._nonfinite(self.meter.first_nonfinite_step())
         values, mfu = {}, self.mfu(window["img_per_s"])
@@ -174,6 +178,7 @@ class Reporter:
             postfix = {"epoch": str(epoch + 1), "loss": f"{window['loss']:.4f}", "lr": f"{lr:.2e}", "img/s": f"{window['img_per_s']:.0f}"}
             postfix.update({"wait": f"{window['data_wait']:.0%}", **({"mfu": f"{mfu:.0%}"} if mfu is not None else {})})
             self.tracker.progress(window["steps"], postfix)
+        return riders
 
     def epoch_line(self, epoch: int, epochs: int, val: dict, best: dict | None) -> None:
         """One console line after each evaluation: epoch, train loss, val loss, monitored metric, best so far, epoch time."""

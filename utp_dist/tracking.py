@@ -7,10 +7,9 @@ import logging
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
-import yaml
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from PIL import Image
 from torch.utils.tensorboard import SummaryWriter
@@ -22,13 +21,16 @@ from utp_dist.metrics import confusion_figure, confusion_markdown, roc_figure
 from utp_dist.store import atomic
 from utp_dist.store.run_dir import RunDir
 
+if TYPE_CHECKING:
+    from utp_dist.config import Config
+
 log = logging.getLogger(__name__)
 
 
 class Tracker(Protocol):
     """Where a run's reports go: TensorBoardTracker on the main process, NullTracker on every other one."""
 
-    def write_config(self, text: str) -> None:
+    def write_config(self, cfg: Config) -> None:
         """The resolved config as config.yaml."""
 
     def log_text(self, tag: str, text: str, step: int = 0) -> None:
@@ -71,10 +73,10 @@ class TensorBoardTracker:
         self.painter, self.paintings = ThreadPoolExecutor(max_workers=1, thread_name_prefix="figures"), []
         self._session_end = None  # the HParams session's end, written with the summary
 
-    def write_config(self, text: str) -> None:
+    def write_config(self, cfg: Config) -> None:
         """The resolved config as config.yaml, and its hyper-parameters for TensorBoard's HParams dashboard."""
-        self.run.config_file.write_text(text, encoding="utf-8")
-        self._session_end = self._write_hparams(yaml.safe_load(text))
+        self.run.config_file.write_text(cfg.to_yaml(), encoding="utf-8")
+        self._session_end = self._write_hparams(cfg.to_dict())
 
     def _write_hparams(self, config: dict):
         """Write the HParams experiment and session start into this run's events (not add_hparams: it makes a sub-run);

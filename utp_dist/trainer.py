@@ -27,7 +27,7 @@ from utp_dist.optim import build_optimizer, build_scheduler, optimizer_steps
 from utp_dist.preemption import StopRequest
 from utp_dist.registry import MODELS
 from utp_dist.reporting import Reporter
-from utp_dist.store.checkpoint import BestModel, Checkpointer, NullBestModel, rng_state, set_rng_state
+from utp_dist.store.checkpoint import BestModel, Checkpointer, rng_state, set_rng_state
 from utp_dist.store.resume import open_run
 from utp_dist.tracking import NullTracker, TensorBoardTracker
 
@@ -94,13 +94,11 @@ def build_accelerator(cfg: Config) -> Accelerator:
     return accelerator
 
 
-class Trainer:
-    """Builds every component of a run from its config; fit() trains, evaluates, checkpoints and reports.
+class Components:
+    """Every component of a run built from its config, with nothing claimed or written: what --dry-run describes and
+    `bench` times (train_step); a Trainer is these plus the run folder, its writers and fit()."""
 
-    With `dry_run`, nothing is claimed or written: the components are built for describe() only.
-    """
-
-    def __init__(self, cfg: Config, dry_run: bool = False):
+    def __init__(self, cfg: Config):
         self.cfg = cfg
         self.accelerator = acc = build_accelerator(cfg)
         set_seed(cfg.train.seed)
@@ -142,46 +140,6 @@ class Trainer:
             self.model = compiled(self.model, self.inputs.model_input, self.spec, cfg.data.batch_size)
         metrics = (len(self.classes), cfg.train.eval_topk, acc.device, cfg.train.metrics)
         self.metrics = {split: EvalMetrics(*metrics) for split in self.loaders if split != "train"}
-        if not dry_run:
-            self._build_run()
-
-    def _build_run(self) -> None:
-        """Claim or continue the run folder, then this rank's writers (do-nothing ones off the main process)."""
-        cfg, acc, main = self.cfg, self.accelerator, self.accelerator.is_main_process
-        self.callbacks = Callbacks(cfg.train.callbacks, main)  # before the claim: a bad name leaves no run folder behind
-        opened = open_run(cfg, acc, self.splits, self.total_steps)
-        self.run, self.lock, self.resumed = opened.run, opened.lock, opened.state is not None
-        self.stop = StopRequest()
-        self.best = (BestModel if main else NullBestModel)(
-            self.run, cfg.train.monitor_metric, cfg.train.monitor_mode, cfg.output.save_per_epoch_checkpoint
-        )
-        # only the main process reports MFU: the other ranks skip the count (about 1 s for ViT-B/16)
-        flops = train_flops_per_image(self.model, self.spec.size) if main else None
-        peak = peak_tflops(cfg.train.peak_tflops, acc.device, acc.mixed_precision)
-        self.reporter = Reporter(acc, NullTracker(), flops, peak, cfg.optim, cfg.train.loss)
-        ck = (self.run, acc, cfg.checkpoint, self.stop, cfg.train.log_every_n_steps, self.callbacks, self.reporter.check_finite)
-        self.checkpointer = Checkpointer(*ck)
-        shared = {"optimizer": self.optimizer, "scheduler": self.scheduler, "progress": self.progress, "best": self.best}
-        if acc.scaler is not None:
-            shared["scaler"] = acc.scaler
-        self.checkpointer.track(acc.unwrap_model(self.model), self.progress, shared, {"meter": self.reporter.meter}, opened.identity)
-        if opened.state is not None:
-            self._resume(opened.state)
-        resume_step = self.progress.step if opened.state is not None else None
-        bar_start = self.reporter.meter.logged_step  # the bar advances by logged steps: it starts at the last one logged
-        self.tracker = TensorBoardTracker(self.run, self.total_steps, resume_step, bar_start) if main else NullTracker()
-        self.reporter.tracker = self.tracker
-        self.tracker.write_config(cfg.to_yaml())
-        self.tracker.log_text("config", "```yaml\n" + cfg.to_yaml() + "\n```", self.progress.step)
-        self.tracker.log_text("run", self.describe().replace("\n", "  \n"), self.progress.step)
-        log.info("run %s: logs in %s, checkpoints in %s", self.run.name, self.run.logs, self.run.checkpoints)
-
-    def _resume(self, state) -> None:
-        p = self.progress
-        self.checkpointer.load(state)
-        p.restarts += 1
-        self.accelerator.step = 0  # states are saved right after an optimizer step: accumulation restarts from zero
-        log.info("resuming %s from %s (step %d, epoch %d, restart %d)", self.run.name, state, p.step, p.epoch, p.restarts)
 
     def describe(self) -> str:
         """What --dry-run prints: classes, images per split after caps, parameters, steps, batches."""
@@ -199,6 +157,66 @@ class Trainer:
             f"{acc.num_processes} processes x {self.cfg.optim.grad_accum_steps} accumulation",
             f"optimizer steps: {self.total_steps} over {self.cfg.train.epochs} epochs",
         ])  # fmt: skip
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Forward, backward, clip and step (accelerate skips the step while accumulating); returns [loss sum, correct, n, skipped]."""
+        pixels, labels = self.inputs("train", images, labels)
+        pixels, targets = self.batch_transform(pixels, labels, (self.progress.epoch, self.progress.position))  # MixUp, CutMix, ...
+        logits = self.model(pixel_values=pixels).logits
+        loss = checked_loss(self.loss(logits.float(), targets), self.cfg.train.loss)
+        self.accelerator.backward(loss)
+        if self.accelerator.sync_gradients and self.cfg.optim.max_grad_norm:
+            self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.optim.max_grad_norm)
+        self.optimizer.step()
+        if self.accelerator.sync_gradients and not self.accelerator.optimizer_step_was_skipped:
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        valid = labels != IGNORE_LABEL
+        with torch.no_grad():
+            n = valid.sum()
+            correct = ((logits.argmax(-1) == labels) & valid).sum()
+            return torch.stack([loss.detach().double() * n, correct.double(), n.double(), (~valid).sum().double()])
+
+
+class Trainer(Components):
+    """A run: its components, the run folder claimed or continued, this rank's writers (do-nothing ones off the main
+    process); fit() trains, evaluates, checkpoints and reports."""
+
+    def __init__(self, cfg: Config):
+        super().__init__(cfg)
+        acc, main = self.accelerator, self.accelerator.is_main_process
+        self.callbacks = Callbacks(cfg.train.callbacks, main)  # before the claim: a bad name leaves no run folder behind
+        opened = open_run(cfg, acc, self.splits, self.total_steps)
+        self.run, self.lock, self.resumed = opened.run, opened.lock, opened.state is not None
+        self.stop = StopRequest()
+        self.best = BestModel(self.run, cfg.train.monitor_metric, cfg.train.monitor_mode, cfg.output.save_per_epoch_checkpoint, main)
+        # only the main process reports MFU: the other ranks skip the count (about 1 s for ViT-B/16)
+        flops = train_flops_per_image(self.model, self.spec.size) if main else None
+        peak = peak_tflops(cfg.train.peak_tflops, acc.device, acc.mixed_precision)
+        self.reporter = Reporter(acc, NullTracker(), flops, peak, cfg.optim, cfg.train.loss)
+        ck = (self.run, acc, cfg.checkpoint, self.stop, cfg.train.log_every_n_steps, self.callbacks, self.reporter.check_finite)
+        self.checkpointer = Checkpointer(*ck)
+        shared = {"optimizer": self.optimizer, "scheduler": self.scheduler, "progress": self.progress, "best": self.best}
+        if acc.scaler is not None:
+            shared["scaler"] = acc.scaler
+        self.checkpointer.track(acc.unwrap_model(self.model), self.progress, shared, {"meter": self.reporter.meter}, opened.identity)
+        if opened.state is not None:
+            self._resume(opened.state)
+        resume_step = self.progress.step if opened.state is not None else None
+        bar_start = self.reporter.meter.logged_step  # the bar advances by logged steps: it starts at the last one logged
+        self.tracker = TensorBoardTracker(self.run, self.total_steps, resume_step, bar_start) if main else NullTracker()
+        self.reporter.tracker = self.tracker
+        self.tracker.write_config(cfg)
+        self.tracker.log_text("config", "```yaml\n" + cfg.to_yaml() + "\n```", self.progress.step)
+        self.tracker.log_text("run", self.describe().replace("\n", "  \n"), self.progress.step)
+        log.info("run %s: logs in %s, checkpoints in %s", self.run.name, self.run.logs, self.run.checkpoints)
+
+    def _resume(self, state) -> None:
+        p = self.progress
+        self.checkpointer.load(state)
+        p.restarts += 1
+        self.accelerator.step = 0  # states are saved right after an optimizer step: accumulation restarts from zero
+        log.info("resuming %s from %s (step %d, epoch %d, restart %d)", self.run.name, state, p.step, p.epoch, p.restarts)
 
     def fit(self) -> dict:
         """Train (or continue) the run: evaluate every epoch, save states, test the best weights; return the summary."""
@@ -233,12 +251,13 @@ class Trainer:
                     continue
                 p.step += 1
                 self.callbacks.on_step_end(p.step)
+                agreed = None  # at a log point, the checkpointer's flags ride along the log's reduction over ranks
                 if p.step % cfg.train.log_every_n_steps == 0 or p.step == self.total_steps:
-                    self.reporter.log_train(p.step, p.epoch, self.scheduler.get_last_lr()[0])
+                    agreed = self.reporter.log_train(p.step, p.epoch, self.scheduler.get_last_lr()[0], riders=self.checkpointer.flags())
                 if p.step >= self.total_steps:
                     break
                 if not acc.gradient_state.end_of_dataloader:  # the epoch end saves after its evaluation instead
-                    self.checkpointer.maybe_save()
+                    self.checkpointer.maybe_save(agreed=agreed)
             self.reporter.log_train(p.step, p.epoch, self.scheduler.get_last_lr()[0], end_of_epoch=True)
             p.last_val = self.evaluate("val", p.epoch, p.step)
             self.best.update(acc.unwrap_model(self.model), self.processor, p.last_val, p.epoch, p.step)
@@ -256,25 +275,6 @@ class Trainer:
         self.checkpointer.mark_finished()
         self.callbacks.on_fit_end(summary)
         return summary
-
-    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Forward, backward, clip and step (accelerate skips the step while accumulating); returns [loss sum, correct, n, skipped]."""
-        pixels, labels = self.inputs("train", images, labels)
-        pixels, targets = self.batch_transform(pixels, labels, (self.progress.epoch, self.progress.position))  # MixUp, CutMix, ...
-        logits = self.model(pixel_values=pixels).logits
-        loss = checked_loss(self.loss(logits.float(), targets), self.cfg.train.loss)
-        self.accelerator.backward(loss)
-        if self.accelerator.sync_gradients and self.cfg.optim.max_grad_norm:
-            self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.optim.max_grad_norm)
-        self.optimizer.step()
-        if self.accelerator.sync_gradients and not self.accelerator.optimizer_step_was_skipped:
-            self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        valid = labels != IGNORE_LABEL
-        with torch.no_grad():
-            n = valid.sum()
-            correct = ((logits.argmax(-1) == labels) & valid).sum()
-            return torch.stack([loss.detach().double() * n, correct.double(), n.double(), (~valid).sum().double()])
 
     @torch.no_grad()
     def evaluate(self, split: str, epoch: int, step: int) -> dict[str, float]:

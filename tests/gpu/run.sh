@@ -22,7 +22,7 @@ try:
 except UserError as err:
     print("--gpus beyond the driver's GPUs refused:", err)
 os.environ["UTP_EXPECT_CUDA_DEVICES"] = str(len(gpus))
-from utp_dist.train import check_expected_devices
+from utp_dist.train_command import check_expected_devices
 check_expected_devices()
 print(f"UTP_EXPECT_CUDA_DEVICES={len(gpus)}: the training entry sees them all")
 PY

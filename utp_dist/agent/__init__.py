@@ -1,1 +1,1 @@
-"""Agents (issue 12): processes that take queued runs from the dashboard, train them with utp_dist.train, and report back."""
+"""Agents: processes that take queued runs from the dashboard, train them with utp_dist.train, and report back."""

@@ -24,7 +24,7 @@ from utp_dist.registry import IMPORT_ENV, check_references
 from utp_dist.store import runfiles
 from utp_dist.store.lock import RunLock
 from utp_dist.store.run_dir import RunDir, base_name, find_runs
-from utp_dist.train import EXPECT_CUDA_ENV
+from utp_dist.train_command import EXPECT_CUDA_ENV
 
 ERROR_PREFIX = "utp_dist: error: "
 PR_SET_PDEATHSIG = 1

@@ -54,7 +54,7 @@ class ConfigRow(Base):
 
 
 class Agent(Base):
-    """A machine that runs queued jobs (issue 12): its heartbeat and whether it takes new work."""
+    """A machine that runs queued jobs (an agent): its heartbeat and whether it takes new work."""
 
     __tablename__ = "agents"
     id: Mapped[int] = mapped_column(primary_key=True)

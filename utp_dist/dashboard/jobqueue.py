@@ -1,4 +1,4 @@
-"""What agents do with the queue (issue 12): register, heartbeat, claim, start, report, finish, refuse; and the reaper.
+"""What agents do with the queue: register, heartbeat, claim, start, report, finish, refuse; and the reaper.
 
 Claiming is one atomic statement; every later change of a job goes through `services.swap`, a compare-and-swap on
 (state, attempt). The attempt number is the agent's fencing token: once a lease expired and the job was requeued

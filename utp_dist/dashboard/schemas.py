@@ -165,7 +165,7 @@ class RunDetail(RunOut):
     paths: dict[str, str | None] = {}
     jobs: list[JobOut] = []
     log_tail: str | None = None
-    """What the agent running it last saw its training process print (issue 12)."""
+    """What the agent running it last saw its training process print."""
     sweep_task: dict[str, Any] | None = None
     """The sweep task that trained it, when one did: sweep folder and id, task index, job id, host, pid, attempts."""
 
@@ -233,7 +233,7 @@ class ResubmitOut(BaseModel):
     message: str
 
 
-# --- what agents send and get back (issue 12)
+# --- what agents send and get back
 
 
 class GpuReport(In):

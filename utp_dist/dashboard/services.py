@@ -156,7 +156,7 @@ def delete_config(session: Session, config_id: int) -> None:
 
 
 def queue_run(session: Session, config_id: int, gpus: int = 0, priority: int = 0, max_attempts: int = 3) -> tuple[Run, Job]:
-    """A run of this config and its queue entry, both queued (an agent claims it: issue 12)."""
+    """A run of this config and its queue entry, both queued, for an agent to claim."""
     config = found(session, ConfigRow, config_id, "config")
     run = Run(project_id=config.project_id, config_id=config.id, source="queue", state=states.QUEUED, config_hash=config.config_hash)
     job = Job(run=run, state=states.QUEUED, gpus=gpus, priority=priority, max_attempts=max_attempts)
@@ -206,7 +206,7 @@ def swap(session: Session, job: Job, new: str, run: dict | None = None, **values
     """Move a job from the (state, attempt) it was read with to `new`, and its run with it, as one compare-and-swap.
 
     False (nothing written) when another actor changed the job first; the one place every state change goes through,
-    for users here and for agents (issue 12), whose attempt number is their fencing token. `run`: more run columns to set.
+    for users here and for agents, whose attempt number is their fencing token. `run`: more run columns to set.
     """
     if not states.allowed(job.state, new):
         return False

@@ -36,7 +36,7 @@ class Settings:
     index_interval_s: float = 5.0
     """How often the background indexer looks for new or changed run folders."""
     lease_s: float = 30.0
-    """How long an agent's claim on a job lasts without a heartbeat; then the reaper requeues the job (issue 12)."""
+    """How long an agent's claim on a job lasts without a heartbeat; then the reaper requeues the job."""
     allow_import: tuple[str, ...] = ()
     """Modules (imported at start) whose registered names and `module:attr` paths stored configs may name (--allow-import)."""
     max_body: int = MAX_BODY

@@ -11,7 +11,7 @@ ACTIVE = (QUEUED, CLAIMED, RUNNING, STOPPING)
 # a run found on disk but never queued here: what its own files say
 FINISHED_ON_DISK, LIVE_ON_DISK, RESUMABLE_ON_DISK, UNKNOWN = SUCCEEDED, RUNNING, STOPPED, "unknown"
 
-# job state -> the states it may move to. Agents (issue 12) drive claimed/running/succeeded/failed/stopped;
+# job state -> the states it may move to. Agents drive claimed/running/succeeded/failed/stopped;
 # users drive cancel (queued/claimed -> cancelled, running -> stopping) and resume (stopped/failed/cancelled -> queued).
 TRANSITIONS: dict[str, tuple[str, ...]] = {
     QUEUED: (CLAIMED, CANCELLED),

@@ -8,11 +8,11 @@ and applied to (normalised images, class probabilities). Every random number com
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torchvision.transforms import v2
 
 from utp_dist.config import DataConfig
-from utp_dist.data.loaders import keyed_transform
-from utp_dist.losses import as_probabilities
+from utp_dist.data.loaders import IGNORE_LABEL, keyed_transform
 from utp_dist.registry import BATCH_TRANSFORMS, bind_options
 
 
@@ -45,3 +45,12 @@ def build_batch_transform(cfg: DataConfig, num_classes: int, seed: int, rank: in
     key = "data.batch_transform_options"
     built = [bind_options(BATCH_TRANSFORMS.get(name), cfg.batch_transform_options.get(name, {}), key)() for name in cfg.batch_transforms]
     return BatchTransform(built, num_classes, seed, rank)
+
+
+def as_probabilities(targets: torch.Tensor, num_classes: int, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Class indices as one-hot rows (zeros for IGNORE_LABEL); probabilities pass; then label smoothing as torch applies it."""
+    if not targets.is_floating_point():
+        targets = F.one_hot(targets.clamp(min=0), num_classes).float() * (targets != IGNORE_LABEL).unsqueeze(-1)
+    if label_smoothing:
+        targets = targets * (1 - label_smoothing) + targets.sum(-1, keepdim=True) * (label_smoothing / num_classes)
+    return targets

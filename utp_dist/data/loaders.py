@@ -19,7 +19,7 @@ from torchvision.transforms import v2
 from utp_dist.config import SPLITS, DataConfig
 from utp_dist.data.builtin import BUILTIN_PREFIX, materialize
 from utp_dist.data.folder_index import Listing, list_splits_once
-from utp_dist.errors import UserError, first_line
+from utp_dist.errors import UserError
 from utp_dist.preemption import STOP_SIGNALS
 
 log = logging.getLogger(__name__)
@@ -337,30 +337,6 @@ class EncodedBatch:
 def collate_encoded(batch: list) -> tuple[EncodedBatch, torch.Tensor]:
     """(EncodedBatch, labels) for a data.decode: gpu loader."""
     return EncodedBatch([item for item, _ in batch]), torch.tensor([label for _, label in batch])
-
-
-def worker_death(err: BaseException) -> UserError | None:
-    """The one-line error for torch's report that a DataLoader worker died, None for any other error.
-
-    torch's SIGCHLD handler raises that RuntimeError wherever the main process happens to be (inside a save too), so
-    callers that wrap errors by where they happened ask here first, and a dead worker is never called a write error.
-    """
-    text = first_line(err).rstrip(". ")
-    if not (isinstance(err, RuntimeError) and text.startswith("DataLoader worker (pid")):
-        # the dead worker may show up as another error first (a batch whose shared memory it was still handing over):
-        # torch's own check of this process's workers tells, with the signal that killed it
-        from torch.utils.data._utils.signal_handling import _error_if_any_worker_fails
-
-        try:
-            _error_if_any_worker_fails()
-        except RuntimeError as died:
-            text = first_line(died).rstrip(". ")
-        else:
-            return None
-    return UserError(
-        f"data.num_workers: a data loading worker died ({text}); the out-of-memory killer is the usual cause: lower "
-        "data.num_workers, data.prefetch_factor or data.batch_size. The newest complete training state continues the run"
-    )
 
 
 def _outlive_stop_signals() -> None:

@@ -21,8 +21,7 @@ from safetensors.torch import load_model, save_model
 from transformers.utils import logging as hf_logging
 
 from utp_dist.config import CheckpointConfig
-from utp_dist.data.loaders import worker_death
-from utp_dist.errors import UserError, first_line
+from utp_dist.errors import UserError, first_line, worker_death
 from utp_dist.preemption import Stopped, StopRequest
 from utp_dist.store import atomic
 from utp_dist.store.run_dir import COMPLETE, RunDir, complete_states
@@ -34,11 +33,16 @@ META = "_best_meta.json"
 
 
 class BestModel:
-    """Keeps the best model (by monitor_metric) as a save_pretrained folder, and per-epoch weights if asked."""
+    """Keeps the best model (by monitor_metric) as a save_pretrained folder, and per-epoch weights if asked.
 
-    def __init__(self, run: RunDir, metric: str, mode: str, per_epoch: bool):
+    Every rank decides alike (the best is part of every training state and picks the weights the test split sees);
+    only the main process's `exports` write: every other rank's are NoExports, whose methods do nothing.
+    """
+
+    def __init__(self, run: RunDir, metric: str, mode: str, per_epoch: bool, main: bool):
         self.folder, self.best_dir = run.checkpoints, run.best
         self.metric, self.mode, self.per_epoch = metric, mode, per_epoch
+        self.exports = Exports(run) if main else NoExports()
         self.best = self._read_meta()
 
     def is_better(self, value: float) -> bool:
@@ -55,11 +59,9 @@ class BestModel:
         improved = self.is_better(value)
         if improved:
             self.best = {"metric": self.metric, "mode": self.mode, "value": value, "epoch": epoch, "step": step}
-            self._export(model, processor, f"best-step{step:08d}")
-            self._swap_link(f"best-step{step:08d}")
-            self._write_meta()
+            self.exports.best(model, processor, f"best-step{step:08d}", self.best)
         if self.per_epoch:
-            self._export(model, processor, f"epoch{epoch:03d}")
+            self.exports.model(model, processor, f"epoch{epoch:03d}")
         return improved
 
     def state_dict(self) -> dict:
@@ -76,7 +78,27 @@ class BestModel:
         best = type(model).from_pretrained(self.best_dir.resolve(), use_safetensors=True)
         model.load_state_dict(best.state_dict(), strict=True)
 
-    def _export(self, model, processor, name: str) -> None:
+    def _read_meta(self) -> dict | None:
+        try:
+            return json.loads((self.folder / META).read_text())
+        except (OSError, ValueError):
+            return None
+
+
+class Exports:
+    """What the main process writes for BestModel: save_pretrained folders, the `best` link and its metadata."""
+
+    def __init__(self, run: RunDir):
+        self.folder, self.best_dir = run.checkpoints, run.best
+
+    def best(self, model, processor, name: str, meta: dict) -> None:
+        """Export the new best as `name`, point the `best` link at it (dropping the old one) and record `meta`."""
+        self.model(model, processor, name)
+        self._swap_link(name)
+        atomic.write_json(self.folder / META, meta, fsync=True)
+
+    def model(self, model, processor, name: str) -> None:
+        """`model` and `processor` as the save_pretrained folder `name`, complete or not at all."""
         target = self.folder / name
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=self.folder))
         error = _attempt(
@@ -99,27 +121,15 @@ class BestModel:
         if old and old != name:
             shutil.rmtree(self.folder / old, ignore_errors=True)
 
-    def _write_meta(self) -> None:
-        atomic.write_json(self.folder / META, self.best, fsync=True)
 
-    def _read_meta(self) -> dict | None:
-        try:
-            return json.loads((self.folder / META).read_text())
-        except (OSError, ValueError):
-            return None
+class NoExports:
+    """The Exports of every process but the main one: the same methods, writing nothing."""
 
+    def best(self, model, processor, name: str, meta: dict) -> None:
+        """Nothing: the main process exports."""
 
-class NullBestModel(BestModel):
-    """The checkpointer of every process but the main one: tracks the best, writes nothing."""
-
-    def _export(self, *args, **kwargs) -> None:
-        pass
-
-    def _swap_link(self, *args, **kwargs) -> None:
-        pass
-
-    def _write_meta(self) -> None:
-        pass
+    def model(self, model, processor, name: str) -> None:
+        """Nothing: the main process exports."""
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -233,21 +243,29 @@ class Checkpointer:
         `progress` (step, epoch, position) says where the run stands."""
         self.progress, self.objects = progress, (model, shared, per_rank, identity)
 
-    def maybe_save(self, epoch_end: bool = False, save_epoch: bool = False) -> None:
+    def flags(self) -> list[float]:
+        """This rank's [stop requested, save due by the clock], as 0/1, for maybe_save's `agreed`."""
+        due_by_time = bool(self.cfg.every_n_minutes) and time.time() - self.last_save >= 60 * self.cfg.every_n_minutes
+        return [float(self.stop.requested), float(due_by_time)]
+
+    def maybe_save(self, epoch_end: bool = False, save_epoch: bool = False, agreed: list[float] | None = None) -> None:
         """Save when due (steps, minutes, `save_epoch`) or asked by a signal, then raise Stopped for a signal.
 
         Under DDP one rank's signal or clock decides for all, so the ranks agree on the flags; to keep the device
         pipeline free of a host sync on every step, they agree only at log points, step saves and epoch ends, which
-        every rank reaches at the same step.
+        every rank reaches at the same step. At a log point the flags ride along the log's reduction: `agreed` is
+        flags() summed over ranks there (above 0: some rank said yes).
         """
         step = self.progress.step
         due_by_steps = bool(self.cfg.every_n_steps) and step % self.cfg.every_n_steps == 0
-        due_by_time = bool(self.cfg.every_n_minutes) and time.time() - self.last_save >= 60 * self.cfg.every_n_minutes
-        flags = [self.stop.requested, due_by_time]  # plain bools: a single process never waits for the device here
+        flags = self.flags()  # plain numbers: a single process never waits for the device here
         if self.accelerator.num_processes > 1:
-            if not (epoch_end or due_by_steps or step % self.agree_every == 0):
+            if agreed is not None:
+                flags = agreed
+            elif not (epoch_end or due_by_steps or step % self.agree_every == 0):
                 return
-            flags = self.accelerator.reduce(torch.tensor(flags, device=self.accelerator.device).int(), "max").tolist()
+            else:
+                flags = self.accelerator.reduce(torch.tensor(flags, device=self.accelerator.device).int(), "max").tolist()
         stopping, due_by_time = bool(flags[0]), bool(flags[1])
         if save_epoch or due_by_steps or due_by_time or stopping:
             self.save()

@@ -11,12 +11,12 @@ from pathlib import Path
 
 from accelerate.utils import broadcast_object_list
 
-from utp_dist import __version__
 from utp_dist.config import MAY_CHANGE_ON_RESUME, Config, flatten, under
 from utp_dist.errors import UserError
 from utp_dist.store.checkpoint import damage, read_identity
 from utp_dist.store.lock import RunLock
 from utp_dist.store.run_dir import COMPLETE, STATE_DIR, RunDir, base_name, complete_states, find_runs
+from utp_dist.version import __version__
 
 log = logging.getLogger(__name__)
 

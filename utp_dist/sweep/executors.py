@@ -182,7 +182,7 @@ class DashboardExecutor(Executor):
     """Each task as a config and a queued run of a dashboard (`--server URL`), in the project "sweep NAME"; its agents run them.
 
     The job handle is the run's page, SERVER/web/runs/ID, so `submit status`, `resubmit --failed` and `leaderboard`
-    find the server again from the ledger; states come from the dashboard's queue (issue 12).
+    find the server again from the ledger; states come from the dashboard's queue.
     """
 
     name = "dashboard"

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from utp_dist.config import ConfigError, build_section, read_yaml
-from utp_dist.train import EXPECT_CUDA_ENV
+from utp_dist.train_command import EXPECT_CUDA_ENV
 
 # sbatch's long options (Slurm 22.05 `man sbatch`), for the profile's free `sbatch:` block
 SBATCH_OPTIONS = frozenset(

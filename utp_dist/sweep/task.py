@@ -34,7 +34,7 @@ class TrainTask:
         record = TaskRecord(Path(self.sweep_dir), self.index) if rank == 0 else None
         if record:
             record.started()
-        from utp_dist.train import run  # imported here: submitting a grid should not pay for torch
+        from utp_dist.train_command import run  # imported here: submitting a grid should not pay for torch
 
         outcome = run([self.config])
         if record:

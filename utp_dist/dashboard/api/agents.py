@@ -1,4 +1,4 @@
-"""/api/v1/agents: the machines that run queued jobs (issue 12), their GPUs, registration and heartbeats."""
+"""/api/v1/agents: the machines that run queued jobs, their GPUs, registration and heartbeats."""
 
 from __future__ import annotations
 

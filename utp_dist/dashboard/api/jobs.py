@@ -1,4 +1,4 @@
-"""/api/v1/jobs: what agents do with queued jobs (issue 12): claim, start, progress, finish, refuse; states by run."""
+"""/api/v1/jobs: what agents do with queued jobs: claim, start, progress, finish, refuse; states by run."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""runs.log_tail: the last lines an agent saw its training process print (issue 12)
+"""runs.log_tail: the last lines an agent saw its training process print
 
 Revision ID: 0003
 Revises: 0002
