@@ -1,0 +1,93 @@
+"""The run handshake: a training process started with $UTP_DIST_HANDSHAKE names its run folder there once it claimed
+it, and its outcome at its end (real `python -m utp_dist.train` processes, real signals)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import yaml
+from conftest import REPO, make_image_folder, tiny_config, wait_for
+
+from utp_dist.store import handshake
+from utp_dist.store.run_dir import RunDir
+
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("handshake") / "shapes", per_class={"train": 8, "val": 3})
+
+
+def start(tmp_path, config: dict, *overrides: str, **env: str) -> tuple[subprocess.Popen, object]:
+    """`python -m utp_dist.train` told to write its handshake to tmp_path/handshake.json; (process, handshake path)."""
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    told = tmp_path / "handshake.json"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "utp_dist.train", str(path), *overrides],
+        env={**ENV, handshake.HANDSHAKE_ENV: str(told), **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
+    return proc, told
+
+
+def test_a_finished_run_names_its_folder_and_completed(images, tmp_path):
+    proc, told = start(tmp_path, tiny_config(images, tmp_path / "out", train={"epochs": 1}))
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()[-3000:]
+    said = handshake.read(told)
+    assert said.run_folder == RunDir((tmp_path / "out").resolve(), "shapes", said.run_folder.name)
+    assert said.run_folder.read_summary()["steps"] == 3  # the folder it named is the run it trained
+    assert (said.reason, said.exit_code, said.error) == ("completed", 0, None)
+
+
+def test_a_config_error_says_failed_with_the_cli_line_and_no_folder(images, tmp_path):
+    proc, told = start(tmp_path, tiny_config(images, tmp_path / "out"), "train.epochz=1")
+    assert proc.wait(timeout=120) == 2
+    line = proc.stderr.read().strip()
+    said = handshake.read(told)
+    assert (said.reason, said.exit_code, said.run_folder) == ("failed", 2, None)
+    assert said.error == line.removeprefix("utp_dist: error: ") and "train.epochz" in said.error and "\n" not in said.error
+    assert not (tmp_path / "out").exists()
+
+
+def test_sigterm_names_the_folder_while_it_trains_then_stopped_75(images, tmp_path):
+    config = tiny_config(images, tmp_path / "out", train={"epochs": 50, "log_every_n_steps": 1, "callbacks": ["tests.hooks:SlowSteps"]})
+    proc, told = start(tmp_path, config, UTP_TEST_STEP_SLEEP="0.2")
+    try:
+        wait_for(lambda: handshake.read(told).run_folder is not None, proc)
+        running = handshake.read(told)
+        assert running.reason is None and running.run_folder.logs.is_dir()  # named while it runs, no outcome yet
+        assert json.loads(told.read_text())["pid"] == proc.pid
+        wait_for(lambda: running.run_folder.read_progress(), proc)  # in the loop: the stop signal is handled there
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 75, proc.stderr.read()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    said = handshake.read(told)
+    assert (said.reason, said.exit_code, said.error, said.run_folder) == ("stopped", 75, None, running.run_folder)
+    assert said.run_folder.states()  # it saved before it stopped: the folder it named is the one to continue
+
+
+def test_only_rank_0_writes_and_nothing_without_the_variable(tmp_path, monkeypatch):
+    run = RunDir.create(tmp_path / "out", "shapes", "run")
+    monkeypatch.setenv(handshake.HANDSHAKE_ENV, str(tmp_path / "rank1.json"))
+    handshake.begin(rank=1)  # another rank of a launch: the claiming rank speaks for the run
+    handshake.claimed(run)
+    handshake.end(0, None)
+    assert not (tmp_path / "rank1.json").exists()
+    monkeypatch.delenv(handshake.HANDSHAKE_ENV)
+    handshake.begin(rank=0)
+    handshake.claimed(run)
+    handshake.end(0, None)
+    assert list(tmp_path.iterdir()) == [tmp_path / "out"]
+    assert handshake.read(tmp_path / "missing.json") == handshake.Handshake()
