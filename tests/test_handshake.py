@@ -11,7 +11,8 @@ import sys
 
 import pytest
 import yaml
-from conftest import REPO, make_image_folder, tiny_config, wait_for
+from conftest import REPO, make_image_folder, tiny_config
+from dashboard_support import wait_until
 
 from utp_dist.store import handshake
 from utp_dist.store.run_dir import RunDir
@@ -24,58 +25,78 @@ def images(tmp_path_factory):
     return make_image_folder(tmp_path_factory.mktemp("handshake") / "shapes", per_class={"train": 8, "val": 3})
 
 
+@pytest.fixture(scope="module")
+def finished(images, tmp_path_factory):
+    """A run that trains to its end, started once for the module so it trains while the stop test runs too."""
+    folder = tmp_path_factory.mktemp("finished")
+    proc, told = start(folder, tiny_config(images, folder / "out", train={"epochs": 1}))
+    yield folder, proc, told
+    if proc.poll() is None:
+        proc.kill()
+
+
 def start(tmp_path, config: dict, *overrides: str, **env: str) -> tuple[subprocess.Popen, object]:
     """`python -m utp_dist.train` told to write its handshake to tmp_path/handshake.json; (process, handshake path)."""
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     told = tmp_path / "handshake.json"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "utp_dist.train", str(path), *overrides],
-        env={**ENV, handshake.HANDSHAKE_ENV: str(told), **env},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=REPO,
-    )
+    with open(tmp_path / "stderr.txt", "wb") as err:  # a file, not a pipe: the progress bar must never block on a full pipe
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "utp_dist.train", str(path), *overrides],
+            env={**ENV, handshake.HANDSHAKE_ENV: str(told), **env},
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            cwd=REPO,
+        )
     return proc, told
 
 
-def test_a_finished_run_names_its_folder_and_completed(images, tmp_path):
-    proc, told = start(tmp_path, tiny_config(images, tmp_path / "out", train={"epochs": 1}))
-    assert proc.wait(timeout=300) == 0, proc.stderr.read()[-3000:]
-    said = handshake.read(told)
-    assert said.run_folder == RunDir((tmp_path / "out").resolve(), "shapes", said.run_folder.name)
-    assert said.run_folder.read_summary()["steps"] == 3  # the folder it named is the run it trained
-    assert (said.reason, said.exit_code, said.error) == ("completed", 0, None)
+def stderr(told) -> str:
+    return (told.parent / "stderr.txt").read_text()[-3000:]
+
+
+def wait_for(predicate, proc: subprocess.Popen, told, what: str) -> None:
+    """Poll until `predicate` holds; fail with the process's stderr if it ended first."""
+    wait_until(lambda: predicate() or proc.poll() is not None, 120, what, told.parent / "stderr.txt")
+    assert proc.poll() is None, stderr(told)
 
 
 def test_a_config_error_says_failed_with_the_cli_line_and_no_folder(images, tmp_path):
     proc, told = start(tmp_path, tiny_config(images, tmp_path / "out"), "train.epochz=1")
     assert proc.wait(timeout=120) == 2
-    line = proc.stderr.read().strip()
+    line = stderr(told).strip()
     said = handshake.read(told)
     assert (said.reason, said.exit_code, said.run_folder) == ("failed", 2, None)
     assert said.error == line.removeprefix("utp_dist: error: ") and "train.epochz" in said.error and "\n" not in said.error
     assert not (tmp_path / "out").exists()
 
 
-def test_sigterm_names_the_folder_while_it_trains_then_stopped_75(images, tmp_path):
+def test_sigterm_names_the_folder_while_it_trains_then_stopped_75(images, tmp_path, finished):
     config = tiny_config(images, tmp_path / "out", train={"epochs": 50, "log_every_n_steps": 1, "callbacks": ["tests.hooks:SlowSteps"]})
     proc, told = start(tmp_path, config, UTP_TEST_STEP_SLEEP="0.2")
     try:
-        wait_for(lambda: handshake.read(told).run_folder is not None, proc)
+        wait_for(lambda: handshake.read(told).run_folder is not None, proc, told, "the run folder in the handshake")
         running = handshake.read(told)
         assert running.reason is None and running.run_folder.logs.is_dir()  # named while it runs, no outcome yet
         assert json.loads(told.read_text())["pid"] == proc.pid
-        wait_for(lambda: running.run_folder.read_progress(), proc)  # in the loop: the stop signal is handled there
+        wait_for(lambda: running.run_folder.read_progress(), proc, told, "a log point")  # in the loop, where a stop is handled
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=120) == 75, proc.stderr.read()[-3000:]
+        assert proc.wait(timeout=120) == 75, stderr(told)
     finally:
         if proc.poll() is None:
             proc.kill()
     said = handshake.read(told)
     assert (said.reason, said.exit_code, said.error, said.run_folder) == ("stopped", 75, None, running.run_folder)
     assert said.run_folder.states()  # it saved before it stopped: the folder it named is the one to continue
+
+
+def test_a_finished_run_names_its_folder_and_completed(finished):
+    folder, proc, told = finished
+    assert proc.wait(timeout=300) == 0, stderr(told)
+    said = handshake.read(told)
+    assert said.run_folder == RunDir((folder / "out").resolve(), "shapes", said.run_folder.name)
+    assert said.run_folder.read_summary()["steps"] == 3  # the folder it named is the run it trained
+    assert (said.reason, said.exit_code, said.error) == ("completed", 0, None)
 
 
 def test_only_rank_0_writes_and_nothing_without_the_variable(tmp_path, monkeypatch):
