@@ -112,3 +112,41 @@ def test_only_rank_0_writes_and_nothing_without_the_variable(tmp_path, monkeypat
     handshake.end(0, None)
     assert list(tmp_path.iterdir()) == [tmp_path / "out"]
     assert handshake.read(tmp_path / "missing.json") == handshake.Handshake()
+
+
+def test_the_indexer_leaves_a_starting_jobs_folder_to_its_agent_one_row_per_folder(images, tmp_path):
+    """A folder a live process writes while a job's agent has not reported its folder gets no row of its own; the
+    report puts it on the queued run's row, and the indexer then updates that row: never two rows, none deleted."""
+    from sqlalchemy import func, select
+
+    from utp_dist.dashboard import jobqueue, migrate, services
+    from utp_dist.dashboard.db import Database, Run
+    from utp_dist.dashboard.indexer import Indexer
+    from utp_dist.store.lock import RunLock
+
+    root = (tmp_path / "root").resolve()
+    database = Database(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    migrate.upgrade(database.engine)
+    indexer = Indexer((root,), database.sessions)
+    with database.sessions() as session:
+        project = services.create_project(session, "p")
+        config = services.create_config(session, project.id, "tiny", tiny_config(images, root))
+        run, job = services.queue_run(session, config.id)
+        agent = jobqueue.register(session, "a", "host", [], drain=False, lease_s=30)
+        attempt = jobqueue.claim(session, agent.id, 0, True, [], lease_s=30)["attempt"]
+        jobqueue.start(session, job.id, agent.id, attempt, pid=1)
+        folder = RunDir.create(root, "shapes", "tiny")
+        lock = RunLock(folder).acquire()  # the job's training claimed it; its agent has not read the handshake yet
+        assert indexer.refresh()["runs"] == 0
+        reported = {"root": str(root), "dataset": "shapes", "name": "tiny"}
+        jobqueue.progress(session, job.id, agent.id, attempt, reported, {"step": 3})
+        cli = RunDir.create(root, "shapes", "from-the-cli")
+        cli_lock = RunLock(cli).acquire()  # no job is starting any more: a live CLI run is indexed as ever
+        assert indexer.refresh()["runs"] == 2
+        session.expire_all()
+        rows = {r.name: (r.id, r.source, r.state) for r in session.scalars(select(Run))}
+        assert rows == {"tiny": (run.id, "queue", "running"), "from-the-cli": (rows["from-the-cli"][0], "disk", "running")}
+        assert session.scalar(select(func.count()).select_from(Run)) == 2
+        lock.release()
+        cli_lock.release()
+    database.engine.dispose()
