@@ -16,6 +16,7 @@ from dashboard_support import private_root, serving, wait_until
 
 from utp_dist.dashboard import sources
 from utp_dist.store import runfiles
+from utp_dist.store.lock import RunLock
 from utp_dist.store.run_dir import RunDir
 
 
@@ -189,6 +190,24 @@ def test_progress_of_a_training_run_folder_is_step_level(tmp_path):
     assert runfiles.progress(folder)["step"] == 9
     folder.summary_file.write_text(json.dumps({"steps": 27, "last_epoch": 2, "best": {"value": 0.7}}))
     assert (runfiles.progress(folder)["step"], runfiles.progress(folder)["epoch"]) == (27, 2)
+
+
+def test_a_run_is_running_while_a_process_holds_its_lock_and_not_a_moment_after_kill_9(tmp_path):
+    """Liveness is the run lock's holder, not how recently files were written: a killed run is stopped at once."""
+    run = RunDir.create(tmp_path, "shapes", "run")
+    assert runfiles.disk_state(run) == "unknown" and not run.lock_file.exists()  # asking created no lock file
+    code = "import sys, time; from utp_dist.store.lock import RunLock; from utp_dist.store.run_dir import RunDir; "
+    code += f"lock = RunLock(RunDir({str(tmp_path)!r}, 'shapes', 'run')).acquire(); print('locked', flush=True); time.sleep(60)"
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env={"PYTHONPATH": str(REPO)})
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        assert runfiles.alive(run) and runfiles.disk_state(run) == "running"
+        assert RunLock(run).holder()["pid"] == holder.pid
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not runfiles.alive(run) and runfiles.disk_state(run) == "unknown"  # its files are seconds old: still not running
+    RunLock(run).acquire().release()  # and a probe never kept the lock from the next writer
 
 
 def test_a_root_that_is_away_forgets_nothing(web, root):

@@ -11,8 +11,9 @@ import warnings
 from dataclasses import dataclass
 
 from utp_dist.api import train
-from utp_dist.errors import UserError, run_command
+from utp_dist.errors import UserError, one_line, run_command
 from utp_dist.preemption import EXIT_RESUMABLE, Stopped
+from utp_dist.store import handshake
 
 # set by whoever gave this process its GPUs (an agent, a Slurm task with gpus_per_node): how many CUDA devices it must see
 EXPECT_CUDA_ENV = "UTP_EXPECT_CUDA_DEVICES"
@@ -53,6 +54,8 @@ def run(argv: list[str] | None = None) -> Outcome:
     # torchvision 0.29 deprecates torchvision.io image decoding in favour of TorchCodec; it still works
     warnings.filterwarnings("ignore", message=".*image decoding and encoding.*")
     stopped: list[int | None] = []
+    errors: list[str] = []
+    handshake.begin(rank)  # whoever started this process may have asked where its run folder and outcome go
 
     def body() -> int:
         try:
@@ -61,8 +64,16 @@ def run(argv: list[str] | None = None) -> Outcome:
             print(f"utp_dist: {stop}; exit {EXIT_RESUMABLE} = stopped to be resumed", file=sys.stderr)
             stopped.append(stop.signum)
             return EXIT_RESUMABLE
+        except UserError as err:
+            errors.append(one_line(err))
+            raise
 
-    code = run_command(body, interrupted="interrupted; the newest complete training state (if any) continues the run")
+    try:
+        code = run_command(body, interrupted="interrupted; the newest complete training state (if any) continues the run")
+    except Exception as err:  # a crash: the traceback goes to stderr as always, its last line to the handshake
+        handshake.end(1, f"{type(err).__name__}: {one_line(err)}")
+        raise
+    handshake.end(code, errors[-1] if errors and code != 0 else None)
     return Outcome(code, stopped[0] if stopped else None)
 
 

@@ -1,5 +1,7 @@
 """How an agent runs a claimed job: the training command, its process, its run folder, its progress and its outcome.
 
+The child is told where to write its handshake (utp_dist.store.handshake): it names its run folder there once it has
+claimed it, and its outcome at its end; the agent reads that file and nothing else to learn either.
 `Runner` is the one place that starts processes; tests hand the agent a subclass whose children do nothing, so the
 claim/lease machinery can be raced with hundreds of jobs in seconds.
 """
@@ -7,7 +9,6 @@ claim/lease machinery can be raced with hundreds of jobs in seconds.
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 import shutil
 import signal
@@ -21,21 +22,18 @@ import yaml
 from utp_dist.config import ConfigError, from_dict
 from utp_dist.errors import one_line
 from utp_dist.registry import IMPORT_ENV, check_references
-from utp_dist.store import runfiles
-from utp_dist.store.lock import RunLock
-from utp_dist.store.run_dir import RunDir, base_name, find_runs
+from utp_dist.store import handshake, runfiles
+from utp_dist.store.run_dir import RunDir
 from utp_dist.train_command import EXPECT_CUDA_ENV
 
-ERROR_PREFIX = "utp_dist: error: "
 PR_SET_PDEATHSIG = 1
 
 
 class Child:
-    """One training process of a claimed job: its log, the run folder it writes, and signals to its process group."""
+    """One training process of a claimed job: its log, its handshake file, and signals to its process group."""
 
-    def __init__(self, job: dict, proc: subprocess.Popen, log: Path, folder: RunDir | None, config: dict):
-        self.job, self.proc, self.log, self.folder, self.config = job, proc, log, folder, config
-        self.family: set[int] = {proc.pid}  # every pid seen below it: a launcher's rank 0 is a grandchild
+    def __init__(self, job: dict, proc: subprocess.Popen, log: Path, handshake_file: Path, folder: RunDir | None):
+        self.job, self.proc, self.log, self.handshake_file, self.folder = job, proc, log, handshake_file, folder
 
     @property
     def pid(self) -> int:
@@ -58,11 +56,10 @@ class Child:
         self.proc.wait()
 
     def run_folder(self) -> RunDir | None:
-        """The run folder this process writes: known for a continued run, else the one whose lock a process of ours holds."""
-        if self.folder is None:
-            if self.proc.poll() is None:
-                self.family |= _family(self.proc.pid)
-            self.folder = _locked_by(self.config, self.family)
+        """The run folder this process writes, as its handshake names it (a continued run's is known before)."""
+        named = handshake.read(self.handshake_file).run_folder
+        if named is not None:
+            self.folder = named
         return self.folder
 
     def progress(self) -> dict:
@@ -89,9 +86,8 @@ class Child:
             pass
 
     def error(self) -> str | None:
-        """The one-line error the CLI printed last (`utp_dist: error: ...`), if it printed one."""
-        lines = [line for line in runfiles.tail(self.log, lines=200).splitlines() if line.startswith(ERROR_PREFIX)]
-        return lines[-1].removeprefix(ERROR_PREFIX) if lines else None
+        """The one-line error the training ended with, as its handshake says (None: it ended well, or never said)."""
+        return handshake.read(self.handshake_file).error
 
 
 class Runner:
@@ -146,6 +142,9 @@ class Runner:
             env[IMPORT_ENV] = ",".join(self.allow_import)
         # CUDA numbers GPUs as NVML (the agent's inventory) does; the training fails at start if it sees fewer than it was given
         env.update(CUDA_DEVICE_ORDER="PCI_BUS_ID", **{EXPECT_CUDA_ENV: str(len(gpus))})
+        told = self.workdir / f"{stem}.handshake.json"
+        told.unlink(missing_ok=True)  # the same attempt started again (an agent restarted): only this process's word counts
+        env[handshake.HANDSHAKE_ENV] = str(told)
         log = self.workdir / f"{stem}.log"
         with open(log, "ab") as out:
             proc = subprocess.Popen(
@@ -157,7 +156,7 @@ class Runner:
                 start_new_session=True,  # its own process group: abort and kill reach every rank
                 preexec_fn=_die_with_parent,
             )
-        return Child(job, proc, log, folder if resume != "never" else None, job["config"])
+        return Child(job, proc, log, told, folder if resume != "never" else None)
 
 
 def _die_with_parent() -> None:
@@ -172,40 +171,3 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _family(pid: int) -> set[int]:
-    """`pid` and every process below it (a launcher's ranks are grandchildren of the agent), from /proc."""
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-    family, grew = {pid}, True
-    while grew:
-        more = {child for child, parent in parents.items() if parent in family} - family
-        family |= more
-        grew = bool(more)
-    return family
-
-
-def _locked_by(config: dict, pids: set[int]) -> RunDir | None:
-    """The run folder (of this config's name, under its output root) whose lock is held by one of `pids`."""
-    try:
-        cfg = from_dict(config, "job")
-        runs = list(find_runs(Path(cfg.output.root).resolve(), base_name(cfg)))
-    except (ConfigError, OSError):
-        return None
-    for run in reversed(runs):  # the newest version is the likeliest
-        try:
-            named = json.loads(run.lock_file.read_text() or "{}").get("pid")
-        except (OSError, ValueError):
-            continue
-        # the file names its writer; only then ask the lock itself, so a probe never takes a free lock from a starting run.
-        # A free lock still naming one of ours: that process ended (a short run can end between two reports)
-        holder = RunLock(run).holder() if named in pids else None
-        if named in pids and (holder is None or holder.get("pid") == named):
-            return run
-    return None

@@ -10,10 +10,10 @@ import logging
 import threading
 from pathlib import Path
 
-from sqlalchemy import select, update
+from sqlalchemy import exists, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from utp_dist.dashboard import sources, states
+from utp_dist.dashboard import jobqueue, sources, states
 from utp_dist.dashboard.db import Run, Sweep, now
 from utp_dist.errors import UserError
 from utp_dist.store import runfiles
@@ -45,13 +45,18 @@ class Indexer:
         roots = [str(r) for r in self.roots]
         rows = {(r.root, r.dataset, r.name): r for r in session.scalars(select(Run).where(Run.root.in_(roots)))}
         seen, read = set(), 0
+        # a job whose agent has not reported its folder yet: a new live folder may be its, and its agent reports it
+        # within seconds (from the training's handshake); until then the folder gets no row of its own
+        starting = session.scalar(select(exists().where(Run.source == "queue", Run.root.is_(None), Run.state.in_(jobqueue.HELD))))
         for root in roots:
             for folder in find_runs(root, within=self.roots):  # a symlink out of the roots is no run
                 key = (root, folder.dataset, folder.name)
+                row = rows.get(key)
+                if row is None and starting and runfiles.alive(folder):
+                    continue
                 seen.add(key)
                 mtime = runfiles.newest_mtime(folder)
-                row = rows.get(key)
-                # unchanged files: nothing to read, except that a "running" folder turns stopped as time passes
+                # unchanged files: nothing to read, except that a "running" folder turns stopped when its process ends
                 if row is not None and row.indexed_mtime == mtime and not (row.source == "disk" and row.state == states.RUNNING):
                     continue
                 if row is None:
@@ -60,7 +65,7 @@ class Indexer:
                 self._read(row, folder, mtime)
                 read += 1
         # a root that is not there right now (an unmounted share) forgets nothing: its runs keep their ids and links
-        present = {root for root in roots if (Path(root) / "logs").is_dir()}
+        present = {root for root in roots if runfiles.holds_runs(root)}
         gone = [row for key, row in rows.items() if key not in seen and row.source == "disk" and key[0] in present]
         for row in gone:
             session.delete(row)
@@ -77,7 +82,7 @@ class Indexer:
             setattr(row, field, progress[field])
         row.restarts = progress["restarts"] or 0
         if row.source == "disk":  # a queued run's state is its job's, not a guess from its files
-            row.state = runfiles.disk_state(folder, mtime)
+            row.state = runfiles.disk_state(folder)
         row.indexed_mtime = mtime
         row.updated = now()
 

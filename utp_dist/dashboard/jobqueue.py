@@ -162,11 +162,8 @@ def progress(session: Session, job_id: int, agent_id: int, attempt: int, folder:
     changes = {k: v for k, v in values.items() if k in PROGRESS_FIELDS and v is not None}
     if "log_tail" in changes:
         changes["log_tail"] = changes["log_tail"][-LOG_TAIL_CHARS:]
-    if folder:
-        key = (folder["root"], folder["dataset"], folder["name"])
-        # the indexer may have found the folder first, as a run of its own: this queued run is that run
-        session.execute(delete(Run).where(Run.root == key[0], Run.dataset == key[1], Run.name == key[2], Run.source == "disk"))
-        changes.update(root=key[0], dataset=key[1], name=key[2])
+    if folder:  # from the training's handshake; the indexer leaves a held job's new folder to this report (Indexer._runs)
+        changes.update(root=folder["root"], dataset=folder["dataset"], name=folder["name"])
     fence = exists().where(Job.id == job_id, Job.attempt == attempt, Job.agent_id == agent_id, Job.state.in_(HELD))
     try:
         written = session.execute(update(Run).where(Run.id == job.run_id, fence).values(updated=now(), **changes))

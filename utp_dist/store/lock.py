@@ -19,6 +19,8 @@ from typing import IO
 from utp_dist.errors import UserError
 from utp_dist.store.run_dir import RunDir
 
+ACQUIRE_TRIES, ACQUIRE_PAUSE_S = 10, 0.05
+
 
 class RunLockError(UserError):
     """Another process writes this run, or its file system cannot lock."""
@@ -31,8 +33,17 @@ class RunLock:
         self.run, self.file = run, None
 
     def acquire(self) -> RunLock:
-        """Take the lock now (never waits): a second writer is refused with the holder's host and pid."""
+        """Take the lock now: a second writer is refused with the holder's host and pid.
+
+        It tries for a moment only, for a reader asking `holder()` (the dashboard, `submit status`) holds the lock for
+        the microseconds of its question, and that must not turn a starting run away.
+        """
         handle = self._try_lock()
+        for _ in range(ACQUIRE_TRIES - 1):
+            if handle is not None:
+                break
+            time.sleep(ACQUIRE_PAUSE_S)
+            handle = self._try_lock()
         if handle is None:
             holder = self.holder() or {}
             raise RunLockError(
@@ -53,15 +64,27 @@ class RunLock:
             self.file = None
 
     def holder(self) -> dict | None:
-        """Who holds the lock now ({host, pid, since}), None when nobody does."""
-        handle = self._try_lock()
-        if handle is not None:
-            handle.close()
-            return None
+        """Who holds the lock now ({host, pid, since}; {} when the file does not say), None when nobody does.
+
+        Asked with a shared lock on the file opened read-only: a reader creates nothing, needs no write permission on
+        the run, and its question conflicts with the writer's exclusive lock only (NFS included).
+        """
         try:
-            return json.loads(self.run.lock_file.read_text() or "{}")
-        except (OSError, ValueError):
-            return {}
+            handle = open(self.run.lock_file, encoding="utf-8")  # noqa: SIM115 - closed below, which drops the probe
+        except OSError:  # no lock file: no process ever claimed the run (or it cannot be read: nothing to say)
+            return None
+        with handle:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                try:
+                    named = json.loads(handle.read() or "{}")
+                except (OSError, ValueError):
+                    return {}
+                return named if isinstance(named, dict) else {}
+            except OSError:  # a file system without locks: the writer could not have taken one either
+                return None
+        return None
 
     def _try_lock(self) -> IO[str] | None:
         """The lock file, open and locked by us; None when another process holds it."""

@@ -13,6 +13,7 @@ from accelerate.utils import broadcast_object_list
 
 from utp_dist.config import MAY_CHANGE_ON_RESUME, Config, flatten, under
 from utp_dist.errors import UserError
+from utp_dist.store import handshake
 from utp_dist.store.checkpoint import damage, read_identity
 from utp_dist.store.lock import RunLock
 from utp_dist.store.run_dir import COMPLETE, STATE_DIR, RunDir, base_name, complete_states, find_runs
@@ -85,10 +86,13 @@ def _claim(cfg: Config, dataset: str) -> tuple[Path | None, RunDir, RunLock]:
         lock = RunLock(run).acquire()
         state = found if cfg.checkpoint.resume != "auto" else newest_sound_state(run)
         if state is not None:
+            handshake.claimed(run)
             return state, run, lock
         lock.release()  # every state of that run is damaged: train anew
     run = RunDir.create(cfg.output.root, dataset, base_name(cfg))
-    return None, run, RunLock(run).acquire()
+    lock = RunLock(run).acquire()
+    handshake.claimed(run)
+    return None, run, lock
 
 
 def find_state(cfg: Config, dataset: str) -> Path | None:

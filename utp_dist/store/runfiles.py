@@ -1,6 +1,8 @@
-"""What a run page shows, read from the run's own folder through RunDir: progress, curves, figures, log tail, best export.
+"""The one reader of what a run's folder says: progress, best, curves, figures, log tail, best export, and whether a
+process trains it now. The CLI (`submit status`, through the sweep status), the agent and the dashboard all ask here.
 
-The dashboard's RunDirs are confined to the output roots (RunDir.within): every file read here passes `run.allows`.
+Every file is read through RunDir; the dashboard's RunDirs are confined to the output roots (RunDir.within), and
+every file read here passes `run.allows`.
 """
 
 from __future__ import annotations
@@ -8,12 +10,11 @@ from __future__ import annotations
 import math
 import os
 import threading
-import time
 from pathlib import Path
 
-from utp_dist.store.run_dir import RunDir
+from utp_dist.store.lock import RunLock
+from utp_dist.store.run_dir import LOGS, RunDir
 
-LIVE_WINDOW_S = 180.0  # a run folder written to this recently is taken as running
 LOG_SUFFIXES = (".log", ".out", ".err")
 TRAIN_TAGS = ("train/loss", "train/acc")
 _curves_cache: dict[str, tuple[float, dict]] = {}
@@ -21,7 +22,8 @@ _curves_lock = threading.Lock()
 
 
 def newest_mtime(run: RunDir) -> float | None:
-    """The newest modification time among the run's log files and its FINISHED marker (None: no folder)."""
+    """The newest modification time among the run's log files and its FINISHED marker (None: no folder): what changes
+    when the run wrote something new, for a reader that caches what it read."""
     try:
         times = [entry.stat().st_mtime for entry in _scan(run.logs) if entry.is_file()]
         times.append(run.logs.stat().st_mtime)
@@ -37,27 +39,56 @@ def _scan(folder: Path) -> list[os.DirEntry]:
         return list(entries)
 
 
-def disk_state(run: RunDir, mtime: float | None) -> str:
-    """What the folder says: succeeded (FINISHED), running (written recently), stopped (resumable states), else unknown."""
+def holds_runs(root: str | os.PathLike) -> bool:
+    """Whether an output root is there now (an unmounted share is not): its run folders' parent exists."""
+    return (Path(root) / LOGS).is_dir()
+
+
+def alive(run: RunDir) -> bool:
+    """Whether a process trains the run now: one holds its run lock (the kernel drops it when that process dies, on
+    whichever host, so a killed run is not alive however recently it wrote)."""
+    return run.allows(run.lock_file) and RunLock(run).holder() is not None
+
+
+def disk_state(run: RunDir) -> str:
+    """What the folder says: succeeded (FINISHED), running (its lock is held), stopped (resumable states), else unknown."""
     if run.is_finished():
         return "succeeded"
-    if mtime is not None and time.time() - mtime < LIVE_WINDOW_S:
+    if alive(run):
         return "running"
     return "stopped" if run.states() else "unknown"
 
 
-def progress(run: RunDir, config: dict | None = None) -> dict:
-    """Epoch (0-based, as stored), step, totals, best so far, img/s, restarts, MFU and data wait.
+def finished_at(run: RunDir) -> float | None:
+    """When the run last trained to its end (its FINISHED marker's time), None when it has not."""
+    try:
+        return run.finished_marker.stat().st_mtime if run.is_finished() else None
+    except OSError:
+        return None
+
+
+def summary_at(run: RunDir) -> float | None:
+    """When the run last wrote its summary (at the end of a training), None when it has none."""
+    try:
+        return run.summary_file.stat().st_mtime if run.allows(run.summary_file) else None
+    except OSError:
+        return None
+
+
+def progress(run: RunDir, config: dict | None = None, monitor: tuple[str, str] | None = None) -> dict:
+    """Epoch (0-based, as stored), step, totals, best so far, img/s, restarts, MFU, data wait and test metrics.
 
     A finished run's summary.json is final; while it trains, progress.json (rewritten at every log point) is ahead
-    of the last evaluation in metrics.jsonl, so the step moves within an epoch and not only at evaluations.
+    of the last evaluation in metrics.jsonl, so the step moves within an epoch and not only at evaluations. The best
+    is of the metric the summary names, else `monitor` (metric, mode), else the config's train.monitor_*.
     """
     summary = run.read_summary() or {}
     lines = run.read_metrics()
     val = [line for line in lines if line.get("split") == "val"]
     train = (config or {}).get("train", {}) if isinstance(config, dict) else {}
-    metric = (summary.get("best") or {}).get("metric") or train.get("monitor_metric") or "val_acc@1"
-    mode = (summary.get("best") or {}).get("mode") or train.get("monitor_mode") or "max"
+    asked = monitor or (train.get("monitor_metric"), train.get("monitor_mode"))
+    metric = (summary.get("best") or {}).get("metric") or asked[0] or "val_acc@1"
+    mode = (summary.get("best") or {}).get("mode") or asked[1] or "max"
     values = [line[metric] for line in val if _number(line.get(metric))]
     best = _finite((summary.get("best") or {}).get("value"))
     if best is None and values:
@@ -80,8 +111,14 @@ def progress(run: RunDir, config: dict | None = None) -> dict:
         "device": summary.get("device"),
         "world_size": summary.get("world_size"),
         "wall_time_s": summary.get("wall_time_s"),
-        "test": {k: v for k, v in (summary.get("test") or {}).items() if _number(v)},
+        "test": {k: v for k, v in (summary.get("test") or _last_test(lines)).items() if _number(v)},
     }
+
+
+def _last_test(lines: list[dict]) -> dict:
+    """The test metrics of the last test evaluation in metrics.jsonl (before summary.json has them)."""
+    test = [line for line in lines if line.get("split") == "test"]
+    return {k: v for k, v in test[-1].items() if k.startswith("test_")} if test else {}
 
 
 def _number(value) -> bool:

@@ -8,6 +8,7 @@ import math
 import statistics
 from pathlib import Path
 
+from utp_dist.store import runfiles
 from utp_dist.sweep import executors, states
 from utp_dist.sweep.ledger import find_run
 
@@ -43,34 +44,24 @@ def rows(folder: Path, ledger: dict, within: tuple[Path, ...] = ()) -> list[dict
 
 
 def _finished_since(task: dict, submitted: float, within: tuple[Path, ...] = ()) -> bool:
-    """Whether the task's run (of its exact config) wrote its FINISHED marker after the task's newest submission."""
+    """Whether the task's run (of its exact config) trained to its end after the task's newest submission."""
     found = find_run(task["output_root"], task["name"], task["config_hash"], within)
-    return found is not None and found.is_finished() and found.finished_marker.stat().st_mtime >= submitted
+    finished = runfiles.finished_at(found) if found is not None else None
+    return finished is not None and finished >= submitted
 
 
 def _progress(task: dict, submitted: float, within: tuple[Path, ...] = ()) -> dict:
-    """Epoch, step, best monitored value so far and train img/s, read from the run's metrics.jsonl and summary.json."""
-    metric, mode = task["monitor"]
+    """Epoch, step, best monitored value so far, train img/s and test accuracy, as the run's files say (runfiles)."""
     found = find_run(task["output_root"], task["name"], task["config_hash"], within)
     result = {"epoch": None, "step": None, "best": None, "img/s": None, "test": None, "logs": None}
     if found is None:
         return result
-    if found.summary_file.is_file() and found.summary_file.stat().st_mtime < submitted:
+    written = runfiles.summary_at(found)
+    if written is not None and written < submitted:
         return result  # a rerun that has not made its own run folder yet: the run finished before it is not its progress
-    result["logs"] = str(found.logs)
-    lines = found.read_metrics()
-    val = [line for line in lines if line.get("split") == "val"]
-    if val:
-        values = [line[metric] for line in val if isinstance(line.get(metric), (int, float))]
-        result.update(
-            epoch=val[-1]["epoch"],
-            step=val[-1]["step"],
-            best=(max if mode == "max" else min)(values) if values else None,
-            **{"img/s": val[-1].get("train_img_per_s")},
-        )
-    test = [line for line in lines if line.get("split") == "test"]
-    if test:
-        result["test"] = test[-1].get("test_acc@1")
+    shown = runfiles.progress(found, monitor=tuple(task["monitor"]))
+    result.update(epoch=shown["epoch"], step=shown["step"], best=shown["best"], test=shown["test"].get("test_acc@1"), logs=str(found.logs))
+    result["img/s"] = shown["img_per_s"]
     return result
 
 
