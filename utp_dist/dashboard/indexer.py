@@ -13,7 +13,8 @@ from pathlib import Path
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from utp_dist.dashboard import sources, states
+from utp_dist import states
+from utp_dist.dashboard import sources
 from utp_dist.dashboard.db import Run, Sweep, now
 from utp_dist.errors import UserError
 from utp_dist.store import runfiles

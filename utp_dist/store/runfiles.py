@@ -11,6 +11,7 @@ import threading
 import time
 from pathlib import Path
 
+from utp_dist import states
 from utp_dist.store.run_dir import RunDir
 
 LIVE_WINDOW_S = 180.0  # a run folder written to this recently is taken as running
@@ -39,11 +40,8 @@ def _scan(folder: Path) -> list[os.DirEntry]:
 
 def disk_state(run: RunDir, mtime: float | None) -> str:
     """What the folder says: succeeded (FINISHED), running (written recently), stopped (resumable states), else unknown."""
-    if run.is_finished():
-        return "succeeded"
-    if mtime is not None and time.time() - mtime < LIVE_WINDOW_S:
-        return "running"
-    return "stopped" if run.states() else "unknown"
+    live = mtime is not None and time.time() - mtime < LIVE_WINDOW_S
+    return states.from_disk(run.is_finished(), live, bool(run.states()))
 
 
 def progress(run: RunDir, config: dict | None = None) -> dict:
