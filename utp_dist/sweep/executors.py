@@ -129,7 +129,7 @@ class LocalExecutor(Executor):
         return {i: f"pid:{runner.pid}" for i in indices}
 
     def states(self, folder: Path, ledger: dict, jobs: dict[int, str]) -> dict[int, str]:
-        """From each task's own record; a task whose process is gone without a word is LOST."""
+        """From each task's own record; a task whose process is gone without a word is lost."""
         return {index: _process_state(TaskRecord(folder, index).read(), job) for index, job in jobs.items()}
 
 

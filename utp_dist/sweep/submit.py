@@ -32,7 +32,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             parser.add_argument(
                 "--force",
                 action="store_true",
-                help="also tasks whose exact config completed and, with --tasks, those still pending or running",
+                help="also tasks whose exact config completed and, with --tasks, those still queued or running",
             )
             parser.add_argument("--wait", action="store_true", help="wait for the tasks, showing their status")
             parser.add_argument("--poll", type=float, default=10.0, help=argparse.SUPPRESS)
