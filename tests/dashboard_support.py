@@ -190,7 +190,7 @@ def trained_root(basetemp: Path) -> Path:
     grid_file = basetemp / "dashboard-grid.yaml"
     grid_file.write_text(yaml.safe_dump(grid))
     done = run_cli(str(grid_file), "--executor", "debug", module="utp_dist.submit", timeout=600)
-    assert "COMPLETED" in done.stdout, done.stdout + done.stderr
+    assert "succeeded" in done.stdout, done.stdout + done.stderr
     (root / "READY").write_text("")
     return root
 

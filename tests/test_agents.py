@@ -392,20 +392,20 @@ def test_two_cpu_agents_run_a_grid_submitted_with_the_dashboard_executor(tmp_pat
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:] + group.logs()
     folder = root / "sweeps" / "on-agents"
     status = run_cli("status", str(folder), module="utp_dist.submit", **server.xdg_env())
-    assert status.stdout.count("COMPLETED") == 4 and f"{server.url}/web/runs/" in status.stdout, status.stdout
+    assert status.stdout.count("| succeeded |") == 4 and f"{server.url}/web/runs/" in status.stdout, status.stdout
     again = run_cli("resubmit", str(folder), "--failed", module="utp_dist.submit", **server.xdg_env())
     assert again.returncode == 0 and "nothing to resubmit" in again.stdout, again.stdout + again.stderr
     # the agents ran each point with checkpoint.resume: never; they are still the grid's own points, done
     plan = run_cli(str(grid), *submit[:4], "--dry-run", module="utp_dist.submit", **server.xdg_env())
     assert plan.returncode == 0 and "4 run(s), 0 to submit" in plan.stdout, plan.stdout + plan.stderr
     board = run_cli("leaderboard", str(folder), module="utp_dist.submit", **server.xdg_env())
-    assert board.returncode == 0 and board.stdout.count("COMPLETED") == 4, board.stdout + board.stderr
+    assert board.returncode == 0 and board.stdout.count("| succeeded |") == 4, board.stdout + board.stderr
     client.post("/api/v1/index/refresh")  # links the queued runs to the sweep ledger the submission wrote
     runs = client.get("/api/v1/runs", params={"state": "succeeded"}).json()
     assert len(runs) == 4 and len({r["agent_id"] for r in runs}) == 2  # both agents took a share
     (listed,) = client.get("/api/v1/sweeps").json()
     shown = client.get(f"/api/v1/sweeps/{listed['id']}").json()
-    assert [r["state"] for r in shown["rows"]] == ["COMPLETED"] * 4
+    assert [r["state"] for r in shown["rows"]] == ["succeeded"] * 4
     summaries = {}
     for run in runs:
         summary = json.loads((Path(run["root"]) / "logs" / run["dataset"] / run["name"] / "summary.json").read_text())
@@ -429,7 +429,7 @@ def test_reaper_requeues_while_attempts_remain_then_fails_with_the_reason(tmp_pa
     with database.sessions() as session:
         project = services.create_project(session, "p")
         config = services.create_config(session, project.id, "tiny", tiny_config(images, tmp_path / "root"))
-        run, job = services.queue_run(session, config.id, max_attempts=2)
+        run, job = jobqueue.queue_run(session, config.id, max_attempts=2)
         agent = jobqueue.register(session, "a", "host", [], drain=False, lease_s=30)
         outcomes = []
         for _ in range(2):
@@ -447,7 +447,7 @@ def test_reaper_requeues_while_attempts_remain_then_fails_with_the_reason(tmp_pa
         assert services.get_run(session, run.id).error == outcomes[1][2]
         assert jobqueue.claim(session, agent.id, 0, True, [], lease_s=30) is None  # nothing left to claim
         # a 2-GPU job whose launcher exits 1 after its ranks printed the CLI's line: the line is the reason
-        _, job = services.queue_run(session, config.id, gpus=2)
+        _, job = jobqueue.queue_run(session, config.id, gpus=2)
         claimed = jobqueue.claim(session, agent.id, 2, False, [], lease_s=30)
         jobqueue.start(session, job.id, agent.id, claimed["attempt"], pid=1)
         line = "this job was given 2 GPU(s) but this process sees 0 CUDA device(s) (...); it would train on the CPU: ..."
@@ -579,36 +579,42 @@ def test_stop_and_resume_cost_no_attempt_and_a_lost_lease_after_four_still_reque
     assert client.post(f"/api/v1/runs/{run_id}/cancel").json()["state"] == "cancelled"
 
 
-def test_heartbeats_are_answered_within_a_second_while_a_resubmit_runs_for_seconds(shared, crew, images, tmp_path):
+def test_heartbeats_are_answered_within_a_second_while_a_resubmit_runs(shared, crew, images, tmp_path):
     server, client = shared
-    (sweep,) = client.get("/api/v1/sweeps").json()  # its two failed tasks fail again, in the resubmit's own process
+    (sweep,) = client.get("/api/v1/sweeps").json()  # a debug sweep: its two failed tasks go to the local runner, and fail again
+    records = [Path(sweep["folder"]) / "tasks" / f"{index}.json" for index in (2, 3)]
     (run_id,) = queue(client, tiny_config(images, tmp_path / "root"), name="steady")
     crew.start("steady", noop=True, UTP_TEST_CLAIMS=str(tmp_path / "claims.txt"), UTP_TEST_NOOP_SECONDS="300")
     wait_run(client, run_id, state_is("running"), group=crew)
     probe = client.post("/api/v1/agents/register", json={"name": "probe"}).json()["agent_id"]
     answer = {}
 
-    def resubmit() -> None:  # the button on the sweep page: `submit resubmit --failed` runs the tasks in turn (debug executor)
+    def resubmit() -> None:  # the button on the sweep page
         with server.client(follow_redirects=False) as web:
             token = re.search(r'name="csrf" value="([^"]+)"', web.get(f"/web/sweeps/{sweep['id']}").text).group(1)
             started = time.monotonic()
             answer["page"] = web.post(f"/web/sweeps/{sweep['id']}/resubmit-failed", data={"csrf": token}, timeout=300).text
             answer["seconds"] = time.monotonic() - started
 
-    pressed = threading.Thread(target=resubmit)
+    def ended_again() -> bool:
+        return all(json.loads(record.read_text()).get("ended", 0) > pressed_at for record in records)
+
+    pressed, pressed_at = threading.Thread(target=resubmit), time.time()
     pressed.start()
-    latencies = []
-    while pressed.is_alive():
+    latencies, deadline = [], time.monotonic() + 180
+    while (pressed.is_alive() or not ended_again()) and time.monotonic() < deadline:
         started = time.monotonic()
         assert client.post(f"/api/v1/agents/{probe}/heartbeat", json={"jobs": []}).status_code == 200
         latencies.append(time.monotonic() - started)
         time.sleep(0.2)
     pressed.join()
-    assert "resubmit --failed:" in answer["page"] and answer["seconds"] > 3, answer  # long enough to block the loop, if it could
-    # blocked, the loop would answer one heartbeat after the whole resubmit; on a loaded machine a rare one waits for
-    # the CPU or the indexer's write (measured: typically 0.05-0.1 s, once 1.4 s at load 10 on 2 cores)
+    assert "resubmit --failed: submitted 2 task(s) with the local executor" in answer["page"], answer
+    assert ended_again(), [record.read_text() for record in records]
+    # the page answered at once (the runner trains the tasks, not the server), and while both tasks started and failed
+    # again the heartbeats were answered; on a loaded machine a rare one waits for the CPU or the indexer's write
+    # (measured: typically 0.05-0.1 s, once 1.4 s at load 10 on 2 cores)
     slow = [t for t in latencies if t >= 1.0]
-    assert len(slow) <= len(latencies) // 20 and max(latencies) < answer["seconds"] / 4, (answer["seconds"], len(latencies), slow)
+    assert answer["seconds"] < 10 and len(slow) <= len(latencies) // 20, (answer["seconds"], len(latencies), slow)
     job = client.get(f"/api/v1/runs/{run_id}").json()["jobs"][-1]
     assert (job["state"], job["attempt"], job["reason"]) == ("running", 1, None)  # its lease never ran out
     assert client.post(f"/api/v1/runs/{run_id}/cancel").json()["state"] == "stopping"

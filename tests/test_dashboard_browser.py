@@ -106,7 +106,7 @@ def test_create_project_paste_config_queue_and_see_a_finished_run(page, tmp_path
 
     page.goto("/web/sweeps")
     page.click("text=seeds")
-    expect(page.locator("#tasks")).to_contain_text("FAILED")
+    expect(page.locator("#tasks")).to_contain_text("failed")
     shot(page, tmp_path, "6-sweep-board")
 
     page.goto("/web/projects")
@@ -171,7 +171,7 @@ def test_sweep_board_refreshes_without_a_reload(page, root):
     expect(tasks.locator("tr.kind-failed")).to_have_count(2)
     page.evaluate("() => { window.notReloaded = true; utp.refreshTables(['tasks'], 0.3); }")
     record = root / "sweeps" / "seeds" / "tasks" / "2.json"
-    record.write_text(json.dumps({**json.loads(record.read_text()), "state": "COMPLETED", "exit_code": 0}))  # the task was rerun
+    record.write_text(json.dumps({**json.loads(record.read_text()), "state": "succeeded", "exit_code": 0}))  # the task was rerun
     expect(tasks.locator("tr.kind-failed")).to_have_count(1)
     assert page.evaluate("() => window.notReloaded") is True  # the same page, its table swapped
     assert page.errors == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -14,7 +15,7 @@ import yaml
 from conftest import REPO, tiny_config
 from dashboard_support import private_root, serving, wait_until
 
-from utp_dist.dashboard import sources
+from utp_dist import states
 from utp_dist.store import runfiles
 from utp_dist.store.lock import RunLock
 from utp_dist.store.run_dir import RunDir
@@ -96,10 +97,10 @@ def test_sweep_board_rows_leaderboard_and_seeds(web):
     sweeps = web.get("/api/v1/sweeps").json()
     assert [(s["name"], s["tasks"], s["executor"]) for s in sweeps] == [("seeds", 4, "debug")]
     board = web.get(f"/api/v1/sweeps/{sweeps[0]['id']}").json()
-    assert [r["state"] for r in board["rows"]] == ["COMPLETED", "COMPLETED", "FAILED", "FAILED"]
+    assert [r["state"] for r in board["rows"]] == ["succeeded", "succeeded", "failed", "failed"]
     assert [r["kind"] for r in board["rows"]] == ["ok", "ok", "failed", "failed"]
     assert board["rows"][0]["step"] == 18 and board["rows"][0]["best"] is not None
-    assert len(board["leaderboard"]) == 4 and board["leaderboard"][0]["rank"] == "1"
+    assert len(board["leaderboard"]) == 4 and board["leaderboard"][0]["rank"] == 1
     good = [g for g in board["seed_groups"] if g["seeds"] == 2]
     assert len(good) == 1 and good[0]["mean"] is not None and good[0]["metric"] == "best val_acc@1"
     page = web.get(f"/web/sweeps/{sweeps[0]['id']}")
@@ -108,9 +109,9 @@ def test_sweep_board_rows_leaderboard_and_seeds(web):
 
 
 def test_preempted_and_timeout_are_shown_apart_from_failed():
-    assert sources.kind("PREEMPTED") == sources.kind("TIMEOUT") == "interrupted"
-    assert sources.kind("FAILED") == sources.kind("OUT_OF_MEMORY") == "failed"
-    assert sources.kind("COMPLETED") == "ok" and sources.kind("PENDING") == "waiting"
+    assert states.kind(states.PREEMPTED) == states.kind(states.TIMEOUT) == "interrupted"
+    assert states.kind(states.FAILED) == states.kind(states.OUT_OF_MEMORY) == "failed"
+    assert states.kind(states.SUCCEEDED) == "ok" and states.kind(states.QUEUED) == "waiting"
 
 
 def test_resubmit_failed_runs_the_cli_code(web, root):
@@ -235,3 +236,98 @@ def test_log_tail_shows_the_last_lines_as_a_terminal_would(web, root):
     assert polled == tail
     assert tail.endswith("train: 100%\nfinished") and "50%" not in tail  # a progress bar's last redraw only
     assert "line 199" in tail and "line 100\n" not in tail  # the end of a long log
+
+
+STATE_WORD = re.compile(r'<span class="state [^"]*">([^<]+)</span>')
+
+
+def test_every_page_and_command_shows_the_states_in_the_same_words(web, server, root, tmp_path, capsys):
+    """Runs and jobs in each queue state, sweep tasks in each state the local runner records (older records' words too):
+    the run list, the run pages' job tables, the sweep board, `submit status` and `submit leaderboard` show one vocabulary."""
+    from utp_dist.dashboard.db import Database, Job, Run
+    from utp_dist.sweep.submit import main as submit
+
+    # the queue: one run (and its job) in every state a job takes, as the queue stores them
+    database = Database(server.db_url)
+    with database.sessions() as session:
+        made = [Run(source="queue", state=s, name=f"vocab-{s}", jobs=[Job(state=s)]) for s in states.QUEUE]
+        session.add_all(made)
+        session.commit()
+        ids = [run.id for run in made]
+    # a sweep of the local runner: a task record in each state it writes, two in the words of older versions
+    gone = subprocess.Popen([sys.executable, "-c", ""])
+    gone.wait()  # a process that has ended: its tasks are lost
+    alive, dead = f"pid:{os.getpid()}", f"pid:{gone.pid}"
+    records = [
+        (None, []),
+        ({"state": "queued"}, [alive]),
+        ({"state": "running", "pid": os.getpid()}, [alive]),
+        ({"state": "succeeded", "exit_code": 0}, [alive]),
+        ({"state": "stopped", "exit_code": 75}, [alive]),
+        ({"state": "failed", "exit_code": 1}, [alive]),
+        ({"state": "running", "pid": gone.pid}, [dead]),
+        ({"state": "COMPLETED", "exit_code": 0}, [dead]),
+        ({"state": "STOPPED", "exit_code": 75}, [dead]),
+    ]
+    expected = ["not-submitted", "queued", "running", "succeeded", "stopped", "failed", "lost", "succeeded", "stopped"]
+    folder = root / "sweeps" / "vocab"
+    (folder / "tasks").mkdir(parents=True)
+    task = {"config": "-", "config_hash": "0", "swept": {}, "output_root": str(root), "monitor": ["val_acc@1", "max"]}
+    tasks = [{**task, "index": i, "name": f"vocab-task-{i}", "jobs": jobs} for i, (_, jobs) in enumerate(records)]
+    for i, (record, _) in enumerate(records):
+        if record is not None:
+            (folder / "tasks" / f"{i}.json").write_text(json.dumps(record))
+    ledger = {
+        "name": "vocab",
+        "executor": "local",
+        "resources": {},
+        "created": 0,
+        "tasks": tasks,
+        "submissions": [{"time": 0, "tasks": {}}],
+    }
+    (folder / "sweep.json").write_text(json.dumps(ledger))
+    try:
+        assert submit(["status", str(folder)]) == 0
+        table = [line.split(" | ") for line in capsys.readouterr().out.splitlines()[2:]]
+        assert [row[2] for row in table] == expected
+        assert submit(["leaderboard", str(folder)]) == 0
+        board = capsys.readouterr().out.splitlines()
+        assert sorted(line.split(" | ")[-1].rstrip(" |") for line in board[2:] if line.startswith("|")) == sorted(expected)
+
+        web.post("/api/v1/index/refresh")
+        sweep = next(s for s in web.get("/api/v1/sweeps").json() if s["name"] == "vocab")
+        page = web.get(f"/web/sweeps/{sweep['id']}").text
+        assert STATE_WORD.findall(page.split('id="tasks"')[1].split("</table>")[0]) == expected
+        assert [r["state"] for r in web.get(f"/api/v1/sweeps/{sweep['id']}").json()["rows"]] == expected
+
+        runs_page = web.get("/web/runs", params={"q": "vocab-", "size": 100}).text
+        assert sorted(STATE_WORD.findall(runs_page)) == sorted(states.QUEUE)
+        options = re.findall(r"<option ?(?:selected)?>([^<]+)</option>", runs_page)
+        assert options == list(states.RUN)  # the filter offers what a run can be, in the same words
+        for ident, state in zip(ids, states.QUEUE, strict=True):
+            run_page = web.get(f"/web/runs/{ident}").text
+            assert STATE_WORD.findall(run_page) == [state, state], state  # the run's state, and its job's
+            assert web.get(f"/api/v1/runs/{ident}").json()["state"] == state
+        shown = set(STATE_WORD.findall(runs_page)) | set(expected)
+        assert shown <= set(states.ALL)
+    finally:
+        shutil.rmtree(folder)
+        with database.sessions() as session:
+            for ident in ids:
+                session.delete(session.get(Run, ident))
+            session.commit()
+        database.engine.dispose()
+        web.post("/api/v1/index/refresh")
+
+
+def test_every_backends_words_map_into_the_vocabulary():
+    # sacct's job state codes (man sacct), each a word of ours; one it does not know is unknown, never acted on
+    sacct = "BOOT_FAIL CANCELLED COMPLETED CONFIGURING COMPLETING DEADLINE FAILED NODE_FAIL OUT_OF_MEMORY PENDING PREEMPTED RUNNING"
+    sacct += " RESV_DEL_HOLD REQUEUE_FED REQUEUE_HOLD REQUEUED RESIZING REVOKED SIGNALING SPECIAL_EXIT STAGE_OUT STOPPED SUSPENDED TIMEOUT"
+    assert {states.from_slurm(word) for word in sacct.split()} <= set(states.ALL) - {states.UNKNOWN}
+    assert states.from_slurm("COMPLETED") == states.SUCCEEDED and states.from_slurm("STOPPED") == states.RUNNING  # SIGSTOP: it goes on
+    assert states.from_slurm("SOMETHING_NEW") == states.UNKNOWN
+    assert [states.from_exit(code) for code in (0, 75, 1, 2, -9)] == ["succeeded", "stopped", "failed", "failed", "failed"]
+    assert [states.from_queue(word) for word in (*states.QUEUE, None, "???")] == [*states.QUEUE, "lost", "unknown"]
+    assert {states.kind(word) for word in states.ALL} == {"ok", "running", "interrupted", "failed", "waiting"}
+    assert states.RESUBMITTABLE <= states.DONE and states.SUCCEEDED not in states.RESUBMITTABLE

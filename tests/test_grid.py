@@ -201,7 +201,7 @@ def test_local_executor_runs_each_task_in_its_own_process_and_the_ledger_tracks_
     assert f"data.root: folder '{tmp_path / 'later'}' does not exist" in (sweep / "local" / "task-1.log").read_text()
     status = run_cli("status", str(sweep), module="utp_dist.submit")
     lines = status.stdout.splitlines()
-    assert " | COMPLETED | 0 | 0 | 3 | " in lines[2] and " | FAILED | 0 | - | - | - | - | " in lines[3], status.stdout
+    assert " | succeeded | 0 | 0 | 3 | " in lines[2] and " | failed | 0 | - | - | - | - | " in lines[3], status.stdout
 
     # the missing data appears; resubmit --failed runs only that task (debug executor: same ledger, in-process)
     make_image_folder(tmp_path / "later", per_class={"train": 8, "val": 4})
@@ -209,7 +209,7 @@ def test_local_executor_runs_each_task_in_its_own_process_and_the_ledger_tracks_
     assert again.returncode == 0, again.stderr
     assert "submitted 1 task(s)" in again.stdout
     status = run_cli("status", str(sweep), module="utp_dist.submit").stdout.splitlines()
-    assert " | COMPLETED | 1 | 0 | 3 | " in status[3]  # one restart: the resubmission
+    assert " | succeeded | 1 | 0 | 3 | " in status[3]  # one restart: the resubmission
     board = run_cli("leaderboard", str(sweep), module="utp_dist.submit")
     assert board.returncode == 0 and board.stdout.startswith("| rank | run | data.root | best val_acc@1 | epoch | test_acc@1 | state |")
     assert (sweep / "leaderboard.csv").read_text().splitlines()[0] == "rank,run,data.root,best val_acc@1,epoch,test_acc@1,state,logs"
@@ -221,7 +221,7 @@ def test_local_executor_runs_each_task_in_its_own_process_and_the_ledger_tracks_
     wait_until(lambda: not Path(f"/proc/{runner}").exists())  # the runner may still be exiting after --wait returned
     assert submit(["status", str(sweep)]) == 0
     table = capsys.readouterr().out.splitlines()
-    assert " | COMPLETED | 0 | 0 | 3 | " in table[2] and " | COMPLETED | 0 | 0 | 3 | " in table[3], table
+    assert " | succeeded | 0 | 0 | 3 | " in table[2] and " | succeeded | 0 | 0 | 3 | " in table[3], table
     assert submit(["resubmit", str(sweep), "--failed"]) == 0
     assert capsys.readouterr().out.startswith("nothing to resubmit")
     assert submit(["resubmit", str(sweep), "--tasks", "0,1"]) == 0
@@ -236,7 +236,7 @@ def test_local_executor_runs_each_task_in_its_own_process_and_the_ledger_tracks_
     forced = run_cli(str(tiny_grid), "--executor", "debug", "--force", module="utp_dist.submit", timeout=300)
     assert forced.returncode == 0, forced.stderr[-3000:]
     rows = [line for line in forced.stdout.splitlines() if line.startswith("| 0 |") or line.startswith("| 1 |")][-2:]
-    assert all(" | COMPLETED | 0 | 0 | 3 | " in row for row in rows), forced.stdout
+    assert all(" | succeeded | 0 | 0 | 3 | " in row for row in rows), forced.stdout
     assert {p.name for p in (tmp_path / "out" / "logs" / "later").iterdir()} | {
         p.name for p in (tmp_path / "out" / "logs" / "shapes").iterdir()
     } >= {"vit__cross_entropy__scratch__root=shapes-v1", "vit__cross_entropy__scratch__root=later-v1"}
@@ -274,4 +274,4 @@ def test_runs_of_a_grid_point_continued_elsewhere_or_by_an_agent_stay_that_point
     executor = DashboardExecutor(load_resources(None, {}, "grid"))
     jobs = {0: "http://127.0.0.1:1/web/runs/7", 1: "http://127.0.0.1:1/web/runs/8"}
     assert executor.restarts(tmp_path, {"tasks": []}, jobs) == {0: 2, 1: 0}
-    assert executor.states(tmp_path, {"tasks": []}, jobs) == {0: "RUNNING", 1: "LOST"}
+    assert executor.states(tmp_path, {"tasks": []}, jobs) == {0: "running", 1: "lost"}

@@ -95,7 +95,7 @@ def _interrupt(slurm: dict, sweeps: dict[str, Path]) -> None:
             subprocess.run(["scancel", "--signal=USR2", job], check=True, timeout=30, env={**os.environ, **slurm})
             preempted = True
         record = sweeps["timeout"] / "sweeps" / "timeout" / "tasks" / "0.json"
-        if not extended and record.is_file() and json.loads(record.read_text())["state"] == "STOPPED":
+        if not extended and record.is_file() and json.loads(record.read_text())["state"] == "stopped":
             # the 1-minute limit would time the resumed run out again: the second attempt gets 20 minutes
             job = json.loads((sweeps["timeout"] / "sweeps" / "timeout" / "sweep.json").read_text())["tasks"][0]["jobs"][0]
             _scontrol(slurm, "update", f"JobId={job}", "TimeLimit=20")
@@ -145,7 +145,7 @@ def test_grid_of_four_is_one_array_job_with_parallelism_and_resubmit_failed(slur
         assert (tmp_path / "out" / "checkpoints" / "shapes" / task["name"] / "best" / "model.safetensors").is_file()
 
     status = submit(slurm, "status", str(folder)).stdout.splitlines()
-    assert "| FAILED | 0 | - | - | - | - |" in status[5] and "| COMPLETED | 0 | 0 | 6 |" in status[2], status
+    assert "| failed | 0 | - | - | - | - |" in status[5] and "| succeeded | 0 | 0 | 6 |" in status[2], status
 
     make_image_folder(tmp_path / "later", per_class={"train": 16, "val": 4})
     again = submit(slurm, "resubmit", str(folder), "--failed", "--wait", "--poll", "2")
@@ -154,7 +154,7 @@ def test_grid_of_four_is_one_array_job_with_parallelism_and_resubmit_failed(slur
     new_job = record["tasks"][3]["jobs"][-1]
     assert new_job.split("_")[0] != array and [t["jobs"] for t in record["tasks"][:3]] == [[j] for j in jobs[:3]]
     assert [r["State"] for r in sacct(slurm, new_job)] == ["COMPLETED"]
-    assert "| COMPLETED | 1 | 0 | 6 |" in submit(slurm, "status", str(folder)).stdout.splitlines()[5]
+    assert "| succeeded | 1 | 0 | 6 |" in submit(slurm, "status", str(folder)).stdout.splitlines()[5]
 
 
 def test_sbatch_refusing_the_job_is_one_line_with_slurms_message(slurm, data, tmp_path):
@@ -178,7 +178,7 @@ def test_fake_gpus_fail_with_the_reason_and_two_tasks_per_node_train_as_world_si
         "gpu",
     )
     result = submit(slurm, str(gpu_grid), "--wait", "--poll", "2")
-    assert result.returncode != 0 and "| FAILED |" in result.stdout, result.stdout + result.stderr
+    assert result.returncode != 0 and "| failed |" in result.stdout, result.stdout + result.stderr
     rank_logs = [p.read_text() for p in (tmp_path / "gpu-out" / "sweeps" / "gpu" / "slurm").glob("*_log.err")]
     reason = "utp_dist: error: this job was given 1 GPU(s) but this process sees 0 CUDA device(s)"
     assert len(rank_logs) == 2 and all(reason in log for log in rank_logs)
@@ -219,10 +219,10 @@ def test_requeued_task_resumes_and_ends_with_the_uninterrupted_weights(requeue_s
     deadline = time.time() + 300
     while time.time() < deadline:
         state = submit(slurm, "status", str(sweep_dir)).stdout.splitlines()[2]
-        if "| COMPLETED |" in state or "| FAILED |" in state:
+        if "| succeeded |" in state or "| failed |" in state:
             break
         time.sleep(3)
-    assert "| COMPLETED |" in state, state
+    assert "| succeeded |" in state, state
     assert int(state.split("|")[4]) == 1, state  # the ledger shows the restart
     (job,) = record["tasks"][0]["jobs"]
     log = "".join(p.read_text() for p in (sweep_dir / "slurm").glob(f"{job}_0_log.*"))
@@ -254,10 +254,10 @@ def test_scancel_of_an_array_task_with_workers_stops_it_resumably_and_resubmit_c
     assert [r["State"].split()[0] for r in sacct(slurm, job)] == ["CANCELLED"]
     task_record = folder / "tasks" / "0.json"
     deadline = time.time() + 30  # Slurm calls the job CANCELLED at once; the task writes its record as it ends
-    while json.loads(task_record.read_text())["state"] == "RUNNING" and time.time() < deadline:
+    while json.loads(task_record.read_text())["state"] == "running" and time.time() < deadline:
         time.sleep(0.5)
     log = "".join(p.read_text() for p in (folder / "slurm").glob(f"{job}_0_log.*"))
-    assert json.loads(task_record.read_text())["state"] == "STOPPED", log[-3000:]
+    assert json.loads(task_record.read_text())["state"] == "stopped", log[-3000:]
     assert "DataLoader worker" not in log and "cannot write" not in log, log[-3000:]
     stopped = int(log.split("stopped by signal at step ")[1].split(";")[0])
     assert sorted(p.name for p in (ckpt / "state").glob("step-*"))[-1] == f"step-{stopped:08d}"  # saved at the stop

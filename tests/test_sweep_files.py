@@ -110,7 +110,7 @@ def test_submit_runs_an_experiments_file_on_the_executors(tmp_path):
     ledger = json.loads((tmp_path / "out" / "sweeps" / "py-exp" / "sweep.json").read_text())
     assert ledger["grid"]["experiments"] == str(path) and len(ledger["tasks"]) == 3
     status = run_cli("status", str(tmp_path / "out" / "sweeps" / "py-exp"), module="utp_dist.submit").stdout.splitlines()
-    assert len(status) == 5 and all(" | COMPLETED | " in line for line in status[2:]), status
+    assert len(status) == 5 and all(" | succeeded | " in line for line in status[2:]), status
     # TensorBoard's HParams dashboard compares the runs by what differs between them
     for task in ledger["tasks"]:
         values, metrics, ended, scalars = read_hparams(tmp_path / "out" / "logs" / "shapes" / task["name"])
@@ -130,6 +130,7 @@ def test_runs_differing_only_in_their_seed_are_grouped_with_mean_and_std():
         {"optim.lr": 0.01, "train.seed": 2, "best": None, "test": None},
     ]
     groups = seed_groups(board, ["optim.lr"], ("best", "test"), "max")
-    assert [(g["rank"], g["optim.lr"], g["seeds"]) for g in groups] == [(1, 0.01, "1, 2"), (2, 0.1, "1, 2")]
-    assert groups[0]["best"] == "0.9000 (n=1)" and groups[0]["test"] is None
-    assert groups[1]["best"] == "0.6000 ± 0.1414 (n=2)" and groups[1]["test"] == "0.5000 ± 0.1414 (n=2)"
+    assert [(g["rank"], g["keys"], g["seeds"]) for g in groups] == [(1, {"optim.lr": 0.01}, [1, 2]), (2, {"optim.lr": 0.1}, [1, 2])]
+    assert groups[0]["best"] == {"mean": 0.9, "std": 0.0, "n": 1} and groups[0]["test"] == {"mean": None, "std": None, "n": 0}
+    assert groups[1]["best"]["mean"] == pytest.approx(0.6) and groups[1]["best"]["std"] == pytest.approx(0.1414, abs=1e-4)
+    assert groups[1]["test"]["n"] == 2 and groups[1]["test"]["mean"] == pytest.approx(0.5)

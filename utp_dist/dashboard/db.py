@@ -14,7 +14,7 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 
-from utp_dist.dashboard import states
+from utp_dist import states
 from utp_dist.errors import UserError, first_line
 
 SQLITE_BUSY_TIMEOUT_MS = 10_000

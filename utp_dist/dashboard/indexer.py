@@ -13,7 +13,8 @@ from pathlib import Path
 from sqlalchemy import exists, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from utp_dist.dashboard import jobqueue, sources, states
+from utp_dist import states
+from utp_dist.dashboard import jobqueue, sources
 from utp_dist.dashboard.db import Run, Sweep, now
 from utp_dist.errors import UserError
 from utp_dist.store import runfiles

@@ -1,6 +1,6 @@
 """What agents do with the queue: register, heartbeat, claim, start, report, finish, refuse; and the reaper.
 
-Claiming is one atomic statement; every later change of a job goes through `services.swap`, a compare-and-swap on
+Claiming is one atomic statement; every later change of a job goes through `swap`, a compare-and-swap on
 (state, attempt). The attempt number is the agent's fencing token: once a lease expired and the job was requeued
 (attempt + 1 on the next claim), whatever the old holder still sends changes nothing and is answered 409.
 """
@@ -11,11 +11,10 @@ from sqlalchemy import delete, exists, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from utp_dist.dashboard import states
+from utp_dist import states
 from utp_dist.dashboard.db import Agent, ConfigRow, Gpu, Job, Run, now
-from utp_dist.dashboard.services import Conflict, NotFound, found, swap
+from utp_dist.dashboard.services import Conflict, NotFound, found, get_run, latest_job
 from utp_dist.errors import EXIT_USER_ERROR
-from utp_dist.preemption import EXIT_RESUMABLE
 
 HELD = (states.CLAIMED, states.RUNNING, states.STOPPING)  # the states in which a job belongs to an agent
 LOG_TAIL_CHARS = 8000
@@ -175,15 +174,10 @@ def progress(session: Session, job_id: int, agent_id: int, attempt: int, folder:
         raise
 
 
-def outcome(exit_code: int) -> str:
-    """The job state an exit code of `python -m utp_dist.train` means: 0 succeeded, 75 stopped (resumable), else failed."""
-    return {0: states.SUCCEEDED, EXIT_RESUMABLE: states.STOPPED}.get(exit_code, states.FAILED)
-
-
 def finish(session: Session, job_id: int, agent_id: int, attempt: int, exit_code: int, error: str | None, log_tail: str | None) -> Job:
     """running/stopping -> succeeded | stopped | failed from the exit code; a failure keeps the CLI's line (first) or the log tail."""
     job = held_job(session, job_id, agent_id, attempt)
-    new = outcome(exit_code)
+    new = states.from_exit(exit_code)
     tail = (log_tail or "")[-LOG_TAIL_CHARS:] or None
     message = reason = None
     if new == states.FAILED:
@@ -252,3 +246,73 @@ def run_states(session: Session, run_ids: list[int]) -> dict[int, dict]:
     """The state, restarts and job reason of each run (what `submit status` asks for the tasks of a grid on agents)."""
     rows = session.execute(select(Run.id, Run.state, Run.restarts, Run.attempts).where(Run.id.in_(run_ids))).all()
     return {r.id: {"state": r.state, "restarts": r.restarts, "attempts": r.attempts} for r in rows}
+
+
+# --- the user's side of the queue, and the one compare-and-swap every change of a job goes through
+
+# job state -> the states it may move to. Agents drive claimed/running/succeeded/failed/stopped; users drive cancel
+# (queued/claimed -> cancelled, running -> stopping) and resume (stopped/failed/cancelled -> queued).
+TRANSITIONS: dict[str, tuple[str, ...]] = {
+    states.QUEUED: (states.CLAIMED, states.CANCELLED),
+    states.CLAIMED: (states.RUNNING, states.QUEUED, states.CANCELLED, states.FAILED),
+    states.RUNNING: (states.SUCCEEDED, states.FAILED, states.STOPPING, states.STOPPED, states.QUEUED),
+    states.STOPPING: (states.STOPPED, states.FAILED, states.SUCCEEDED, states.QUEUED),
+    states.STOPPED: (states.QUEUED,),
+    states.FAILED: (states.QUEUED,),
+    states.CANCELLED: (states.QUEUED,),
+    states.SUCCEEDED: (),
+}
+# what a user's action asks for, by the job's current state
+CANCEL = {states.QUEUED: states.CANCELLED, states.CLAIMED: states.CANCELLED, states.RUNNING: states.STOPPING}
+RESUME = {states.STOPPED: states.QUEUED, states.FAILED: states.QUEUED, states.CANCELLED: states.QUEUED}
+ACTIONS = {"cancel": CANCEL, "resume": RESUME}
+
+
+def allowed(current: str, new: str) -> bool:
+    """Whether a job may move from `current` to `new`."""
+    return new in TRANSITIONS.get(current, ())
+
+
+def queue_run(session: Session, config_id: int, gpus: int = 0, priority: int = 0, max_attempts: int = 3) -> tuple[Run, Job]:
+    """A run of this config and its queue entry, both queued (an agent claims it)."""
+    config = found(session, ConfigRow, config_id, "config")
+    run = Run(project_id=config.project_id, config_id=config.id, source="queue", state=states.QUEUED, config_hash=config.config_hash)
+    job = Job(run=run, state=states.QUEUED, gpus=gpus, priority=priority, max_attempts=max_attempts)
+    session.add_all([run, job])
+    session.commit()
+    return run, job
+
+
+def swap(session: Session, job: Job, new: str, run: dict | None = None, **values) -> bool:
+    """Move a job from the (state, attempt) it was read with to `new`, and its run with it, as one compare-and-swap.
+
+    False (nothing written) when another actor changed the job first; the one place every state change goes through,
+    for users and for agents, whose attempt number is their fencing token. `run`: more run columns to set.
+    """
+    if not allowed(job.state, new):
+        return False
+    changed = {"state": new, "updated": now(), **values}
+    swapped = session.execute(update(Job).where(Job.id == job.id, Job.state == job.state, Job.attempt == job.attempt).values(**changed))
+    if not swapped.rowcount:
+        session.rollback()
+        return False
+    session.execute(update(Run).where(Run.id == job.run_id).values(state=new, updated=now(), **(run or {})))
+    session.commit()
+    session.refresh(job)
+    return True
+
+
+def change_state(session: Session, run_id: int, action: str) -> Job:
+    """Cancel or resume a run's job (409 with the current state when that state does not allow it, or another actor won)."""
+    run = get_run(session, run_id)
+    job = latest_job(session, run)
+    if job is None:
+        raise Conflict(f"run {run_id} was not queued here (found on disk as {run.state}): there is no job to {action}", run.state)
+    target = ACTIONS[action].get(job.state)
+    if target is None:
+        raise Conflict(f"cannot {action} run {run_id}: its job is {job.state}", job.state)
+    requeue = {"agent_id": None, "lease_expires": None, "reason": None} if target == states.QUEUED else {}
+    if not swap(session, job, target, **requeue):
+        current = session.scalar(select(Job.state).where(Job.id == job.id))
+        raise Conflict(f"cannot {action} run {run_id}: its job changed to {current} meanwhile", current)
+    return job

@@ -13,12 +13,12 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.templating import Jinja2Templates
 from pydantic import ValidationError
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.datastructures import FormData
 
-from utp_dist.dashboard import jobqueue, security, services, sources, states, tokens
-from utp_dist.dashboard.db import Agent, ConfigRow, Project, Sweep
+from utp_dist import states
+from utp_dist.dashboard import jobqueue, readmodels, security, services, sources, tokens
+from utp_dist.dashboard.db import Agent, Project
 from utp_dist.dashboard.deps import SessionDep, SettingsDep
 from utp_dist.dashboard.schemas import QueueIn, problem
 from utp_dist.dashboard.settings import Settings
@@ -29,11 +29,9 @@ PAGE_SIZE, MAX_PAGE = 50, 1000
 
 
 def _number(value, digits: int = 4) -> str:
-    """A metric for a table cell: 4 significant digits, '-' when missing (also for numbers read from CSV text)."""
+    """A metric for a table cell: 4 significant digits, '-' when missing."""
     if value is None or value == "":
         return "-"
-    if isinstance(value, str) and any(c in value for c in ".e") and value.lstrip("-").replace(".", "", 1).replace("e-", "", 1).isdigit():
-        value = float(value)
     if isinstance(value, float):
         return f"{value:.{digits}g}" if math.isfinite(value) else str(value)
     return str(value)
@@ -49,7 +47,7 @@ def _ago(stamp: float | None) -> str:
     return f"{seconds:.0f} s ago"
 
 
-templates.env.filters.update(num=_number, ago=_ago, tojson_compact=lambda v: json.dumps(v, default=str))
+templates.env.filters.update(num=_number, ago=_ago, kind=states.kind, tojson_compact=lambda v: json.dumps(v, default=str))
 
 
 def render(request: Request, template: str, status_code: int = 200, headers: dict | None = None, **context) -> HTMLResponse:
@@ -194,7 +192,7 @@ def project_runs_page(request: Request, project_id: int, session: SessionDep, pa
     project = services.found(session, Project, project_id, "project")
     configs, _ = services.list_configs(session, project_id, limit=500)
     runs, total = services.list_runs(session, project_id=project_id, limit=PAGE_SIZE, offset=(page - 1) * PAGE_SIZE)
-    sweeps = dict(session.execute(select(Sweep.id, Sweep.name)).all())
+    _, sweeps = readmodels.names(session)
     return render(
         request, "project_runs.html", project=project, configs=configs, runs=runs, total=total, page=page, size=PAGE_SIZE, sweeps=sweeps
     )
@@ -209,7 +207,7 @@ def queue_run(request: Request, config_id: int, session: SessionDep, form: Poste
         queue = QueueIn(gpus=form.get("gpus") or 0)
     except ValidationError as err:
         return error_page(request, 422, problem(err.errors()))
-    run, _ = services.queue_run(session, config_id, gpus=queue.gpus)
+    run, _ = jobqueue.queue_run(session, config_id, gpus=queue.gpus)
     return back(f"/web/runs/{run.id}")
 
 
@@ -229,8 +227,7 @@ def runs_page(
 ):
     """Every run, queued here or found under the roots, newest first; read from the index only."""
     runs, total = services.list_runs(session, project, state or None, q or None, size, (page - 1) * size, sweep)
-    names = dict(session.execute(select(Project.id, Project.name)).all())
-    sweeps = dict(session.execute(select(Sweep.id, Sweep.name)).all())
+    names, sweeps = readmodels.names(session)
     return render(
         request,
         "runs.html",
@@ -249,14 +246,9 @@ def runs_page(
 @router.get("/runs/{run_id}")
 def run_page(request: Request, run_id: int, session: SessionDep, settings: SettingsDep):
     """One run: where, progress, queue controls, curves, figures, files, log tail, resolved config."""
-    run = services.get_run(session, run_id)
-    detail = services.run_detail(session, run, settings.roots)
-    agent = session.get(Agent, run.agent_id) if run.agent_id else None
-    config = session.get(ConfigRow, run.config_id) if run.config_id else None
-    actions = [a for a, moves in states.ACTIONS.items() if detail["jobs"] and detail["jobs"][-1].state in moves]
-    config_text = yaml.safe_dump(detail["config"], sort_keys=False) if detail["config"] else ""
-    series = services.run_series(run, settings.roots)  # the charts' data travels in the page: one fetch refreshes all of it
-    return render(request, "run.html", **detail, agent=agent, config_row=config, actions=actions, config_text=config_text, series=series)
+    shown = readmodels.run_page(session, services.get_run(session, run_id), settings.roots)
+    config_text = yaml.safe_dump(shown["config"], sort_keys=False) if shown["config"] else ""
+    return render(request, "run.html", **shown, config_text=config_text)
 
 
 @router.post("/runs/{run_id}/{action}")
@@ -264,9 +256,9 @@ def change_run(request: Request, run_id: int, action: str, session: SessionDep, 
     """Cancel or resume a run from its page."""
     if form is None:
         return csrf_refused(request)
-    if action not in states.ACTIONS:
-        return error_page(request, 404, f"no action '{action}'; use one of {', '.join(states.ACTIONS)}")
-    services.change_state(session, run_id, action)
+    if action not in jobqueue.ACTIONS:
+        return error_page(request, 404, f"no action '{action}'; use one of {', '.join(jobqueue.ACTIONS)}")
+    jobqueue.change_state(session, run_id, action)
     return back(f"/web/runs/{run_id}")
 
 
@@ -275,7 +267,7 @@ def compare_page(request: Request, session: SessionDep, settings: SettingsDep, i
     """Picked runs: overlaid curves and the config keys that differ."""
     if len(ids) < 2:
         return error_page(request, 422, "pick at least two runs to compare (tick them in the runs list)")
-    data = services.compare(session, ids[:12], settings.roots)
+    data = readmodels.compare(session, ids[:12], settings.roots)
     labels = [f"#{r.id} {r.name or 'queued'}" for r in data["runs"]]
     return render(request, "compare.html", **data, labels=labels)
 
@@ -293,25 +285,20 @@ def sweeps_page(request: Request, session: SessionDep):
 @router.get("/sweeps/{sweep_id}")
 def sweep_page(request: Request, sweep_id: int, session: SessionDep, settings: SettingsDep, message: str | None = None):
     """One sweep's board: tasks, resubmit-failed, leaderboard, seeds."""
-    sweep = services.get_sweep(session, sweep_id)
-    board = services.sweep_board(sweep, settings.roots, security.own_server(settings))
-    failed = [r for r in board["rows"] if r["state"] in sources.RESUBMITTABLE]
-    runs = services.runs_by_logs(session, [row.get("logs") for row in board["rows"]])
-    return render(request, "sweep.html", sweep=sweep, **board, failed=failed, message=message, runs=runs)
+    shown = readmodels.sweep_page(session, services.get_sweep(session, sweep_id), settings.roots, security.own_server(settings))
+    return render(request, "sweep.html", **shown, message=message)
 
 
 @router.post("/sweeps/{sweep_id}/resubmit-failed")
 def resubmit_failed(request: Request, sweep_id: int, session: SessionDep, settings: SettingsDep, form: PostedForm):
-    """Run `submit resubmit SWEEP --failed` (up to minutes, in the threadpool) and show the board with its last line."""
+    """`submit resubmit SWEEP --failed` by the sweep code, then the board with the line it ended with. A plain def: sbatch
+    or a sweep's server may take seconds, and the event loop answers the agents' heartbeats meanwhile."""
     if form is None:
         return csrf_refused(request)
     sweep = services.get_sweep(session, sweep_id)
     code, message = sources.resubmit_failed(Path(sweep.folder), security.own_server(settings), settings.allow_import)
-    board = services.sweep_board(sweep, settings.roots, security.own_server(settings))
-    failed = [r for r in board["rows"] if r["state"] in sources.RESUBMITTABLE]
-    note = f"resubmit --failed: {message}" + ("" if code == 0 else f" (exit {code})")
-    runs = services.runs_by_logs(session, [row.get("logs") for row in board["rows"]])
-    return render(request, "sweep.html", sweep=sweep, **board, failed=failed, message=note, runs=runs)
+    shown = readmodels.sweep_page(session, sweep, settings.roots, security.own_server(settings))
+    return render(request, "sweep.html", **shown, message=f"resubmit --failed: {message}" + ("" if code == 0 else f" (exit {code})"))
 
 
 # --- agents

@@ -1,21 +1,18 @@
-"""What the API and the pages both do: projects, configs, queueing, state changes, agents, runs and sweeps."""
+"""The rows the API and the pages both change: generic helpers, then projects, configs, runs, agents and GPUs, sweeps.
+
+A job's state changes are the queue's (jobqueue.py); what a page or GET shows is read in readmodels.py."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from pathlib import Path
-
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
-from utp_dist.config import Config, ConfigError, flatten, from_dict, parse_yaml
-from utp_dist.dashboard import files, sources, states
-from utp_dist.dashboard.db import Agent, ConfigRow, Gpu, Job, Project, Run, Sweep, now
-from utp_dist.errors import UserError, one_line
+from utp_dist import states
+from utp_dist.config import Config, ConfigError, from_dict, parse_yaml
+from utp_dist.dashboard.db import Agent, ConfigRow, Gpu, Job, Project, Run, Sweep
+from utp_dist.errors import one_line
 from utp_dist.registry import check_references
-from utp_dist.store import runfiles
-from utp_dist.store.run_dir import RunDir
 
 
 class NotFound(Exception):
@@ -155,16 +152,6 @@ def delete_config(session: Session, config_id: int) -> None:
 # --- runs and their queue entries
 
 
-def queue_run(session: Session, config_id: int, gpus: int = 0, priority: int = 0, max_attempts: int = 3) -> tuple[Run, Job]:
-    """A run of this config and its queue entry, both queued, for an agent to claim."""
-    config = found(session, ConfigRow, config_id, "config")
-    run = Run(project_id=config.project_id, config_id=config.id, source="queue", state=states.QUEUED, config_hash=config.config_hash)
-    job = Job(run=run, state=states.QUEUED, gpus=gpus, priority=priority, max_attempts=max_attempts)
-    session.add_all([run, job])
-    session.commit()
-    return run, job
-
-
 def list_runs(
     session: Session,
     project_id: int | None = None,
@@ -192,49 +179,9 @@ def get_run(session: Session, run_id: int) -> Run:
     return found(session, Run, run_id, "run")
 
 
-def run_folder(run: Run, roots: tuple[Path, ...]) -> RunDir | None:
-    """The run's folder once it has one, read only where it resolves inside the output roots (an agent reports any path)."""
-    return RunDir(run.root, run.dataset, run.name, within=roots) if run.root and run.dataset and run.name else None
-
-
 def latest_job(session: Session, run: Run) -> Job | None:
     """The run's newest queue entry, None for a run found on disk."""
     return session.scalar(select(Job).where(Job.run_id == run.id).order_by(Job.id.desc()).limit(1))
-
-
-def swap(session: Session, job: Job, new: str, run: dict | None = None, **values) -> bool:
-    """Move a job from the (state, attempt) it was read with to `new`, and its run with it, as one compare-and-swap.
-
-    False (nothing written) when another actor changed the job first; the one place every state change goes through,
-    for users here and for agents, whose attempt number is their fencing token. `run`: more run columns to set.
-    """
-    if not states.allowed(job.state, new):
-        return False
-    changed = {"state": new, "updated": now(), **values}
-    swapped = session.execute(update(Job).where(Job.id == job.id, Job.state == job.state, Job.attempt == job.attempt).values(**changed))
-    if not swapped.rowcount:
-        session.rollback()
-        return False
-    session.execute(update(Run).where(Run.id == job.run_id).values(state=new, updated=now(), **(run or {})))
-    session.commit()
-    session.refresh(job)
-    return True
-
-
-def change_state(session: Session, run_id: int, action: str) -> Job:
-    """Cancel or resume a run's job (409 with the current state when that state does not allow it, or another actor won)."""
-    run = get_run(session, run_id)
-    job = latest_job(session, run)
-    if job is None:
-        raise Conflict(f"run {run_id} was not queued here (found on disk as {run.state}): there is no job to {action}", run.state)
-    target = states.ACTIONS[action].get(job.state)
-    if target is None:
-        raise Conflict(f"cannot {action} run {run_id}: its job is {job.state}", job.state)
-    requeue = {"agent_id": None, "lease_expires": None, "reason": None} if target == states.QUEUED else {}
-    if not swap(session, job, target, **requeue):
-        current = session.scalar(select(Job.state).where(Job.id == job.id))
-        raise Conflict(f"cannot {action} run {run_id}: its job changed to {current} meanwhile", current)
-    return job
 
 
 def delete_run(session: Session, run_id: int) -> None:
@@ -287,127 +234,3 @@ def list_sweeps(session: Session, limit: int = 100, offset: int = 0) -> tuple[li
 def get_sweep(session: Session, sweep_id: int) -> Sweep:
     """The sweep with this id (404 otherwise)."""
     return found(session, Sweep, sweep_id, "sweep")
-
-
-def runs_by_logs(session: Session, logs: list[str | None]) -> dict[str, int]:
-    """Run ids by log folder (as the sweep status rows name a task's run), for links from the board to run pages."""
-    folders = [RunDir.of_logs(Path(path).resolve()) for path in logs if path]
-    out = {}
-    for folder in folders:
-        ident = session.scalar(select(Run.id).where(Run.root == str(folder.root), Run.dataset == folder.dataset, Run.name == folder.name))
-        if ident is not None:
-            out[str(folder.logs)] = ident
-    return out
-
-
-def sweep_board(sweep: Sweep, roots: tuple[Path, ...], own: Callable[[str], bool]) -> dict:
-    """The board of a sweep: task rows as `submit status` has them, the leaderboard, and mean ± std over seeds.
-
-    `own`: whether a server URL is this dashboard's; a ledger whose runs are queued elsewhere is not read further.
-    """
-    folder = Path(sweep.folder)
-    board = {"rows": [], "leaderboard_columns": [], "leaderboard": [], "seed_groups": [], "error": None}
-    try:
-        ledger = sources.read_ledger(folder)
-        sources.check_servers(folder, ledger, own)
-        board["rows"] = [{**row, "kind": sources.kind(row["state"])} for row in sources.task_rows(folder, ledger, roots)]
-        board["leaderboard_columns"], board["leaderboard"] = sources.leaderboard(folder, ledger, roots)
-        board["seed_groups"] = sources.seed_groups(ledger, board["leaderboard"])
-    except UserError as err:  # e.g. sacct unreachable: show the line, keep the page
-        board["error"] = sources.describe_error(err)
-    return board
-
-
-# --- what a run page and GET /api/v1/runs/{id} show
-
-
-def run_detail(session: Session, run: Run, roots: tuple[Path, ...]) -> dict:
-    """The run row plus what its folder says: resolved config, progress, summary, figures, logs, best export, sweep task, jobs."""
-    folder = run_folder(run, roots)
-    config, summary, found, paths, task, logs = None, None, {}, {}, None, []
-    if folder is not None and folder.exists():
-        config = folder.read_config()
-        summary = folder.read_summary()
-        found = runfiles.progress(folder, config)
-        figures = runfiles.figures(folder)
-        task = run_task(session, run, folder)
-        best = runfiles.best_export(folder)
-        logs = [{"name": p.name, "url": files.url_of(roots, p)} for p in runfiles.log_files(folder, task["logs"] if task else [])]
-        paths = {
-            "logs": str(folder.logs),
-            "checkpoints": str(folder.checkpoints),
-            "best_export": str(best) if best else None,
-            "confusion_matrix_url": files.url_of(roots, figures["confusion_matrix"]),
-            "roc_url": files.url_of(roots, figures["roc"]),
-        }
-    elif run.config_id is not None:
-        row = session.get(ConfigRow, run.config_id)
-        config = from_dict(row.config, row.name).to_dict() if row is not None else None
-    log_path, log_tail = run_log(session, run, folder, task)
-    paths.update(log=str(log_path) if log_path else None, log_url=files.url_of(roots, log_path))
-    # what an agent last reported stands in until the run folder can be read here
-    reported = {"epoch": run.epoch, "step": run.step, "best_metric": run.best_metric, "best": run.best, "img_per_s": run.img_per_s}
-    epochs = ((config or {}).get("train") or {}).get("epochs")
-    progress = {**reported, "epochs": epochs, "restarts": run.restarts, **{k: v for k, v in found.items() if v is not None}}
-    progress["log_tail"] = log_tail
-    if task is not None:
-        task = {k: v for k, v in task.items() if k != "logs"} | {"sweep_id": run.sweep_id}
-    jobs = list(session.scalars(select(Job).where(Job.run_id == run.id).order_by(Job.id)))
-    return {
-        "run": run,
-        "config": config,
-        "summary": summary,
-        "progress": progress,
-        "paths": paths,
-        "jobs": jobs,
-        "task": task,
-        "logs": logs,
-    }
-
-
-def run_task(session: Session, run: Run, folder: RunDir) -> dict | None:
-    """The sweep task that trained the run (the indexer linked its sweep), with its log files."""
-    sweep = session.get(Sweep, run.sweep_id) if run.sweep_id else None
-    return sources.task_of_run(folder, [Path(sweep.folder)]) if sweep else None
-
-
-def run_log(session: Session, run: Run, folder: RunDir | None, task: dict | None = None) -> tuple[Path | None, str]:
-    """(the log shown, its tail): a run queued here shows its current attempt as its agent reports it (earlier attempts'
-    output is in its log folder), any other run the newest log of its folder or sweep task."""
-    if run.source == "queue" and run.log_tail:
-        return None, run.log_tail
-    if folder is None or not folder.exists():
-        return None, run.log_tail or ""
-    task = task if task is not None else run_task(session, run, folder)
-    return runfiles.log_tail(folder, task["logs"] if task else [])
-
-
-def run_series(run: Run, roots: tuple[Path, ...]) -> dict:
-    """The run's curves for the charts: train loss/accuracy per step, every val metric per epoch."""
-    folder = run_folder(run, roots)
-    if folder is None or not folder.exists():
-        return {"train": {}, "val": {}}
-    return {"train": runfiles.train_curves(folder), "val": runfiles.val_curves(folder)}
-
-
-def compare(session: Session, run_ids: list[int], roots: tuple[Path, ...]) -> dict:
-    """Runs side by side: their curves, and only the config keys whose values differ between them."""
-    runs = [get_run(session, i) for i in run_ids]
-    flat = []
-    for run in runs:
-        folder = run_folder(run, roots)
-        raw = folder.read_config() if folder is not None else None
-        if raw is None and run.config_id is not None:
-            row = session.get(ConfigRow, run.config_id)
-            raw = row.config if row is not None else None
-        try:
-            flat.append(flatten(from_dict(raw or {}, run.name or str(run.id)).to_dict()) if raw is not None else {})
-        except ConfigError:
-            flat.append(flatten(raw))
-    keys = sorted({k for f in flat for k in f})
-    differing = [k for k in keys if len({repr(f.get(k)) for f in flat}) > 1]
-    return {
-        "runs": runs,
-        "series": [run_series(run, roots) for run in runs],
-        "differences": [{"key": k, "values": [f.get(k) for f in flat]} for k in differing],
-    }

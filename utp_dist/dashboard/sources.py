@@ -5,12 +5,6 @@ The dashboard reads sweeps through here only, with the package's own sweep code 
 
 from __future__ import annotations
 
-import csv
-import io
-import os
-import statistics
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,16 +14,11 @@ from utp_dist.registry import check_references
 from utp_dist.store.run_dir import RunDir, is_version_of
 from utp_dist.sweep import executors as _executors
 from utp_dist.sweep import ledger as _ledger
-from utp_dist.sweep import states as _states
 from utp_dist.sweep import status as _status
+from utp_dist.sweep import submit as _submit
 from utp_dist.sweep.task import TaskRecord
 
 LEDGER = _ledger.LEDGER
-SEED = "train.seed"
-# scheduler states shown apart from a plain failure: the job was stopped from outside and can continue
-INTERRUPTED = {_states.PREEMPTED, _states.TIMEOUT, _states.NODE_FAIL, _states.STOPPED, _states.LOST, _states.CANCELLED, _states.DEADLINE}
-FAILED = {_states.FAILED, _states.OUT_OF_MEMORY, _states.BOOT_FAIL}
-RESUBMITTABLE = _states.RESUBMITTABLE
 
 
 def read_ledger(folder: Path) -> dict:
@@ -75,69 +64,30 @@ def task_rows(folder: Path, ledger: dict, roots: tuple[Path, ...]) -> list[dict]
 
 def leaderboard(folder: Path, ledger: dict, roots: tuple[Path, ...]) -> tuple[list[str], list[dict]]:
     """(columns, rows) of the package's leaderboard, ranked by the monitored metric (runs inside the output roots)."""
-    _, table = _status.leaderboard(folder, ledger, roots)
-    reader = csv.DictReader(io.StringIO(table))
-    return [c for c in (reader.fieldnames or []) if c != "logs"], list(reader)
+    return _status.leaderboard_rows(folder, ledger, roots)
 
 
 def seed_groups(ledger: dict, board: list[dict]) -> list[dict]:
-    """Mean ± std of the monitored metric over seeds, per combination of the other swept keys ([] when train.seed is not swept)."""
-    swept = list(dict.fromkeys(k for t in ledger["tasks"] for k in t["swept"]))
-    if SEED not in swept:
+    """Mean ± std of the monitored metric over seeds, per combination of the other swept keys ([] when train.seed is not
+    swept): the leaderboard's own groups, with the monitored metric's numbers on top."""
+    grouping = _status.seed_grouping(ledger)
+    if grouping is None:
         return []
-    metric = next((c for c in board[0] if c.startswith("best ")), None) if board else None
-    groups: dict[tuple, list[float]] = {}
-    for row in board:
-        key = tuple((k, row.get(k, "")) for k in swept if k != SEED)
-        value = row.get(metric or "")
-        groups.setdefault(key, [])
-        if value not in (None, ""):
-            groups[key].append(float(value))
-    out = []
-    for key, values in groups.items():
-        mean = statistics.fmean(values) if values else None
-        std = statistics.stdev(values) if len(values) > 1 else 0.0 if values else None
-        out.append({"keys": dict(key), "metric": metric, "mean": mean, "std": std, "seeds": len(values)})
-    return sorted(out, key=lambda g: (g["mean"] is None, -(g["mean"] or 0)))
+    metric = grouping[1][0]
+    return [{"keys": g["keys"], "metric": metric, **g[metric], "seeds": g[metric]["n"]} for g in _status.seed_groups(board, *grouping)]
 
 
-def kind(state: str) -> str:
-    """How the board colours a scheduler state: ok, running, interrupted (preempted/timeout...), failed, waiting."""
-    if state == _states.COMPLETED:
-        return "ok"
-    if state == _states.RUNNING:
-        return "running"
-    if state in INTERRUPTED:
-        return "interrupted"
-    if state in FAILED:
-        return "failed"
-    return "waiting"
-
-
-def resubmit_failed(folder: Path, own: Callable[[str], bool], allow_import: tuple[str, ...], timeout_s: float = 120.0) -> tuple[int, str]:
-    """Run `python -m utp_dist.submit resubmit FOLDER --failed` (an argument list, never a shell string): (exit code, its last line).
+def resubmit_failed(folder: Path, own: Callable[[str], bool], allow_import: tuple[str, ...]) -> tuple[int, str]:
+    """`submit resubmit FOLDER --failed` by the sweep code itself: (0, the line it ends with) or (2, why it was refused).
 
     The sweep folder lies in an output root that others may write, so it is checked as a stored config is first: its
     runs must be queued here (`own`), and every task config may name only registered code (the dashboard's --allow-import).
     """
     try:
         check_sweep(folder, own, allow_import)
+        return 0, _submit.resubmit_failed(folder)
     except UserError as err:
-        return 2, str(err)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")])}
-    try:
-        done = subprocess.run(
-            [sys.executable, "-m", "utp_dist.submit", "resubmit", str(folder), "--failed"],
-            capture_output=True,
-            text=True,
-            timeout=timeout_s,
-            env=env,
-            stdin=subprocess.DEVNULL,
-        )
-    except subprocess.TimeoutExpired:
-        return 124, f"resubmit did not answer within {timeout_s:.0f} s"
-    lines = (done.stdout + done.stderr).strip().splitlines()
-    return done.returncode, lines[-1] if lines else f"exit {done.returncode}"
+        return 2, first_line(err)
 
 
 def task_of_run(run: RunDir, sweep_folders: list[Path]) -> dict | None:

@@ -12,6 +12,7 @@ import os
 import threading
 from pathlib import Path
 
+from utp_dist import states
 from utp_dist.store.lock import RunLock
 from utp_dist.store.run_dir import LOGS, RunDir
 
@@ -52,11 +53,8 @@ def alive(run: RunDir) -> bool:
 
 def disk_state(run: RunDir) -> str:
     """What the folder says: succeeded (FINISHED), running (its lock is held), stopped (resumable states), else unknown."""
-    if run.is_finished():
-        return "succeeded"
-    if alive(run):
-        return "running"
-    return "stopped" if run.states() else "unknown"
+    finished = run.is_finished()
+    return states.from_disk(finished, not finished and alive(run), bool(run.states()))
 
 
 def finished_at(run: RunDir) -> float | None:

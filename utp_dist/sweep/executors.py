@@ -1,7 +1,7 @@
 """Where grid tasks run: one class per backend behind one small interface, and the registry that names them.
 
 As in submitit's Executor/Job split, an executor submits tasks and hands back one job handle per task (the ledger
-records them); later it tells the state of those jobs in the one vocabulary of `utp_dist.sweep.states`. A new
+records them); later it tells the state of those jobs in the words of `utp_dist.states`. A new
 backend is one subclass of Executor and one line in EXECUTORS.
 """
 
@@ -23,39 +23,23 @@ from urllib.parse import quote
 
 import yaml
 
+from utp_dist import states
 from utp_dist.agent.client import Client, Conflict, Unreachable
 from utp_dist.config import build_section, from_dict
 from utp_dist.errors import UserError
 from utp_dist.store.run_dir import versions
-from utp_dist.sweep import states
 from utp_dist.sweep.resources import Resources
 from utp_dist.sweep.task import TaskFailed, TaskRecord, TrainTask
 
 SUBMITIT_DIR = "slurm"  # submitit's folder inside the sweep: pickles, sbatch files, task logs
 LOCAL_LOGS = "local"
-# sacct's states (man sacct, JOB STATE CODES) that the vocabulary names otherwise; the others keep their name
-SLURM_STATES = {
-    "REQUEUED": states.PENDING,
-    "REQUEUE_FED": states.PENDING,
-    "REQUEUE_HOLD": states.PENDING,
-    "RESV_DEL_HOLD": states.PENDING,
-    "CONFIGURING": states.RUNNING,
-    "COMPLETING": states.RUNNING,
-    "RESIZING": states.RUNNING,
-    "SIGNALING": states.RUNNING,
-    "STAGE_OUT": states.RUNNING,
-    # Slurm's STOPPED (SIGSTOP) and SUSPENDED keep the allocation and go on: not our STOPPED, which has ended
-    "STOPPED": states.RUNNING,
-    "SUSPENDED": states.RUNNING,
-    "SPECIAL_EXIT": states.FAILED,
-    "REVOKED": states.CANCELLED,  # a federated sibling runs it elsewhere
-}
 
 
 class Executor(abc.ABC):
     """One backend: submits a sweep's tasks, and tells the state of their jobs."""
 
     name: ClassVar[str]
+    in_process: ClassVar[bool] = False  # whether run_here trains the tasks in the submitting process
 
     def __init__(self, resources: Resources, parallel: bool = False, server: str | None = None):
         self.resources, self.parallel, self.server = resources, parallel, server  # server: the dashboard executor's URL
@@ -125,7 +109,7 @@ class SlurmExecutor(Executor):
     def states(self, folder: Path, ledger: dict, jobs: dict[int, str]) -> dict[int, str]:
         accounting = sacct_states(sorted(set(jobs.values())))
         # a job sacct does not list yet was submitted moments ago: accounting lags behind sbatch
-        return {index: _slurm_state(accounting.get(job, states.PENDING)) for index, job in jobs.items()}
+        return {index: states.from_slurm(accounting.get(job, "PENDING")) for index, job in jobs.items()}
 
 
 class LocalExecutor(Executor):
@@ -145,7 +129,7 @@ class LocalExecutor(Executor):
         return {i: f"pid:{runner.pid}" for i in indices}
 
     def states(self, folder: Path, ledger: dict, jobs: dict[int, str]) -> dict[int, str]:
-        """From each task's own record; a task whose process is gone without a word is LOST."""
+        """From each task's own record; a task whose process is gone without a word is lost."""
         return {index: _process_state(TaskRecord(folder, index).read(), job) for index, job in jobs.items()}
 
 
@@ -153,6 +137,7 @@ class DebugExecutor(LocalExecutor):
     """In this process, one task after another, so breakpoints work; states as for local processes."""
 
     name = "debug"
+    in_process = True
 
     def submit(self, folder: Path, ledger: dict, indices: list[int]) -> dict[int, str]:
         """Nothing starts yet (run_here trains them); every handle is this process."""
@@ -168,14 +153,6 @@ class DebugExecutor(LocalExecutor):
 
 
 RUN_PAGE = "/web/runs/"
-# the dashboard's job states (utp_dist/dashboard/states.py) in the sweep vocabulary
-DASHBOARD_STATES = dict(
-    zip(
-        ("queued", "claimed", "running", "stopping", "succeeded", "failed", "cancelled", "stopped"),
-        (states.PENDING, states.PENDING, states.RUNNING, states.RUNNING, states.COMPLETED, states.FAILED, states.CANCELLED, states.STOPPED),
-        strict=True,
-    )
-)
 
 
 class DashboardExecutor(Executor):
@@ -210,12 +187,8 @@ class DashboardExecutor(Executor):
         return handles
 
     def states(self, folder: Path, ledger: dict, jobs: dict[int, str]) -> dict[int, str]:
-        """One request per server: the state of every task's run, in the sweep vocabulary."""
-        found: dict[int, str] = {}
-        for index, row in self._by_run(jobs).items():
-            state = (row or {}).get("state")
-            found[index] = DASHBOARD_STATES.get(state, states.LOST if state is None else states.UNKNOWN)  # a deleted run is lost
-        return found
+        """One request per server: the state of every task's run (a deleted run is lost)."""
+        return {index: states.from_queue((row or {}).get("state")) for index, row in self._by_run(jobs).items()}
 
     def restarts(self, folder: Path, ledger: dict, jobs: dict[int, str]) -> dict[int, int]:
         """The dashboard's count: the agents' tasks keep no record of their own."""
@@ -349,9 +322,7 @@ def sacct_states(job_ids: list[str], attempts: int = 5) -> dict[str, str]:
             out = None
         if out is not None and out.returncode == 0:
             # submitit's parser expands a pending array's '123_[5-7%2]' line into its tasks
-            found = {
-                job: (info.get("State") or states.UNKNOWN).split()[0] for job, info in SlurmInfoWatcher().read_info(out.stdout).items()
-            }
+            found = {job: (info.get("State") or "UNKNOWN").split()[0] for job, info in SlurmInfoWatcher().read_info(out.stdout).items()}
             if all(j in found for j in job_ids):
                 break
         elif out is not None:
@@ -362,12 +333,6 @@ def sacct_states(job_ids: list[str], attempts: int = 5) -> dict[str, str]:
     return found
 
 
-def _slurm_state(state: str) -> str:
-    """A sacct state ('CANCELLED by 0' is cut to CANCELLED before) in the vocabulary of `states`."""
-    state = SLURM_STATES.get(state, state)
-    return state if state in states.ALL else states.UNKNOWN
-
-
 def _slurm_message(text: str) -> str:
     """Slurm's own error lines out of submitit's exception text, joined into one."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
@@ -376,12 +341,13 @@ def _slurm_message(text: str) -> str:
 
 
 def _process_state(record: dict, job: str) -> str:
-    """State of a task run by a process of this machine, from its record; a task whose process is gone is LOST."""
-    if not record or record["state"] == states.PENDING:
-        return states.PENDING if _alive(job) else states.LOST
-    if record["state"] == states.RUNNING and not _alive(str(record.get("pid"))):
+    """State of a task run by a process of this machine, from its record; a task whose process is gone is lost."""
+    state = states.from_record(record.get("state"))
+    if state in (None, states.QUEUED):
+        return states.QUEUED if _alive(job) else states.LOST
+    if state == states.RUNNING and not _alive(str(record.get("pid"))):
         return states.LOST
-    return record["state"]
+    return state
 
 
 def _alive(pid: str) -> bool:

@@ -8,8 +8,9 @@ import math
 import statistics
 from pathlib import Path
 
+from utp_dist import states
 from utp_dist.store import runfiles
-from utp_dist.sweep import executors, states
+from utp_dist.sweep import executors
 from utp_dist.sweep.ledger import find_run
 
 COLUMNS = ("task", "run", "state", "restarts", "epoch", "step", "best", "img/s", "job")
@@ -29,7 +30,7 @@ def rows(folder: Path, ledger: dict, within: tuple[Path, ...] = ()) -> list[dict
         submitted = max((sub["time"] for sub in ledger["submissions"] if str(task["index"]) in sub["tasks"]), default=0.0)
         state = job_states.get(task["index"], states.NOT_SUBMITTED)
         if state == states.LOST and _finished_since(task, submitted, within):
-            state = states.COMPLETED  # its record is gone (deleted, another disk), but the run says it trained to its end
+            state = states.SUCCEEDED  # its record is gone (deleted, another disk), but the run says it trained to its end
         out.append(
             {
                 "task": task["index"],
@@ -80,9 +81,9 @@ def markdown(table: list[dict], columns: tuple[str, ...]) -> str:
     return "\n".join(lines)
 
 
-def leaderboard(folder: Path, ledger: dict, within: tuple[Path, ...] = ()) -> tuple[str, str]:
-    """(Markdown, CSV) of the runs ranked by their monitored metric; runs without an evaluation come last. When runs
-    differ only in train.seed, a second table ranks those groups by mean ± std over their seeds."""
+def leaderboard_rows(folder: Path, ledger: dict, within: tuple[Path, ...] = ()) -> tuple[list[str], list[dict]]:
+    """(columns, rows) of the runs ranked by their monitored metric, runs without an evaluation last; the values are the
+    numbers themselves, and each row also names its run's log folder ("logs") for links."""
     status = {row["task"]: row for row in rows(folder, ledger, within)}
     metric, mode = ledger["tasks"][0]["monitor"]
     swept = list(dict.fromkeys(k for t in ledger["tasks"] for k in t["swept"]))
@@ -102,37 +103,63 @@ def leaderboard(folder: Path, ledger: dict, within: tuple[Path, ...] = ()) -> tu
     board.sort(key=lambda r: (r[f"best {metric}"] is None, sign * (r[f"best {metric}"] or 0)))
     for rank, row in enumerate(board, 1):
         row["rank"] = rank
-    columns = ("rank", "run", *swept, f"best {metric}", "epoch", "test_acc@1", "state")
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=[*columns, "logs"], extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(board)
-    text = markdown(board, columns)
-    if SEED in swept:
-        keys = [k for k in swept if k != SEED]
-        groups = seed_groups(board, keys, (f"best {metric}", "test_acc@1"), mode)
-        text += f"\n\nover seeds ({SEED}), mean ± std:\n\n" + markdown(groups, ("rank", *keys, "seeds", f"best {metric}", "test_acc@1"))
-    return text, buffer.getvalue()
+    return ["rank", "run", *swept, f"best {metric}", "epoch", "test_acc@1", "state"], board
 
 
-def seed_groups(board: list[dict], keys: list[str], values: tuple[str, str], mode: str) -> list[dict]:
-    """One row per group of runs with equal `keys` (differing only in their seed): how many seeds, and mean ± std of
-    each of `values` over the runs that have it; ranked by the mean of the first."""
+def seed_grouping(ledger: dict) -> tuple[list[str], tuple[str, str], str] | None:
+    """(the swept keys other than train.seed, the number columns to average, the monitor's mode) of a sweep whose runs
+    differ in train.seed; None when it does not sweep it."""
+    swept = list(dict.fromkeys(k for t in ledger["tasks"] for k in t["swept"]))
+    if SEED not in swept:
+        return None
+    metric, mode = ledger["tasks"][0]["monitor"]
+    return [k for k in swept if k != SEED], (f"best {metric}", "test_acc@1"), mode
+
+
+def seed_groups(board: list[dict], keys: list[str], values: tuple[str, ...], mode: str) -> list[dict]:
+    """One group per combination of `keys` (runs differing only in their seed): {"keys", "seeds", "rank", and per name
+    in `values` {"mean", "std", "n"} over the runs that have a number}; ranked by the mean of the first."""
     groups: dict[str, list[dict]] = {}
     for row in board:
         groups.setdefault(repr([row.get(k) for k in keys]), []).append(row)
     out = []
     for runs in groups.values():
-        row = {k: runs[0].get(k) for k in keys}
-        row["seeds"] = ", ".join(str(r.get(SEED)) for r in runs)
+        group = {"keys": {k: runs[0].get(k) for k in keys}, "seeds": [r.get(SEED) for r in runs]}
         for name in values:
             numbers = [r[name] for r in runs if isinstance(r.get(name), (int, float))]
-            row[f"_{name}"] = statistics.fmean(numbers) if numbers else None
-            spread = f" ± {statistics.stdev(numbers):.4f}" if len(numbers) > 1 else ""
-            row[name] = f"{statistics.fmean(numbers):.4f}{spread} (n={len(numbers)})" if numbers else None
-        out.append(row)
-    first, sign = f"_{values[0]}", -1 if mode == "max" else 1
-    out.sort(key=lambda r: (r[first] is None, sign * (r[first] or 0)))
-    for rank, row in enumerate(out, 1):
-        row["rank"] = rank
+            std = statistics.stdev(numbers) if len(numbers) > 1 else 0.0 if numbers else None
+            group[name] = {"mean": statistics.fmean(numbers) if numbers else None, "std": std, "n": len(numbers)}
+        out.append(group)
+    first, sign = values[0], -1 if mode == "max" else 1
+    out.sort(key=lambda g: (g[first]["mean"] is None, sign * (g[first]["mean"] or 0)))
+    for rank, group in enumerate(out, 1):
+        group["rank"] = rank
     return out
+
+
+def leaderboard(folder: Path, ledger: dict, within: tuple[Path, ...] = ()) -> tuple[str, str]:
+    """(Markdown, CSV) of leaderboard_rows; when runs differ only in train.seed, a second table ranks those groups by
+    mean ± std over their seeds."""
+    columns, board = leaderboard_rows(folder, ledger, within)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=[*columns, "logs"], extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(board)
+    text = markdown(board, tuple(columns))
+    grouping = seed_grouping(ledger)
+    if grouping is not None:
+        keys, values, _ = grouping
+        shown = [
+            {**g["keys"], "rank": g["rank"], "seeds": ", ".join(map(str, g["seeds"])), **{v: _spread(g[v]) for v in values}}
+            for g in seed_groups(board, *grouping)
+        ]
+        text += f"\n\nover seeds ({SEED}), mean ± std:\n\n" + markdown(shown, ("rank", *keys, "seeds", *values))
+    return text, buffer.getvalue()
+
+
+def _spread(stats: dict) -> str | None:
+    """mean ± std (n=N), as the seed table shows a column's numbers (None: no run has one)."""
+    if not stats["n"]:
+        return None
+    spread = f" ± {stats['std']:.4f}" if stats["n"] > 1 else ""
+    return f"{stats['mean']:.4f}{spread} (n={stats['n']})"

@@ -8,15 +8,17 @@ import sys
 import time
 from pathlib import Path
 
+from utp_dist import states
 from utp_dist.errors import UserError, run_command
 from utp_dist.store.run_dir import RunDir
-from utp_dist.sweep import executors, ledger, states
+from utp_dist.sweep import executors, ledger
 from utp_dist.sweep.resources import Resources, as_dict, load_resources
 from utp_dist.sweep.status import COLUMNS, leaderboard, markdown, rows
 from utp_dist.sweep.task import TaskRecord
 
 COMMANDS = ("status", "resubmit", "leaderboard")
 DRY_RUN_DIR = ".dry-run"
+NOTHING_TO_RESUBMIT = "nothing to resubmit: no task failed, was cancelled, timed out or got lost"
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -30,7 +32,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             parser.add_argument(
                 "--force",
                 action="store_true",
-                help="also tasks whose exact config completed and, with --tasks, those still pending or running",
+                help="also tasks whose exact config completed and, with --tasks, those still queued or running",
             )
             parser.add_argument("--wait", action="store_true", help="wait for the tasks, showing their status")
             parser.add_argument("--poll", type=float, default=10.0, help=argparse.SUPPRESS)
@@ -153,17 +155,22 @@ def _plan(grid, todo: list, skipped: list, resources: Resources) -> str:
 
 def _launch(folder: Path, record: dict, executor: executors.Executor, indices: list[int], args) -> int:
     """Submit `indices` with `executor`, note it in the ledger, and report (or wait)."""
-    for index in indices:  # before submitting: the new attempt may start (and finish) before sbatch even returns
-        TaskRecord(folder, index).queued()
-    jobs = executor.submit(folder, record, indices)
-    ledger.record_submission(folder, record, executor.name, jobs)
-    print(f"submitted {len(indices)} task(s) with the {executor.name} executor: {', '.join(sorted(set(jobs.values())))}")
+    print(_submitted(folder, record, executor, indices))
     print(
         f"sweep folder: {folder}\n  status:      python -m utp_dist.submit status {folder}\n"
         f"  leaderboard: python -m utp_dist.submit leaderboard {folder}"
     )
     ended = executor.run_here(folder, record, indices)  # the debug executor trains them now, in this process
     return wait(folder, indices, args.poll) if args.wait or ended else 0
+
+
+def _submitted(folder: Path, record: dict, executor: executors.Executor, indices: list[int]) -> str:
+    """Submit `indices` with `executor` and note it in the ledger; the line that says so."""
+    for index in indices:  # before submitting: the new attempt may start (and finish) before sbatch even returns
+        TaskRecord(folder, index).queued()
+    jobs = executor.submit(folder, record, indices)
+    ledger.record_submission(folder, record, executor.name, jobs)
+    return f"submitted {len(indices)} task(s) with the {executor.name} executor: {', '.join(sorted(set(jobs.values())))}"
 
 
 def wait(folder: Path, indices: list[int], poll: float) -> int:
@@ -177,7 +184,7 @@ def wait(folder: Path, indices: list[int], poll: float) -> int:
             print(text, flush=True)
             shown = text
         if all(r["state"] in states.DONE for r in table):
-            return 0 if all(r["state"] == states.COMPLETED for r in table) else 1
+            return 0 if all(r["state"] == states.SUCCEEDED for r in table) else 1
         time.sleep(poll)
 
 
@@ -201,20 +208,51 @@ def resubmit(args: argparse.Namespace) -> int:
                 "(wait for it, scancel it, or add --force)"
             )
     elif args.failed:
-        indices = [r["task"] for r in rows(folder, record) if r["state"] in states.RESUBMITTABLE]
+        indices = _failed(folder, record)
     else:
         raise UserError("resubmit: say which tasks: --failed, or --tasks 0,3")
-    if not args.force:  # as submit does: a task whose exact config completed is not trained again (as NAME-vN)
-        for index in list(indices):
-            task = record["tasks"][index]
-            done = _completed(task["output_root"], task["name"], task["config_hash"], index)
-            if done is not None:
-                print(_skipped(index, task["name"], done))
-                indices.remove(index)
+    if not args.force:
+        indices, skipped = _not_completed(record, indices)
+        for line in skipped:
+            print(line)
     if not indices:
-        print("nothing to resubmit: no task failed, was cancelled, timed out or got lost")
+        print(NOTHING_TO_RESUBMIT)
         return 0
     return _launch(folder, record, executors.of_ledger(folder, record), indices, args)
+
+
+def resubmit_failed(folder: Path) -> str:
+    """`resubmit FOLDER --failed` for a caller that must not train in its own process (the dashboard); the line it ends with.
+
+    The tasks of a debug sweep go to the local runner instead: the debug executor would train them in this process.
+    """
+    record = ledger.read(folder)
+    indices, _ = _not_completed(record, _failed(folder, record))
+    if not indices:
+        return NOTHING_TO_RESUBMIT
+    executor = executors.of_ledger(folder, record)
+    if executor.in_process:
+        executor = executors.LocalExecutor(executor.resources)
+    return _submitted(folder, record, executor, indices)
+
+
+def _failed(folder: Path, record: dict) -> list[int]:
+    """The tasks that ended without completing."""
+    return [r["task"] for r in rows(folder, record) if r["state"] in states.RESUBMITTABLE]
+
+
+def _not_completed(record: dict, indices: list[int]) -> tuple[list[int], list[str]]:
+    """`indices` without the tasks whose exact config completed (as submit does: they are not trained again as NAME-vN),
+    and a line for each task left out."""
+    todo, skipped = [], []
+    for index in indices:
+        task = record["tasks"][index]
+        done = _completed(task["output_root"], task["name"], task["config_hash"], index)
+        if done is None:
+            todo.append(index)
+        else:
+            skipped.append(_skipped(index, task["name"], done))
+    return todo, skipped
 
 
 def _indices(text: str, count: int) -> list[int]:

@@ -9,9 +9,9 @@ import socket
 import time
 from pathlib import Path
 
+from utp_dist import states
 from utp_dist.preemption import EXIT_RESUMABLE
 from utp_dist.store import atomic
-from utp_dist.sweep import states
 
 TASKS_DIR = "tasks"
 
@@ -83,9 +83,9 @@ class TaskRecord:
             return {}
 
     def queued(self) -> None:
-        """Mark the task submitted again: a stale FAILED must not end a `--wait` before the new attempt ran."""
+        """Mark the task submitted again: a stale failed must not end a `--wait` before the new attempt ran."""
         if self.path.exists():
-            self._write({**self.read(), "state": states.PENDING, "exit_code": None})
+            self._write({**self.read(), "state": states.QUEUED, "exit_code": None})
 
     def started(self) -> None:
         """Count an attempt and mark the task running."""
@@ -102,9 +102,8 @@ class TaskRecord:
         )
 
     def ended(self, code: int) -> None:
-        """Mark the task COMPLETED, STOPPED (saved to be resumed) or FAILED."""
-        state = states.COMPLETED if code == 0 else states.STOPPED if code == EXIT_RESUMABLE else states.FAILED
-        self._write({**self.read(), "state": state, "exit_code": code, "ended": time.time()})
+        """Mark the task succeeded, stopped (saved to be resumed) or failed."""
+        self._write({**self.read(), "state": states.from_exit(code), "exit_code": code, "ended": time.time()})
 
     def _write(self, record: dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

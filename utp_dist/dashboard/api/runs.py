@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Body, Query, status
 
-from utp_dist.dashboard import services
+from utp_dist.dashboard import jobqueue, readmodels, services
 from utp_dist.dashboard.deps import IdPath, PagingDep, SessionDep, SettingsDep
 from utp_dist.dashboard.schemas import MAX_INT, QueueIn, QueueOut, RunDetail, RunOut, StateChangeOut
 
@@ -17,7 +17,7 @@ router = APIRouter(prefix="/api/v1/runs", tags=["runs"])
 def queue_run(config_id: IdPath, session: SessionDep, body: Annotated[QueueIn | None, Body()] = None):
     """Queue a run of a config: a run row and a job row, both queued."""
     body = body or QueueIn()
-    run, job = services.queue_run(session, config_id, body.gpus, body.priority, body.max_attempts)
+    run, job = jobqueue.queue_run(session, config_id, body.gpus, body.priority, body.max_attempts)
     return QueueOut(run_id=run.id, job_id=job.id, state=job.state)
 
 
@@ -37,7 +37,7 @@ def list_runs(
 @router.get("/{run_id}", response_model=RunDetail)
 def get_run(run_id: IdPath, session: SessionDep, settings: SettingsDep):
     """A run with its state, resolved config, progress, summary, paths and jobs."""
-    detail = services.run_detail(session, services.get_run(session, run_id), settings.roots)
+    detail = readmodels.run_detail(session, services.get_run(session, run_id), settings.roots)
     base = RunOut.model_validate(detail["run"]).model_dump()
     progress = {k: v for k, v in detail["progress"].items() if k != "log_tail"}
     return RunDetail(
@@ -56,23 +56,23 @@ def get_run(run_id: IdPath, session: SessionDep, settings: SettingsDep):
 def run_series(run_id: IdPath, session: SessionDep, settings: SettingsDep, log: bool = False) -> dict:
     """Curves for charts: {"state", "train": {tag: {x, y}}, "val": {metric: {x, y}}} (+ "log": the tail the run page shows)."""
     run = services.get_run(session, run_id)
-    series = {"state": run.state, "epoch": run.epoch, "step": run.step, "best": run.best, **services.run_series(run, settings.roots)}
+    series = {"state": run.state, "epoch": run.epoch, "step": run.step, "best": run.best, **readmodels.run_series(run, settings.roots)}
     if log:
-        series["log"] = services.run_log(session, run, services.run_folder(run, settings.roots))[1]
+        series["log"] = readmodels.run_log(session, run, readmodels.run_folder(run, settings.roots))[1]
     return series
 
 
 @router.post("/{run_id}/cancel", response_model=StateChangeOut)
 def cancel_run(run_id: IdPath, session: SessionDep):
     """Cancel a queued/claimed job, or ask a running one to stop (409 with the current state otherwise)."""
-    job = services.change_state(session, run_id, "cancel")
+    job = jobqueue.change_state(session, run_id, "cancel")
     return StateChangeOut(run_id=run_id, job_id=job.id, state=job.state)
 
 
 @router.post("/{run_id}/resume", response_model=StateChangeOut)
 def resume_run(run_id: IdPath, session: SessionDep):
     """Put a stopped, failed or cancelled run back in the queue (409 with the current state otherwise)."""
-    job = services.change_state(session, run_id, "resume")
+    job = jobqueue.change_state(session, run_id, "resume")
     return StateChangeOut(run_id=run_id, job_id=job.id, state=job.state)
 
 
