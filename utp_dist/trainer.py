@@ -29,6 +29,7 @@ from utp_dist.registry import MODELS
 from utp_dist.reporting import Reporter
 from utp_dist.store.checkpoint import BestModel, Checkpointer, NullBestModel, rng_state, set_rng_state
 from utp_dist.store.resume import open_run
+from utp_dist.system_metrics import build_sampler
 from utp_dist.tracking import NullTracker, TensorBoardTracker
 
 log = logging.getLogger(__name__)
@@ -171,6 +172,8 @@ class Trainer:
         bar_start = self.reporter.meter.logged_step  # the bar advances by logged steps: it starts at the last one logged
         self.tracker = TensorBoardTracker(self.run, self.total_steps, resume_step, bar_start) if main else NullTracker()
         self.reporter.tracker = self.tracker
+        # GPU, CPU and RAM samples at log points: a do-nothing sampler on all but the first process of each node
+        self.system = build_sampler(self.run, self.tracker, acc, cfg.output.system_every_s)
         self.tracker.write_config(cfg.to_yaml())
         self.tracker.log_text("config", "```yaml\n" + cfg.to_yaml() + "\n```", self.progress.step)
         self.tracker.log_text("run", self.describe().replace("\n", "  \n"), self.progress.step)
@@ -210,6 +213,7 @@ class Trainer:
             return summary
         finally:
             self.stop.uninstall()
+            self.system.close()
             self.tracker.close()  # flushes TensorBoard and ends the progress bar line, also on errors
             if failed and not self.resumed and self.accelerator.is_main_process:
                 self.run.discard_if_unused()  # a start that failed before writing anything leaves no folder (nor a -v1 next)
@@ -235,11 +239,13 @@ class Trainer:
                 self.callbacks.on_step_end(p.step)
                 if p.step % cfg.train.log_every_n_steps == 0 or p.step == self.total_steps:
                     self.reporter.log_train(p.step, p.epoch, self.scheduler.get_last_lr()[0])
+                    self.system.sample(p.step, p.epoch)
                 if p.step >= self.total_steps:
                     break
                 if not acc.gradient_state.end_of_dataloader:  # the epoch end saves after its evaluation instead
                     self.checkpointer.maybe_save()
             self.reporter.log_train(p.step, p.epoch, self.scheduler.get_last_lr()[0], end_of_epoch=True)
+            self.system.sample(p.step, p.epoch, force=True)
             p.last_val = self.evaluate("val", p.epoch, p.step)
             self.best.update(acc.unwrap_model(self.model), self.processor, p.last_val, p.epoch, p.step)
             self.reporter.epoch_line(p.epoch, cfg.train.epochs, p.last_val, self.best.best)

@@ -323,7 +323,11 @@ def agents_view(request: Request, session: Session, status_code: int = 200, **sh
     held = jobqueue.held_by_agent(session)
     made, _ = tokens.list_tokens(session, limit=500)
     context = {"error": None, "token_error": None, "created": None, **shown}
-    return render(request, "agents.html", status_code=status_code, agents=items, held=held, tokens=made, **context)
+    lease_s = request.app.state.settings.lease_s
+    online = {a.id for a in items if a.last_heartbeat and time.time() - a.last_heartbeat < lease_s}  # its jobs' leases still hold
+    return render(
+        request, "agents.html", status_code=status_code, agents=items, held=held, tokens=made, online_ids=online, lease_s=lease_s, **context
+    )
 
 
 @router.get("/agents")
@@ -363,6 +367,15 @@ def revoke_agent_token(request: Request, token_id: int, session: SessionDep, for
     if form is None:
         return csrf_refused(request)
     tokens.revoke_token(session, token_id)
+    return back("/web/agents")
+
+
+@router.post("/agents/{agent_id}/delete")
+def delete_agent(request: Request, agent_id: int, session: SessionDep, form: PostedForm):
+    """Forget an agent (the page offers it for offline agents; a live one registers again at its next heartbeat)."""
+    if form is None:
+        return csrf_refused(request)
+    services.delete_agent(session, agent_id)
     return back("/web/agents")
 
 

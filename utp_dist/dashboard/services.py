@@ -383,11 +383,11 @@ def run_log(session: Session, run: Run, folder: RunDir | None, task: dict | None
 
 
 def run_series(run: Run, roots: tuple[Path, ...]) -> dict:
-    """The run's curves for the charts: train loss/accuracy per step, every val metric per epoch."""
+    """The run's curves for the charts: train loss/accuracy per step, every val metric per epoch, system samples per step."""
     folder = run_folder(run, roots)
     if folder is None or not folder.exists():
-        return {"train": {}, "val": {}}
-    return {"train": runfiles.train_curves(folder), "val": runfiles.val_curves(folder)}
+        return {"train": {}, "val": {}, "system": {}}
+    return {"train": runfiles.train_curves(folder), "val": runfiles.val_curves(folder), "system": runfiles.system_curves(folder)}
 
 
 def compare(session: Session, run_ids: list[int], roots: tuple[Path, ...]) -> dict:

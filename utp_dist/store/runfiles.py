@@ -140,6 +140,24 @@ def train_curves(run: RunDir) -> dict[str, dict[str, list]]:
     return curves
 
 
+def system_curves(run: RunDir) -> dict[str, dict[str, list]]:
+    """The first node's system samples (system.jsonl): {"gpu0/util": {"x": steps, "epoch": [...], "time": [...], "y": values}, ...}.
+
+    A series the run never sampled (a GPU series of a CPU run) is absent, not a line at zero.
+    """
+    curves: dict[str, dict[str, list]] = {}
+    for sample in run.read_system():
+        for key, value in sample.items():
+            if key in ("time", "step", "epoch", "node") or not _number(value):
+                continue
+            curve = curves.setdefault(key, {"x": [], "epoch": [], "time": [], "y": []})
+            curve["x"].append(sample["step"])
+            curve["epoch"].append(sample.get("epoch"))
+            curve["time"].append(sample.get("time"))
+            curve["y"].append(value)
+    return curves
+
+
 def figures(run: RunDir) -> dict[str, Path | None]:
     """The newest confusion matrix and ROC PNGs: the test ones when the run has them, else the last val epoch's."""
     found = sorted(p for p in run.figures.glob("*.png") if run.allows(p)) if run.figures.is_dir() else []

@@ -13,12 +13,36 @@
     val: utp.liveChart(document.getElementById("chart-val"), "val metrics per epoch", "epoch"),
   };
 
+  // system series by what they measure: one chart each, made on the first sample (a CPU run never makes the GPU ones)
+  const SYSTEM = [
+    ["util", "GPU utilisation (%)"], ["memory_used_mb", "GPU memory used (MiB)"], ["power_w", "GPU power (W)"],
+    ["temperature_c", "GPU temperature (°C)"], ["cpu_percent", "process CPU (% of one core)"], ["ram_mb", "process RAM (MiB)"],
+  ];
+  const systemCharts = {};
+  function drawSystem(system) {
+    const box = document.getElementById("system-charts");
+    document.getElementById("system-empty").hidden = Object.keys(system).length > 0;
+    for (const [field, title] of SYSTEM) {
+      const names = Object.keys(system).filter((k) => k === field || k.endsWith("/" + field)).sort();
+      if (!names.length) continue;
+      if (!systemCharts[field]) {
+        const el = document.createElement("div");
+        el.className = "chart";
+        el.id = `chart-system-${field}`;
+        box.appendChild(el);
+        systemCharts[field] = utp.liveChart(el, title, "step");
+      }
+      systemCharts[field](names.map((n) => n.split("/")[0]), names.map((n) => system[n]));
+    }
+  }
+
   function draw(doc) {
     const s = JSON.parse(doc.getElementById("run-series").textContent);
     charts.train(["train loss"], [s.train.train_loss]);
     charts.valLoss(["val_loss"], [utp.oneBased(s.val.val_loss)]);
     const metrics = Object.keys(s.val).filter((k) => k !== "val_loss");
     charts.val(metrics, metrics.map((k) => utp.oneBased(s.val[k])));
+    drawSystem(s.system || {});
   }
 
   const state = () => document.querySelector("#run-state .state")?.textContent.trim();
