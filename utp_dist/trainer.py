@@ -24,6 +24,7 @@ from utp_dist.losses import build_loss, checked_loss
 from utp_dist.metrics import EvalMetrics
 from utp_dist.model import exported_processor, input_spec, is_convolutional
 from utp_dist.optim import build_optimizer, build_scheduler, optimizer_steps
+from utp_dist.predictions import build_predictions
 from utp_dist.preemption import StopRequest
 from utp_dist.registry import MODELS
 from utp_dist.reporting import Reporter
@@ -118,6 +119,7 @@ class Trainer:
         pin = cfg.data.pin_memory if cfg.data.pin_memory is not None else acc.device.type == "cuda"
         split_loaders = build_loaders(self.splits, self.spec, cfg.data, cfg.train.seed, acc.num_processes, pin)
         self.samplers = {split: s.sampler for split, s in split_loaders.items()}
+        self.eval_transform = split_loaders["val"].transform  # the predictions' sample is shown as the model sees it
         self.global_batch = cfg.data.batch_size * acc.num_processes * cfg.optim.grad_accum_steps
         per_rank_batches = len(self.samplers["train"]) // (cfg.data.batch_size * acc.num_processes)
         if per_rank_batches == 0:
@@ -174,6 +176,10 @@ class Trainer:
         self.reporter.tracker = self.tracker
         # GPU, CPU and RAM samples at log points: a do-nothing sampler on all but the first process of each node
         self.system = build_sampler(self.run, self.tracker, acc, cfg.output.system_every_s)
+        val = self.splits.samples["val"]
+        self.predictions = build_predictions(
+            self.run, self.tracker, val, self.eval_transform, cfg.output.prediction_samples, cfg.train.seed, self.classes, main
+        )
         self.tracker.write_config(cfg.to_yaml())
         self.tracker.log_text("config", "```yaml\n" + cfg.to_yaml() + "\n```", self.progress.step)
         self.tracker.log_text("run", self.describe().replace("\n", "  \n"), self.progress.step)
@@ -297,6 +303,10 @@ class Trainer:
         meter = self.reporter.meter
         speed = {"train_img_per_s": round(meter.img_per_s(), 1)} if split == "val" and meter.train_time else {}
         self.tracker.log_eval(split, values, epoch, step, confusion, roc, self.classes, speed)
+        # the main process alone predicts the sample, on the plain model: no collective, no random numbers drawn
+        self.predictions.record(
+            split, epoch, step, confusion, self.accelerator.unwrap_model(self.model, keep_torch_compile=False), self.inputs.model_input
+        )
         self.callbacks.on_evaluate(split, values, step)
         self.model.train()
         return values

@@ -17,7 +17,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.datastructures import FormData
 
-from utp_dist.dashboard import jobqueue, security, services, sources, states, tokens
+from utp_dist.dashboard import gallery, jobqueue, security, services, sources, states, tokens
 from utp_dist.dashboard.db import Agent, ConfigRow, Project, Sweep
 from utp_dist.dashboard.deps import SessionDep, SettingsDep
 from utp_dist.dashboard.schemas import QueueIn, problem
@@ -256,7 +256,18 @@ def run_page(request: Request, run_id: int, session: SessionDep, settings: Setti
     actions = [a for a, moves in states.ACTIONS.items() if detail["jobs"] and detail["jobs"][-1].state in moves]
     config_text = yaml.safe_dump(detail["config"], sort_keys=False) if detail["config"] else ""
     series = services.run_series(run, settings.roots)  # the charts' data travels in the page: one fetch refreshes all of it
-    return render(request, "run.html", **detail, agent=agent, config_row=config, actions=actions, config_text=config_text, series=series)
+    shown = gallery.gallery(services.run_folder(run, settings.roots), settings.roots)
+    return render(
+        request,
+        "run.html",
+        **detail,
+        agent=agent,
+        config_row=config,
+        actions=actions,
+        config_text=config_text,
+        series=series,
+        gallery=shown,
+    )
 
 
 @router.post("/runs/{run_id}/{action}")

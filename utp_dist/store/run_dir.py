@@ -24,6 +24,7 @@ from utp_dist.errors import UserError
 
 LOGS, CHECKPOINTS = "logs", "checkpoints"
 CONFIG, METRICS, SUMMARY, FIGURES, EVALUATIONS = "config.yaml", "metrics.jsonl", "summary.json", "figures", "evaluations"
+PREDICTIONS = "predictions"
 PROGRESS, SYSTEM = "progress.json", "system"
 BEST, STATE_DIR, COMPLETE, FINISHED, LOCK = "best", "state", "COMPLETE", "FINISHED", "LOCK"
 MAX_VERSIONS = 10_000
@@ -33,7 +34,7 @@ class RunDir:
     """One run's folders under an output root, and the tolerant readers of what the run wrote there.
 
     Paths: `logs` and `checkpoints` (the two folders), `config_file`, `metrics_file`, `summary_file`, `figures` and
-    `evaluations` (reports of `python -m utp_dist.evaluate`) and `progress_file` in logs; `best` (the export), `state_dir` (training
+    `evaluations` (reports of `python -m utp_dist.evaluate`), `predictions`, `system_file()` and `progress_file` in logs; `best` (the export), `state_dir` (training
     states), `finished_marker` and `lock_file` in checkpoints.
     """
 
@@ -45,6 +46,7 @@ class RunDir:
         self.logs, self.checkpoints = self.root / LOGS / dataset / name, self.root / CHECKPOINTS / dataset / name
         self.config_file, self.metrics_file, self.summary_file, self.figures = (self.logs / f for f in (CONFIG, METRICS, SUMMARY, FIGURES))
         self.evaluations, self.progress_file = self.logs / EVALUATIONS, self.logs / PROGRESS
+        self.predictions = self.logs / PREDICTIONS  # per-evaluation sample predictions and per-class tables, thumbnails
         self.best, self.state_dir, self.finished_marker, self.lock_file = (self.checkpoints / f for f in (BEST, STATE_DIR, FINISHED, LOCK))
 
     def __repr__(self) -> str:

@@ -5,6 +5,7 @@ The dashboard's RunDirs are confined to the output roots (RunDir.within): every 
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import threading
@@ -198,3 +199,21 @@ def tail(path: Path, lines: int = 80, limit_bytes: int = 64_000) -> str:
 def best_export(run: RunDir) -> Path | None:
     """Where the best model was exported (the `best` link resolved), if it was."""
     return run.best.resolve() if run.best.exists() and run.allows(run.best) else None
+
+
+def predictions(run: RunDir) -> tuple[dict | None, dict | None]:
+    """(the newest val evaluation's predictions record, the record whose per-class table goes next to the confusion
+    matrix: the test one when the run has it, else that val one), as the trainer wrote them to RunDir.predictions."""
+    folder = run.predictions
+    found = sorted(p for p in folder.glob("val_epoch*.json") if run.allows(p)) if folder.is_dir() else []
+    latest = _json(run, found[-1]) if found else None
+    test = _json(run, folder / "test.json")
+    return latest, test or latest
+
+
+def _json(run: RunDir, path: Path) -> dict | None:
+    try:
+        record = json.loads(run.read_text(path))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("classes"), list) else None

@@ -4,7 +4,7 @@
 // waits twice as long each time, up to 15 s, says so, and the page picks up again once the server answers.
 "use strict";
 (() => {
-  const PARTS = ["run-title", "where", "progress", "queue", "figures", "files", "log-tail"];
+  const PARTS = ["run-title", "where", "progress", "queue", "figures", "predictions", "files", "log-tail"];
   const ACTIVE = ["queued", "claimed", "running", "stopping"];
   const EVERY_MS = 3000, MAX_WAIT_MS = 15000;
   const charts = {
@@ -45,6 +45,22 @@
     drawSystem(s.system || {});
   }
 
+  // the gallery's filters live outside the part that is swapped in, and apply again to each fresh gallery
+  const filters = ["filter-true", "filter-predicted", "filter-wrong"].map((id) => document.getElementById(id));
+  function filterGallery() {
+    const [truth, predicted, wrong] = filters;
+    let shown = 0;
+    for (const tile of document.querySelectorAll("#predictions .tile")) {
+      const keep = (!truth.value || tile.dataset.true === truth.value) && (!predicted.value || tile.dataset.predicted === predicted.value)
+        && (!wrong.checked || tile.classList.contains("wrong"));
+      tile.hidden = !keep;
+      shown += keep ? 1 : 0;
+    }
+    const count = document.getElementById("gallery-count");
+    if (count) count.textContent = String(shown);
+  }
+  for (const el of filters) el.addEventListener("change", filterGallery);
+
   const state = () => document.querySelector("#run-state .state")?.textContent.trim();
   let wait = EVERY_MS;
 
@@ -60,6 +76,7 @@
     const answered = Boolean(fresh && fresh.getElementById("run-series")); // not a login page or an error page
     if (answered) {
       utp.swapIn(fresh, PARTS);
+      filterGallery();
       draw(fresh);
       wait = EVERY_MS;
       status.hidden = true;
