@@ -26,6 +26,7 @@ from utp_dist.dashboard.settings import Settings
 router = APIRouter(prefix="/web", include_in_schema=False)
 templates = Jinja2Templates(directory=Path(__file__).parent / "templates")
 PAGE_SIZE, MAX_PAGE = 50, 1000
+MAX_COMPARED = 100  # runs on one compare page: each brings its curves along
 
 
 def _number(value, digits: int = 4) -> str:
@@ -286,9 +287,10 @@ def compare_page(request: Request, session: SessionDep, settings: SettingsDep, i
     """Picked runs: overlaid curves and the config keys that differ."""
     if len(ids) < 2:
         return error_page(request, 422, "pick at least two runs to compare (tick them in the runs list)")
-    data = services.compare(session, ids[:12], settings.roots)
+    ids = list(dict.fromkeys(ids))  # a run ticked twice is one run
+    data = services.compare(session, ids[:MAX_COMPARED], settings.roots)
     labels = [f"#{r.id} {r.name or 'queued'}" for r in data["runs"]]
-    return render(request, "compare.html", **data, labels=labels)
+    return render(request, "compare.html", **data, labels=labels, asked=len(ids))
 
 
 # --- sweeps

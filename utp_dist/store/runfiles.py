@@ -5,6 +5,8 @@ The dashboard's RunDirs are confined to the output roots (RunDir.within): every 
 
 from __future__ import annotations
 
+import copy
+import itertools
 import json
 import math
 import os
@@ -100,17 +102,68 @@ def _count(value) -> int | None:
 
 
 def val_curves(run: RunDir) -> dict[str, dict[str, list]]:
-    """Every val metric per epoch from metrics.jsonl: {metric: {"x": epochs, "y": values}}."""
+    """Every val metric per epoch from metrics.jsonl: {metric: {"x": epochs, "step": steps, "y": values}}."""
     curves: dict[str, dict[str, list]] = {}
     for line in run.read_metrics():
         if line.get("split") != "val":
             continue
         for key, value in line.items():
             if key.startswith("val_") and _number(value) and not key.endswith("images"):
-                curve = curves.setdefault(key, {"x": [], "y": []})
+                curve = curves.setdefault(key, {"x": [], "step": [], "y": []})
                 curve["x"].append(line["epoch"])
+                curve["step"].append(line["step"])
                 curve["y"].append(value)
     return curves
+
+
+def with_axes(series: dict[str, dict]) -> dict[str, dict]:
+    """Give every curve of {"train", "val", "system"} the three x axes the charts offer, aligned point by point:
+    "step", "epoch" (epochs done, fractional within an epoch: the end of epoch 1 is 1.0, where its validation sits)
+    and "time" (seconds since the run's first logged point, from TensorBoard's wall times and the system samples).
+    Returns a copy (the train curves come from a cache)."""
+    series = copy.deepcopy(series)
+    val = next(iter(series.get("val", {}).values()), None)
+    ends = sorted(zip(val["step"], val["x"], strict=True)) if val else []  # (step, epoch) of each epoch's end
+    points = {
+        g: sorted(p for c in series.get(g, {}).values() for p in zip(c["x"], c["time"], strict=True) if _number(p[1]))
+        for g in ("train", "system")
+    }
+    timed = points["train"] or points["system"]  # a validation's time is read off the train points (the system ones without)
+    start = min((t for group in points.values() for _, t in group), default=None)
+    for curve in series.get("val", {}).values():
+        curve["epoch"] = [e + 1 for e in curve["x"]]
+        curve["time"] = [_interpolate(timed, s) for s in curve["step"]]
+    for group in ("train", "system"):
+        for curve in series.get(group, {}).values():
+            curve["step"] = list(curve["x"])
+            curve["epoch"] = [_epoch_at(ends, s) for s in curve["x"]]
+    for group in ("train", "val", "system"):
+        for curve in series.get(group, {}).values():
+            curve["time"] = [round(t - start, 2) if _number(t) and start is not None else None for t in curve["time"]]
+    return series
+
+
+def _epoch_at(ends: list[tuple[int, int]], step: int) -> float | None:
+    """Epochs done at `step`, from the steps at which epochs ended (the last epoch's length carries on past them)."""
+    if not ends:
+        return None
+    before_step, before_epoch = 0, 0
+    for end_step, epoch in ends:
+        if step <= end_step:
+            return round(before_epoch + (step - before_step) / max(end_step - before_step, 1), 4)
+        before_step, before_epoch = end_step, epoch + 1
+    length = ends[-1][0] - (ends[-2][0] if len(ends) > 1 else 0)
+    return round(before_epoch + (step - before_step) / max(length, 1), 4)
+
+
+def _interpolate(points: list[tuple[int, float]], step: int) -> float | None:
+    """The time at `step`, read off (step, time) points; None without any."""
+    if not points:
+        return None
+    for (s0, t0), (s1, t1) in itertools.pairwise(points):
+        if s0 <= step <= s1:
+            return t0 if s1 == s0 else t0 + (t1 - t0) * (step - s0) / (s1 - s0)
+    return points[0][1] if step < points[0][0] else points[-1][1]
 
 
 def train_curves(run: RunDir) -> dict[str, dict[str, list]]:
@@ -133,9 +186,10 @@ def train_curves(run: RunDir) -> dict[str, dict[str, list]]:
     curves = {}
     for tag in TRAIN_TAGS:
         if tag in tags:
-            points = {e.step: e.value for e in accumulator.Scalars(tag)}  # a resumed run rewrote some steps: the last wins
+            points = {e.step: e for e in accumulator.Scalars(tag)}  # a resumed run rewrote some steps: the last wins
             steps = sorted(points)
-            curves[tag.replace("/", "_")] = {"x": steps, "y": [points[s] for s in steps]}
+            times = [points[s].wall_time for s in steps]
+            curves[tag.replace("/", "_")] = {"x": steps, "time": times, "y": [points[s].value for s in steps]}
     with _curves_lock:
         _curves_cache[key] = (stamp, curves)
     return curves

@@ -8,9 +8,9 @@
   const ACTIVE = ["queued", "claimed", "running", "stopping"];
   const EVERY_MS = 3000, MAX_WAIT_MS = 15000;
   const charts = {
-    train: utp.liveChart(document.getElementById("chart-train"), "train loss per step", "step"),
-    valLoss: utp.liveChart(document.getElementById("chart-val-loss"), "val loss per epoch", "epoch"),
-    val: utp.liveChart(document.getElementById("chart-val"), "val metrics per epoch", "epoch"),
+    train: utp.liveChart(document.getElementById("chart-train"), "train loss", "step"),
+    valLoss: utp.liveChart(document.getElementById("chart-val-loss"), "val loss", "epoch"),
+    val: utp.liveChart(document.getElementById("chart-val"), "val metrics", "epoch"),
   };
 
   // system series by what they measure: one chart each, made on the first sample (a CPU run never makes the GPU ones)
@@ -30,20 +30,23 @@
         el.className = "chart";
         el.id = `chart-system-${field}`;
         box.appendChild(el);
-        systemCharts[field] = utp.liveChart(el, title, "step");
+        systemCharts[field] = utp.liveChart(el, title.split(" (")[0], "step");
       }
       systemCharts[field](names.map((n) => n.split("/")[0]), names.map((n) => system[n]));
     }
   }
 
+  let series = null; // the newest curves, drawn again when a chart control changes
   function draw(doc) {
-    const s = JSON.parse(doc.getElementById("run-series").textContent);
+    if (doc) series = JSON.parse(doc.getElementById("run-series").textContent);
+    const s = series;
     charts.train(["train loss"], [s.train.train_loss]);
-    charts.valLoss(["val_loss"], [utp.oneBased(s.val.val_loss)]);
+    charts.valLoss(["val_loss"], [s.val.val_loss]);
     const metrics = Object.keys(s.val).filter((k) => k !== "val_loss");
-    charts.val(metrics, metrics.map((k) => utp.oneBased(s.val[k])));
+    charts.val(metrics, metrics.map((k) => s.val[k]));
     drawSystem(s.system || {});
   }
+  utp.onControls(() => draw(null));
 
   // the gallery's filters live outside the part that is swapped in, and apply again to each fresh gallery
   const filters = ["filter-true", "filter-predicted", "filter-wrong"].map((id) => document.getElementById(id));
