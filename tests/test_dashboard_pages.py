@@ -88,8 +88,9 @@ def test_compare_shows_only_the_config_keys_that_differ(web):
     page = web.get("/web/compare", params={"ids": ids})
     assert page.status_code == 200
     table = page.text.split('id="differences"')[1].split("</table>")[0]
-    assert "train.seed" in table and "output.run_name" in table
-    assert "optim.lr" not in table and "data.root" not in table
+    assert "train.seed" in table and "optim.lr" not in table and "data.root" not in table
+    # every run differs in its name by construction: listed apart, not in the table
+    assert "output.run_name" not in table and "<code>output.run_name</code>" in page.text.split('id="hidden-keys"')[1]
     assert web.get("/web/compare", params={"ids": ids[:1]}).status_code == 422
 
 

@@ -131,7 +131,7 @@ def test_the_indexer_leaves_a_starting_jobs_folder_to_its_agent_one_row_per_fold
     with database.sessions() as session:
         project = services.create_project(session, "p")
         config = services.create_config(session, project.id, "tiny", tiny_config(images, root))
-        run, job = services.queue_run(session, config.id)
+        run, job = jobqueue.queue_run(session, config.id)
         agent = jobqueue.register(session, "a", "host", [], drain=False, lease_s=30)
         attempt = jobqueue.claim(session, agent.id, 0, True, [], lease_s=30)["attempt"]
         jobqueue.start(session, job.id, agent.id, attempt, pid=1)

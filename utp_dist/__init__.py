@@ -13,8 +13,10 @@ from utp_dist.registry import (  # noqa: E402
     register_metric,
     register_model,
 )
+from utp_dist.version import __version__  # noqa: E402
 
 __all__ = [
+    "__version__",
     "Config",
     "ConfigError",
     "train",

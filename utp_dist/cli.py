@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         print(usage(), end="", file=sys.stdout if argv else sys.stderr)
         return 0 if argv else EXIT_USER_ERROR
     if argv[0] == "--version":
-        from utp_dist import __version__
+        from utp_dist.version import __version__
 
         print(f"utp_dist {__version__}")
         return 0

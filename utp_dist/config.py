@@ -252,8 +252,18 @@ class OutputConfig(_Section):
     hparams: list[str] | None = None
     """Dotted keys shown as hyper-parameters in TensorBoard's HParams dashboard; null = DEFAULT_HPARAMS (a grid sets its
     swept keys)."""
+    system_every_s: float | None = 10.0
+    """Seconds between system samples (GPU utilisation, memory, power, temperature; process CPU and RAM), taken at
+    training log points by the first process of each node; 0 = at every log point, null = none."""
+    prediction_samples: int = 64
+    """Validation images kept with their label, prediction and confidence at each evaluation (a fixed seeded sample,
+    shown on the run page); 0 = none."""
 
     def __post_init__(self) -> None:
+        if self.system_every_s is not None and not (0 <= self.system_every_s < math.inf):
+            raise ConfigError(f"output.system_every_s must be >= 0 seconds (or null for no system metrics), got {self.system_every_s}")
+        if isinstance(self.prediction_samples, bool) or self.prediction_samples < 0:
+            raise ConfigError(f"output.prediction_samples must be an int >= 0 (0 = none), got {self.prediction_samples}")
         sections = typing.get_type_hints(Config)  # Config is defined below: looked up when a config is built
         for key in self.hparams or []:
             section, _, name = key.partition(".")

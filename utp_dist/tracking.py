@@ -39,6 +39,9 @@ class Tracker(Protocol):
     def log_scalars(self, values: dict[str, float], step: int) -> None:
         """Scalars named like 'train/loss' at `step`."""
 
+    def log_image(self, tag: str, image, step: int) -> None:
+        """An HWC uint8 image in TensorBoard's Images tab."""
+
     def progress(self, steps: int, postfix: dict[str, str]) -> None:
         """Advance the progress bar."""
 
@@ -104,6 +107,10 @@ class TensorBoardTracker:
         """Scalars named like 'train/loss' at `step`."""
         for tag, value in values.items():
             self.writer.add_scalar(tag, value, step)
+
+    def log_image(self, tag: str, image, step: int) -> None:
+        """An HWC uint8 image in TensorBoard's Images tab."""
+        self.writer.add_image(tag, image, step, dataformats="HWC")
 
     def progress(self, steps: int, postfix: dict[str, str]) -> None:
         """Advance the progress bar by `steps` and show `postfix`."""

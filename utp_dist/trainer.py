@@ -24,11 +24,13 @@ from utp_dist.losses import build_loss, checked_loss
 from utp_dist.metrics import EvalMetrics
 from utp_dist.model import exported_processor, input_spec, is_convolutional
 from utp_dist.optim import build_optimizer, build_scheduler, optimizer_steps
+from utp_dist.predictions import build_predictions
 from utp_dist.preemption import StopRequest
 from utp_dist.registry import MODELS
 from utp_dist.reporting import Reporter
 from utp_dist.store.checkpoint import BestModel, Checkpointer, rng_state, set_rng_state
 from utp_dist.store.resume import open_run
+from utp_dist.system_metrics import build_sampler
 from utp_dist.tracking import NullTracker, TensorBoardTracker
 
 log = logging.getLogger(__name__)
@@ -115,6 +117,7 @@ class Components:
         pin = cfg.data.pin_memory if cfg.data.pin_memory is not None else acc.device.type == "cuda"
         split_loaders = build_loaders(self.splits, self.spec, cfg.data, cfg.train.seed, acc.num_processes, pin)
         self.samplers = {split: s.sampler for split, s in split_loaders.items()}
+        self.eval_transform = split_loaders["val"].transform  # the predictions' sample is shown as the model sees it
         self.global_batch = cfg.data.batch_size * acc.num_processes * cfg.optim.grad_accum_steps
         per_rank_batches = len(self.samplers["train"]) // (cfg.data.batch_size * acc.num_processes)
         if per_rank_batches == 0:
@@ -206,6 +209,12 @@ class Trainer(Components):
         bar_start = self.reporter.meter.logged_step  # the bar advances by logged steps: it starts at the last one logged
         self.tracker = TensorBoardTracker(self.run, self.total_steps, resume_step, bar_start) if main else NullTracker()
         self.reporter.tracker = self.tracker
+        # GPU, CPU and RAM samples at log points: a do-nothing sampler on all but the first process of each node
+        self.system = build_sampler(self.run, self.tracker, acc, cfg.output.system_every_s)
+        val = self.splits.samples["val"]
+        self.predictions = build_predictions(
+            self.run, self.tracker, val, self.eval_transform, cfg.output.prediction_samples, cfg.train.seed, self.classes, main
+        )
         self.tracker.write_config(cfg)
         self.tracker.log_text("config", "```yaml\n" + cfg.to_yaml() + "\n```", self.progress.step)
         self.tracker.log_text("run", self.describe().replace("\n", "  \n"), self.progress.step)
@@ -228,6 +237,7 @@ class Trainer(Components):
             return summary
         finally:
             self.stop.uninstall()
+            self.system.close()
             self.tracker.close()  # flushes TensorBoard and ends the progress bar line, also on errors
             if failed and not self.resumed and self.accelerator.is_main_process:
                 self.run.discard_if_unused()  # a start that failed before writing anything leaves no folder (nor a -v1 next)
@@ -254,11 +264,13 @@ class Trainer(Components):
                 agreed = None  # at a log point, the checkpointer's flags ride along the log's reduction over ranks
                 if p.step % cfg.train.log_every_n_steps == 0 or p.step == self.total_steps:
                     agreed = self.reporter.log_train(p.step, p.epoch, self.scheduler.get_last_lr()[0], riders=self.checkpointer.flags())
+                    self.system.sample(p.step, p.epoch)
                 if p.step >= self.total_steps:
                     break
                 if not acc.gradient_state.end_of_dataloader:  # the epoch end saves after its evaluation instead
                     self.checkpointer.maybe_save(agreed=agreed)
             self.reporter.log_train(p.step, p.epoch, self.scheduler.get_last_lr()[0], end_of_epoch=True)
+            self.system.sample(p.step, p.epoch, force=True)
             p.last_val = self.evaluate("val", p.epoch, p.step)
             self.best.update(acc.unwrap_model(self.model), self.processor, p.last_val, p.epoch, p.step)
             self.reporter.epoch_line(p.epoch, cfg.train.epochs, p.last_val, self.best.best)
@@ -291,6 +303,10 @@ class Trainer(Components):
         meter = self.reporter.meter
         speed = {"train_img_per_s": round(meter.img_per_s(), 1)} if split == "val" and meter.train_time else {}
         self.tracker.log_eval(split, values, epoch, step, confusion, roc, self.classes, speed)
+        # the main process alone predicts the sample, on the plain model: no collective, no random numbers drawn
+        self.predictions.record(
+            split, epoch, step, confusion, self.accelerator.unwrap_model(self.model, keep_torch_compile=False), self.inputs.model_input
+        )
         self.callbacks.on_evaluate(split, values, step)
         self.model.train()
         return values

@@ -42,4 +42,30 @@ def nvmlDeviceGetName(handle: int) -> str:
 
 
 def nvmlDeviceGetMemoryInfo(handle: int) -> SimpleNamespace:
-    return SimpleNamespace(total=80 * 2**30, free=80 * 2**30, used=0)
+    used = (handle + 1) * 2**30
+    return SimpleNamespace(total=80 * 2**30, free=80 * 2**30 - used, used=used)
+
+
+# readings for the system metrics: GPU i is 10*(i+1) % busy, uses (i+1) GiB, draws 100+i W and is at 40+i degrees;
+# $UTP_TEST_FAKE_NO_POWER lists GPUs without a power sensor (NVML answers "Not Supported", as on some boards)
+NVML_TEMPERATURE_GPU = 0
+
+
+def nvmlDeviceGetHandleByUUID(uuid: str) -> int:
+    if not uuid.startswith("GPU-fake-"):
+        raise NVMLError("Not Found")
+    return nvmlDeviceGetHandleByIndex(int(uuid.removeprefix("GPU-fake-")))
+
+
+def nvmlDeviceGetUtilizationRates(handle: int) -> SimpleNamespace:
+    return SimpleNamespace(gpu=10 * (handle + 1), memory=5)
+
+
+def nvmlDeviceGetPowerUsage(handle: int) -> int:
+    if str(handle) in os.environ.get("UTP_TEST_FAKE_NO_POWER", "").split(","):
+        raise NVMLError("Not Supported")
+    return (100 + handle) * 1000  # milliwatts
+
+
+def nvmlDeviceGetTemperature(handle: int, sensor: int) -> int:
+    return 40 + handle

@@ -2,7 +2,8 @@
 # GPU checks, one prepared script for a CUDA machine (run from the repo root): bash tests/gpu/run.sh
 # 1. the quickstart on CUDA (bf16 by default, with MFU and data wait in its summary), 2. python -m utp_dist.bench on
 # ViT-B/16 and ResNet-50 at 224 px from generated JPEGs (plain, Kornia GPU augmentation, torch.compile),
-# 3. the end-to-end and resume tests on CUDA, 4. the agent's NVML inventory and the CUDA-device check. Logs go to $OUT (default /tmp/gpu-out).
+# 3. the end-to-end and resume tests on CUDA, 4. the agent's NVML inventory, the system metrics' NVML readings (also in the
+# quickstart's system.jsonl) and the CUDA-device check. Logs go to $OUT (default /tmp/gpu-out).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export PYTHONPATH=$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 UTP_DIST_CACHE=/tmp/utp-cache
@@ -25,6 +26,11 @@ os.environ["UTP_EXPECT_CUDA_DEVICES"] = str(len(gpus))
 from utp_dist.train_command import check_expected_devices
 check_expected_devices()
 print(f"UTP_EXPECT_CUDA_DEVICES={len(gpus)}: the training entry sees them all")
+from utp_dist.system_metrics import GpuReader
+readings = GpuReader().read()
+print("NVML system metrics:", readings)
+if not any(key.endswith("/util") for key in readings) or not any(key.endswith("/memory_used_mb") for key in readings):
+    print("FAIL: NVML gave no utilisation or memory reading")
 PY
 echo "nvml exit $?"; cat "$OUT/nvml.log"
 timeout 120 python -m utp_dist.train configs/quickstart.yaml output.root="$OUT/quickstart" checkpoint.resume=never 2> "$OUT/quickstart.log"
@@ -56,6 +62,10 @@ for path in glob.glob(f"{out}/quickstart/logs/*/*/summary.json"):
     print(f"quickstart: val acc@1 {s['best']['value']:.4f}, test acc@1 {s['test'].get('test_acc@1', float('nan')):.4f}, "
           f"{s['train_img_per_s']:.0f} img/s, data wait {s.get('data_wait_fraction', 0):.1%}, MFU {s.get('mfu') or 0:.1%}, "
           f"wall {s['wall_time_s']:.1f}s, {s['mixed_precision']} on {s['device']}")
+for path in glob.glob(f"{out}/quickstart/logs/*/*/system.jsonl"):
+    samples = [json.loads(line) for line in open(path)]
+    gpu = sorted({k for s in samples for k in s if k.startswith("gpu")})
+    print(f"quickstart system.jsonl: {len(samples)} samples, GPU series {gpu or 'NONE (FAIL)'}, last {samples[-1] if samples else '-'}")
 for name in ("vit_b16", "resnet50", "vit_b16_gpu_augment", "resnet50_compile", "resnet50_nvjpeg", "vit_b16_nvjpeg"):
     lines = open(f"{out}/bench_{name}.log").read().splitlines()
     print(f"-- {name}"); print("\n".join(line for line in lines if line.startswith("|") or "bottleneck" in line or "kornia" in line))

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from utp_dist.agent.client import Client, Conflict, Gone, Unreachable
 from utp_dist.agent.runner import Child, Runner
 from utp_dist.errors import UserError
+from utp_dist.system_metrics import GpuReader
 
 log = logging.getLogger("utp_dist.agent")
 PROGRESS_EVERY_S = 2.0
@@ -38,6 +39,7 @@ class Agent:
         self.client, self.name, self.inventory, self.runner = client, name, gpus, runner
         self.poll_s, self.cpu_jobs, self.drain_flag = poll_s, cpu_jobs, drain
         self.gpus = [str(g["index"]) for g in gpus]
+        self.usage = GpuReader(visible=",".join(self.gpus)) if gpus else None  # each heartbeat says what the GPUs are doing
         self.slots: dict[int, Slot] = {}
         self.refused: set[int] = set()
         self.agent_id: int | None = None
@@ -112,7 +114,8 @@ class Agent:
     def beat(self) -> None:
         """Renew the leases; SIGTERM what a user aborted; SIGKILL at once what this agent no longer holds."""
         held = [{"job_id": job_id, "attempt": slot.child.job["attempt"]} for job_id, slot in self.slots.items() if not slot.orphan]
-        answer = self.client.post(f"/api/v1/agents/{self.agent_id}/heartbeat", {"jobs": held, "name": self.name})
+        body = {"jobs": held, "name": self.name, "gpus": self.gpu_usage()}
+        answer = self.client.post(f"/api/v1/agents/{self.agent_id}/heartbeat", body)
         self.last_beat = time.monotonic()
         self.drained = answer["drain"] or self.drain_flag
         for job_id in answer["lost"]:
@@ -132,6 +135,18 @@ class Agent:
                 log.info("agent %s: job %d aborted: SIGTERM to pid %d", self.name, job_id, slot.child.pid)
                 slot.child.signal(signal.SIGTERM)
                 slot.aborted = True
+
+    def gpu_usage(self) -> list[dict]:
+        """Utilisation and memory in use of each of this agent's GPUs, as NVML reports them now."""
+        if self.usage is None:
+            return []
+        found = []
+        for label, values in self.usage.readings():
+            usage = {"index": int(label), "util": values.get("util")}
+            if "memory_used_mb" in values:
+                usage["memory_used_mb"] = int(values["memory_used_mb"])
+            found.append(usage)
+        return found
 
     def lose(self, job_id: int) -> None:
         """The job is not ours any more (lease expired, cancelled): its process must not write another byte."""

@@ -17,8 +17,7 @@ from fastapi.staticfiles import StaticFiles
 from sqlalchemy.exc import DataError, IntegrityError
 from starlette.concurrency import run_in_threadpool
 
-from utp_dist import __version__
-from utp_dist.dashboard import jobqueue, migrate, pages
+from utp_dist.dashboard import downloads, jobqueue, migrate, pages
 from utp_dist.dashboard.api import agent_tokens, agents, configs, jobs, projects, runs, sweeps, system
 from utp_dist.dashboard.db import Database
 from utp_dist.dashboard.indexer import Indexer
@@ -28,6 +27,7 @@ from utp_dist.dashboard.security import CSP, AccessMiddleware, Sessions, Throttl
 from utp_dist.dashboard.services import Conflict, Invalid, NotFound
 from utp_dist.dashboard.settings import Settings
 from utp_dist.errors import one_line
+from utp_dist.version import __version__
 
 HERE = Path(__file__).parent
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.sessions, app.state.throttle = Sessions(settings), Throttle()
     app.add_middleware(BodyLimit, max_bytes=settings.max_body)  # inside the access check, so routes see its 413 as raised
     app.add_middleware(AccessMiddleware, settings=settings, sessions=app.state.sessions, throttle=app.state.throttle)
-    for module in (projects, configs, runs, agents, agent_tokens, jobs, sweeps, system):
+    for module in (projects, configs, runs, agents, agent_tokens, jobs, sweeps, system, downloads):
         app.include_router(module.router)
     app.include_router(pages.router)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")

@@ -76,6 +76,10 @@ class Gpu(Base):
     index: Mapped[int] = mapped_column(Integer)
     name: Mapped[str] = mapped_column(String(200), default="")
     memory_mb: Mapped[int] = mapped_column(Integer, default=0)
+    util: Mapped[float | None] = mapped_column(Float, nullable=True)
+    """Utilisation in % at the agent's latest heartbeat (None: never reported, or the driver did not say)."""
+    memory_used_mb: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    """Memory in use at the agent's latest heartbeat."""
     agent: Mapped[Agent] = relationship(back_populates="gpus")
 
 

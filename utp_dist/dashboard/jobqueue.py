@@ -51,7 +51,9 @@ def register(session: Session, name: str, host: str, gpus: list[dict], drain: bo
     return agent
 
 
-def heartbeat(session: Session, agent_id: int, held: list[tuple[int, int]], lease_s: float, name: str | None = None) -> dict:
+def heartbeat(
+    session: Session, agent_id: int, held: list[tuple[int, int]], lease_s: float, name: str | None = None, usage: list[dict] = ()
+) -> dict:
     """Renew the leases of the (job, attempt) pairs the agent holds; answer what to abort, what it lost, what the server never heard of.
 
     A job whose agent row was deleted (DELETE /api/v1/agents/ID) while it ran has no agent; the re-registered agent that
@@ -61,6 +63,9 @@ def heartbeat(session: Session, agent_id: int, held: list[tuple[int, int]], leas
     if name is not None and agent.name != name:  # a reset database gave this id to another agent
         raise NotFound(f"agent {agent_id} is '{agent.name}', not '{name}': register again")
     agent.last_heartbeat = now()
+    for gpu in usage:  # shown on the agents page; a GPU the inventory does not list is ignored
+        values = {"util": gpu.get("util"), "memory_used_mb": gpu.get("memory_used_mb")}
+        session.execute(update(Gpu).where(Gpu.agent_id == agent_id, Gpu.index == gpu["index"]).values(**values))
     lost, unknown = [], []
     for job_id, attempt in held:
         ours = (Job.id == job_id, Job.attempt == attempt, Job.state.in_(HELD))

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from starlette.datastructures import FormData
 
 from utp_dist import states
-from utp_dist.dashboard import jobqueue, readmodels, security, services, sources, tokens
+from utp_dist.dashboard import gallery, jobqueue, readmodels, security, services, sources, tokens
 from utp_dist.dashboard.db import Agent, Project
 from utp_dist.dashboard.deps import SessionDep, SettingsDep
 from utp_dist.dashboard.schemas import QueueIn, problem
@@ -26,6 +26,7 @@ from utp_dist.dashboard.settings import Settings
 router = APIRouter(prefix="/web", include_in_schema=False)
 templates = Jinja2Templates(directory=Path(__file__).parent / "templates")
 PAGE_SIZE, MAX_PAGE = 50, 1000
+MAX_COMPARED = 100  # runs on one compare page: each brings its curves along
 
 
 def _number(value, digits: int = 4) -> str:
@@ -246,9 +247,11 @@ def runs_page(
 @router.get("/runs/{run_id}")
 def run_page(request: Request, run_id: int, session: SessionDep, settings: SettingsDep):
     """One run: where, progress, queue controls, curves, figures, files, log tail, resolved config."""
-    shown = readmodels.run_page(session, services.get_run(session, run_id), settings.roots)
+    run = services.get_run(session, run_id)
+    shown = readmodels.run_page(session, run, settings.roots)
     config_text = yaml.safe_dump(shown["config"], sort_keys=False) if shown["config"] else ""
-    return render(request, "run.html", **shown, config_text=config_text)
+    pictures = gallery.gallery(services.run_folder(run, settings.roots), settings.roots)
+    return render(request, "run.html", **shown, config_text=config_text, gallery=pictures)
 
 
 @router.post("/runs/{run_id}/{action}")
@@ -267,9 +270,10 @@ def compare_page(request: Request, session: SessionDep, settings: SettingsDep, i
     """Picked runs: overlaid curves and the config keys that differ."""
     if len(ids) < 2:
         return error_page(request, 422, "pick at least two runs to compare (tick them in the runs list)")
-    data = readmodels.compare(session, ids[:12], settings.roots)
+    ids = list(dict.fromkeys(ids))  # a run ticked twice is one run
+    data = readmodels.compare(session, ids[:MAX_COMPARED], settings.roots)
     labels = [f"#{r.id} {r.name or 'queued'}" for r in data["runs"]]
-    return render(request, "compare.html", **data, labels=labels)
+    return render(request, "compare.html", **data, labels=labels, asked=len(ids))
 
 
 # --- sweeps
@@ -310,7 +314,11 @@ def agents_view(request: Request, session: Session, status_code: int = 200, **sh
     held = jobqueue.held_by_agent(session)
     made, _ = tokens.list_tokens(session, limit=500)
     context = {"error": None, "token_error": None, "created": None, **shown}
-    return render(request, "agents.html", status_code=status_code, agents=items, held=held, tokens=made, **context)
+    lease_s = request.app.state.settings.lease_s
+    online = {a.id for a in items if a.last_heartbeat and time.time() - a.last_heartbeat < lease_s}  # its jobs' leases still hold
+    return render(
+        request, "agents.html", status_code=status_code, agents=items, held=held, tokens=made, online_ids=online, lease_s=lease_s, **context
+    )
 
 
 @router.get("/agents")
@@ -350,6 +358,15 @@ def revoke_agent_token(request: Request, token_id: int, session: SessionDep, for
     if form is None:
         return csrf_refused(request)
     tokens.revoke_token(session, token_id)
+    return back("/web/agents")
+
+
+@router.post("/agents/{agent_id}/delete")
+def delete_agent(request: Request, agent_id: int, session: SessionDep, form: PostedForm):
+    """Forget an agent (the page offers it for offline agents; a live one registers again at its next heartbeat)."""
+    if form is None:
+        return csrf_refused(request)
+    services.delete_agent(session, agent_id)
     return back("/web/agents")
 
 

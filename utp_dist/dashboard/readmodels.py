@@ -106,15 +106,21 @@ def run_log(session: Session, run: Run, folder: RunDir | None, task: dict | None
 
 
 def run_series(run: Run, roots: tuple[Path, ...]) -> dict:
-    """The run's curves for the charts: train loss/accuracy per step, every val metric per epoch."""
+    """The run's curves for the charts: train loss/accuracy per step, every val metric per epoch, system samples per step."""
     folder = run_folder(run, roots)
     if folder is None or not folder.exists():
-        return {"train": {}, "val": {}}
-    return {"train": runfiles.train_curves(folder), "val": runfiles.val_curves(folder)}
+        return {"train": {}, "val": {}, "system": {}}
+    curves = {"train": runfiles.train_curves(folder), "val": runfiles.val_curves(folder), "system": runfiles.system_curves(folder)}
+    return runfiles.with_axes(curves)
+
+
+# keys in which every queued run differs from any other by construction: showing them would hide the real differences
+DIFFERENT_BY_CONSTRUCTION = ("output.run_name", "checkpoint.resume")
 
 
 def compare(session: Session, run_ids: list[int], roots: tuple[Path, ...]) -> dict:
-    """Runs side by side: their curves, and only the config keys whose values differ between them."""
+    """Runs side by side: their curves, and only the config keys whose values differ between them (and are not
+    DIFFERENT_BY_CONSTRUCTION: those are listed as "hidden")."""
     runs = [get_run(session, i) for i in run_ids]
     flat = []
     for run in runs:
@@ -132,7 +138,8 @@ def compare(session: Session, run_ids: list[int], roots: tuple[Path, ...]) -> di
     return {
         "runs": runs,
         "series": [run_series(run, roots) for run in runs],
-        "differences": [{"key": k, "values": [f.get(k) for f in flat]} for k in differing],
+        "differences": [{"key": k, "values": [f.get(k) for f in flat]} for k in differing if k not in DIFFERENT_BY_CONSTRUCTION],
+        "hidden": [k for k in differing if k in DIFFERENT_BY_CONSTRUCTION],
     }
 
 

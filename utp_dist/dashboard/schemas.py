@@ -189,6 +189,8 @@ class GpuOut(Out):
     index: int
     name: str
     memory_mb: int
+    util: float | None = None
+    memory_used_mb: int | None = None
 
 
 class AgentIn(In):
@@ -272,8 +274,16 @@ class HeldJob(In):
     attempt: Count
 
 
+class GpuUsage(In):
+    index: Count
+    util: float | None = Field(default=None, ge=0, le=100)
+    memory_used_mb: Count | None = None
+
+
 class HeartbeatIn(In):
     jobs: list[HeldJob] = Field(default=[], max_length=MAX_LISTED)
+    gpus: list[GpuUsage] = Field(default=[], max_length=MAX_LISTED)
+    """What each of the agent's GPUs is doing now, as NVML reports it (utilisation %, memory in use)."""
     name: str | None = Field(default=None, max_length=200)
     """The agent's name: a database that was reset may give its id to another agent, and then this one must register again."""
 

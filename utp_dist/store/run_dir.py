@@ -3,7 +3,8 @@
 A run named NAME on data set DATASET lives in two folders under OUTPUT_ROOT, so that `tensorboard --logdir
 OUTPUT_ROOT/logs` sees every run and checkpoints can sit on another quota:
 
-    logs/DATASET/NAME/          config.yaml, progress.json, metrics.jsonl, summary.json, figures/, evaluations/, TensorBoard events
+    logs/DATASET/NAME/          config.yaml, progress.json, metrics.jsonl, system.jsonl, summary.json, figures/, evaluations/,
+                                predictions/, TensorBoard events
     checkpoints/DATASET/NAME/   best -> best-stepNNNNNNNN/ (save_pretrained export), state/step-NNNNNNNN/, FINISHED
 """
 
@@ -23,7 +24,8 @@ from utp_dist.errors import UserError
 
 LOGS, CHECKPOINTS = "logs", "checkpoints"
 CONFIG, METRICS, SUMMARY, FIGURES, EVALUATIONS = "config.yaml", "metrics.jsonl", "summary.json", "figures", "evaluations"
-PROGRESS = "progress.json"
+PREDICTIONS = "predictions"
+PROGRESS, SYSTEM = "progress.json", "system"
 BEST, STATE_DIR, COMPLETE, FINISHED, LOCK = "best", "state", "COMPLETE", "FINISHED", "LOCK"
 MAX_VERSIONS = 10_000
 
@@ -32,7 +34,7 @@ class RunDir:
     """One run's folders under an output root, and the tolerant readers of what the run wrote there.
 
     Paths: `logs` and `checkpoints` (the two folders), `config_file`, `metrics_file`, `summary_file`, `figures` and
-    `evaluations` (reports of `python -m utp_dist.evaluate`) and `progress_file` in logs; `best` (the export), `state_dir` (training
+    `evaluations` (reports of `python -m utp_dist.evaluate`), `predictions`, `system_file()` and `progress_file` in logs; `best` (the export), `state_dir` (training
     states), `finished_marker` and `lock_file` in checkpoints.
     """
 
@@ -44,6 +46,7 @@ class RunDir:
         self.logs, self.checkpoints = self.root / LOGS / dataset / name, self.root / CHECKPOINTS / dataset / name
         self.config_file, self.metrics_file, self.summary_file, self.figures = (self.logs / f for f in (CONFIG, METRICS, SUMMARY, FIGURES))
         self.evaluations, self.progress_file = self.logs / EVALUATIONS, self.logs / PROGRESS
+        self.predictions = self.logs / PREDICTIONS  # per-evaluation sample predictions and per-class tables, thumbnails
         self.best, self.state_dir, self.finished_marker, self.lock_file = (self.checkpoints / f for f in (BEST, STATE_DIR, FINISHED, LOCK))
 
     def __repr__(self) -> str:
@@ -111,8 +114,20 @@ class RunDir:
 
     def metrics_lines(self) -> list[tuple[str, dict]]:
         """(raw line, record) of every well-formed metrics.jsonl line: an evaluation with its split, epoch and step."""
+        return [(line, record) for line, record in self._jsonl(self.metrics_file) if isinstance(record.get("split"), str)]
+
+    def system_file(self, node: int = 0) -> Path:
+        """The system metrics (GPU, CPU, RAM samples) of one node: system.jsonl for the first, system-nodeN.jsonl for others."""
+        return self.logs / (f"{SYSTEM}.jsonl" if node == 0 else f"{SYSTEM}-node{node}.jsonl")
+
+    def read_system(self, node: int = 0) -> list[dict]:
+        """Every well-formed sample of a node's system file, oldest first."""
+        return [record for _, record in self._jsonl(self.system_file(node))]
+
+    def _jsonl(self, path: Path) -> list[tuple[str, dict]]:
+        """(raw line, record) of every line of a JSON-lines file that is an object with an integer step."""
         try:
-            text = self.read_text(self.metrics_file)
+            text = self.read_text(path)
         except OSError:
             return []
         lines = []
@@ -121,7 +136,7 @@ class RunDir:
                 record = json.loads(line)
             except ValueError:  # a line cut short by a kill -9 in the middle of writing it
                 continue
-            if isinstance(record, dict) and isinstance(record.get("step"), int) and isinstance(record.get("split"), str):
+            if isinstance(record, dict) and isinstance(record.get("step"), int):
                 lines.append((line, record))
         return lines
 

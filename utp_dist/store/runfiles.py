@@ -7,6 +7,9 @@ every file read here passes `run.allows`.
 
 from __future__ import annotations
 
+import copy
+import itertools
+import json
 import math
 import os
 import threading
@@ -134,17 +137,68 @@ def _count(value) -> int | None:
 
 
 def val_curves(run: RunDir) -> dict[str, dict[str, list]]:
-    """Every val metric per epoch from metrics.jsonl: {metric: {"x": epochs, "y": values}}."""
+    """Every val metric per epoch from metrics.jsonl: {metric: {"x": epochs, "step": steps, "y": values}}."""
     curves: dict[str, dict[str, list]] = {}
     for line in run.read_metrics():
         if line.get("split") != "val":
             continue
         for key, value in line.items():
             if key.startswith("val_") and _number(value) and not key.endswith("images"):
-                curve = curves.setdefault(key, {"x": [], "y": []})
+                curve = curves.setdefault(key, {"x": [], "step": [], "y": []})
                 curve["x"].append(line["epoch"])
+                curve["step"].append(line["step"])
                 curve["y"].append(value)
     return curves
+
+
+def with_axes(series: dict[str, dict]) -> dict[str, dict]:
+    """Give every curve of {"train", "val", "system"} the three x axes the charts offer, aligned point by point:
+    "step", "epoch" (epochs done, fractional within an epoch: the end of epoch 1 is 1.0, where its validation sits)
+    and "time" (seconds since the run's first logged point, from TensorBoard's wall times and the system samples).
+    Returns a copy (the train curves come from a cache)."""
+    series = copy.deepcopy(series)
+    val = next(iter(series.get("val", {}).values()), None)
+    ends = sorted(zip(val["step"], val["x"], strict=True)) if val else []  # (step, epoch) of each epoch's end
+    points = {
+        g: sorted(p for c in series.get(g, {}).values() for p in zip(c["x"], c["time"], strict=True) if _number(p[1]))
+        for g in ("train", "system")
+    }
+    timed = points["train"] or points["system"]  # a validation's time is read off the train points (the system ones without)
+    start = min((t for group in points.values() for _, t in group), default=None)
+    for curve in series.get("val", {}).values():
+        curve["epoch"] = [e + 1 for e in curve["x"]]
+        curve["time"] = [_interpolate(timed, s) for s in curve["step"]]
+    for group in ("train", "system"):
+        for curve in series.get(group, {}).values():
+            curve["step"] = list(curve["x"])
+            curve["epoch"] = [_epoch_at(ends, s) for s in curve["x"]]
+    for group in ("train", "val", "system"):
+        for curve in series.get(group, {}).values():
+            curve["time"] = [round(t - start, 2) if _number(t) and start is not None else None for t in curve["time"]]
+    return series
+
+
+def _epoch_at(ends: list[tuple[int, int]], step: int) -> float | None:
+    """Epochs done at `step`, from the steps at which epochs ended (the last epoch's length carries on past them)."""
+    if not ends:
+        return None
+    before_step, before_epoch = 0, 0
+    for end_step, epoch in ends:
+        if step <= end_step:
+            return round(before_epoch + (step - before_step) / max(end_step - before_step, 1), 4)
+        before_step, before_epoch = end_step, epoch + 1
+    length = ends[-1][0] - (ends[-2][0] if len(ends) > 1 else 0)
+    return round(before_epoch + (step - before_step) / max(length, 1), 4)
+
+
+def _interpolate(points: list[tuple[int, float]], step: int) -> float | None:
+    """The time at `step`, read off (step, time) points; None without any."""
+    if not points:
+        return None
+    for (s0, t0), (s1, t1) in itertools.pairwise(points):
+        if s0 <= step <= s1:
+            return t0 if s1 == s0 else t0 + (t1 - t0) * (step - s0) / (s1 - s0)
+    return points[0][1] if step < points[0][0] else points[-1][1]
 
 
 def train_curves(run: RunDir) -> dict[str, dict[str, list]]:
@@ -167,11 +221,30 @@ def train_curves(run: RunDir) -> dict[str, dict[str, list]]:
     curves = {}
     for tag in TRAIN_TAGS:
         if tag in tags:
-            points = {e.step: e.value for e in accumulator.Scalars(tag)}  # a resumed run rewrote some steps: the last wins
+            points = {e.step: e for e in accumulator.Scalars(tag)}  # a resumed run rewrote some steps: the last wins
             steps = sorted(points)
-            curves[tag.replace("/", "_")] = {"x": steps, "y": [points[s] for s in steps]}
+            times = [points[s].wall_time for s in steps]
+            curves[tag.replace("/", "_")] = {"x": steps, "time": times, "y": [points[s].value for s in steps]}
     with _curves_lock:
         _curves_cache[key] = (stamp, curves)
+    return curves
+
+
+def system_curves(run: RunDir) -> dict[str, dict[str, list]]:
+    """The first node's system samples (system.jsonl): {"gpu0/util": {"x": steps, "epoch": [...], "time": [...], "y": values}, ...}.
+
+    A series the run never sampled (a GPU series of a CPU run) is absent, not a line at zero.
+    """
+    curves: dict[str, dict[str, list]] = {}
+    for sample in run.read_system():
+        for key, value in sample.items():
+            if key in ("time", "step", "epoch", "node") or not _number(value):
+                continue
+            curve = curves.setdefault(key, {"x": [], "epoch": [], "time": [], "y": []})
+            curve["x"].append(sample["step"])
+            curve["epoch"].append(sample.get("epoch"))
+            curve["time"].append(sample.get("time"))
+            curve["y"].append(value)
     return curves
 
 
@@ -215,3 +288,21 @@ def tail(path: Path, lines: int = 80, limit_bytes: int = 64_000) -> str:
 def best_export(run: RunDir) -> Path | None:
     """Where the best model was exported (the `best` link resolved), if it was."""
     return run.best.resolve() if run.best.exists() and run.allows(run.best) else None
+
+
+def predictions(run: RunDir) -> tuple[dict | None, dict | None]:
+    """(the newest val evaluation's predictions record, the record whose per-class table goes next to the confusion
+    matrix: the test one when the run has it, else that val one), as the trainer wrote them to RunDir.predictions."""
+    folder = run.predictions
+    found = sorted(p for p in folder.glob("val_epoch*.json") if run.allows(p)) if folder.is_dir() else []
+    latest = _json(run, found[-1]) if found else None
+    test = _json(run, folder / "test.json")
+    return latest, test or latest
+
+
+def _json(run: RunDir, path: Path) -> dict | None:
+    try:
+        record = json.loads(run.read_text(path))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("classes"), list) else None

@@ -41,7 +41,8 @@ def register(body: RegisterIn, session: SessionDep, settings: SettingsDep):
 def heartbeat(agent_id: IdPath, body: HeartbeatIn, session: SessionDep, settings: SettingsDep):
     """Renew the leases of the jobs the agent holds; answer the jobs to abort, the jobs it lost (kill them) and drain."""
     held = [(j.job_id, j.attempt) for j in body.jobs]
-    return HeartbeatOut(**jobqueue.heartbeat(session, agent_id, held, settings.lease_s, body.name))
+    usage = [g.model_dump() for g in body.gpus]
+    return HeartbeatOut(**jobqueue.heartbeat(session, agent_id, held, settings.lease_s, body.name, usage))
 
 
 @router.get("/{agent_id}", response_model=AgentOut)

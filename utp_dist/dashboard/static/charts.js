@@ -20,7 +20,52 @@ const utp = (() => {
   // epochs count from 1 on the pages, as on the console ("epoch 1/3"); metrics.jsonl and the API count from 0
   const oneBased = (curve) => curve && { x: curve.x.map((epoch) => epoch + 1), y: curve.y };
 
-  function chart(el, title, xLabel, names, data) {
+  // the chart controls of a page (x axis, EMA smoothing, log scale), when it has them
+  const AXIS_LABELS = { step: "step", epoch: "epoch", time: "wall time (s)" };
+  function controls() {
+    const axis = document.getElementById("chart-axis"), smooth = document.getElementById("chart-smooth"), log = document.getElementById("chart-log");
+    return { axis: axis ? axis.value : "", smooth: smooth ? Number(smooth.value) : 0, log: Boolean(log && log.checked) };
+  }
+  function onControls(redraw) {
+    for (const id of ["chart-axis", "chart-smooth", "chart-log"]) {
+      const el = document.getElementById(id);
+      if (el) el.addEventListener("input", () => {
+        const shown = document.getElementById("chart-smooth-value");
+        if (shown) shown.textContent = controls().smooth.toFixed(2);
+        redraw();
+      });
+    }
+  }
+
+  // TensorBoard's smoothing: an exponential moving average, debiased so the first points are not pulled to zero
+  function smoothed(ys, weight) {
+    if (!weight) return ys;
+    let last = 0, n = 0;
+    return ys.map((y) => {
+      if (y === null || y === undefined || !Number.isFinite(y)) return y;
+      n += 1;
+      last = last * weight + (1 - weight) * y;
+      return last / (1 - Math.pow(weight, n));
+    });
+  }
+
+  // one curve as the controls want it: x on the chosen axis (its plain x when it lacks that one), y smoothed,
+  // and only positive values on a log scale
+  function view(curve, natural, opts) {
+    if (!curve) return curve;
+    const axis = opts.axis || natural;
+    const xs = curve[axis] || curve.x;
+    const ys = smoothed(curve.y, opts.smooth);
+    const x = [], y = [];
+    xs.forEach((value, i) => {
+      if (value === null || value === undefined) return;
+      x.push(value);
+      y.push(opts.log && !(ys[i] > 0) ? null : ys[i]);
+    });
+    return { x, y };
+  }
+
+  function chart(el, title, xLabel, names, data, log = false) {
     if (!el) return null;
     el.textContent = "";
     if (!data[0].length) {
@@ -31,7 +76,10 @@ const utp = (() => {
       title, width: Math.max(360, el.clientWidth - 12), height: 260,
       // one x value (a single evaluation): uPlot would span it from x - 1 to x + 1 (an "epoch 0"); half a unit each
       // side puts its point in the middle, above its own tick and no other
-      scales: { x: { time: false, range: (u, min, max) => (u.data[0].length === 1 ? [u.data[0][0] - 0.5, u.data[0][0] + 0.5] : [min, max]) } },
+      scales: {
+        x: { time: false, range: (u, min, max) => (u.data[0].length === 1 ? [u.data[0][0] - 0.5, u.data[0][0] + 0.5] : [min, max]) },
+        y: log ? { distr: 3 } : {},
+      },
       // epochs and steps are whole numbers: no 0.2-epoch ticks
       axes: [{ label: xLabel, incrs: [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000] }, {}],
       cursor: { drag: { x: true, y: false } },
@@ -40,20 +88,24 @@ const utp = (() => {
     return new uPlot(opts, data, el);
   }
 
-  // one chart that can be refreshed: created on the first points, then only fed new data
-  function liveChart(el, title, xLabel) {
-    let plot = null, names = null;
+  // one chart that can be refreshed: created on the first points, then only fed new data; `natural`: the x axis of
+  // its curves when the controls leave it to the chart ("step" or "epoch")
+  function liveChart(el, title, natural) {
+    let plot = null, key = null;
     const update = (curveNames, curves) => {
-      const data = align(curves);
-      if (plot && names && names.join() === curveNames.join()) {
+      const opts = controls();
+      const axis = opts.axis || natural;
+      const data = align(curves.map((c) => view(c, natural, opts)));
+      const nextKey = [curveNames.join(), axis, opts.log].join("|");
+      if (plot && key === nextKey) {
         const xs = plot.data[0];
         const zoomed = xs.length && (plot.scales.x.min > xs[0] || plot.scales.x.max < xs[xs.length - 1]);
         plot.setData(data, !zoomed); // zoomed in: keep the user's window; else grow with the new points
         return;
       }
       if (plot) plot.destroy();
-      names = curveNames;
-      plot = chart(el, title, xLabel, curveNames, data);
+      key = nextKey;
+      plot = chart(el, `${title} per ${AXIS_LABELS[axis].split(" (")[0]}`, AXIS_LABELS[axis], curveNames, data, opts.log);
     };
     update.plot = () => plot;
     return update;
@@ -63,15 +115,15 @@ const utp = (() => {
     const select = document.getElementById("metric");
     const metrics = [...new Set(series.flatMap((s) => Object.keys(s.val)))].sort();
     for (const m of metrics) select.add(new Option(m, m, false, m === "val_acc@1"));
-    const el = document.getElementById("chart-compare-val");
-    let plot = null;
+    const val = liveChart(document.getElementById("chart-compare-val"), "val metric", "epoch");
+    const train = liveChart(document.getElementById("chart-compare-train"), "train loss", "step");
     const draw = () => {
-      if (plot) plot.destroy();
-      plot = chart(el, `${select.value} per epoch`, "epoch", labels, align(series.map((s) => oneBased(s.val[select.value]))));
+      val(labels.map((l) => `${l} ${select.value}`), series.map((s) => s.val[select.value]));
+      train(labels, series.map((s) => s.train.train_loss));
     };
     select.addEventListener("change", draw);
+    onControls(draw);
     draw();
-    chart(document.getElementById("chart-compare-train"), "train loss per step", "step", labels, align(series.map((s) => s.train.train_loss)));
   }
 
   // a page whose tables change while tasks run (the sweep board): fetch it again and swap only those tables
@@ -98,7 +150,7 @@ const utp = (() => {
     setInterval(() => swapParts(ids), seconds * 1000);
   }
 
-  return { align, chart, liveChart, oneBased, comparePage, refreshTables, swapIn };
+  return { align, chart, controls, liveChart, onControls, oneBased, comparePage, refreshTables, smoothed, swapIn };
 })();
 
 // What a page starts comes from its data, not from inline scripts, which the Content-Security-Policy forbids
