@@ -29,6 +29,11 @@ def server(request, tmp_path_factory):
         postgres.stop()
 
 
+# PostgreSQL runs what the database decides (stored types, constraints, cascades, races); a check of parsing, routing or
+# static files says the same on either, so it runs on SQLite alone
+sqlite_only = pytest.mark.parametrize("server", ["sqlite"], indirect=True)
+
+
 @pytest.fixture
 def api(server):
     with server.client() as client:
@@ -70,6 +75,7 @@ def test_config_as_sections_and_as_yaml_text(api, project):
     assert api.get(f"/api/v1/configs/{as_text.json()['id']}").json()["name"] == "qs-text"
 
 
+@sqlite_only
 def test_bad_config_key_is_422_with_the_cli_line(api, project, tmp_path, capsys):
     from utp_dist.train import main
 
@@ -88,6 +94,7 @@ def test_bad_config_key_is_422_with_the_cli_line(api, project, tmp_path, capsys)
     assert api.get(f"/api/v1/configs/project/{project['id']}").json() == []  # nothing invalid was stored
 
 
+@sqlite_only
 def test_malformed_yaml_and_json_are_422_naming_the_line(api, project):
     text = "data:\n  batch_size: 8\ntrain: [epochs: 2\n"
     response = api.post("/api/v1/configs", json={"project_id": project["id"], "name": "broken.yaml", "yaml": text})
@@ -185,6 +192,7 @@ def test_runs_on_disk_are_listed_with_progress(api):
     assert disk_cancel.status_code == 409 and disk_cancel.json()["state"] == "succeeded"
 
 
+@sqlite_only
 def test_pagination_and_openapi(api):
     for i in range(3):
         api.post("/api/v1/projects", json={"name": f"page-{i}"})
