@@ -189,6 +189,9 @@ def _node_line(gpus: int) -> str:
 def _write_configs(d: Path, p: dict[str, Path], ports: dict[str, int], gpus: int, dbpass: str) -> None:
     munge = p["sock"] / "munge.socket"
     var, log = p["var"], p["log"]
+    # submitit derives a job's torch.distributed port from its job id: two private clusters on one machine (CI runners,
+    # parallel test sessions) that both count from 1 would give their jobs the same ports
+    first_job_id = 1000 + secrets.randbelow(1_000_000)
     (p["etc"] / "slurm.conf").write_text(f"""\
 ClusterName={CLUSTER}
 SlurmctldHost=localhost
@@ -218,6 +221,7 @@ AccountingStorageTRES=gres/gpu
 JobCompType=jobcomp/none
 SchedulerParameters=batch_sched_delay=0,sched_interval=2,bf_interval=1
 MinJobAge=3600
+FirstJobId={first_job_id}
 ReturnToService=2
 JobRequeue=1
 SelectType=select/cons_tres

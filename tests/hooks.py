@@ -30,10 +30,14 @@ class SlowSteps:
 
     def __init__(self) -> None:
         self.seconds = float(os.environ.get("UTP_TEST_STEP_SLEEP", "0"))
+        # once this file exists the run goes at full speed: a test that has seen what it watched for waits no longer
+        fast = os.environ.get("UTP_TEST_STEP_SLEEP_UNTIL")
+        self.fast_forward = Path(fast) if fast else None
 
     def on_step_end(self, step: int) -> None:
         """Slow the run down."""
-        time.sleep(self.seconds)
+        if self.seconds and not (self.fast_forward and self.fast_forward.exists()):
+            time.sleep(self.seconds)
 
 
 class FullDiskOnMain:

@@ -263,14 +263,27 @@ def resumable_config(images: Path, out: Path) -> dict:
     return raw
 
 
-@pytest.fixture(scope="module")
-def reference(images, tmp_path_factory) -> Path:
-    """One uninterrupted run of the same config: the best weights every interrupted run must reproduce bit for bit."""
+@pytest.fixture(scope="module", autouse=True)
+def reference_run(images, tmp_path_factory):
+    """One uninterrupted run of the same config, started with the module: it trains while the tests before the first
+    that needs it wait on leases and agents."""
     out = tmp_path_factory.mktemp("reference") / "root"
     config = out.parent / "ref.yaml"
     config.write_text(yaml.safe_dump(resumable_config(images, out)))
-    done = run_cli(str(config), OMP_NUM_THREADS="1")
-    assert done.returncode == 0, done.stderr[-3000:]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    with open(out.parent / "train.log", "wb") as log:  # a file, not a pipe nobody reads while it trains
+        proc = subprocess.Popen([sys.executable, "-m", "utp_dist.train", str(config)], cwd=REPO, env=env, stdout=log, stderr=log)
+    yield out, proc
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def reference(reference_run) -> Path:
+    """The best weights every interrupted run must reproduce bit for bit."""
+    out, proc = reference_run
+    assert proc.wait(timeout=600) == 0, (out.parent / "train.log").read_text()[-3000:]
     return best_weights(out)
 
 

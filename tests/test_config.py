@@ -391,13 +391,24 @@ def test_cli_print_config(tmp_path):
     assert printed == load_config(path, ["optim.lr=3e-4", "data.max_datapoints_per_class.train=100"]).to_dict()
 
 
-def test_cli_flag_between_config_and_overrides(tmp_path):
+def cli(capsys, *args: str) -> tuple[int, str, str]:
+    """`python -m utp_dist.train ARGS` in this process: (exit code, stdout, stderr). The one-line errors need no torch
+    import of their own; test_cli_print_config and the missing file below run the real command end to end."""
+    from utp_dist.train_command import main
+
+    capsys.readouterr()
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_flag_between_config_and_overrides(tmp_path, capsys):
     # regression: plain parse_args() with a nargs="*" positional rejects overrides after an option
     # ("unrecognized arguments"); parse_intermixed_args accepts them
     path = write(tmp_path / "c.yaml", "")
-    proc = run_cli(str(path), "--print-config", "optim.lr=3e-4", timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert yaml.safe_load(proc.stdout)["optim"]["lr"] == pytest.approx(3e-4)
+    code, out, err = cli(capsys, str(path), "--print-config", "optim.lr=3e-4")
+    assert code == 0, err
+    assert yaml.safe_load(out)["optim"]["lr"] == pytest.approx(3e-4)
 
 
 @pytest.mark.parametrize(
@@ -408,25 +419,28 @@ def test_cli_flag_between_config_and_overrides(tmp_path):
         (["train.monitor_metric=val_acc@5", "--print-config"], "train.monitor_metric"),
     ],
 )
-def test_cli_user_error_is_one_line_exit_2(tmp_path, args, expect):
+def test_cli_user_error_is_one_line_exit_2(tmp_path, capsys, args, expect):
     path = write(tmp_path / "c.yaml", "train:\n  epochs: 1\n")
-    proc = run_cli(str(path), *args, timeout=120)
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("utp_dist: error: ") and expect in lines[0], proc.stderr
-    assert "Traceback" not in proc.stderr and proc.stdout == ""
+    code, out, err = cli(capsys, str(path), *args)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("utp_dist: error: ") and expect in lines[0], err
+    assert "Traceback" not in err and out == ""
 
 
-def test_cli_bad_config_paths_exit_2(tmp_path):
+def test_cli_bad_config_paths_exit_2(tmp_path, capsys):
     bad = write(tmp_path / "bad.yaml", "optim:\n  lr: 1\n   bad: 2\n")
-    for path, expect in [(bad, "line 3"), (tmp_path / "missing.yaml", "not found")]:
-        proc = run_cli(str(path), timeout=120)
-        assert proc.returncode == 2 and "Traceback" not in proc.stderr
-        assert proc.stderr.count("\n") == 1 and expect in proc.stderr and str(path) in proc.stderr
-
-
-def test_cli_directory_as_config_exits_2(tmp_path):
-    # BUG: open() on a directory raises IsADirectoryError, which is not a UserError: traceback, exit 1
-    proc = run_cli(str(tmp_path), "--print-config", timeout=120)
+    code, _, err = cli(capsys, str(bad))
+    assert code == 2 and "Traceback" not in err
+    assert err.count("\n") == 1 and "line 3" in err and str(bad) in err
+    missing = tmp_path / "missing.yaml"  # the real command, end to end: its exit code and its one line
+    proc = run_cli(str(missing), timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.startswith("utp_dist: error: ") and str(tmp_path) in proc.stderr
+    assert proc.stderr.count("\n") == 1 and "not found" in proc.stderr and str(missing) in proc.stderr
+
+
+def test_cli_directory_as_config_exits_2(tmp_path, capsys):
+    # BUG: open() on a directory raises IsADirectoryError, which is not a UserError: traceback, exit 1
+    code, _, err = cli(capsys, str(tmp_path), "--print-config")
+    assert code == 2 and "Traceback" not in err
+    assert err.startswith("utp_dist: error: ") and str(tmp_path) in err

@@ -139,17 +139,23 @@ def test_without_a_slurm_client_nothing_is_created(tmp_path):
     assert not (tmp_path / "out" / "sweeps").exists()
 
 
-def test_ledger_commands_on_a_folder_that_is_not_a_sweep(tmp_path):
-    result = run_cli("status", str(tmp_path), module="utp_dist.submit")
-    assert result.returncode == 2 and f"{tmp_path}: no sweep.json here" in result.stderr
+def test_ledger_commands_on_a_folder_that_is_not_a_sweep(tmp_path, capsys):
+    from utp_dist.sweep.submit import main  # in this process: test_without_a_slurm_client runs the command end to end
+
+    assert main(["status", str(tmp_path)]) == 2
+    assert f"{tmp_path}: no sweep.json here" in capsys.readouterr().err
 
 
-def test_ledger_commands_on_a_file_say_the_same_one_line(tmp_path):
+def test_ledger_commands_on_a_file_say_the_same_one_line(tmp_path, capsys):
+    from utp_dist.sweep.submit import main
+
     grid = write_grid(tmp_path / "g.yaml", {"sweep": {"optim.lr": [0.1]}})
     for command in (["status"], ["resubmit", "--failed"], ["leaderboard"]):
-        result = run_cli(command[0], str(grid), *command[1:], module="utp_dist.submit")
-        assert result.returncode == 2, result.stderr
-        assert result.stderr.strip() == (
+        capsys.readouterr()
+        code = main([command[0], str(grid), *command[1:]])
+        err = capsys.readouterr().err
+        assert code == 2, err
+        assert err.strip() == (
             f"utp_dist: error: {grid}: no sweep.json here; give a sweep folder made by `python -m utp_dist.submit GRID.yaml` "
             "(OUTPUT_ROOT/sweeps/NAME)"
         )

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import subprocess
+import sys
 import threading
 import time
 from datetime import datetime
@@ -42,6 +44,13 @@ def slurm(tmp_path_factory):
 def submit(slurm: dict, *args: str, timeout: int = 300, **env: str) -> subprocess.CompletedProcess:
     """`python -m utp_dist.submit ...` with the private cluster's config."""
     return run_cli(*args, module="utp_dist.submit", timeout=timeout, **slurm, **THREADS, **env)
+
+
+def submit_in_background(slurm: dict, *args: str) -> subprocess.Popen:
+    """`python -m utp_dist.submit ...` started, not awaited: two submissions whose jobs may run side by side."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", **slurm, **THREADS}
+    command = [sys.executable, "-m", "utp_dist.submit", *args]
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def sacct(slurm: dict, job: str, fields: str = "JobID,State,Start,End") -> list[dict]:
@@ -85,22 +94,50 @@ def _scontrol(slurm: dict, *args: str) -> None:
     subprocess.run(["scontrol", *args], check=True, timeout=30, env={**os.environ, **slurm}, capture_output=True)
 
 
-def _interrupt(slurm: dict, sweeps: dict[str, Path]) -> None:
-    """Preempt one run with USR2 once it trains; let the other time out once, then give it time to finish."""
-    deadline, preempted, extended = time.time() + 240, False, False
-    while time.time() < deadline and not (preempted and extended):
-        if not preempted and any((sweeps["preempt"] / "logs").glob("*/*/events.out.tfevents.*")):
+def _stopped(out: Path, kind: str) -> bool:
+    record = out / "sweeps" / kind / "tasks" / "0.json"
+    return record.is_file() and json.loads(record.read_text())["state"] in ("stopped", "STOPPED")
+
+
+def _job(out: Path, kind: str) -> str:
+    return json.loads((out / "sweeps" / kind / "sweep.json").read_text())["tasks"][0]["jobs"][0]
+
+
+def _training(out: Path) -> bool:
+    return any((out / "logs").glob("*/*/events.out.tfevents.*"))
+
+
+def _interrupt(slurm: dict, sweeps: dict[str, Path], submitted: float) -> None:
+    """Preempt one run with USR2 once it trains; bring the other's time limit near once it trains, so that it times out
+    once, then give it time to finish. Once a run has stopped, its resumed attempt goes at full speed (the slow steps
+    only have to outlast the first attempt's signal)."""
+    deadline, preempted, shortened, extended = time.time() + 240, False, False, False
+    while time.time() < deadline and not (preempted and extended and all(_fast(out).exists() for out in sweeps.values())):
+        if not shortened and _training(sweeps["timeout"]):
+            # slurmctld checks limits every 30 s and sends USR2 once the end is within signal_delay_s + 30 s: a limit
+            # 2 to 3 minutes after the start brings it at the next check, while the run trains, and no kill comes before
+            minutes = math.ceil((time.time() - submitted) / 60) + 2
+            _scontrol(slurm, "update", f"JobId={_job(sweeps['timeout'], 'timeout')}", f"TimeLimit={minutes}")
+            shortened = True
+        if not preempted and _training(sweeps["preempt"]):
             time.sleep(3)  # inside the training loop now
-            job = json.loads((sweeps["preempt"] / "sweeps" / "preempt" / "sweep.json").read_text())["tasks"][0]["jobs"][0]
-            subprocess.run(["scancel", "--signal=USR2", job], check=True, timeout=30, env={**os.environ, **slurm})
+            subprocess.run(
+                ["scancel", "--signal=USR2", _job(sweeps["preempt"], "preempt")], check=True, timeout=30, env={**os.environ, **slurm}
+            )
             preempted = True
-        record = sweeps["timeout"] / "sweeps" / "timeout" / "tasks" / "0.json"
-        if not extended and record.is_file() and json.loads(record.read_text())["state"] == "stopped":
-            # the 1-minute limit would time the resumed run out again: the second attempt gets 20 minutes
-            job = json.loads((sweeps["timeout"] / "sweeps" / "timeout" / "sweep.json").read_text())["tasks"][0]["jobs"][0]
-            _scontrol(slurm, "update", f"JobId={job}", "TimeLimit=20")
+        if not extended and _stopped(sweeps["timeout"], "timeout"):
+            # the short limit would time the resumed run out again: the second attempt gets 20 minutes
+            _scontrol(slurm, "update", f"JobId={_job(sweeps['timeout'], 'timeout')}", "TimeLimit=20")
             extended = True
+        for kind, out in sweeps.items():
+            if _stopped(out, kind):
+                _fast(out).touch()
         time.sleep(0.5)
+
+
+def _fast(out: Path) -> Path:
+    """The file that ends the slow steps of the run in `out` (tests.hooks:SlowSteps)."""
+    return out.parent / f"{out.name}.resumed"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -108,14 +145,16 @@ def requeue_sweeps(slurm, data, tmp_path_factory):
     """Submitted first, checked last: a run that hits its time limit, and one preempted by USR2 (they mostly sleep)."""
     folder = tmp_path_factory.mktemp("requeue")
     sweeps = {}
-    # USR2 comes signal_delay_s before the limit, but slurmctld checks limits every 30 s: here 30 to 60 s after the start
-    for kind, resources, sleep in (("timeout", {"time_min": 1, "signal_delay_s": 30}, "0.9"), ("preempt", {"time_min": 20}, "0.4")):
+    # the timeout run's limit is cut short once it trains (_interrupt); submitit counts a signal as a time-out when the
+    # job asked for 10 minutes or less
+    submitted = time.time()
+    for kind, resources, sleep in (("timeout", {"time_min": 10, "signal_delay_s": 200}, "0.9"), ("preempt", {"time_min": 20}, "0.4")):
         base = tiny_config(data, folder / kind, **{k: dict(v) for k, v in REQUEUE_BASE.items()})
         grid = grid_file(folder, base, {"train.label_smoothing": [0.0]}, {**resources, "max_requeues": 2}, kind)
-        result = submit(slurm, str(grid), UTP_TEST_STEP_SLEEP=sleep)
+        result = submit(slurm, str(grid), UTP_TEST_STEP_SLEEP=sleep, UTP_TEST_STEP_SLEEP_UNTIL=str(_fast(folder / kind)))
         assert result.returncode == 0, result.stderr
         sweeps[kind] = folder / kind
-    interrupter = threading.Thread(target=_interrupt, args=(slurm, sweeps), daemon=True)
+    interrupter = threading.Thread(target=_interrupt, args=(slurm, sweeps, submitted), daemon=True)
     interrupter.start()
     return folder, sweeps, interrupter
 
@@ -124,7 +163,7 @@ def test_grid_of_four_is_one_array_job_with_parallelism_and_resubmit_failed(slur
     base = tiny_config(data, tmp_path / "out", train={"epochs": 1})
     sweep = {"zip": [{"data.root": [str(data)] * 3 + [str(tmp_path / "later")], "train.seed": [1, 2, 3, 4]}]}
     grid = grid_file(tmp_path, base, sweep, {"array_parallelism": 2, "cpus_per_task": 1, "time_min": 20}, "four")
-    result = submit(slurm, str(grid), "--wait", "--poll", "2")
+    result = submit(slurm, str(grid), "--wait", "--poll", "1")
     assert result.returncode == 1, result.stdout + result.stderr  # the fourth point's data does not exist yet
     folder, record = ledger(tmp_path / "out", "four")
     jobs = [t["jobs"][-1] for t in record["tasks"]]
@@ -148,7 +187,7 @@ def test_grid_of_four_is_one_array_job_with_parallelism_and_resubmit_failed(slur
     assert "| failed | 0 | - | - | - | - |" in status[5] and "| succeeded | 0 | 0 | 6 |" in status[2], status
 
     make_image_folder(tmp_path / "later", per_class={"train": 16, "val": 4})
-    again = submit(slurm, "resubmit", str(folder), "--failed", "--wait", "--poll", "2")
+    again = submit(slurm, "resubmit", str(folder), "--failed", "--wait", "--poll", "1")
     assert again.returncode == 0, again.stdout + again.stderr
     _, record = ledger(tmp_path / "out", "four")
     new_job = record["tasks"][3]["jobs"][-1]
@@ -177,15 +216,16 @@ def test_fake_gpus_fail_with_the_reason_and_two_tasks_per_node_train_as_world_si
         {"gpus_per_node": 2, "time_min": 20},
         "gpu",
     )
-    result = submit(slurm, str(gpu_grid), "--wait", "--poll", "2")
-    assert result.returncode != 0 and "| failed |" in result.stdout, result.stdout + result.stderr
+    gpu_job = submit_in_background(slurm, str(gpu_grid), "--wait", "--poll", "1")
+    # the same world of two, as CPU processes (submitted meanwhile: the cluster runs both jobs at once)
+    base = tiny_config(data, tmp_path / "out", train={"epochs": 1})
+    grid = grid_file(tmp_path, base, {"train.seed": [7]}, {"tasks_per_node": 2, "time_min": 20}, "ddp")
+    result = submit(slurm, str(grid), "--wait", "--poll", "1")
+    out, err = gpu_job.communicate(timeout=300)
+    assert gpu_job.returncode != 0 and "| FAILED |" in out, out + err
     rank_logs = [p.read_text() for p in (tmp_path / "gpu-out" / "sweeps" / "gpu" / "slurm").glob("*_log.err")]
     reason = "utp_dist: error: this job was given 1 GPU(s) but this process sees 0 CUDA device(s)"
     assert len(rank_logs) == 2 and all(reason in log for log in rank_logs)
-    # the same world of two, as CPU processes
-    base = tiny_config(data, tmp_path / "out", train={"epochs": 1})
-    grid = grid_file(tmp_path, base, {"train.seed": [7]}, {"tasks_per_node": 2, "time_min": 20}, "ddp")
-    result = submit(slurm, str(grid), "--wait", "--poll", "2")
     assert result.returncode == 0, result.stdout + result.stderr
     _, record = ledger(tmp_path / "out", "ddp")
     (job,) = record["tasks"][0]["jobs"]
@@ -198,14 +238,27 @@ def test_fake_gpus_fail_with_the_reason_and_two_tasks_per_node_train_as_world_si
     assert len(task_logs) == 2
 
 
-@pytest.fixture(scope="module")
-def reference_weights(data, tmp_path_factory) -> dict:
-    """The same run, never interrupted."""
+@pytest.fixture(scope="module", autouse=True)
+def reference_run(requeue_sweeps, data, tmp_path_factory):
+    """The same run, never interrupted: started with the module, it trains while the tests above wait on the cluster."""
     folder = tmp_path_factory.mktemp("reference")
     config = tiny_config(data, folder, **{k: dict(v) for k, v in REQUEUE_BASE.items()})
     (folder / "reference.yaml").write_text(yaml.safe_dump(config))
-    result = run_cli(str(folder / "reference.yaml"), **THREADS)
-    assert result.returncode == 0, result.stderr
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", **THREADS}
+    with open(folder / "train.log", "wb") as log:  # a file, not a pipe nobody reads while it trains
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "utp_dist.train", str(folder / "reference.yaml")], cwd=REPO, env=env, stdout=log, stderr=log
+        )
+    yield folder, proc
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def reference_weights(reference_run) -> dict:
+    folder, proc = reference_run
+    assert proc.wait(timeout=600) == 0, (folder / "train.log").read_text()[-3000:]
     (run,) = (folder / "checkpoints" / "shapes").iterdir()
     return load_file(run / "best" / "model.safetensors")
 
@@ -262,7 +315,7 @@ def test_scancel_of_an_array_task_with_workers_stops_it_resumably_and_resubmit_c
     stopped = int(log.split("stopped by signal at step ")[1].split(";")[0])
     assert sorted(p.name for p in (ckpt / "state").glob("step-*"))[-1] == f"step-{stopped:08d}"  # saved at the stop
 
-    again = submit(slurm, "resubmit", str(folder), "--tasks", "0", "--wait", "--poll", "2", UTP_TEST_STEP_SLEEP="0")
+    again = submit(slurm, "resubmit", str(folder), "--tasks", "0", "--wait", "--poll", "1", UTP_TEST_STEP_SLEEP="0")
     assert again.returncode == 0, again.stdout + again.stderr
     (logs,) = (tmp_path / "out" / "logs" / "shapes").glob(record["tasks"][0]["name"])  # the same run folder, continued
     assert json.loads((logs / "summary.json").read_text())["restarts"] == 1
