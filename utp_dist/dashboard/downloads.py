@@ -93,7 +93,7 @@ def attachment(name: str) -> dict[str, str]:
 def download_folder(run_id: IdPath, what: Folder, session: SessionDep, settings: SettingsDep):
     """A folder of the run as one zip: `best` (the exported model), `logs` or `checkpoints` (404 when it has none)."""
     run = services.get_run(session, run_id)
-    folder = services.run_folder(run, settings.roots)
+    folder = readmodels.run_folder(run, settings.roots)
     if folder is None or not folder.exists():
         raise services.NotFound(f"run {run_id} has no run folder inside the output roots")
     target = {"best": runfiles.best_export(folder), "logs": folder.logs, "checkpoints": folder.checkpoints}[what]

@@ -250,7 +250,7 @@ def run_page(request: Request, run_id: int, session: SessionDep, settings: Setti
     run = services.get_run(session, run_id)
     shown = readmodels.run_page(session, run, settings.roots)
     config_text = yaml.safe_dump(shown["config"], sort_keys=False) if shown["config"] else ""
-    pictures = gallery.gallery(services.run_folder(run, settings.roots), settings.roots)
+    pictures = gallery.gallery(readmodels.run_folder(run, settings.roots), settings.roots)
     return render(request, "run.html", **shown, config_text=config_text, gallery=pictures)
 
 
