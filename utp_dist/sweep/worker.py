@@ -1,0 +1,91 @@
+"""A search worker (one Slurm array task, one local process, or the debug executor's loop): takes the next piece of
+work from the study, trains it in this process, reports its rung value, until the search has nothing left to do."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from utp_dist.preemption import EXIT_RESUMABLE
+from utp_dist.sweep import ledger as ledgers
+from utp_dist.sweep.search import parse_search
+from utp_dist.sweep.study import HEARTBEAT_S, Study, prepare_run
+from utp_dist.sweep.task import TaskFailed, TaskRecord, _export_rank_environment
+
+POLL_S = 2.0  # how often an idle worker looks again for a promotion or an orphan while others train
+
+
+class SearchWorker:
+    """Callable submitted per worker; requeued by Slurm, it first continues the trial it was training."""
+
+    def __init__(self, sweep_dir: str, index: int, max_requeues: int, requeues: int = 0):
+        self.sweep_dir, self.index, self.max_requeues, self.requeues = sweep_dir, index, max_requeues, requeues
+
+    def __call__(self) -> int:
+        requeue = signal.getsignal(signal.SIGUSR2)  # submitit's checkpoint-and-requeue handler, when under Slurm
+        _export_rank_environment()
+        record = TaskRecord(Path(self.sweep_dir), self.index)
+        record.started()
+        code, stop_signal = work(Path(self.sweep_dir), self.index)
+        record.ended(code)
+        if stop_signal == signal.SIGUSR2 and callable(requeue):
+            requeue(signal.SIGUSR2, None)  # the trial keeps this worker's lease; the requeued worker continues it
+            return code
+        if code not in (0, EXIT_RESUMABLE):
+            raise TaskFailed(f"search worker {self.index} ended with {code}; its log says why")
+        return code
+
+    def checkpoint(self) -> object:
+        """What submitit requeues: the same worker, which continues its trial from the newest state."""
+        import submitit
+
+        if self.requeues >= self.max_requeues:
+            return None
+        return submitit.helpers.DelayedSubmission(SearchWorker(self.sweep_dir, self.index, self.max_requeues, self.requeues + 1))
+
+
+def work(folder: Path, index: int, poll: float = POLL_S) -> tuple[int, int | None]:
+    """The worker loop; (exit code, the stop signal that ended it or None). A failed trial does not end the loop."""
+    ledger = ledgers.read(folder)
+    study = Study(folder, parse_search(Path(ledger["search_file"]), ledger["search"]))
+    while True:
+        trial = study.next_work(index)
+        if trial is None:
+            if study.finished():
+                return 0, None
+            time.sleep(poll)
+            continue
+        code, stop_signal = train_segment(study, trial)
+        if stop_signal is not None:
+            print(f"utp_dist: search worker {index}: stopped by signal {stop_signal} in trial {trial['number']}", file=sys.stderr)
+            return code, stop_signal
+
+
+def train_segment(study: Study, trial: dict) -> tuple[int, int | None]:
+    """Train trial `trial` up to its target rung (a pause there), renewing its lease meanwhile; report the result."""
+    from utp_dist.train import run
+
+    prepare_run(trial)
+    target, last = trial["target"], study.search.max_epochs
+    print(f"utp_dist: trial {trial['number']}: training to epoch {target} of {last} ({trial['params']})", file=sys.stderr, flush=True)
+    done = threading.Event()
+
+    def beat() -> None:
+        while not done.wait(HEARTBEAT_S):
+            study.heartbeat(trial["number"])
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        outcome = run([trial["config"], f"train.stop_at_epoch={target if target < last else 'null'}"])
+    finally:
+        done.set()
+        thread.join()
+    paused = outcome.code == EXIT_RESUMABLE and outcome.stop_signal is None
+    if outcome.code == EXIT_RESUMABLE and not paused:
+        return outcome.code, outcome.stop_signal
+    study.report(trial["number"], outcome.code, paused)
+    return outcome.code, None
