@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, make_image_folder, run_cli, tiny_config, wait_for
+from conftest import REPO, make_image_folder, run_cli, tiny_config, torchrun, wait_for
 from safetensors.torch import load_file
 
 from utp_dist.config import from_dict
@@ -155,3 +155,27 @@ def test_asha_on_local_workers_pauses_promotes_bit_exact_and_survives_a_kill_9(d
 
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{sweep / 'study.db'}")
     assert sorted(t.state.name for t in study.trials) == ["COMPLETE", "PRUNED", "PRUNED"]
+
+
+def test_a_two_process_trial_pauses_on_both_ranks_and_continues(data, tmp_path):
+    raw = tiny_config(data, tmp_path / "out", data={"num_workers": 0}, train={"epochs": 2})
+    config = tmp_path / "ddp.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    paused = subprocess.run(
+        torchrun(str(config), "train.stop_at_epoch=1", launcher="utp_dist.launch"),
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert paused.returncode == 75, paused.stderr[-3000:]
+    assert paused.stderr.count("paused at epoch 1 (train.stop_at_epoch)") == 2  # each rank stopped there, none went on alone
+    (state,) = (tmp_path / "out" / "checkpoints" / "shapes").glob("*/state/step-*")
+    assert {"rank0.pt", "rank1.pt", "COMPLETE"} <= {p.name for p in state.iterdir()}
+    assert json.loads((state / "identity.json").read_text())["epoch"] == 1
+    done = subprocess.run(torchrun(str(config), launcher="utp_dist.launch"), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (logs,) = (tmp_path / "out" / "logs" / "shapes").iterdir()
+    assert json.loads((logs / "summary.json").read_text())["restarts"] == 1
