@@ -155,6 +155,8 @@ def test_asha_on_local_workers_pauses_promotes_bit_exact_and_survives_a_kill_9(d
     board = run_cli("leaderboard", str(sweep), module="utp_dist.submit")
     assert board.stdout.splitlines()[0] == "| rank | trial | optim.lr | epochs | val_acc@1 | state |"
     assert f"| 1 | {done['number']} | " in board.stdout.splitlines()[2]
+    again = run_cli("resubmit", str(sweep), "--failed", module="utp_dist.submit")
+    assert again.returncode == 0 and again.stdout.startswith("nothing to resubmit"), again.stdout + again.stderr
     import optuna
 
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{sweep / 'study.db'}")
