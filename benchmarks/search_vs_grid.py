@@ -32,6 +32,7 @@ def main() -> int:
     parser.add_argument("--trials", type=int, default=12, help="the search's budget in trials")
     parser.add_argument("--max-epochs", type=int, default=9)
     parser.add_argument("--parallel", type=int, default=1, help="trials training at once, for both")
+    parser.add_argument("--which", choices=("both", "grid", "search"), default="both", help="run only one side (e.g. two machines)")
     parser.add_argument("--cap", type=int, default=None, help="images per class in train and val (data.max_datapoints_per_class)")
     args = parser.parse_args()
     out = Path(args.out or tempfile.mkdtemp(prefix="search-vs-grid-"))
@@ -52,6 +53,8 @@ def main() -> int:
     }
     table = ["| | best val_acc@1 | epochs trained | wall time (s) | trials |", "|---|---|---|---|---|"]
     for number, (label, search) in enumerate(runs.items()):
+        if args.which != "both" and (number == 0) != (args.which == "grid"):
+            continue
         base["train"]["epochs"] = args.max_epochs
         path = out / f"search-{number}.yaml"
         block = {**search, "parallel": args.parallel, "space": space, "seed": 0, "metric": "val_acc@1", "mode": "max"}

@@ -182,3 +182,20 @@ def test_a_two_process_trial_pauses_on_both_ranks(data, tmp_path):
     assert {"rank0.pt", "rank1.pt", "COMPLETE"} <= {p.name for p in state.iterdir()}
     assert json.loads((state / "identity.json").read_text())["epoch"] == 1
     assert not list((tmp_path / "out" / "checkpoints" / "shapes").glob("*/FINISHED"))
+
+
+def test_resubmit_failed_continues_a_search_in_the_debug_executor(data, tmp_path, capsys, fresh_accelerate):
+    from utp_dist.sweep.submit import main
+
+    later = tmp_path / "later"
+    search = {"method": "grid", "space": {"data.root": {"choice": [str(data), str(later)]}}}
+    path = _search_file(tmp_path, data, search, train={"epochs": 1})
+    assert main([str(path), "--executor", "debug"]) == 1  # the second trial's data does not exist yet
+    sweep = tmp_path / "out" / "sweeps" / "tiny"
+    assert sorted(t["state"] for t in _trials(sweep)) == ["completed", "failed"]
+    capsys.readouterr()
+    make_image_folder(later, per_class={"train": 8, "val": 4})
+    assert main(["resubmit", str(sweep), "--failed"]) == 0
+    assert "1 failed trial(s) continue from their newest state" in capsys.readouterr().out
+    trials = _trials(sweep)
+    assert [t["state"] for t in trials] == ["completed", "completed"] and sorted(t["attempts"] for t in trials) == [1, 2]

@@ -120,7 +120,8 @@ class Search:
         if "seed" in inspect.signature(cls).parameters:
             kwargs["seed"] = self.seed * 100_003 + number
         if cls is optuna.samplers.GridSampler:
-            kwargs["search_space"] = {p.key: list(p.choices) for p in self.space}
+            # its seed shuffles the grid, and a trial's grid point is its number: one order for every trial
+            kwargs.update(search_space={p.key: list(p.choices) for p in self.space}, seed=self.seed)
         return cls(**kwargs)
 
     def distributions(self) -> dict:
