@@ -171,6 +171,7 @@ class Study:
     def report(self, number: int, code: int, paused: bool) -> dict:
         """After a segment of trial `number` ended with exit `code` (`paused`: at its target rung, not by a signal): record
         its rung value, or its failure; decide the rungs."""
+        from optuna.exceptions import UpdateFinishedTrialError
         from optuna.trial import Trial
 
         with self.locked() as records:
@@ -180,10 +181,11 @@ class Study:
                 record["rung"] = self.search.rungs.index(record["target"])
                 record["values"][str(record["target"])] = value
                 if math.isfinite(value):
-                    Trial(self.optuna, record["trial_id"]).report(value, record["target"])
+                    with contextlib.suppress(UpdateFinishedTrialError):  # reported and told before its worker died
+                        Trial(self.optuna, record["trial_id"]).report(value, record["target"])
                 record["state"] = COMPLETED if code == 0 else PAUSED
                 if code == 0:
-                    self.optuna.tell(record["number"], value)
+                    self._tell(record["number"], value)
             elif code == 0 or paused:
                 record.update(state=FAILED, error=f"no {self.search.metric} after epoch {record['target']} in its metrics.jsonl")
             else:
@@ -220,11 +222,20 @@ class Study:
 
         record["state"] = STOPPED_EARLY
         self.save(record)
-        with contextlib.suppress(Exception):  # told already (a crash between the two writes): the record is what counts
-            self.optuna.tell(record["number"], state=TrialState.PRUNED)
+        self._tell(record["number"], state=TrialState.PRUNED)
         run = trial_run(record)
         if run is not None:
             shutil.rmtree(run.state_dir, ignore_errors=True)
+
+    def _tell(self, number: int, value: float | None = None, state=None) -> None:
+        """End a trial in the study; one told already (a crash between the tell and its record) is left as it is."""
+        try:
+            self.optuna.tell(number, value, state=state, skip_if_finished=True)
+        except RuntimeError as err:
+            # GridSampler calls study.stop() once the grid is walked, which raises outside study.optimize(); the
+            # trial is told by then
+            if "Study.stop" not in str(err):
+                raise
 
 
 def _sort_key(value, sign: int) -> tuple:
