@@ -31,11 +31,29 @@ DEADLINE = "deadline"
 NOT_SUBMITTED = "not-submitted"  # a sweep task never submitted
 UNKNOWN = "unknown"  # a source said something these words do not name, or a run on disk says nothing: shown, never acted on
 
-# Adaptive search's trial states go here, as words of their own, with their kind in KIND and their place in DONE/RESUBMITTABLE.
+# an adaptive search's trials (utp_dist.sweep.study) take RUNNING, SUCCEEDED (trained to the full budget) and FAILED too
+PAUSED = "paused"  # stopped at a rung boundary with a saved state, waiting for the rung rule
+PROMOTED = "promoted"  # the rung rule let it continue: the next free worker resumes it to the next rung
+STOPPED_EARLY = "stopped-early"  # the rung rule will never promote it: its states are pruned to the best export
+TRIAL = (RUNNING, PAUSED, PROMOTED, STOPPED_EARLY, SUCCEEDED, FAILED)
 
 QUEUE = (QUEUED, CLAIMED, RUNNING, SUCCEEDED, FAILED, CANCELLED, STOPPING, STOPPED)  # the states a job of the queue takes
 ACTIVE = (QUEUED, CLAIMED, RUNNING, STOPPING)  # a job in one of these still belongs to the queue or an agent
-ALL = (*QUEUE, TIMEOUT, PREEMPTED, LOST, OUT_OF_MEMORY, NODE_FAIL, BOOT_FAIL, DEADLINE, NOT_SUBMITTED, UNKNOWN)
+ALL = (
+    *QUEUE,
+    TIMEOUT,
+    PREEMPTED,
+    LOST,
+    OUT_OF_MEMORY,
+    NODE_FAIL,
+    BOOT_FAIL,
+    DEADLINE,
+    NOT_SUBMITTED,
+    UNKNOWN,
+    PAUSED,
+    PROMOTED,
+    STOPPED_EARLY,
+)
 RUN = (*QUEUE, UNKNOWN)  # the states a run row of the dashboard can have (queued here, or found on disk)
 
 # ended without completing: `resubmit --failed` submits these again, and each continues its run's newest state
@@ -46,7 +64,8 @@ DONE = frozenset({SUCCEEDED}) | RESUBMITTABLE
 # how a page colours a state: ok, running, interrupted (stopped from outside, it can continue), failed, waiting
 KIND = {
     SUCCEEDED: "ok",
-    **dict.fromkeys((CLAIMED, RUNNING, STOPPING), "running"),
+    **dict.fromkeys((CLAIMED, RUNNING, STOPPING, PROMOTED), "running"),
+    **dict.fromkeys((PAUSED, STOPPED_EARLY), "interrupted"),
     **dict.fromkeys((STOPPED, CANCELLED, TIMEOUT, PREEMPTED, LOST, NODE_FAIL, DEADLINE), "interrupted"),
     **dict.fromkeys((FAILED, OUT_OF_MEMORY, BOOT_FAIL), "failed"),
 }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import time
@@ -10,10 +11,12 @@ from pathlib import Path
 
 from utp_dist import states
 from utp_dist.errors import UserError, run_command
-from utp_dist.store.run_dir import RunDir
+from utp_dist.store.run_dir import RunDir, is_version_of
 from utp_dist.sweep import executors, ledger
 from utp_dist.sweep.resources import Resources, as_dict, load_resources
-from utp_dist.sweep.status import COLUMNS, leaderboard, markdown, rows
+from utp_dist.sweep.search import is_search, load_search, search_plan
+from utp_dist.sweep.status import COLUMNS, TRIAL_COLUMNS, leaderboard, markdown, rows, trial_rows, workers_line
+from utp_dist.sweep.study import retry_failed, search_finished
 from utp_dist.sweep.task import TaskRecord
 
 COMMANDS = ("status", "resubmit", "leaderboard")
@@ -25,7 +28,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     """Either GRID.yaml with submission flags, or one of the ledger commands on a sweep folder."""
     if argv and argv[0] in COMMANDS + ("_run-local", "_task"):
         parser = argparse.ArgumentParser(prog=f"python -m utp_dist.submit {argv[0]}")
-        parser.add_argument("sweep_dir", help="OUTPUT_ROOT/sweeps/NAME, as printed by the submission")
+        parser.add_argument("sweep_dir", help="OUTPUT_ROOT/sweeps/NAME, as printed by the submission (or a search file: its newest sweep)")
         if argv[0] == "resubmit":
             parser.add_argument("--failed", action="store_true", help="the failed, cancelled, timed-out and lost tasks")
             parser.add_argument("--tasks", help="comma-separated task indices, instead of --failed")
@@ -41,6 +44,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             parser.add_argument("--parallel", action="store_true")
         if argv[0] == "_task":
             parser.add_argument("index", type=int)
+        if argv[0] == "status":
+            parser.add_argument("--json", action="store_true", help="the same rows as JSON")
         args = parser.parse_args(argv[1:])
         args.command = argv[0]
         return args
@@ -80,6 +85,8 @@ def submit(args: argparse.Namespace) -> int:
     """Expand, validate, skip what already completed, then submit (or with --dry-run only show and write the script)."""
     from utp_dist.sweep.grid import load_grid
 
+    if is_search(args.grid):
+        return submit_search(args)
     grid = load_grid(args.grid)
     resources = load_resources(args.profile, grid.resources, str(grid.path))
     executor = executors.EXECUTORS[args.executor](resources, args.parallel, args.server)
@@ -112,6 +119,47 @@ def submit(args: argparse.Namespace) -> int:
         if not ledger.read(folder)["submissions"]:
             shutil.rmtree(folder)  # refused before anything ran: no half-made sweep is left behind
         raise
+
+
+def submit_search(args: argparse.Namespace) -> int:
+    """Validate a search file, create its sweep folder and study, and start its workers."""
+    search = load_search(args.grid)
+    resources = load_resources(args.profile, search.resources, str(search.path))
+    executor = executors.EXECUTORS[args.executor](resources, args.parallel, args.server)
+    base = search.config({p.key: p.extremes()[0] for p in search.space}, "probe")
+    print(search_plan(search, resources.summary()))
+    if args.dry_run:
+        folder = ledger.sweeps_dir(base.output.root) / DRY_RUN_DIR / search.name
+        folder.mkdir(parents=True, exist_ok=True)
+        files = executor.dry_run_files(folder, search.name, search.parallel)
+        for name, text in files.items():
+            (folder / name).write_text(text)
+        print(f"dry run: nothing submitted; {', '.join(files) or 'nothing'} written to {folder}")
+        return 0
+    if args.executor == "dashboard":
+        raise UserError("the dashboard executor does not run searches yet; use --executor slurm, local or debug")
+    executor.check_available()
+    folder = ledger.create_search(search, base.output.root, executor.name, args.profile, as_dict(resources))
+    try:
+        return _launch(folder, ledger.read(folder), executor, list(range(search.parallel)), args)
+    except UserError:
+        if not ledger.read(folder)["submissions"]:
+            shutil.rmtree(folder)
+        raise
+
+
+def _resubmit_search(folder: Path, record: dict, args: argparse.Namespace) -> int:
+    """Continue a search: its failed trials go on from their newest state, and workers that ended start again."""
+    if not args.failed:
+        raise UserError("resubmit: a search continues as a whole: use --failed (failed trials and ended workers start again)")
+    retried = retry_failed(folder, record)
+    running = {r["task"] for r in rows(folder, record) if r["state"] not in states.DONE}
+    indices = [task["index"] for task in record["tasks"] if task["index"] not in running]
+    if search_finished(folder, record) or not indices:
+        print("nothing to resubmit: the search has no failed trial and nothing left to train" if not running else "workers still run")
+        return 0
+    print(f"{retried} failed trial(s) continue from their newest state")
+    return _launch(folder, record, executors.of_ledger(folder, record), indices, args)
 
 
 def _preflight(tasks: list) -> bool:
@@ -177,28 +225,43 @@ def wait(folder: Path, indices: list[int], poll: float) -> int:
     """Print the status table whenever it changes until every task in `indices` ended; 0 if all completed."""
     shown = None
     while True:
-        table = [r for r in rows(folder, ledger.read(folder)) if r["task"] in indices]
+        record = ledger.read(folder)
+        table = [r for r in rows(folder, record) if r["task"] in indices]
         text = markdown(table, COLUMNS)
+        if "search" in record:  # the workers are the tasks; what to watch are the trials
+            text = markdown(trial_rows(folder, record), TRIAL_COLUMNS) + "\n" + workers_line(folder, record, table)
         if text != shown:
             print(time.strftime("%H:%M:%S"), flush=True)
             print(text, flush=True)
             shown = text
         if all(r["state"] in states.DONE for r in table):
+            if "search" in record:
+                return (
+                    0 if search_finished(folder, record) and not any(t["state"] == states.FAILED for t in trial_rows(folder, record)) else 1
+                )
             return 0 if all(r["state"] == states.SUCCEEDED for r in table) else 1
         time.sleep(poll)
 
 
 def status(args: argparse.Namespace) -> int:
-    """Print one row per task: state, restarts, epoch/step, best metric so far, img/s, job id."""
-    folder = Path(args.sweep_dir)
-    print(markdown(rows(folder, ledger.read(folder)), COLUMNS))
+    """Print one row per task: state, restarts, epoch/step, best metric so far, img/s, job id (a search: per trial)."""
+    folder = sweep_folder(args.sweep_dir)
+    record = ledger.read(folder)
+    if "search" in record:
+        table = trial_rows(folder, record)
+        print(json.dumps(table, indent=1) if args.json else markdown(table, TRIAL_COLUMNS) + "\n" + workers_line(folder, record))
+        return 0
+    table = rows(folder, record)
+    print(json.dumps(table, indent=1, default=str) if args.json else markdown(table, COLUMNS))
     return 0
 
 
 def resubmit(args: argparse.Namespace) -> int:
     """Submit again the failed (or the listed) tasks; each continues from its run's newest training state."""
-    folder = Path(args.sweep_dir)
+    folder = sweep_folder(args.sweep_dir)
     record = ledger.read(folder)
+    if "search" in record:
+        return _resubmit_search(folder, record, args)
     if args.tasks:
         indices = _indices(args.tasks, len(record["tasks"]))
         busy = [r for r in rows(folder, record) if r["task"] in indices and r["state"] not in states.DONE]
@@ -255,6 +318,25 @@ def _not_completed(record: dict, indices: list[int]) -> tuple[list[int], list[st
     return todo, skipped
 
 
+def sweep_folder(given: str) -> Path:
+    """The sweep folder a ledger command names: the folder itself, or a search file (its newest sweep folder)."""
+    path = Path(given)
+    if not is_search(path):
+        return path
+    search = load_search(path)
+    root = ledger.sweeps_dir(search.config({p.key: p.extremes()[0] for p in search.space}, "probe").output.root)
+    mine = [
+        folder
+        for folder in (root.iterdir() if root.is_dir() else [])
+        if is_version_of(search.name, folder.name)
+        and (folder / ledger.LEDGER).is_file()
+        and ledger.read(folder).get("search_file") == str(path.resolve())
+    ]
+    if not mine:
+        raise UserError(f"{path}: this search was not submitted yet (no sweep folder for it in {root})")
+    return max(mine, key=lambda folder: ledger.read(folder)["created"])
+
+
 def _indices(text: str, count: int) -> list[int]:
     try:
         indices = [int(part) for part in text.split(",")]
@@ -268,8 +350,9 @@ def _indices(text: str, count: int) -> list[int]:
 
 def board(args: argparse.Namespace) -> int:
     """Print the runs ranked by the monitored metric and write leaderboard.md and leaderboard.csv into the sweep."""
-    folder = Path(args.sweep_dir)
-    text, table = leaderboard(folder, ledger.read(folder))
+    folder = sweep_folder(args.sweep_dir)
+    record = ledger.read(folder)
+    text, table = leaderboard(folder, record)
     (folder / "leaderboard.md").write_text(text + "\n")
     (folder / "leaderboard.csv").write_text(table)
     print(text)
