@@ -64,7 +64,7 @@ def test_base_path_is_relative_to_the_grid_and_inline_bases_work(tmp_path, monke
             "the lists of a zip group must be equally long (optim.lr has 2, train.seed has 1)",
         ),
         ({"sweep": {"optim.lr": [0.1, 0.1]}}, "grid points 0 and 1 get the same run name 'vit__cross_entropy__scratch'"),
-        ({"sweeps": {}}, "unknown top-level key 'sweeps'; valid keys: name, base, set, sweep, resources"),
+        ({"sweeps": {}}, "unknown top-level key 'sweeps'; valid keys: name, base, set, sweep, search, resources"),
         ({"base": "missing.yaml"}, "base config 'missing.yaml' not found"),
         ({"sweep": {"train.epochs": [0]}}, "sweep (train.epochs=0): train.epochs must be > 0"),
         (

@@ -185,6 +185,9 @@ class TrainConfig(_Section):
     """Passes over the (capped) training set."""
     max_steps: int | None = None
     """Stop after this many optimizer steps, even mid-epoch; null = run all epochs."""
+    stop_at_epoch: int | None = None
+    """Pause after this many epochs: save a state and exit 75 (stopped, resumable) as a stop signal does, the schedule
+    still spanning train.epochs, so the same config without it continues exactly; null = no pause."""
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     """Mixed precision; auto = bf16 on CUDA, fp32 on CPU."""
     seed: int = 42
@@ -217,6 +220,7 @@ class TrainConfig(_Section):
     def __post_init__(self) -> None:
         _positive("train.epochs", self.epochs)
         _positive("train.max_steps", self.max_steps)
+        _positive("train.stop_at_epoch", self.stop_at_epoch)
         _positive("train.log_every_n_steps", self.log_every_n_steps)
         _positive("train.peak_tflops", self.peak_tflops)
         if not 0 <= self.label_smoothing < 1:
@@ -336,6 +340,7 @@ class Config(_Section):
 MAY_CHANGE_ON_RESUME = (
     "train.epochs",
     "train.max_steps",
+    "train.stop_at_epoch",
     "train.log_every_n_steps",
     "train.callbacks",
     "output",

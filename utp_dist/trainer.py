@@ -245,6 +245,8 @@ class Trainer:
             self.reporter.epoch_line(p.epoch, cfg.train.epochs, p.last_val, self.best.best)
             p.epoch, p.position = p.epoch + 1, 0
             self.checkpointer.maybe_save(epoch_end=True, save_epoch=cfg.checkpoint.every_epoch and p.step < self.total_steps)
+            if p.epoch == cfg.train.stop_at_epoch and p.epoch < cfg.train.epochs and p.step < self.total_steps:
+                self.checkpointer.pause(f"paused at epoch {p.epoch} (train.stop_at_epoch)")  # every rank: the same config
         self.checkpointer.save_final()  # so a finished run can be continued exactly when train.epochs grows
         acc.wait_for_everyone()  # the best weights are on disk before any rank reads them
         test = {}

@@ -281,6 +281,12 @@ class Checkpointer:
         log.info("saved training state %s", final)
         return final
 
+    def pause(self, reason: str) -> None:
+        """Save (unless this step is saved already) and raise Stopped, as a stop signal does: the run continues from here."""
+        if self.saved_step != self.progress.step:
+            self.save()
+        raise Stopped(f"{reason} at step {self.progress.step}; the saved state continues the run")
+
     def save_final(self) -> None:
         """The state at the very end of training, so a finished run can be continued exactly with more epochs."""
         if self.saved_step != self.progress.step:

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 from urllib.parse import quote
 
 import yaml
@@ -30,6 +30,9 @@ from utp_dist.store.run_dir import versions
 from utp_dist.sweep import states
 from utp_dist.sweep.resources import Resources
 from utp_dist.sweep.task import TaskFailed, TaskRecord, TrainTask
+
+if TYPE_CHECKING:
+    from utp_dist.sweep.worker import SearchWorker
 
 SUBMITIT_DIR = "slurm"  # submitit's folder inside the sweep: pickles, sbatch files, task logs
 LOCAL_LOGS = "local"
@@ -138,7 +141,7 @@ class LocalExecutor(Executor):
         logs = folder / LOCAL_LOGS
         logs.mkdir(exist_ok=True)
         cmd = [sys.executable, "-m", "utp_dist.submit", "_run-local", str(folder), "--tasks", ",".join(map(str, indices))]
-        if self.parallel:
+        if self.parallel or "search" in ledger:  # a search's workers all run at once: they share its trials
             cmd.append("--parallel")
         with open(logs / "runner.log", "ab") as log:
             runner = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
@@ -192,6 +195,8 @@ class DashboardExecutor(Executor):
 
     def submit(self, folder: Path, ledger: dict, indices: list[int]) -> dict[int, str]:
         """A queued run per task; a task whose run stopped or failed on the dashboard is resumed there (same run folder)."""
+        if "search" in ledger:
+            raise UserError("the dashboard executor does not run searches yet; use --executor slurm, local or debug")
         handles: dict[int, str] = {}
         project = None
         for index in indices:
@@ -403,11 +408,15 @@ def run_local(folder: Path, indices: list[int], parallel: bool) -> int:
     """The local runner: each task in its own process, CUDA_VISIBLE_DEVICES pinned to one GPU; returns the failures."""
     gpus = _visible_gpus()
     slots = gpus if parallel and gpus else gpus[:1] or [None]
+    from utp_dist.sweep.ledger import read as read_ledger
+
+    if parallel and "search" in read_ledger(folder):  # every worker at once, spread over the GPUs (or all on the CPU)
+        slots = [slots[i % len(slots)] for i in range(len(indices))]
     queue, running, failures = list(indices), {}, 0
     while queue or running:
         while queue and len(running) < len(slots):
-            gpu = next(g for g in slots if g not in running.values())
-            index = queue.pop(0)
+            slot = next(n for n in range(len(slots)) if n not in running.values())
+            gpu, index = slots[slot], queue.pop(0)
             env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else dict(os.environ)
             with open(folder / LOCAL_LOGS / f"task-{index}.log", "ab") as log:
                 proc = subprocess.Popen(
@@ -417,7 +426,7 @@ def run_local(folder: Path, indices: list[int], parallel: bool) -> int:
                     stdin=subprocess.DEVNULL,
                     env=env,
                 )
-            running[proc] = gpu
+            running[proc] = slot
         pid, status = os.wait()  # the runner's only children are its tasks
         done = next(proc for proc in running if proc.pid == pid)
         done.returncode = os.waitstatus_to_exitcode(status)
@@ -447,6 +456,11 @@ def run_task(folder: Path, ledger: dict, index: int) -> int:
     return 0
 
 
-def _train_task(folder: Path, ledger: dict, index: int, max_requeues: int = 0) -> TrainTask:
-    """The callable of task `index` (what submitit pickles); max_requeues matters only under Slurm, which requeues it."""
+def _train_task(folder: Path, ledger: dict, index: int, max_requeues: int = 0) -> TrainTask | SearchWorker:
+    """The callable of task `index` (what submitit pickles): a grid point's training, or a search's worker;
+    max_requeues matters only under Slurm, which requeues it."""
+    if "search" in ledger:
+        from utp_dist.sweep.worker import SearchWorker  # the worker's study reads process liveness from this module
+
+        return SearchWorker(str(folder), index, max_requeues)
     return TrainTask(ledger["tasks"][index]["config"], str(folder), index, max_requeues)

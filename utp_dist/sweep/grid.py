@@ -14,7 +14,7 @@ from typing import Any
 from utp_dist.config import Config, ConfigError, flatten, from_dict, read_yaml, set_dotted
 from utp_dist.store.run_dir import base_name, sanitize
 
-GRID_KEYS = ("name", "base", "set", "sweep", "resources")
+GRID_KEYS = ("name", "base", "set", "sweep", "search", "resources")
 EXPERIMENTS_LIST = "training_configurations"  # the list an experiments file defines (the old system's name)
 # swept keys that the automatic run name already shows (model, loss, pretrained-ness), so the suffix skips them
 IN_BASE_NAME = ("model.flavour", "model.pretrained", "train.loss", "output.suffix", "output.run_name")
@@ -64,12 +64,14 @@ def load_grid(path: str | os.PathLike) -> Grid:
     unknown = sorted(set(raw) - set(GRID_KEYS))
     if unknown:
         raise ConfigError(f"{path}: unknown top-level key '{unknown[0]}'; valid keys: {', '.join(GRID_KEYS)}")
-    base = _fixed(path, _base(path, raw.get("base")), raw.get("set"))
+    if "search" in raw:
+        raise ConfigError(f"{path}: a search file (with search:) is not a grid; submit it with python -m utp_dist.submit {path}")
+    base = load_base(path, raw)
     axes = _axes(path, raw.get("sweep") or {})
     _check_disjoint(path, raw.get("set") or {}, axes)
     combos = [{k: v for group in combo for k, v in group.items()} for combo in itertools.product(*axes)]
     named = _varying(combos)  # a single-valued axis tells no run apart: it stays out of the names
-    tasks = [Task(index, swept, _resolve(path, base, swept, named)) for index, swept in enumerate(combos)]
+    tasks = [Task(index, swept, resolve(path, base, swept, named)) for index, swept in enumerate(combos)]
     return _grid(path, raw, tasks, raw.get("resources"), raw.get("name"))
 
 
@@ -97,7 +99,7 @@ def load_experiments(path: Path) -> Grid:
     flat = [flatten(raw) for raw in raws]
     named = _varying(flat)
     differing = [{k: f[k] for k in f if k in named} for f in flat]
-    tasks = [Task(i, swept, _resolve(path, raw, {}, named, swept)) for i, (raw, swept) in enumerate(zip(raws, differing, strict=True))]
+    tasks = [Task(i, swept, resolve(path, raw, {}, named, swept)) for i, (raw, swept) in enumerate(zip(raws, differing, strict=True))]
     raw = {"experiments": str(path.resolve()), EXPERIMENTS_LIST: raws}
     return _grid(path, raw, tasks, namespace.get("resources"), namespace.get("name"))
 
@@ -108,6 +110,11 @@ def _grid(path: Path, raw: dict, tasks: list[Task], resources: Any, name: Any) -
     if not isinstance(resources, dict):
         raise ConfigError(f"{path}: resources must be a mapping of profile keys, got {type(resources).__name__}")
     return Grid(path, sanitize(str(name or path.stem), f"{path}: name"), raw, tasks, resources)
+
+
+def load_base(path: Path, raw: dict) -> dict:
+    """The base config of a grid or search file (raw) with its `set:` overrides, validated, as a raw dict."""
+    return _fixed(path, _base(path, raw.get("base")), raw.get("set"))
 
 
 def _fixed(path: Path, base: dict, fixed: Any) -> dict:
@@ -199,7 +206,7 @@ def _check_values(path: Path, where: str, values: Any) -> None:
         raise ConfigError(f"{path}: {where} is an empty list; give at least one value or remove the key")
 
 
-def _resolve(path: Path, base: dict, swept: dict, named: set[str], shown: dict | None = None) -> Config:
+def resolve(path: Path, base: dict, swept: dict, named: set[str], shown: dict | None = None) -> Config:
     """Base + swept values -> a validated Config with absolute paths, the HParams keys and a pinned run name that shows
     the `named` keys of `shown` (default: of `swept`; an experiments file's configs are whole, with nothing to sweep)."""
     raw = copy.deepcopy(base)

@@ -24,21 +24,7 @@ def sweeps_dir(output_root: str | os.PathLike) -> Path:
 
 def create_sweep(grid: Grid, executor: str, profile: str | None, resources: dict) -> Path:
     """Claim OUTPUT_ROOT/sweeps/NAME (or NAME-v1, ...) atomically, write each task's resolved config and the ledger."""
-    root = sweeps_dir(grid.tasks[0].config.output.root)
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"output.root: cannot create '{root}': {err.strerror}") from None
-    for name in versions(grid.name):
-        folder = root / name
-        try:
-            folder.mkdir()
-            break
-        except FileExistsError:
-            continue
-    else:
-        raise UserError(f"{grid.path}: {MAX_VERSIONS:,} sweeps named '{grid.name}' exist in '{root}'; set another name: in the grid")
-    (folder / CONFIGS).mkdir()
+    folder = _claim(grid.tasks[0].config.output.root, grid.name, grid.path)
     tasks = []
     for task in grid.tasks:
         config = folder / CONFIGS / f"{task.index:03d}_{task.name}.yaml"
@@ -69,6 +55,49 @@ def create_sweep(grid: Grid, executor: str, profile: str | None, resources: dict
             "submissions": [],
         },
     )
+    return folder
+
+
+def create_search(search, output_root: str, executor: str, profile: str | None, resources: dict) -> Path:
+    """Claim OUTPUT_ROOT/sweeps/NAME (or NAME-vN) for a search; its tasks are the workers, its trials come later."""
+    from utp_dist.sweep.search import stored
+
+    folder = _claim(output_root, search.name, search.path)
+    workers = [{"index": i, "name": f"worker-{i}", "jobs": []} for i in range(search.parallel)]
+    write(
+        folder,
+        {
+            "name": folder.name,
+            "search_file": str(search.path.resolve()),
+            "search": stored(search),
+            "executor": executor,
+            "profile": profile,
+            "resources": resources,
+            "created": time.time(),
+            "tasks": workers,
+            "submissions": [],
+        },
+    )
+    return folder
+
+
+def _claim(output_root: str, name: str, path: Path) -> Path:
+    """Create OUTPUT_ROOT/sweeps/NAME (or NAME-v1, ...) atomically, with its configs/ folder."""
+    root = sweeps_dir(output_root)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"output.root: cannot create '{root}': {err.strerror}") from None
+    for candidate in versions(name):
+        folder = root / candidate
+        try:
+            folder.mkdir()
+            break
+        except FileExistsError:
+            continue
+    else:
+        raise UserError(f"{path}: {MAX_VERSIONS:,} sweeps named '{name}' exist in '{root}'; set another name: in the file")
+    (folder / CONFIGS).mkdir()
     return folder
 
 

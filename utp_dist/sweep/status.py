@@ -23,6 +23,16 @@ def rows(folder: Path, ledger: dict, within: tuple[Path, ...] = ()) -> list[dict
     jobs = {t["index"]: t["jobs"][-1] for t in ledger["tasks"] if t["jobs"]}
     executor = executors.of_ledger(folder, ledger)
     job_states, restarts = executor.states(folder, ledger, jobs), executor.restarts(folder, ledger, jobs)
+    if "search" in ledger:  # a search's tasks are its workers: no run of their own
+        return [
+            {
+                "task": t["index"],
+                "run": t["name"],
+                "state": job_states.get(t["index"], states.NOT_SUBMITTED),
+                "job": jobs.get(t["index"], "-"),
+            }
+            for t in ledger["tasks"]
+        ]
     out = []
     for task in ledger["tasks"]:
         submitted = max((sub["time"] for sub in ledger["submissions"] if str(task["index"]) in sub["tasks"]), default=0.0)
@@ -145,3 +155,66 @@ def seed_groups(board: list[dict], keys: list[str], values: tuple[str, str], mod
     for rank, row in enumerate(out, 1):
         row["rank"] = rank
     return out
+
+
+TRIAL_COLUMNS = ("trial", "state", "rung", "epochs", "value", "params", "attempts", "run")
+
+
+def trial_rows(folder: Path, ledger: dict) -> list[dict]:
+    """One row per trial of a search: number, state, rung reached (its epochs), value there, params, run folder.
+
+    A trial whose worker lost its lease shows as paused until a worker takes it again (it is never left running).
+    """
+    from utp_dist.sweep.search import parse_search
+    from utp_dist.sweep.study import PAUSED, RUNNING, Study, alive, trial_run
+
+    study = Study(folder, parse_search(Path(ledger["search_file"]), ledger["search"]))
+    rungs, out = study.search.rungs, []
+    for record in study.records():
+        reached = record["rung"]
+        run = trial_run(record)
+        state = PAUSED if record["state"] == RUNNING and not alive(record) else record["state"]
+        out.append(
+            {
+                "trial": record["number"],
+                "state": state,
+                "rung": reached + 1 if reached >= 0 else 0,
+                "epochs": rungs[reached] if reached >= 0 else 0,
+                "value": record["values"].get(str(rungs[reached])) if reached >= 0 else None,
+                "params": ", ".join(f"{k}={_cell(v)}" for k, v in record["params"].items()),
+                "param_values": record["params"],
+                "attempts": record.get("attempts", 0),
+                "run": str(run.logs) if run is not None else record["run"],
+                "values": record["values"],
+                "error": record.get("error"),
+            }
+        )
+    return out
+
+
+def workers_line(folder: Path, ledger: dict, table: list[dict] | None = None) -> str:
+    """'workers: 0 RUNNING, 1 COMPLETED' — how the search's workers stand."""
+    table = rows(folder, ledger) if table is None else table
+    counts: dict[str, int] = {}
+    for row in table:
+        counts[row["state"]] = counts.get(row["state"], 0) + 1
+    return "workers: " + ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+
+
+def trial_leaderboard(folder: Path, ledger: dict) -> tuple[str, str]:
+    """(Markdown, CSV) of a search's trials ranked by the metric at the highest rung each reached."""
+    from utp_dist.sweep.search import parse_search
+
+    search = parse_search(Path(ledger["search_file"]), ledger["search"])
+    sign = -1 if search.mode == "max" else 1
+    board = trial_rows(folder, ledger)
+    board.sort(key=lambda r: (-r["rung"], r["value"] is None, sign * (r["value"] or 0)))
+    keys = [p.key for p in search.space]
+    for rank, row in enumerate(board, 1):
+        row.update(rank=rank, **{search.metric: row["value"]}, **{k: row["param_values"].get(k) for k in keys})
+    columns = ("rank", "trial", *keys, "epochs", search.metric, "state")
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=[*columns, "run"], extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(board)
+    return markdown(board, columns), buffer.getvalue()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import time
@@ -12,7 +13,9 @@ from utp_dist.errors import UserError, run_command
 from utp_dist.store.run_dir import RunDir
 from utp_dist.sweep import executors, ledger, states
 from utp_dist.sweep.resources import Resources, as_dict, load_resources
-from utp_dist.sweep.status import COLUMNS, leaderboard, markdown, rows
+from utp_dist.sweep.search import is_search, load_search, search_plan
+from utp_dist.sweep.status import COLUMNS, TRIAL_COLUMNS, leaderboard, markdown, rows, trial_leaderboard, trial_rows, workers_line
+from utp_dist.sweep.study import retry_failed, search_finished
 from utp_dist.sweep.task import TaskRecord
 
 COMMANDS = ("status", "resubmit", "leaderboard")
@@ -39,6 +42,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             parser.add_argument("--parallel", action="store_true")
         if argv[0] == "_task":
             parser.add_argument("index", type=int)
+        if argv[0] == "status":
+            parser.add_argument("--json", action="store_true", help="the same rows as JSON")
         args = parser.parse_args(argv[1:])
         args.command = argv[0]
         return args
@@ -78,6 +83,8 @@ def submit(args: argparse.Namespace) -> int:
     """Expand, validate, skip what already completed, then submit (or with --dry-run only show and write the script)."""
     from utp_dist.sweep.grid import load_grid
 
+    if is_search(args.grid):
+        return submit_search(args)
     grid = load_grid(args.grid)
     resources = load_resources(args.profile, grid.resources, str(grid.path))
     executor = executors.EXECUTORS[args.executor](resources, args.parallel, args.server)
@@ -110,6 +117,47 @@ def submit(args: argparse.Namespace) -> int:
         if not ledger.read(folder)["submissions"]:
             shutil.rmtree(folder)  # refused before anything ran: no half-made sweep is left behind
         raise
+
+
+def submit_search(args: argparse.Namespace) -> int:
+    """Validate a search file, create its sweep folder and study, and start its workers."""
+    search = load_search(args.grid)
+    resources = load_resources(args.profile, search.resources, str(search.path))
+    executor = executors.EXECUTORS[args.executor](resources, args.parallel, args.server)
+    base = search.config({p.key: p.extremes()[0] for p in search.space}, "probe")
+    print(search_plan(search, resources.summary()))
+    if args.dry_run:
+        folder = ledger.sweeps_dir(base.output.root) / DRY_RUN_DIR / search.name
+        folder.mkdir(parents=True, exist_ok=True)
+        files = executor.dry_run_files(folder, search.name, search.parallel)
+        for name, text in files.items():
+            (folder / name).write_text(text)
+        print(f"dry run: nothing submitted; {', '.join(files) or 'nothing'} written to {folder}")
+        return 0
+    if args.executor == "dashboard":
+        raise UserError("the dashboard executor does not run searches yet; use --executor slurm, local or debug")
+    executor.check_available()
+    folder = ledger.create_search(search, base.output.root, executor.name, args.profile, as_dict(resources))
+    try:
+        return _launch(folder, ledger.read(folder), executor, list(range(search.parallel)), args)
+    except UserError:
+        if not ledger.read(folder)["submissions"]:
+            shutil.rmtree(folder)
+        raise
+
+
+def _resubmit_search(folder: Path, record: dict, args: argparse.Namespace) -> int:
+    """Continue a search: its failed trials go on from their newest state, and workers that ended start again."""
+    if not args.failed:
+        raise UserError("resubmit: a search continues as a whole: use --failed (failed trials and ended workers start again)")
+    retried = retry_failed(folder, record)
+    running = {r["task"] for r in rows(folder, record) if r["state"] not in states.DONE}
+    indices = [task["index"] for task in record["tasks"] if task["index"] not in running]
+    if search_finished(folder, record) or not indices:
+        print("nothing to resubmit: the search has no failed trial and nothing left to train" if not running else "workers still run")
+        return 0
+    print(f"{retried} failed trial(s) continue from their newest state")
+    return _launch(folder, record, executors.of_ledger(folder, record), indices, args)
 
 
 def _preflight(tasks: list) -> bool:
@@ -170,21 +218,32 @@ def wait(folder: Path, indices: list[int], poll: float) -> int:
     """Print the status table whenever it changes until every task in `indices` ended; 0 if all completed."""
     shown = None
     while True:
-        table = [r for r in rows(folder, ledger.read(folder)) if r["task"] in indices]
+        record = ledger.read(folder)
+        table = [r for r in rows(folder, record) if r["task"] in indices]
         text = markdown(table, COLUMNS)
+        if "search" in record:  # the workers are the tasks; what to watch are the trials
+            text = markdown(trial_rows(folder, record), TRIAL_COLUMNS) + "\n" + workers_line(folder, record, table)
         if text != shown:
             print(time.strftime("%H:%M:%S"), flush=True)
             print(text, flush=True)
             shown = text
         if all(r["state"] in states.DONE for r in table):
+            if "search" in record:
+                return 0 if search_finished(folder, record) and not any(t["state"] == "failed" for t in trial_rows(folder, record)) else 1
             return 0 if all(r["state"] == states.COMPLETED for r in table) else 1
         time.sleep(poll)
 
 
 def status(args: argparse.Namespace) -> int:
-    """Print one row per task: state, restarts, epoch/step, best metric so far, img/s, job id."""
+    """Print one row per task: state, restarts, epoch/step, best metric so far, img/s, job id (a search: per trial)."""
     folder = Path(args.sweep_dir)
-    print(markdown(rows(folder, ledger.read(folder)), COLUMNS))
+    record = ledger.read(folder)
+    if "search" in record:
+        table = trial_rows(folder, record)
+        print(json.dumps(table, indent=1) if args.json else markdown(table, TRIAL_COLUMNS) + "\n" + workers_line(folder, record))
+        return 0
+    table = rows(folder, record)
+    print(json.dumps(table, indent=1, default=str) if args.json else markdown(table, COLUMNS))
     return 0
 
 
@@ -192,6 +251,8 @@ def resubmit(args: argparse.Namespace) -> int:
     """Submit again the failed (or the listed) tasks; each continues from its run's newest training state."""
     folder = Path(args.sweep_dir)
     record = ledger.read(folder)
+    if "search" in record:
+        return _resubmit_search(folder, record, args)
     if args.tasks:
         indices = _indices(args.tasks, len(record["tasks"]))
         busy = [r for r in rows(folder, record) if r["task"] in indices and r["state"] not in states.DONE]
@@ -231,7 +292,8 @@ def _indices(text: str, count: int) -> list[int]:
 def board(args: argparse.Namespace) -> int:
     """Print the runs ranked by the monitored metric and write leaderboard.md and leaderboard.csv into the sweep."""
     folder = Path(args.sweep_dir)
-    text, table = leaderboard(folder, ledger.read(folder))
+    record = ledger.read(folder)
+    text, table = (trial_leaderboard if "search" in record else leaderboard)(folder, record)
     (folder / "leaderboard.md").write_text(text + "\n")
     (folder / "leaderboard.csv").write_text(table)
     print(text)
