@@ -290,13 +290,18 @@ def sweeps_page(request: Request, session: SessionDep):
     return render(request, "sweeps.html", sweeps=items)
 
 
+def _board_logs(board: dict) -> list[str | None]:
+    """The run folders a sweep board links to: its tasks' runs, or a search's trials' runs."""
+    return [row.get("logs") for row in board["rows"]] + [t["logs"] for t in (board["study"] or {}).get("trials", [])]
+
+
 @router.get("/sweeps/{sweep_id}")
 def sweep_page(request: Request, sweep_id: int, session: SessionDep, settings: SettingsDep, message: str | None = None):
     """One sweep's board: tasks, resubmit-failed, leaderboard, seeds."""
     sweep = services.get_sweep(session, sweep_id)
     board = services.sweep_board(sweep, settings.roots, security.own_server(settings))
     failed = [r for r in board["rows"] if r["state"] in sources.RESUBMITTABLE]
-    runs = services.runs_by_logs(session, [row.get("logs") for row in board["rows"]])
+    runs = services.runs_by_logs(session, _board_logs(board))
     return render(request, "sweep.html", sweep=sweep, **board, failed=failed, message=message, runs=runs)
 
 
@@ -310,7 +315,7 @@ def resubmit_failed(request: Request, sweep_id: int, session: SessionDep, settin
     board = services.sweep_board(sweep, settings.roots, security.own_server(settings))
     failed = [r for r in board["rows"] if r["state"] in sources.RESUBMITTABLE]
     note = f"resubmit --failed: {message}" + ("" if code == 0 else f" (exit {code})")
-    runs = services.runs_by_logs(session, [row.get("logs") for row in board["rows"]])
+    runs = services.runs_by_logs(session, _board_logs(board))
     return render(request, "sweep.html", sweep=sweep, **board, failed=failed, message=note, runs=runs)
 
 

@@ -10,7 +10,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
 from utp_dist.config import Config, ConfigError, flatten, from_dict, parse_yaml
-from utp_dist.dashboard import files, sources, states
+from utp_dist.dashboard import files, sources, states, study_view
 from utp_dist.dashboard.db import Agent, ConfigRow, Gpu, Job, Project, Run, Sweep, now
 from utp_dist.errors import UserError, one_line
 from utp_dist.registry import check_references
@@ -301,18 +301,22 @@ def runs_by_logs(session: Session, logs: list[str | None]) -> dict[str, int]:
 
 
 def sweep_board(sweep: Sweep, roots: tuple[Path, ...], own: Callable[[str], bool]) -> dict:
-    """The board of a sweep: task rows as `submit status` has them, the leaderboard, and mean ± std over seeds.
+    """The board of a sweep: task rows as `submit status` has them, the leaderboard, and mean ± std over seeds; for a
+    search, its workers and the study view (trials, curves, importances).
 
     `own`: whether a server URL is this dashboard's; a ledger whose runs are queued elsewhere is not read further.
     """
     folder = Path(sweep.folder)
-    board = {"rows": [], "leaderboard_columns": [], "leaderboard": [], "seed_groups": [], "error": None}
+    board = {"rows": [], "leaderboard_columns": [], "leaderboard": [], "seed_groups": [], "study": None, "error": None}
     try:
         ledger = sources.read_ledger(folder)
         sources.check_servers(folder, ledger, own)
         board["rows"] = [{**row, "kind": sources.kind(row["state"])} for row in sources.task_rows(folder, ledger, roots)]
-        board["leaderboard_columns"], board["leaderboard"] = sources.leaderboard(folder, ledger, roots)
-        board["seed_groups"] = sources.seed_groups(ledger, board["leaderboard"])
+        if study_view.is_search(ledger):  # its tasks are workers; its trials are the study view
+            board["study"] = study_view.study_board(folder, ledger, roots)
+        else:
+            board["leaderboard_columns"], board["leaderboard"] = sources.leaderboard(folder, ledger, roots)
+            board["seed_groups"] = sources.seed_groups(ledger, board["leaderboard"])
     except UserError as err:  # e.g. sacct unreachable: show the line, keep the page
         board["error"] = sources.describe_error(err)
     return board
