@@ -13,7 +13,7 @@ from pathlib import Path
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from utp_dist.dashboard import sources, states, study_view
+from utp_dist.dashboard import sources, states
 from utp_dist.dashboard.db import Run, Sweep, now
 from utp_dist.errors import UserError
 from utp_dist.store import runfiles
@@ -107,10 +107,8 @@ class Indexer:
                 row.tasks = len(ledger.get("tasks", []))
                 row.created = ledger.get("created") or mtime
                 row.indexed_mtime = mtime
-                # the run each task trains: (output root, name, config fingerprint), as ledger.find_run matches it; a
-                # search's tasks are workers that train no run of their own (its study view links the trials' runs)
-                tasks = [] if study_view.is_search(ledger) else ledger.get("tasks", [])
-                keys = [(str(Path(t["output_root"]).resolve()), t["name"], t["config_hash"]) for t in tasks]
+                # the run each task trains: (output root, name, config fingerprint), as ledger.find_run matches it
+                keys = [(str(Path(t["output_root"]).resolve()), t["name"], t["config_hash"]) for t in ledger.get("tasks", [])]
                 self.ledgers[folder] = (mtime, keys)
         roots = tuple(str(r) for r in self.roots)
         gone = [row for folder, row in rows.items() if folder not in seen and folder.startswith(roots)]
