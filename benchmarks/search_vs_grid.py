@@ -32,11 +32,12 @@ def main() -> int:
     parser.add_argument("--trials", type=int, default=12, help="the search's budget in trials")
     parser.add_argument("--max-epochs", type=int, default=9)
     parser.add_argument("--parallel", type=int, default=1, help="trials training at once, for both")
-    parser.add_argument("--cap", type=int, default=None, help="images per class in train (data.max_datapoints_per_class)")
+    parser.add_argument("--cap", type=int, default=None, help="images per class in train and val (data.max_datapoints_per_class)")
     args = parser.parse_args()
     out = Path(args.out or tempfile.mkdtemp(prefix="search-vs-grid-"))
+    out.mkdir(parents=True, exist_ok=True)
     base = yaml.safe_load((REPO / "configs" / "quickstart.yaml").read_text())
-    base["data"].update(num_workers=0, max_datapoints_per_class=args.cap)
+    base["data"].update(num_workers=0, max_datapoints_per_class={"train": args.cap, "val": args.cap} if args.cap else None)
     base["output"]["root"] = str(out)
     base["checkpoint"] = {"keep_last": 1, "every_n_minutes": None}
     space = {key: {"choice": values} for key, values in SPACE.items()}

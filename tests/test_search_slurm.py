@@ -17,6 +17,7 @@ SPACE = {"optim.lr": {"log_uniform": [1.0e-4, 1.0e-2]}}
 
 def test_search_workers_are_one_array_and_a_preempted_worker_continues_its_trial(slurm, data, tmp_path):  # noqa: F811
     base = tiny_config(data, tmp_path / "out", data={"num_workers": 0}, train={"callbacks": ["tests.hooks:SlowSteps"]})
+    base["checkpoint"] = {"every_n_steps": 1, "every_n_minutes": None}  # states mid-epoch: the signal must find it training
     search = {"method": "random", "trials": 3, "parallel": 2, "space": SPACE, "asha": {"min_epochs": 1, "max_epochs": 3, "reduction": 3}}
     path = tmp_path / "search.yaml"
     resources = {"time_min": 20, "cpus_per_task": 1, "max_requeues": 2}
@@ -32,7 +33,8 @@ def test_search_workers_are_one_array_and_a_preempted_worker_continues_its_trial
         for path in (sweep / "trials").glob("*.json") if (sweep / "trials").is_dir() else []:
             trial = json.loads(path.read_text())
             state = tmp_path / "out" / "checkpoints" / "shapes" / trial["run"] / "state"
-            if trial["state"] == "running" and trial.get("job") == jobs[0] and list(state.glob("step-*/COMPLETE")):
+            mid_epoch = [p for p in state.glob("step-*/COMPLETE") if int(p.parent.name.split("-")[1]) in (1, 2, 3)]
+            if trial["state"] == "running" and trial["rung"] == -1 and trial.get("job") == jobs[0] and mid_epoch:
                 return trial
         return None
 

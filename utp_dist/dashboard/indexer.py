@@ -108,7 +108,8 @@ class Indexer:
                 row.created = ledger.get("created") or mtime
                 row.indexed_mtime = mtime
                 # the run each task trains: (output root, name, config fingerprint), as ledger.find_run matches it
-                keys = [(str(Path(t["output_root"]).resolve()), t["name"], t["config_hash"]) for t in ledger.get("tasks", [])]
+                tasks = [] if "search" in ledger else ledger.get("tasks", [])  # a search's tasks are its workers, not runs
+                keys = [(str(Path(t["output_root"]).resolve()), t["name"], t["config_hash"]) for t in tasks]
                 self.ledgers[folder] = (mtime, keys)
         roots = tuple(str(r) for r in self.roots)
         gone = [row for folder, row in rows.items() if folder not in seen and folder.startswith(roots)]

@@ -82,7 +82,7 @@ def leaderboard(folder: Path, ledger: dict, roots: tuple[Path, ...]) -> tuple[li
 
 def seed_groups(ledger: dict, board: list[dict]) -> list[dict]:
     """Mean ± std of the monitored metric over seeds, per combination of the other swept keys ([] when train.seed is not swept)."""
-    swept = list(dict.fromkeys(k for t in ledger["tasks"] for k in t["swept"]))
+    swept = list(dict.fromkeys(k for t in ledger["tasks"] for k in t.get("swept", {})))  # a search's workers sweep nothing
     if SEED not in swept:
         return []
     metric = next((c for c in board[0] if c.startswith("best ")), None) if board else None

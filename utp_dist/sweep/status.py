@@ -102,6 +102,8 @@ def markdown(table: list[dict], columns: tuple[str, ...]) -> str:
 def leaderboard(folder: Path, ledger: dict, within: tuple[Path, ...] = ()) -> tuple[str, str]:
     """(Markdown, CSV) of the runs ranked by their monitored metric; runs without an evaluation come last. When runs
     differ only in train.seed, a second table ranks those groups by mean ± std over their seeds."""
+    if "search" in ledger:
+        return trial_leaderboard(folder, ledger)
     status = {row["task"]: row for row in rows(folder, ledger, within)}
     metric, mode = ledger["tasks"][0]["monitor"]
     swept = list(dict.fromkeys(k for t in ledger["tasks"] for k in t["swept"]))

@@ -143,10 +143,20 @@ class Study:
             job=_job_id(),
             heartbeat=time.time(),
             attempts=record.get("attempts", 0) + 1,
+            held=False,
             error=None,
         )
         self.save(record)
         return record
+
+    def hold(self, number: int) -> None:
+        """Keep trial `number` for this worker while Slurm requeues it: its lease lives on for LEASE_S without a pid,
+        so the requeued worker (same job) continues it rather than another worker."""
+        with self.locked() as records:
+            record = next((r for r in records if r["number"] == number), None)
+            if record is not None and record["state"] == RUNNING:
+                record.update(pid=None, held=True, heartbeat=time.time())
+                self.save(record)
 
     def heartbeat(self, number: int) -> None:
         """Renew the lease of trial `number` (held by this process)."""
@@ -249,6 +259,8 @@ def prepare_run(record: dict) -> None:
 def alive(record: dict) -> bool:
     """Whether the worker holding a trial's lease still works on it: on this host its pid, elsewhere its heartbeat."""
     pid = record.get("pid")
+    if record.get("held"):  # its worker is being requeued
+        return time.time() - record.get("heartbeat", 0) < LEASE_S
     if pid is None:
         return False
     if record.get("host") == socket.gethostname():

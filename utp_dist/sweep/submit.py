@@ -10,11 +10,11 @@ import time
 from pathlib import Path
 
 from utp_dist.errors import UserError, run_command
-from utp_dist.store.run_dir import RunDir
+from utp_dist.store.run_dir import RunDir, is_version_of
 from utp_dist.sweep import executors, ledger, states
 from utp_dist.sweep.resources import Resources, as_dict, load_resources
 from utp_dist.sweep.search import is_search, load_search, search_plan
-from utp_dist.sweep.status import COLUMNS, TRIAL_COLUMNS, leaderboard, markdown, rows, trial_leaderboard, trial_rows, workers_line
+from utp_dist.sweep.status import COLUMNS, TRIAL_COLUMNS, leaderboard, markdown, rows, trial_rows, workers_line
 from utp_dist.sweep.study import retry_failed, search_finished
 from utp_dist.sweep.task import TaskRecord
 
@@ -26,7 +26,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     """Either GRID.yaml with submission flags, or one of the ledger commands on a sweep folder."""
     if argv and argv[0] in COMMANDS + ("_run-local", "_task"):
         parser = argparse.ArgumentParser(prog=f"python -m utp_dist.submit {argv[0]}")
-        parser.add_argument("sweep_dir", help="OUTPUT_ROOT/sweeps/NAME, as printed by the submission")
+        parser.add_argument("sweep_dir", help="OUTPUT_ROOT/sweeps/NAME, as printed by the submission (or a search file: its newest sweep)")
         if argv[0] == "resubmit":
             parser.add_argument("--failed", action="store_true", help="the failed, cancelled, timed-out and lost tasks")
             parser.add_argument("--tasks", help="comma-separated task indices, instead of --failed")
@@ -236,7 +236,7 @@ def wait(folder: Path, indices: list[int], poll: float) -> int:
 
 def status(args: argparse.Namespace) -> int:
     """Print one row per task: state, restarts, epoch/step, best metric so far, img/s, job id (a search: per trial)."""
-    folder = Path(args.sweep_dir)
+    folder = sweep_folder(args.sweep_dir)
     record = ledger.read(folder)
     if "search" in record:
         table = trial_rows(folder, record)
@@ -249,7 +249,7 @@ def status(args: argparse.Namespace) -> int:
 
 def resubmit(args: argparse.Namespace) -> int:
     """Submit again the failed (or the listed) tasks; each continues from its run's newest training state."""
-    folder = Path(args.sweep_dir)
+    folder = sweep_folder(args.sweep_dir)
     record = ledger.read(folder)
     if "search" in record:
         return _resubmit_search(folder, record, args)
@@ -278,6 +278,25 @@ def resubmit(args: argparse.Namespace) -> int:
     return _launch(folder, record, executors.of_ledger(folder, record), indices, args)
 
 
+def sweep_folder(given: str) -> Path:
+    """The sweep folder a ledger command names: the folder itself, or a search file (its newest sweep folder)."""
+    path = Path(given)
+    if not is_search(path):
+        return path
+    search = load_search(path)
+    root = ledger.sweeps_dir(search.config({p.key: p.extremes()[0] for p in search.space}, "probe").output.root)
+    mine = [
+        folder
+        for folder in (root.iterdir() if root.is_dir() else [])
+        if is_version_of(search.name, folder.name)
+        and (folder / ledger.LEDGER).is_file()
+        and ledger.read(folder).get("search_file") == str(path.resolve())
+    ]
+    if not mine:
+        raise UserError(f"{path}: this search was not submitted yet (no sweep folder for it in {root})")
+    return max(mine, key=lambda folder: ledger.read(folder)["created"])
+
+
 def _indices(text: str, count: int) -> list[int]:
     try:
         indices = [int(part) for part in text.split(",")]
@@ -291,9 +310,9 @@ def _indices(text: str, count: int) -> list[int]:
 
 def board(args: argparse.Namespace) -> int:
     """Print the runs ranked by the monitored metric and write leaderboard.md and leaderboard.csv into the sweep."""
-    folder = Path(args.sweep_dir)
+    folder = sweep_folder(args.sweep_dir)
     record = ledger.read(folder)
-    text, table = (trial_leaderboard if "search" in record else leaderboard)(folder, record)
+    text, table = leaderboard(folder, record)
     (folder / "leaderboard.md").write_text(text + "\n")
     (folder / "leaderboard.csv").write_text(table)
     print(text)

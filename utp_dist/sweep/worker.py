@@ -13,9 +13,10 @@ from pathlib import Path
 
 from utp_dist.preemption import EXIT_RESUMABLE
 from utp_dist.store import atomic
+from utp_dist.store.checkpoint import read_identity
 from utp_dist.sweep import ledger as ledgers
 from utp_dist.sweep.search import parse_search
-from utp_dist.sweep.study import HEARTBEAT_S, Study, prepare_run
+from utp_dist.sweep.study import HEARTBEAT_S, Study, prepare_run, trial_run
 from utp_dist.sweep.task import TaskFailed, TaskRecord, _export_rank_environment
 
 POLL_S = 2.0  # how often an idle worker looks again for a promotion or an orphan while others train
@@ -69,6 +70,8 @@ def work(folder: Path, index: int, poll: float = POLL_S) -> tuple[int, int | Non
             return 0, None
         code, stop_signal = train_segment(study, trial, report=handoff.rank == 0)
         if stop_signal is not None:
+            if stop_signal == signal.SIGUSR2 and os.environ.get("SLURM_JOB_ID") and handoff.rank == 0:
+                study.hold(trial["number"])  # Slurm's timeout/preemption warning: this worker is requeued and goes on with it
             print(f"utp_dist: search worker {index}: stopped by signal {stop_signal} in trial {trial['number']}", file=sys.stderr)
             return code, stop_signal
 
@@ -114,6 +117,10 @@ def train_segment(study: Study, trial: dict, report: bool = True) -> tuple[int, 
     from utp_dist.train import run
 
     target, last = trial["target"], study.search.max_epochs
+    if reached(trial, target):  # its worker died between the pause and the report: nothing to train, only to report
+        if report:
+            study.report(trial["number"], 0 if target == last else EXIT_RESUMABLE, paused=target < last)
+        return 0, None
     print(f"utp_dist: trial {trial['number']}: training to epoch {target} of {last} ({trial['params']})", file=sys.stderr, flush=True)
     done = threading.Event()
 
@@ -136,3 +143,12 @@ def train_segment(study: Study, trial: dict, report: bool = True) -> tuple[int, 
     if report:
         study.report(trial["number"], outcome.code, paused)
     return outcome.code, None
+
+
+def reached(trial: dict, epochs: int) -> bool:
+    """Whether the trial's run has a state saved after `epochs` epochs (or later) and the evaluation of that epoch."""
+    run = trial_run(trial)
+    states = run.states() if run is not None else []
+    if not states or read_identity(states[-1])["epoch"] < epochs:
+        return False
+    return any(line.get("split") == "val" and line.get("epoch") == epochs - 1 for line in run.read_metrics())
