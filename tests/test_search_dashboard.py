@@ -174,3 +174,18 @@ def test_the_study_view_draws_in_a_browser(server, sweep_id, root, tmp_path):
         page.screenshot(path=str(tmp_path / "study.png"), full_page=True)
         browser.close()
     assert errors == []
+
+
+def test_resubmit_failed_of_a_search_checks_its_trial_configs(api, root, sweep_id):
+    done = api.post(f"/api/v1/sweeps/{sweep_id}/resubmit-failed")
+    assert done.json() == {"exit_code": 0, "message": "nothing to resubmit: the search has no failed trial and nothing left to train"}
+    path = root / "sweeps" / "tiny" / "configs" / "trial-002.yaml"
+    saved = path.read_text()
+    config = yaml.safe_load(saved)
+    config["train"]["callbacks"] = ["os:system"]
+    path.write_text(yaml.safe_dump(config))
+    try:
+        refused = api.post(f"/api/v1/sweeps/{sweep_id}/resubmit-failed").json()
+    finally:
+        path.write_text(saved)
+    assert refused["exit_code"] == 2 and refused["message"].startswith("tiny: trial-002: train.callbacks"), refused

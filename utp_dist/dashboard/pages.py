@@ -295,12 +295,18 @@ def _board_logs(board: dict) -> list[str | None]:
     return [row.get("logs") for row in board["rows"]] + [t["logs"] for t in (board["study"] or {}).get("trials", [])]
 
 
+def _board_failed(board: dict) -> list[dict]:
+    """What `resubmit --failed` would start again: failed tasks, or a search's failed trials and ended workers."""
+    rows = [r for r in board["rows"] if r["state"] in sources.RESUBMITTABLE]
+    return rows + [t for t in (board["study"] or {}).get("trials", []) if t["state"] == "failed"]
+
+
 @router.get("/sweeps/{sweep_id}")
 def sweep_page(request: Request, sweep_id: int, session: SessionDep, settings: SettingsDep, message: str | None = None):
     """One sweep's board: tasks, resubmit-failed, leaderboard, seeds."""
     sweep = services.get_sweep(session, sweep_id)
     board = services.sweep_board(sweep, settings.roots, security.own_server(settings))
-    failed = [r for r in board["rows"] if r["state"] in sources.RESUBMITTABLE]
+    failed = _board_failed(board)
     runs = services.runs_by_logs(session, _board_logs(board))
     return render(request, "sweep.html", sweep=sweep, **board, failed=failed, message=message, runs=runs)
 
@@ -313,7 +319,7 @@ def resubmit_failed(request: Request, sweep_id: int, session: SessionDep, settin
     sweep = services.get_sweep(session, sweep_id)
     code, message = sources.resubmit_failed(Path(sweep.folder), security.own_server(settings), settings.allow_import)
     board = services.sweep_board(sweep, settings.roots, security.own_server(settings))
-    failed = [r for r in board["rows"] if r["state"] in sources.RESUBMITTABLE]
+    failed = _board_failed(board)
     note = f"resubmit --failed: {message}" + ("" if code == 0 else f" (exit {code})")
     runs = services.runs_by_logs(session, _board_logs(board))
     return render(request, "sweep.html", sweep=sweep, **board, failed=failed, message=note, runs=runs)
