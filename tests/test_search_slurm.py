@@ -61,3 +61,20 @@ def test_search_workers_are_one_array_and_a_preempted_worker_continues_its_trial
     assert sorted(p.name for p in (tmp_path / "out" / "logs" / "shapes").iterdir()) == [f"ssearch__trial-00{n}" for n in range(3)]
     status = json.loads(submit(slurm, "status", str(sweep), "--json").stdout)
     assert sorted(r["state"] for r in status) == ["completed", "stopped-early", "stopped-early"]
+
+
+def test_a_search_worker_of_two_processes_trains_each_trial_as_world_size_two(slurm, data, tmp_path):  # noqa: F811
+    base = tiny_config(data, tmp_path / "out", data={"num_workers": 0})
+    search = {"method": "random", "trials": 2, "parallel": 1, "space": SPACE, "asha": {"min_epochs": 1, "max_epochs": 2, "reduction": 2}}
+    path = tmp_path / "ddp.yaml"
+    path.write_text(yaml.safe_dump({"name": "ddp", "base": base, "search": search, "resources": {"tasks_per_node": 2, "time_min": 20}}))
+    result = submit(slurm, str(path), "--wait", "--poll", "2")
+    assert result.returncode == 0, result.stdout + result.stderr
+    sweep = tmp_path / "out" / "sweeps" / "ddp"
+    trials = [json.loads(p.read_text()) for p in sorted((sweep / "trials").glob("*.json"))]
+    assert sorted(t["state"] for t in trials) == ["completed", "stopped-early"]  # rank 0 alone took work: two trials, not four
+    (done,) = [t for t in trials if t["state"] == "completed"]
+    summary = json.loads((tmp_path / "out" / "logs" / "shapes" / done["run"] / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["restarts"] == 1  # paused at epoch 1 on both ranks, then continued
+    logs = [p.read_text() for p in (sweep / "slurm").glob("*_log.err")]
+    assert len(logs) == 2 and all(log.count("paused at epoch 1 (train.stop_at_epoch)") == 2 for log in logs), logs

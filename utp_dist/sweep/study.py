@@ -121,7 +121,7 @@ class Study:
         path.write_text(config.to_yaml(), encoding="utf-8")
         return {
             "number": trial.number,
-            "trial_id": trial._trial_id,
+            "trial_id": trial._trial_id,  # what optuna.trial.Trial(study, id) needs to report a rung from any process
             "params": trial.params,
             "config": str(path),
             "output_root": config.output.root,
