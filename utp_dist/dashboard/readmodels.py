@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from utp_dist import states
 from utp_dist.config import ConfigError, flatten, from_dict
-from utp_dist.dashboard import files, jobqueue, sources
+from utp_dist.dashboard import files, jobqueue, sources, study_view
 from utp_dist.dashboard.db import Agent, ConfigRow, Job, Project, Run, Sweep
 from utp_dist.dashboard.services import get_run
 from utp_dist.errors import UserError
@@ -158,25 +158,32 @@ def runs_by_logs(session: Session, logs: list[str | None]) -> dict[str, int]:
 
 
 def sweep_board(sweep: Sweep, roots: tuple[Path, ...], own: Callable[[str], bool]) -> dict:
-    """The board of a sweep: task rows as `submit status` has them, the leaderboard, and mean ± std over seeds.
+    """The board of a sweep: task rows as `submit status` has them, the leaderboard, and mean ± std over seeds; for a
+    search, its workers and the study view (trials, curves, importances).
 
     `own`: whether a server URL is this dashboard's; a ledger whose runs are queued elsewhere is not read further.
     """
     folder = Path(sweep.folder)
-    board = {"rows": [], "leaderboard_columns": [], "leaderboard": [], "seed_groups": [], "error": None}
+    board = {"rows": [], "leaderboard_columns": [], "leaderboard": [], "seed_groups": [], "study": None, "error": None}
     try:
         ledger = sources.read_ledger(folder)
         sources.check_servers(folder, ledger, own)
         board["rows"] = [{**row, "kind": states.kind(row["state"])} for row in sources.task_rows(folder, ledger, roots)]
-        board["leaderboard_columns"], board["leaderboard"] = sources.leaderboard(folder, ledger, roots)
-        board["seed_groups"] = sources.seed_groups(ledger, board["leaderboard"])
+        if study_view.is_search(ledger):  # its tasks are workers; its trials are the study view
+            board["study"] = study_view.study_board(folder, ledger, roots)
+        else:
+            board["leaderboard_columns"], board["leaderboard"] = sources.leaderboard(folder, ledger, roots)
+            board["seed_groups"] = sources.seed_groups(ledger, board["leaderboard"])
     except UserError as err:  # e.g. sacct unreachable: show the line, keep the page
         board["error"] = sources.describe_error(err)
     return board
 
 
 def sweep_page(session: Session, sweep: Sweep, roots: tuple[Path, ...], own: Callable[[str], bool]) -> dict:
-    """The sweep page: its board, the tasks "Resubmit failed" would submit, and the run pages its rows link to."""
+    """The sweep page: its board, what "Resubmit failed" would submit (failed tasks, or a search's failed trials and
+    ended workers), and the run pages its rows (a search's trials) link to."""
     board = sweep_board(sweep, roots, own)
-    failed = [row for row in board["rows"] if row["state"] in states.RESUBMITTABLE]
-    return {"sweep": sweep, **board, "failed": failed, "runs": runs_by_logs(session, [row.get("logs") for row in board["rows"]])}
+    trials = (board["study"] or {}).get("trials", [])
+    failed = [row for row in board["rows"] if row["state"] in states.RESUBMITTABLE] + [t for t in trials if t["state"] == states.FAILED]
+    logs = [row.get("logs") for row in board["rows"]] + [t["logs"] for t in trials]
+    return {"sweep": sweep, **board, "failed": failed, "runs": runs_by_logs(session, logs)}

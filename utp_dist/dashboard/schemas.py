@@ -222,11 +222,29 @@ class SweepOut(Out):
     created: float
 
 
+class StudyOut(BaseModel):
+    """A search's study: its metric and rungs, the space, one row per trial, and parameter importances."""
+
+    metric: str
+    mode: str
+    method: str
+    budget: int
+    rungs: list[int]
+    params: list[dict[str, Any]]
+    trials: list[dict[str, Any]]
+    """number, state, rung reached (0: none yet), its epochs and value there, values per rung, params, attempts, error,
+    logs, run, curve ({x: epochs from 1, y: the metric})"""
+    importances: dict[str, float] | None
+    importance_note: str
+
+
 class SweepBoard(SweepOut):
     rows: list[dict[str, Any]]
     leaderboard_columns: list[str]
     leaderboard: list[dict[str, Any]]
     seed_groups: list[dict[str, Any]]
+    study: StudyOut | None = None
+    """a search's trials (its rows are its workers)"""
     error: str | None = None
 
 

@@ -49,11 +49,32 @@ def check_sweep(folder: Path, own: Callable[[str], bool], allow_import: tuple[st
     """What the dashboard checks before it launches a sweep's tasks again: its servers, and the code its configs name."""
     ledger = read_ledger(folder)
     check_servers(folder, ledger, own)
+    if "search" in ledger:  # its workers train the trials' configs, and new trials drawn from its search block
+        _check_search(folder, ledger, allow_import)
+        return
     for task in ledger["tasks"]:
         try:
             check_references(load_config(task["config"]), allow_import)
         except (ConfigError, OSError, KeyError, TypeError) as err:
             raise UserError(f"{folder.name}: task {task.get('index', '?')}: {first_line(err)}") from None
+
+
+def _check_search(folder: Path, ledger: dict, allow_import: tuple[str, ...]) -> None:
+    from utp_dist.sweep.search import parse_search
+    from utp_dist.sweep.study import CONFIGS
+
+    try:
+        if not isinstance(ledger.get("search"), dict):
+            raise ConfigError("search must be a mapping")
+        search = parse_search(Path(str(ledger.get("search_file", folder / "search.yaml"))), ledger["search"])
+        check_references(search.config({p.key: p.extremes()[0] for p in search.space}, "probe"), allow_import)
+    except (ConfigError, OSError, KeyError, TypeError, ValueError, AttributeError) as err:
+        raise UserError(f"{folder.name}: its search: {first_line(err)}") from None
+    for path in sorted((folder / CONFIGS).glob("trial-*.yaml")):
+        try:
+            check_references(load_config(path), allow_import)
+        except (ConfigError, OSError, KeyError, TypeError) as err:
+            raise UserError(f"{folder.name}: {path.stem}: {first_line(err)}") from None
 
 
 def task_rows(folder: Path, ledger: dict, roots: tuple[Path, ...]) -> list[dict]:
