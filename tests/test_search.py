@@ -30,7 +30,7 @@ def _weights(out: Path) -> dict:
 
 
 def test_a_run_paused_at_an_epoch_and_continued_equals_one_trained_straight(data, tmp_path, fresh_accelerate):
-    from utp_dist.train import train
+    from utp_dist.api import train
 
     def config(out: str, **train_keys):
         return from_dict(tiny_config(data, tmp_path / out, train={"epochs": 3, **train_keys}, data={"num_workers": 0}))

@@ -29,7 +29,7 @@ from utp_dist.config import build_section, from_dict
 from utp_dist.errors import UserError
 from utp_dist.store.run_dir import versions
 from utp_dist.sweep.resources import Resources
-from utp_dist.sweep.task import TaskFailed, TaskRecord, TrainTask
+from utp_dist.sweep.task import TaskFailed, TaskRecord, TrainTask, process_alive
 
 if TYPE_CHECKING:
     from utp_dist.sweep.worker import SearchWorker
@@ -349,25 +349,10 @@ def _process_state(record: dict, job: str) -> str:
     """State of a task run by a process of this machine, from its record; a task whose process is gone is lost."""
     state = states.from_record(record.get("state"))
     if state in (None, states.QUEUED):
-        return states.QUEUED if _alive(job) else states.LOST
-    if state == states.RUNNING and not _alive(str(record.get("pid"))):
+        return states.QUEUED if process_alive(job) else states.LOST
+    if state == states.RUNNING and not process_alive(str(record.get("pid"))):
         return states.LOST
     return state
-
-
-def _alive(pid: str) -> bool:
-    """Whether the process runs; a zombie (exited, not yet reaped by its parent) counts as gone."""
-    try:
-        number = int(pid.removeprefix("pid:"))
-        os.kill(number, 0)
-    except (ValueError, ProcessLookupError):
-        return False
-    except PermissionError:
-        return True
-    try:
-        return Path(f"/proc/{number}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True  # no /proc (macOS): kill(0) said it exists
 
 
 def run_local(folder: Path, indices: list[int], parallel: bool) -> int:

@@ -28,9 +28,8 @@ from utp_dist import states
 from utp_dist.store import atomic
 from utp_dist.store.lock import RunLock
 from utp_dist.store.run_dir import RunDir, find_runs
-from utp_dist.sweep.executors import _alive
 from utp_dist.sweep.search import Search
-from utp_dist.sweep.task import _job_id
+from utp_dist.sweep.task import _job_id, process_alive
 
 # a trial's states are words of the one vocabulary (utp_dist.states); one that trained its full budget has succeeded
 RUNNING, PAUSED, PROMOTED, STOPPED_EARLY, COMPLETED, FAILED = (
@@ -284,7 +283,7 @@ def alive(record: dict) -> bool:
     if pid is None:
         return False
     if record.get("host") == socket.gethostname():
-        return _alive(str(pid))
+        return process_alive(str(pid))
     return time.time() - record.get("heartbeat", 0) < LEASE_S
 
 

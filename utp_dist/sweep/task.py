@@ -113,3 +113,18 @@ class TaskRecord:
 def _job_id() -> str | None:
     array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
     return f"{array}_{task}" if array and task else os.environ.get("SLURM_JOB_ID")
+
+
+def process_alive(pid: str) -> bool:
+    """Whether the process runs; a zombie (exited, not yet reaped by its parent) counts as gone."""
+    try:
+        number = int(pid.removeprefix("pid:"))
+        os.kill(number, 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    try:
+        return Path(f"/proc/{number}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True  # no /proc (macOS): kill(0) said it exists

@@ -114,7 +114,7 @@ class Handoff:
 def train_segment(study: Study, trial: dict, report: bool = True) -> tuple[int, int | None]:
     """Train trial `trial` up to its target rung (a pause there), renewing its lease meanwhile; `report` the result
     (rank 0)."""
-    from utp_dist.train import run
+    from utp_dist.train_command import run
 
     target, last = trial["target"], study.search.max_epochs
     if reached(trial, target):  # its worker died between the pause and the report: nothing to train, only to report
