@@ -34,15 +34,14 @@ log = logging.getLogger(__name__)
 
 
 def create_app(settings: Settings) -> FastAPI:
-    """The app for these settings: migrates the database, indexes the roots once, then keeps indexing in the background."""
+    """The app for these settings: migrates the database, then indexes the roots in the background."""
     database = Database(settings.database_url)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        """Migrate, index once, then index in the background until shutdown."""
+        """Migrate, then index in the background (the first pass too: the port opens at once) until shutdown."""
         migrate.upgrade(database.engine)
         database.watch_file()
-        indexer.refresh()
         indexer.start(settings.index_interval_s)
         reaper = asyncio.create_task(reap_forever(database, indexer, min(settings.lease_s / 4, 2.0)))
         yield

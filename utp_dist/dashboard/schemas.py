@@ -152,8 +152,20 @@ class RunOut(Out):
     best: float | None
     img_per_s: float | None
     error: str | None
+    display_name: str | None = None
+    notes: str | None = None
+    archived: bool = False
     created: float
     updated: float
+
+
+class RunRow(RunOut):
+    """A row of the run table: the run, its tags, its project's and sweep's names, and the values of the columns asked."""
+
+    tags: list[str] = []
+    project: str | None = None
+    sweep: str | None = None
+    values: dict[str, Any] = {}
 
 
 class RunDetail(RunOut):

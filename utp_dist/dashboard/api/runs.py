@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
-from fastapi import APIRouter, Body, Query, status
+from fastapi import APIRouter, Body, Query, Request, Response, status
 
-from utp_dist.dashboard import services
-from utp_dist.dashboard.deps import IdPath, PagingDep, SessionDep, SettingsDep
-from utp_dist.dashboard.schemas import MAX_INT, QueueIn, QueueOut, RunDetail, RunOut, StateChangeOut
+from utp_dist.dashboard import filterlang, runtable, services
+from utp_dist.dashboard.deps import MAX_PAGE, IdPath, SessionDep, SettingsDep
+from utp_dist.dashboard.schemas import MAX_INT, QueueIn, QueueOut, RunDetail, RunOut, RunRow, StateChangeOut
 
 router = APIRouter(prefix="/api/v1/runs", tags=["runs"])
 
@@ -21,17 +21,66 @@ def queue_run(config_id: IdPath, session: SessionDep, body: Annotated[QueueIn | 
     return QueueOut(run_id=run.id, job_id=job.id, state=job.state)
 
 
-@router.get("", response_model=list[RunOut])
+@router.get("", response_model=list[RunRow])
 def list_runs(
+    request: Request,
+    response: Response,
     session: SessionDep,
-    paging: PagingDep,
+    limit: Annotated[int, Query(ge=1, le=runtable.MAX_EXPORT, description="rows per page (JSON: at most 500)")] = 100,
+    offset: Annotated[int, Query(ge=0, le=MAX_INT)] = 0,
     project_id: Annotated[int | None, Query(ge=1, le=MAX_INT)] = None,
     sweep_id: Annotated[int | None, Query(ge=1, le=MAX_INT)] = None,
-    state: str | None = None,
-    q: Annotated[str | None, Query(description="part of the run name or data set")] = None,
+    state: Annotated[list[str] | None, Query(max_length=20, description="one or more states")] = None,
+    q: Annotated[str | None, Query(max_length=200, description="part of the run name, display name or data set")] = None,
+    name: Annotated[str | None, Query(max_length=200, description="the same as q")] = None,
+    tag: Annotated[list[str] | None, Query(max_length=20, description="runs with every tag given")] = None,
+    where: Annotated[str | None, Query(max_length=filterlang.MAX_LENGTH, description="e.g. optim.lr < 0.003 and val_acc@1 > 0.8")] = None,
+    sort: Annotated[str | None, Query(max_length=1000, description="columns, comma-separated; -name for descending")] = None,
+    columns: Annotated[str | None, Query(max_length=9000, description="more columns: config keys and metrics, comma-separated")] = None,
+    archived: bool = False,
+    format: Annotated[Literal["json", "csv"] | None, Query(description="csv, or send Accept: text/csv")] = None,
 ):
-    """Runs, newest first: queued here and found under the output roots."""
-    return paging.total(*services.list_runs(session, project_id, state, q, paging.limit, paging.offset, sweep_id))
+    """The run table, filtered and sorted in the database; X-Total-Count holds the number of matching runs and
+    X-Indexing says the first pass over the output roots is still under way (the list is not complete yet)."""
+    as_csv = format == "csv" or (format is None and "text/csv" in request.headers.get("accept", ""))
+    if not as_csv and limit > MAX_PAGE:
+        raise services.Invalid(f"limit: at most {MAX_PAGE} runs per JSON page (CSV takes up to {runtable.MAX_EXPORT})")
+    page = runtable.table(
+        session,
+        where=where,
+        sort=sort,
+        columns=columns,
+        tags=tag or (),
+        states=state or (),
+        name=name or q,
+        project_id=project_id,
+        sweep_id=sweep_id,
+        archived=archived,
+        limit=limit,
+        offset=offset,
+    )
+    headers = {"X-Total-Count": str(page.total), "X-Indexing": "true" if request.app.state.indexer.status["indexing"] else "false"}
+    if as_csv:
+        headers["Content-Disposition"] = 'attachment; filename="runs.csv"'
+        return Response(runtable.to_csv(page), media_type="text/csv; charset=utf-8", headers=headers)
+    response.headers.update(headers)
+    return [
+        RunRow.model_validate(run).model_copy(
+            update={
+                "tags": page.tags.get(run.id, []),
+                "project": page.names.get(run.id, (None, None))[0],
+                "sweep": page.names.get(run.id, (None, None))[1],
+                "values": {k: v for k, v in page.values.get(run.id, {}).items()},
+            }
+        )
+        for run in page.runs
+    ]
+
+
+@router.get("/columns")
+def run_columns(session: SessionDep) -> dict[str, list[str]]:
+    """What the run table can show, sort and filter by: built-in columns, config keys and the metrics runs have."""
+    return runtable.column_names(session)
 
 
 @router.get("/{run_id}", response_model=RunDetail)
