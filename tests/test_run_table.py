@@ -177,3 +177,24 @@ def test_the_api_answers_a_bad_filter_with_422(server, where):
     with server.client() as api:
         answer = api.get("/api/v1/runs", params={"where": where})
     assert answer.status_code == 422 and answer.json()["detail"].startswith("where: "), answer.text
+
+
+def test_tags_notes_and_display_names(server):
+    with server.client() as api:
+        one, two = (r["id"] for r in api.get("/api/v1/runs", params={"sort": "train.seed", "columns": "train.seed"}).json())
+        patched = api.patch(f"/api/v1/runs/{one}", json={"display_name": "seed one", "notes": "the good one", "tags": ["baseline", "keep"]})
+        assert patched.status_code == 200 and patched.json()["tags"] == ["baseline", "keep"] and patched.json()["display_name"] == "seed one"
+        assert api.patch(f"/api/v1/runs/{one}", json={"remove_tags": ["keep"], "add_tags": ["best"]}).json()["tags"] == ["baseline", "best"]
+        assert api.post("/api/v1/runs/tags", json={"run_ids": [one, two, 2**31 - 1], "add": ["seeds"]}).json() == {"runs": 2}
+        assert {r["id"] for r in api.get("/api/v1/runs", params={"tag": "seeds"}).json()} == {one, two}
+        assert [r["id"] for r in api.get("/api/v1/runs", params={"where": "tag == 'best' or name ~ 'seed one'"}).json()] == [one]
+        assert api.get(f"/api/v1/runs/{one}").json()["tags"] == ["baseline", "best", "seeds"]
+        assert {"tag": "seeds", "runs": 2} in api.get("/api/v1/runs/tags").json()
+        for bad in ({"tags": ["a,b"]}, {"tags": [""]}, {"display_name": "x" * 300}, {"tags": "notalist"}, {"archived": "maybe"}):
+            assert api.patch(f"/api/v1/runs/{one}", json=bad).status_code == 422, bad
+        assert api.patch("/api/v1/runs/999999", json={"notes": "x"}).status_code == 404
+        assert api.patch(f"/api/v1/runs/{one}", json={"display_name": "", "tags": []}).json()["display_name"] is None
+        assert api.get(f"/api/v1/runs/{one}").json()["tags"] == []
+        # runs found on disk belong to a project: their data set's (output.project would name another)
+        projects = {p["name"] for p in api.get("/api/v1/projects").json()}
+        assert "shapes" in projects and {r["project"] for r in api.get("/api/v1/runs").json()} == {"shapes"}

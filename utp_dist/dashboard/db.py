@@ -120,6 +120,7 @@ class Run(Base):
     archived: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false(), index=True)
     created: Mapped[float] = mapped_column(Float, default=now, index=True)
     updated: Mapped[float] = mapped_column(Float, default=now, onupdate=now)
+    project: Mapped[Project | None] = relationship()
     tags: Mapped[list[RunTag]] = relationship(cascade="all, delete-orphan", order_by="RunTag.tag", passive_deletes=True)
     jobs: Mapped[list[Job]] = relationship(back_populates="run", cascade="all, delete-orphan", order_by="Job.id")
 

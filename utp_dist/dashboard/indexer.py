@@ -87,6 +87,7 @@ class Indexer:
     @staticmethod
     def _store(session: Session, values: dict[Run, dict]) -> None:
         """Write what was read so far, with each run's filterable values (runtable.py), and commit."""
+        runtable.assign_projects(session, values)
         session.flush()  # new runs get their ids
         runtable.store_values(session, {row.id: found for row, found in values.items()})
         session.commit()

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session, aliased
 from utp_dist.config import Config, flatten
 from utp_dist.dashboard import filterlang
 from utp_dist.dashboard.db import Project, Run, RunTag, RunValue, Sweep
-from utp_dist.dashboard.services import Invalid
+from utp_dist.dashboard.services import Invalid, NotFound
 from utp_dist.store.run_dir import RunDir
 
 KEY_LENGTH, TEXT_LENGTH = 200, 500
@@ -90,6 +90,28 @@ def store_values(session: Session, values: dict[int, dict[str, Any]]) -> None:
     rows = [row for row in rows if row["num"] is not None or row["text"] is not None]
     if rows:
         session.execute(insert(RunValue), rows)
+
+
+def assign_projects(session: Session, values: dict[Run, dict[str, Any]]) -> None:
+    """Put each run found on disk without a project into the one its config names (output.project), else the one named
+    after its data set, made on first use: runs from the CLI, Slurm and local grids are listed like queued ones."""
+    wanted = {}
+    for row, found in values.items():
+        if row.project_id is None and row.source == "disk":
+            name = found.get("output.project") or row.dataset
+            if isinstance(name, str) and name.strip():
+                wanted[row] = name.strip()[:200]
+    if not wanted:
+        return
+    projects = {p.name: p for p in session.scalars(select(Project).where(Project.name.in_(set(wanted.values()))))}
+    for row, name in wanted.items():
+        if name not in projects:
+            projects[name] = Project(name=name, description=AUTO_PROJECT)
+            session.add(projects[name])
+        row.project = projects[name]
+
+
+AUTO_PROJECT = "runs found under the output roots (output.project, or their data set)"
 
 
 def cell(value: Any) -> dict[str, Any]:
@@ -361,3 +383,56 @@ def column_names(session: Session) -> dict[str, list[str]]:
     keys = set(session.scalars(select(RunValue.key).distinct()))
     metrics = sorted(k for k in keys if "." not in k)
     return {"builtin": list(BUILTIN), "config": sorted(CONFIG_KEYS | {k for k in keys if "." in k}), "metrics": metrics}
+
+
+# --- what users add to runs: display names, notes, tags, the archived flag
+
+
+def annotate(
+    session: Session,
+    run_id: int,
+    *,
+    display_name: str | None = None,
+    notes: str | None = None,
+    tags: list[str] | None = None,
+    add_tags: Iterable[str] = (),
+    remove_tags: Iterable[str] = (),
+    archived: bool | None = None,
+) -> Run:
+    """Change what users add to a run (None leaves a field as it is; "" clears a display name or notes)."""
+    run = session.get(Run, run_id)
+    if run is None:
+        raise NotFound(f"no run with id {run_id}")
+    if display_name is not None:
+        run.display_name = display_name.strip() or None
+    if notes is not None:
+        run.notes = notes or None
+    if archived is not None:
+        run.archived = archived
+    current = {t.tag for t in run.tags}
+    wanted = (set(tags) if tags is not None else current) | set(add_tags)
+    wanted -= set(remove_tags)
+    run.tags = [t for t in run.tags if t.tag in wanted] + [RunTag(tag=tag) for tag in sorted(wanted - current)]
+    session.commit()
+    return run
+
+
+def bulk_tag(session: Session, run_ids: list[int], add: Iterable[str], remove: Iterable[str]) -> int:
+    """Add and remove tags on many runs in a few statements; returns how many of the runs exist."""
+    ids = list(session.scalars(select(Run.id).where(Run.id.in_(set(run_ids)))))
+    add, remove = set(add) - set(remove), set(remove)
+    if ids and remove:
+        session.execute(delete(RunTag).where(RunTag.run_id.in_(ids), RunTag.tag.in_(remove)))
+    if ids and add:
+        have = set(session.execute(select(RunTag.run_id, RunTag.tag).where(RunTag.run_id.in_(ids), RunTag.tag.in_(add))).tuples())
+        rows = [{"run_id": i, "tag": tag} for i in ids for tag in sorted(add) if (i, tag) not in have]
+        if rows:
+            session.execute(insert(RunTag), rows)
+    session.commit()
+    return len(ids)
+
+
+def tag_names(session: Session) -> list[tuple[str, int]]:
+    """Every tag in use with how many runs carry it, most used first (the table's tag chips)."""
+    rows = session.execute(select(RunTag.tag, func.count()).group_by(RunTag.tag).order_by(func.count().desc(), RunTag.tag).limit(200))
+    return [(tag, count) for tag, count in rows]

@@ -88,6 +88,7 @@ class ConfigIn(In):
     name: Name
     config: dict[str, Any] | None = None
     yaml: str | None = None
+    description: str = Field(default="", max_length=10_000)
 
 
 class ConfigOut(Out):
@@ -96,7 +97,38 @@ class ConfigOut(Out):
     name: str
     config: dict[str, Any]
     config_hash: str
+    description: str = ""
+    archived: bool = False
     created: float
+
+
+class ConfigPatch(In):
+    """What may change on a stored config without making it another config: its description, whether it is archived."""
+
+    description: str | None = Field(default=None, max_length=10_000)
+    archived: bool | None = None
+
+
+Tag = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64, pattern=r"^[^,\s][^,]*$")]
+
+
+class RunPatch(In):
+    """What users add to a run (every field optional; "" clears a display name or notes)."""
+
+    display_name: str | None = Field(default=None, max_length=255)
+    notes: str | None = Field(default=None, max_length=100_000)
+    tags: list[Tag] | None = Field(default=None, max_length=50, description="the run's tags, replacing the ones it has")
+    add_tags: list[Tag] = Field(default=[], max_length=50)
+    remove_tags: list[Tag] = Field(default=[], max_length=50)
+    archived: bool | None = None
+
+
+class BulkTags(In):
+    """Tags added to and removed from many runs at once (the run table's bulk action)."""
+
+    run_ids: list[Id] = Field(min_length=1, max_length=MAX_LISTED)
+    add: list[Tag] = Field(default=[], max_length=50)
+    remove: list[Tag] = Field(default=[], max_length=50)
 
 
 class QueueIn(In):
@@ -178,6 +210,7 @@ class RunDetail(RunOut):
     jobs: list[JobOut] = []
     log_tail: str | None = None
     """What the agent running it last saw its training process print (issue 12)."""
+    tags: list[str] = []
     sweep_task: dict[str, Any] | None = None
     """The sweep task that trained it, when one did: sweep folder and id, task index, job id, host, pid, attempts."""
 

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Body, Query, Request, Response, status
 
 from utp_dist.dashboard import filterlang, runtable, services
 from utp_dist.dashboard.deps import MAX_PAGE, IdPath, SessionDep, SettingsDep
-from utp_dist.dashboard.schemas import MAX_INT, QueueIn, QueueOut, RunDetail, RunOut, RunRow, StateChangeOut
+from utp_dist.dashboard.schemas import MAX_INT, BulkTags, QueueIn, QueueOut, RunDetail, RunOut, RunPatch, RunRow, StateChangeOut
 
 router = APIRouter(prefix="/api/v1/runs", tags=["runs"])
 
@@ -64,17 +64,24 @@ def list_runs(
         headers["Content-Disposition"] = 'attachment; filename="runs.csv"'
         return Response(runtable.to_csv(page), media_type="text/csv; charset=utf-8", headers=headers)
     response.headers.update(headers)
-    return [
-        RunRow.model_validate(run).model_copy(
-            update={
-                "tags": page.tags.get(run.id, []),
-                "project": page.names.get(run.id, (None, None))[0],
-                "sweep": page.names.get(run.id, (None, None))[1],
-                "values": {k: v for k, v in page.values.get(run.id, {}).items()},
-            }
-        )
-        for run in page.runs
-    ]
+    return [row_of(run, page.tags.get(run.id, []), *page.names.get(run.id, (None, None)), page.values.get(run.id, {})) for run in page.runs]
+
+
+def row_of(run, tags: list[str], project: str | None = None, sweep: str | None = None, values: dict | None = None) -> RunRow:
+    """A run table row: the run's own columns and what the table adds."""
+    return RunRow(**RunOut.model_validate(run).model_dump(), tags=tags, project=project, sweep=sweep, values=values or {})
+
+
+@router.post("/tags")
+def tag_runs(body: BulkTags, session: SessionDep) -> dict[str, int]:
+    """Add and remove tags on many runs at once (the run table's bulk action): {"runs": how many of them exist}."""
+    return {"runs": runtable.bulk_tag(session, body.run_ids, body.add, body.remove)}
+
+
+@router.get("/tags")
+def list_tags(session: SessionDep) -> list[dict]:
+    """Every tag in use and how many runs carry it, most used first."""
+    return [{"tag": tag, "runs": count} for tag, count in runtable.tag_names(session)]
 
 
 @router.get("/columns")
@@ -98,7 +105,15 @@ def get_run(run_id: IdPath, session: SessionDep, settings: SettingsDep):
         jobs=detail["jobs"],
         sweep_task=detail["task"],
         log_tail=detail["run"].log_tail,
+        tags=[t.tag for t in detail["run"].tags],
     )
+
+
+@router.patch("/{run_id}", response_model=RunRow)
+def patch_run(run_id: IdPath, body: RunPatch, session: SessionDep):
+    """Set a run's display name, notes, tags (or add/remove some) or archived flag; fields not given stay."""
+    run = runtable.annotate(session, run_id, **body.model_dump(exclude_unset=True))
+    return row_of(run, [t.tag for t in run.tags], run.project.name if run.project else None)
 
 
 @router.get("/{run_id}/series")
