@@ -183,7 +183,9 @@ def test_tags_notes_and_display_names(server):
     with server.client() as api:
         one, two = (r["id"] for r in api.get("/api/v1/runs", params={"sort": "train.seed", "columns": "train.seed"}).json())
         patched = api.patch(f"/api/v1/runs/{one}", json={"display_name": "seed one", "notes": "the good one", "tags": ["baseline", "keep"]})
-        assert patched.status_code == 200 and patched.json()["tags"] == ["baseline", "keep"] and patched.json()["display_name"] == "seed one"
+        assert (
+            patched.status_code == 200 and patched.json()["tags"] == ["baseline", "keep"] and patched.json()["display_name"] == "seed one"
+        )
         assert api.patch(f"/api/v1/runs/{one}", json={"remove_tags": ["keep"], "add_tags": ["best"]}).json()["tags"] == ["baseline", "best"]
         assert api.post("/api/v1/runs/tags", json={"run_ids": [one, two, 2**31 - 1], "add": ["seeds"]}).json() == {"runs": 2}
         assert {r["id"] for r in api.get("/api/v1/runs", params={"tag": "seeds"}).json()} == {one, two}
@@ -198,3 +200,26 @@ def test_tags_notes_and_display_names(server):
         # runs found on disk belong to a project: their data set's (output.project would name another)
         projects = {p["name"] for p in api.get("/api/v1/projects").json()}
         assert "shapes" in projects and {r["project"] for r in api.get("/api/v1/runs").json()} == {"shapes"}
+
+
+def test_clone_with_edits_is_validated_then_queued(server):
+    with server.client() as api:
+        source = api.get("/api/v1/runs", params={"where": "train.seed == 1"}).json()[0]
+        url = f"/api/v1/runs/{source['id']}/clone"
+        checked = api.post(url, json={"overrides": {"optim.lr": 0.05, "train.epochs": 1}, "dry_run": True})
+        assert checked.status_code == 200, checked.text
+        assert checked.json()["changes"]["optim.lr"][1] == 0.05 and "run_id" not in checked.json()
+        assert checked.json()["changes"]["output.run_name"][1] is None  # the clone gets a folder of its own
+        bad = api.post(url, json={"overrides": {"optim.lrr": 0.05}})
+        assert bad.status_code == 422 and "optim.lrr" in bad.json()["detail"] and "\n" not in bad.json()["detail"]
+        assert api.post(url, json={"overrides": {"optim.lr": "fast"}}).status_code == 422
+        assert api.post(url, json={"overrides": {"model.builder": "os:system"}}).status_code == 422  # no code outside --allow-import
+        assert api.post("/api/v1/runs/999999/clone", json={}).status_code == 404
+        queued = api.post(url, json={"overrides": {"optim.lr": 0.05}, "priority": 5, "max_attempts": 2})
+        assert queued.status_code == 201, queued.text
+        run = api.get(f"/api/v1/runs/{queued.json()['run_id']}").json()
+        assert run["state"] == "queued" and run["config"]["optim"]["lr"] == 0.05 and run["project_id"] == source["project_id"]
+        assert (run["jobs"][0]["priority"], run["jobs"][0]["max_attempts"]) == (5, 2)
+        waiting = api.get("/api/v1/runs", params={"where": "optim.lr == 0.05", "state": "queued"}).json()
+        assert [r["id"] for r in waiting] == [run["id"]]  # filterable while it waits
+        api.post(f"/api/v1/runs/{run['id']}/cancel")

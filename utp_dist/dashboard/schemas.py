@@ -123,6 +123,17 @@ class RunPatch(In):
     archived: bool | None = None
 
 
+class CloneIn(In):
+    """A new run from a run's config with some keys changed (dotted keys: {"optim.lr": 0.001}), queued like any other."""
+
+    overrides: dict[Annotated[str, StringConstraints(min_length=1, max_length=200)], Any] = Field(default={}, max_length=200)
+    name: Name | None = Field(default=None, description="the stored config's name; default: clone of run N")
+    dry_run: bool = Field(default=False, description="validate and show the changes only (the editor checks as the user types)")
+    gpus: int = Field(default=0, ge=0, le=MAX_GPUS)
+    priority: Int = 0
+    max_attempts: int = Field(default=3, ge=1, le=100)
+
+
 class BulkTags(In):
     """Tags added to and removed from many runs at once (the run table's bulk action)."""
 

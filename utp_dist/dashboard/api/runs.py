@@ -6,9 +6,9 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Body, Query, Request, Response, status
 
-from utp_dist.dashboard import filterlang, runtable, services
+from utp_dist.dashboard import clone, filterlang, runtable, services
 from utp_dist.dashboard.deps import MAX_PAGE, IdPath, SessionDep, SettingsDep
-from utp_dist.dashboard.schemas import MAX_INT, BulkTags, QueueIn, QueueOut, RunDetail, RunOut, RunPatch, RunRow, StateChangeOut
+from utp_dist.dashboard.schemas import MAX_INT, BulkTags, CloneIn, QueueIn, QueueOut, RunDetail, RunOut, RunPatch, RunRow, StateChangeOut
 
 router = APIRouter(prefix="/api/v1/runs", tags=["runs"])
 
@@ -114,6 +114,26 @@ def patch_run(run_id: IdPath, body: RunPatch, session: SessionDep):
     """Set a run's display name, notes, tags (or add/remove some) or archived flag; fields not given stay."""
     run = runtable.annotate(session, run_id, **body.model_dump(exclude_unset=True))
     return row_of(run, [t.tag for t in run.tags], run.project.name if run.project else None)
+
+
+@router.post("/{run_id}/clone")
+def clone_run(run_id: IdPath, body: CloneIn, session: SessionDep, settings: SettingsDep, response: Response) -> dict:
+    """A new run from this run's config with `overrides` (dotted keys), validated as the CLI validates (422 with its line)
+    and by the server's --allow-import, stored as a config of the run's project and queued (201); `dry_run` only checks."""
+    answer = clone.clone(
+        session,
+        run_id,
+        body.overrides,
+        settings.roots,
+        settings.allow_import,
+        name=body.name,
+        dry_run=body.dry_run,
+        gpus=body.gpus,
+        priority=body.priority,
+        max_attempts=body.max_attempts,
+    )
+    response.status_code = status.HTTP_200_OK if body.dry_run else status.HTTP_201_CREATED
+    return answer
 
 
 @router.get("/{run_id}/series")
