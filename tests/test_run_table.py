@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import shutil
 
 import pytest
 from dashboard_support import Postgres, private_root, serving
@@ -223,3 +224,48 @@ def test_clone_with_edits_is_validated_then_queued(server):
         waiting = api.get("/api/v1/runs", params={"where": "optim.lr == 0.05", "state": "queued"}).json()
         assert [r["id"] for r in waiting] == [run["id"]]  # filterable while it waits
         api.post(f"/api/v1/runs/{run['id']}/cancel")
+
+
+def test_archive_hides_and_delete_removes_files_only_when_confirmed(server):
+    root = server.roots[0]
+    with server.client() as api:
+        source = api.get("/api/v1/runs", params={"where": "train.seed == 1"}).json()[0]
+        for kind in ("logs", "checkpoints"):
+            shutil.copytree(root / kind / source["dataset"] / source["name"], root / kind / source["dataset"] / "doomed", symlinks=True)
+        api.post("/api/v1/index/refresh").raise_for_status()
+        (doomed,) = api.get("/api/v1/runs", params={"name": "doomed"}).json()
+        assert api.patch(f"/api/v1/runs/{doomed['id']}", json={"archived": True}).status_code == 200
+        assert api.get("/api/v1/runs", params={"name": "doomed"}).json() == []
+        assert [r["id"] for r in api.get("/api/v1/runs", params={"name": "doomed", "archived": True}).json()] == [doomed["id"]]
+        url = f"/api/v1/runs/{doomed['id']}"
+        for confirm in ({}, {"confirm": "wrong"}):
+            refused = api.delete(url, params={"delete_files": True, **confirm})
+            assert refused.status_code == 422 and "confirm" in refused.json()["detail"]
+        assert (root / "logs" / source["dataset"] / "doomed").is_dir()
+        assert api.delete(url, params={"delete_files": True, "confirm": "doomed"}).status_code == 204
+        assert not (root / "logs" / source["dataset"] / "doomed").exists()
+        assert not (root / "checkpoints" / source["dataset"] / "doomed").exists()
+        assert (root / "logs" / source["dataset"] / source["name"]).is_dir()  # nothing else went
+        api.post("/api/v1/index/refresh").raise_for_status()
+        assert api.get("/api/v1/runs", params={"name": "doomed", "archived": True}).json() == []  # it does not come back
+        project = api.post("/api/v1/projects", json={"name": "to-archive"}).json()
+        assert api.patch(f"/api/v1/projects/{project['id']}", json={"archived": True}).json()["archived"] is True
+        assert "to-archive" not in {p["name"] for p in api.get("/api/v1/projects").json()}
+        assert "to-archive" in {p["name"] for p in api.get("/api/v1/projects", params={"archived": True}).json()}
+
+
+def test_delete_files_stays_inside_the_roots(tmp_path):
+    outside = tmp_path / "elsewhere" / "logs" / "d" / "r"
+    outside.mkdir(parents=True)
+    run = Run(id=7, root=str(tmp_path / "elsewhere"), dataset="d", name="r")
+    with pytest.raises(Invalid, match="not under this dashboard's output roots"):
+        runtable.delete_files(run, (tmp_path / "root",))
+    root = tmp_path / "root"
+    (root / "logs" / "d").mkdir(parents=True)
+    (root / "logs" / "d" / "r").symlink_to(outside)  # a link planted in the root
+    with pytest.raises(Invalid, match="is a link"):
+        runtable.delete_files(Run(id=8, root=str(root), dataset="d", name="r"), (root,))
+    escaping = Run(id=9, root=str(root), dataset="..", name="..")
+    with pytest.raises(Invalid):
+        runtable.delete_files(escaping, (root,))
+    assert outside.is_dir() and root.is_dir()

@@ -13,8 +13,10 @@ import datetime
 import io
 import json
 import math
+import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import and_, delete, func, insert, not_, or_, select
@@ -24,7 +26,7 @@ from utp_dist.config import Config, flatten
 from utp_dist.dashboard import filterlang
 from utp_dist.dashboard.db import Project, Run, RunTag, RunValue, Sweep
 from utp_dist.dashboard.services import Invalid, NotFound
-from utp_dist.store.run_dir import RunDir
+from utp_dist.store.run_dir import RunDir, inside
 
 KEY_LENGTH, TEXT_LENGTH = 200, 500
 MAX_SORT_KEYS, MAX_COLUMNS = 4, 40
@@ -436,3 +438,28 @@ def tag_names(session: Session) -> list[tuple[str, int]]:
     """Every tag in use with how many runs carry it, most used first (the table's tag chips)."""
     rows = session.execute(select(RunTag.tag, func.count()).group_by(RunTag.tag).order_by(func.count().desc(), RunTag.tag).limit(200))
     return [(tag, count) for tag, count in rows]
+
+
+# --- deleting a run's folders (only when asked and confirmed)
+
+
+def delete_files(run: Run, roots: tuple[Path, ...]) -> list[str]:
+    """Remove the run's logs and checkpoints folders; each must be exactly OUTPUT_ROOT/{logs,checkpoints}/DATASET/NAME
+    inside one of the output roots, and no symbolic link (nothing outside the roots is ever removed). The paths removed."""
+    if not (run.root and run.dataset and run.name):
+        return []
+    folder = RunDir(run.root, run.dataset, run.name)
+    root = next((Path(r).resolve() for r in roots if Path(r).resolve() == Path(run.root).resolve()), None)
+    if root is None:
+        raise Invalid(f"run {run.id}'s folders are not under this dashboard's output roots: they are not deleted from here")
+    checked = []
+    for kind, path in (("logs", folder.logs), ("checkpoints", folder.checkpoints)):
+        if not path.exists() and not path.is_symlink():
+            continue
+        resolved = inside(path, (root,))
+        if path.is_symlink() or resolved is None or resolved.relative_to(root).parts != (kind, run.dataset, run.name):
+            raise Invalid(f"{path} is a link or leads elsewhere: run {run.id}'s folders are not deleted from here")
+        checked.append(resolved)
+    for path in checked:
+        shutil.rmtree(path)
+    return [str(p) for p in checked]

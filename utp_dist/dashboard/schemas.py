@@ -72,12 +72,14 @@ class ProjectIn(In):
 class ProjectPatch(In):
     name: Name | None = None
     description: str | None = None
+    archived: bool | None = None
 
 
 class ProjectOut(Out):
     id: int
     name: str
     description: str
+    archived: bool = False
     created: float
 
 

@@ -25,9 +25,9 @@ def create_config(body: ConfigIn, session: SessionDep, settings: SettingsDep):
 
 
 @router.get("/project/{project_id}", response_model=list[ConfigOut])
-def list_configs(project_id: IdPath, session: SessionDep, paging: PagingDep, name: str | None = None):
-    """The configs of a project (`?name=`: the one of that name, if any)."""
-    return paging.total(*services.list_configs(session, project_id, paging.limit, paging.offset, name))
+def list_configs(project_id: IdPath, session: SessionDep, paging: PagingDep, name: str | None = None, archived: bool = False):
+    """The configs of a project (`?name=`: the one of that name, if any; `?archived=true`: the archived ones)."""
+    return paging.total(*services.list_configs(session, project_id, paging.limit, paging.offset, name, archived))
 
 
 @router.get("/{config_id}", response_model=ConfigOut)

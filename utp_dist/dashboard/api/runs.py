@@ -9,6 +9,7 @@ from fastapi import APIRouter, Body, Query, Request, Response, status
 from utp_dist.dashboard import clone, filterlang, runtable, services
 from utp_dist.dashboard.deps import MAX_PAGE, IdPath, SessionDep, SettingsDep
 from utp_dist.dashboard.schemas import MAX_INT, BulkTags, CloneIn, QueueIn, QueueOut, RunDetail, RunOut, RunPatch, RunRow, StateChangeOut
+from utp_dist.dashboard.states import ACTIVE
 
 router = APIRouter(prefix="/api/v1/runs", tags=["runs"])
 
@@ -161,6 +162,21 @@ def resume_run(run_id: IdPath, session: SessionDep):
 
 
 @router.delete("/{run_id}", status_code=status.HTTP_204_NO_CONTENT)
-def delete_run(run_id: IdPath, session: SessionDep):
-    """Forget a run that is not active (its files stay)."""
+def delete_run(
+    run_id: IdPath,
+    session: SessionDep,
+    settings: SettingsDep,
+    delete_files: Annotated[bool, Query(description="also remove its logs and checkpoints folders (inside the output roots only)")] = False,
+    confirm: Annotated[str | None, Query(max_length=255, description="with delete_files: the run's folder name, typed again")] = None,
+):
+    """Forget a run that is not active. Its files stay unless `delete_files=true&confirm=NAME` (then a run found on disk does
+    not come back at the next index); to only hide a run, archive it (PATCH archived=true)."""
+    run = services.get_run(session, run_id)
+    if delete_files:
+        if confirm != (run.name or str(run.id)):
+            raise services.Invalid(f"delete_files: confirm with the run's folder name (confirm={run.name or run.id}); nothing was deleted")
+        job = services.latest_job(session, run)
+        if job is not None and job.state in ACTIVE:
+            raise services.Conflict(f"run {run_id} is {job.state}: cancel it first", job.state)
+        runtable.delete_files(run, settings.roots)
     services.delete_run(session, run_id)
