@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 import shutil
 
 import pytest
@@ -269,3 +270,38 @@ def test_delete_files_stays_inside_the_roots(tmp_path):
     with pytest.raises(Invalid):
         runtable.delete_files(escaping, (root,))
     assert outside.is_dir() and root.is_dir()
+
+
+def form_token(page: str) -> str:
+    return re.search(r'name="csrf" value="([^"]+)"', page).group(1)
+
+
+def test_the_web_table_sorts_filters_tags_and_clones(server):
+    with server.client(follow_redirects=False) as web:
+        page = web.get("/web/runs", params={"columns": "train.seed,optim.lr", "sort": "-train.seed", "where": "val_acc@1 >= 0"})
+        assert page.status_code == 200 and "<script>" not in page.text  # static scripts only (the CSP allows no inline one)
+        assert 'data-column="train.seed"' in page.text and 'data-column="optim.lr"' in page.text
+        seeds = re.findall(r'<a href="/web/runs/(\d+)">#', page.text)
+        assert len(seeds) == 2
+        assert "format=csv" in page.text and "runtable.js" in page.text
+        broken = web.get("/web/runs", params={"where": "optim.lr <"})
+        assert broken.status_code == 422 and "where: expected a number" in broken.text
+        tagged = web.post("/web/runs/tags", data={"csrf": form_token(page.text), "ids": seeds, "tag": "web-tag", "action": "add"})
+        assert tagged.status_code == 303
+        assert "web-tag" in web.get("/web/runs", params={"tag": "web-tag"}).text
+        assert web.post("/web/runs/tags", data={"ids": seeds, "tag": "x", "action": "add"}).status_code == 403  # no CSRF token
+        editor = web.get(f"/web/runs/{seeds[0]}/clone")
+        assert editor.status_code == 200 and "clone.js" in editor.text
+        check = web.get(f"/web/runs/{seeds[0]}/clone/check", params={"overrides": "optim.lr=0.02\ntrain.epochs=1"}).json()
+        assert check["ok"] and check["changes"]["optim.lr"][1] == 0.02
+        wrong = web.get(f"/web/runs/{seeds[0]}/clone/check", params={"overrides": "optim.lrr=1"}).json()
+        assert not wrong["ok"] and "optim.lrr" in wrong["detail"]
+        queued = web.post(
+            f"/web/runs/{seeds[0]}/clone", data={"csrf": form_token(editor.text), "overrides": "optim.lr=0.02", "priority": "3"}
+        )
+        assert queued.status_code == 303
+        run_id = queued.headers["location"].rsplit("/", 1)[-1]
+        with server.client() as api:
+            run = api.get(f"/api/v1/runs/{run_id}").json()
+            assert run["config"]["optim"]["lr"] == 0.02 and run["jobs"][0]["priority"] == 3
+            api.post(f"/api/v1/runs/{run_id}/cancel")

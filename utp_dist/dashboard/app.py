@@ -18,7 +18,7 @@ from sqlalchemy.exc import DataError, IntegrityError
 from starlette.concurrency import run_in_threadpool
 
 from utp_dist import __version__
-from utp_dist.dashboard import jobqueue, migrate, pages
+from utp_dist.dashboard import jobqueue, migrate, pages, runpages
 from utp_dist.dashboard.api import agent_tokens, agents, configs, jobs, projects, runs, sweeps, system
 from utp_dist.dashboard.db import Database
 from utp_dist.dashboard.indexer import Indexer
@@ -60,6 +60,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(AccessMiddleware, settings=settings, sessions=app.state.sessions, throttle=app.state.throttle)
     for module in (projects, configs, runs, agents, agent_tokens, jobs, sweeps, system):
         app.include_router(module.router)
+    app.include_router(runpages.router)  # before pages: its /web/runs is the run table
     app.include_router(pages.router)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     app.add_api_route("/", lambda: RedirectResponse("/web/runs"), include_in_schema=False)

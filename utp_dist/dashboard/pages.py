@@ -216,34 +216,7 @@ def queue_run(request: Request, config_id: int, session: SessionDep, form: Poste
 # --- runs
 
 
-@router.get("/runs")
-def runs_page(
-    request: Request,
-    session: SessionDep,
-    page: int = Query(1, ge=1),
-    size: int = Query(PAGE_SIZE, ge=1, le=MAX_PAGE),
-    state: str | None = None,
-    q: str | None = None,
-    project: int | None = None,
-    sweep: int | None = None,
-):
-    """Every run, queued here or found under the roots, newest first; read from the index only."""
-    runs, total = services.list_runs(session, project, state or None, q or None, size, (page - 1) * size, sweep)
-    names = dict(session.execute(select(Project.id, Project.name)).all())
-    sweeps = dict(session.execute(select(Sweep.id, Sweep.name)).all())
-    return render(
-        request,
-        "runs.html",
-        runs=runs,
-        total=total,
-        page=page,
-        size=size,
-        state=state or "",
-        q=q or "",
-        projects=names,
-        sweeps=sweeps,
-        states=states,
-    )
+# /web/runs, the run table, is in runpages.py
 
 
 @router.get("/runs/{run_id}")
