@@ -206,7 +206,7 @@ def test_tags_notes_and_display_names(server):
 
 def test_clone_with_edits_is_validated_then_queued(server):
     with server.client() as api:
-        source = api.get("/api/v1/runs", params={"where": "train.seed == 1"}).json()[0]
+        source = api.get("/api/v1/runs", params={"where": "train.seed == 1", "state": "succeeded"}).json()[0]
         url = f"/api/v1/runs/{source['id']}/clone"
         checked = api.post(url, json={"overrides": {"optim.lr": 0.05, "train.epochs": 1}, "dry_run": True})
         assert checked.status_code == 200, checked.text
@@ -230,7 +230,7 @@ def test_clone_with_edits_is_validated_then_queued(server):
 def test_archive_hides_and_delete_removes_files_only_when_confirmed(server):
     root = server.roots[0]
     with server.client() as api:
-        source = api.get("/api/v1/runs", params={"where": "train.seed == 1"}).json()[0]
+        source = api.get("/api/v1/runs", params={"where": "train.seed == 1", "state": "succeeded"}).json()[0]
         for kind in ("logs", "checkpoints"):
             shutil.copytree(root / kind / source["dataset"] / source["name"], root / kind / source["dataset"] / "doomed", symlinks=True)
         api.post("/api/v1/index/refresh").raise_for_status()
