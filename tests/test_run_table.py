@@ -305,3 +305,22 @@ def test_the_web_table_sorts_filters_tags_and_clones(server):
             run = api.get(f"/api/v1/runs/{run_id}").json()
             assert run["config"]["optim"]["lr"] == 0.02 and run["jobs"][0]["priority"] == 3
             api.post(f"/api/v1/runs/{run_id}/cancel")
+
+
+def test_stored_configs_get_new_versions_descriptions_and_archive(server):
+    with server.client() as api:
+        project = api.post("/api/v1/projects", json={"name": "versions"}).json()["id"]
+        made = api.post(
+            "/api/v1/configs", json={"project_id": project, "name": "base", "config": {"optim": {"lr": 0.1}}, "description": "first"}
+        )
+        assert made.status_code == 201 and made.json()["description"] == "first"
+        url = f"/api/v1/configs/{made.json()['id']}/versions"
+        v2 = api.post(url, json={"yaml": "optim:\n  lr: 0.01\n"})
+        assert v2.status_code == 201 and (v2.json()["name"], v2.json()["description"]) == ("base v2", "first")
+        assert api.post(f"/api/v1/configs/{v2.json()['id']}/versions", json={"config": {"optim": {"lr": 1}}}).json()["name"] == "base v3"
+        bad = api.post(url, json={"yaml": "optim:\n  lrr: 1\n"})
+        assert bad.status_code == 422 and "optim.lrr" in bad.json()["detail"]
+        assert api.patch(f"/api/v1/configs/{made.json()['id']}", json={"archived": True, "description": "old"}).json()["archived"] is True
+        listed = [c["name"] for c in api.get(f"/api/v1/configs/project/{project}").json()]
+        assert listed == ["base v2", "base v3"]
+        assert [c["name"] for c in api.get(f"/api/v1/configs/project/{project}", params={"archived": True}).json()] == ["base"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any
 
@@ -94,3 +95,20 @@ def _free_name(session: Session, project_id: int, name: str) -> str:
         n += 1
         candidate = f"{name} ({n})"
     return candidate[:200]
+
+
+def new_version(
+    session: Session, config_id: int, config: dict | None, text: str | None, allow_import: tuple[str, ...], description: str | None
+):
+    """An edited config stored as NAME v2, v3... in the same project, validated as any config (the old one stays: runs
+    queued from it keep the config they ran)."""
+    old = services.found(session, ConfigRow, config_id, "config")
+    stem = re.sub(r" v\d+$", "", old.name)
+    version = 2 + len(
+        list(session.scalars(select(ConfigRow.id).where(ConfigRow.project_id == old.project_id, ConfigRow.name.like(f"{stem} v%"))))
+    )
+    name = _free_name(session, old.project_id, f"{stem} v{version}"[:200])
+    row = services.create_config(session, old.project_id, name, config, text, allow_import)
+    row.description = old.description if description is None else description
+    session.commit()
+    return row

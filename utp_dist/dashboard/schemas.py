@@ -104,6 +104,14 @@ class ConfigOut(Out):
     created: float
 
 
+class ConfigVersionIn(In):
+    """An edited config: stored as a new version next to the old one (runs queued from the old one keep it)."""
+
+    config: dict[str, Any] | None = None
+    yaml: str | None = None
+    description: str | None = Field(default=None, max_length=10_000)
+
+
 class ConfigPatch(In):
     """What may change on a stored config without making it another config: its description, whether it is archived."""
 

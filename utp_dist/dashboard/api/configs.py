@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter, status
 
-from utp_dist.dashboard import services
+from utp_dist.dashboard import clone, services
 from utp_dist.dashboard.db import ConfigRow
 from utp_dist.dashboard.deps import IdPath, PagingDep, SessionDep, SettingsDep
-from utp_dist.dashboard.schemas import ConfigIn, ConfigOut, ConfigPatch
+from utp_dist.dashboard.schemas import ConfigIn, ConfigOut, ConfigPatch, ConfigVersionIn
 
 router = APIRouter(prefix="/api/v1/configs", tags=["configs"])
 
@@ -34,6 +34,13 @@ def list_configs(project_id: IdPath, session: SessionDep, paging: PagingDep, nam
 def get_config(config_id: IdPath, session: SessionDep):
     """One config: its sections as given and the fingerprint of its resolved form."""
     return services.found(session, ConfigRow, config_id, "config")
+
+
+@router.post("/{config_id}/versions", response_model=ConfigOut, status_code=status.HTTP_201_CREATED)
+def new_config_version(config_id: IdPath, body: ConfigVersionIn, session: SessionDep, settings: SettingsDep):
+    """Store an edited config as a new version (NAME v2, v3...) next to this one, validated as any config (422 with the
+    CLI's line); runs queued from the old version keep it."""
+    return clone.new_version(session, config_id, body.config, body.yaml, settings.allow_import, body.description)
 
 
 @router.patch("/{config_id}", response_model=ConfigOut)
