@@ -206,10 +206,10 @@ def queue_run(request: Request, config_id: int, session: SessionDep, form: Poste
     if form is None:
         return csrf_refused(request)
     try:  # the same bounds as the API's body
-        queue = QueueIn(gpus=form.get("gpus") or 0)
+        queue = QueueIn(gpus=form.get("gpus") or 0, priority=form.get("priority") or 0, max_attempts=form.get("max_attempts") or 3)
     except ValidationError as err:
         return error_page(request, 422, problem(err.errors()))
-    run, _ = services.queue_run(session, config_id, gpus=queue.gpus)
+    run, _ = services.queue_run(session, config_id, gpus=queue.gpus, priority=queue.priority, max_attempts=queue.max_attempts)
     return back(f"/web/runs/{run.id}")
 
 
