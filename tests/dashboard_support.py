@@ -101,7 +101,12 @@ class Server:
         if self.proc.poll() is not None:
             raise RuntimeError(f"dashboard exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
         try:
-            return httpx.get(f"{self.url}/static/app.css", timeout=2).status_code == 200
+            if httpx.get(f"{self.url}/static/app.css", timeout=2).status_code != 200:
+                return False
+            # the server indexes the roots in the background: tests start from a complete index
+            token = self.token
+            index = httpx.get(f"{self.url}/api/v1/index", headers={"Authorization": f"Bearer {token}"} if token else {}, timeout=2)
+            return index.status_code != 200 or not index.json()["indexing"]
         except httpx.HTTPError:
             return False
 

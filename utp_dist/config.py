@@ -247,6 +247,9 @@ class OutputConfig(_Section):
 
     root: str = "experiments"
     """Output root: logs/ and checkpoints/ are created below it."""
+    project: str | None = None
+    """The dashboard project the run is listed under; null = the data set's name. A label only: not part of the
+    config's fingerprint."""
     run_name: str | None = None
     """Run name; null = model_flavour__loss__pretrained-or-scratch[__suffix]."""
     suffix: str | None = None
@@ -341,7 +344,7 @@ class Config(_Section):
         (SAME_RUN_IGNORES), so a run continued with checkpoint.resume=PATH or more workers, or started by an agent
         with checkpoint.resume=never, is still the same run to `submit` and `status`.
         """
-        exclude = SAME_RUN_IGNORES if exclude is None else exclude
+        exclude = (SAME_RUN_IGNORES if exclude is None else exclude) + LABELS
         flat = {k: v for k, v in flatten(self.to_dict()).items() if not under(k, exclude)}
         return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -364,6 +367,8 @@ MAY_CHANGE_ON_RESUME = (
 # of those, the ones that make a run longer: a run with more epochs is another grid point until it has trained them
 RUN_LENGTH = ("train.epochs", "train.max_steps")
 SAME_RUN_IGNORES = tuple(key for key in MAY_CHANGE_ON_RESUME if key not in RUN_LENGTH)
+# keys that only say where a run is listed: never part of what a run is
+LABELS = ("output.project",)
 
 
 def under(key: str, prefixes: tuple[str, ...]) -> bool:

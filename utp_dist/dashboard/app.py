@@ -17,7 +17,7 @@ from fastapi.staticfiles import StaticFiles
 from sqlalchemy.exc import DataError, IntegrityError
 from starlette.concurrency import run_in_threadpool
 
-from utp_dist.dashboard import downloads, jobqueue, migrate, pages
+from utp_dist.dashboard import downloads, jobqueue, migrate, pages, runpages
 from utp_dist.dashboard.api import agent_tokens, agents, configs, jobs, projects, runs, sweeps, system
 from utp_dist.dashboard.db import Database
 from utp_dist.dashboard.indexer import Indexer
@@ -34,15 +34,14 @@ log = logging.getLogger(__name__)
 
 
 def create_app(settings: Settings) -> FastAPI:
-    """The app for these settings: migrates the database, indexes the roots once, then keeps indexing in the background."""
+    """The app for these settings: migrates the database, then indexes the roots in the background."""
     database = Database(settings.database_url)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        """Migrate, index once, then index in the background until shutdown."""
+        """Migrate, then index in the background (the first pass too: the port opens at once) until shutdown."""
         migrate.upgrade(database.engine)
         database.watch_file()
-        indexer.refresh()
         indexer.start(settings.index_interval_s)
         reaper = asyncio.create_task(reap_forever(database, indexer, min(settings.lease_s / 4, 2.0)))
         yield
@@ -61,6 +60,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(AccessMiddleware, settings=settings, sessions=app.state.sessions, throttle=app.state.throttle)
     for module in (projects, configs, runs, agents, agent_tokens, jobs, sweeps, system, downloads):
         app.include_router(module.router)
+    app.include_router(runpages.router)  # before pages: its /web/runs is the run table
     app.include_router(pages.router)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     app.add_api_route("/", lambda: RedirectResponse("/web/runs"), include_in_schema=False)

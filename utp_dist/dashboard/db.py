@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, Float, ForeignKey, Integer, String, Text, UniqueConstraint, create_engine, event
+from sqlalchemy import JSON, Boolean, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint, create_engine, event, false
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
@@ -36,6 +36,7 @@ class Project(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(200), unique=True)
     description: Mapped[str] = mapped_column(Text, default="")
+    archived: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     created: Mapped[float] = mapped_column(Float, default=now)
     configs: Mapped[list[ConfigRow]] = relationship(back_populates="project", cascade="all, delete-orphan")
 
@@ -49,6 +50,8 @@ class ConfigRow(Base):
     name: Mapped[str] = mapped_column(String(200))
     config: Mapped[dict[str, Any]] = mapped_column(JSON)
     config_hash: Mapped[str] = mapped_column(String(64), index=True)
+    description: Mapped[str] = mapped_column(Text, default="", server_default="")
+    archived: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     created: Mapped[float] = mapped_column(Float, default=now)
     project: Mapped[Project] = relationship(back_populates="configs")
 
@@ -115,9 +118,43 @@ class Run(Base):
     log_tail: Mapped[str | None] = mapped_column(Text, nullable=True)
     # the indexer's bookkeeping: the newest mtime among the run's files when it last read them
     indexed_mtime: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # what users add: a name shown instead of the folder's, free notes, and archived runs leave the default lists
+    display_name: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    notes: Mapped[str | None] = mapped_column(Text, nullable=True)
+    archived: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false(), index=True)
     created: Mapped[float] = mapped_column(Float, default=now, index=True)
     updated: Mapped[float] = mapped_column(Float, default=now, onupdate=now)
+    project: Mapped[Project | None] = relationship()
+    tags: Mapped[list[RunTag]] = relationship(cascade="all, delete-orphan", order_by="RunTag.tag", passive_deletes=True)
     jobs: Mapped[list[Job]] = relationship(back_populates="run", cascade="all, delete-orphan", order_by="Job.id")
+
+
+class RunValue(Base):
+    """One config key or metric of a run, narrow so that the run table filters and sorts on any of them in SQL.
+
+    `num` holds numbers and booleans (1/0), `text` the value as shown (strings, lists as JSON); the indexes on
+    (key, num, run_id) and (key, text, run_id) answer `optim.lr < 0.003` or a sort by `val_acc@1` without reading every run.
+    """
+
+    __tablename__ = "run_values"
+    # WITHOUT ROWID on SQLite: the rows lie in (run_id, key) order, so a sort's lookup of one key per run reads no second b-tree
+    __table_args__ = (
+        Index("ix_run_values_key_num", "key", "num", "run_id"),
+        Index("ix_run_values_key_text", "key", "text", "run_id"),
+        {"sqlite_with_rowid": False},
+    )
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    key: Mapped[str] = mapped_column(String(200), primary_key=True)
+    num: Mapped[float | None] = mapped_column(Float, nullable=True)
+    text: Mapped[str | None] = mapped_column(String(500), nullable=True)
+
+
+class RunTag(Base):
+    """A tag on a run (a user's label: baseline, keep, broken-data...)."""
+
+    __tablename__ = "run_tags"
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    tag: Mapped[str] = mapped_column(String(64), primary_key=True, index=True)
 
 
 class Job(Base):

@@ -8,19 +8,25 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from pathlib import Path
 
 from sqlalchemy import exists, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from utp_dist import states
-from utp_dist.dashboard import jobqueue, sources
+from utp_dist.dashboard import jobqueue, runtable, sources
 from utp_dist.dashboard.db import Run, Sweep, now
 from utp_dist.errors import UserError
 from utp_dist.store import runfiles
 from utp_dist.store.run_dir import RunDir, find_runs, inside, is_version_of
 
 log = logging.getLogger(__name__)
+BATCH = 200  # runs read per commit
+
+
+class Stopped(Exception):
+    """The server is shutting down: a pass ends where it is."""
 
 
 class Indexer:
@@ -32,25 +38,33 @@ class Indexer:
         self.ledgers: dict[str, tuple[float, list[tuple[str, str, str]]]] = {}  # sweep folder -> (mtime, its tasks' run keys)
         self.stopping = threading.Event()
         self.thread: threading.Thread | None = None
+        # what pages and the API say while the first pass over the roots is still under way (the server answers meanwhile)
+        self.status: dict = {"indexing": True, "runs_seen": 0, "started": None, "first_pass_s": None}
 
     def refresh(self) -> dict[str, int]:
         """One pass over every root: add new runs/sweeps, re-read changed ones, forget vanished ones. Returns counts."""
         with self.lock, self.sessions() as session:
+            started = time.monotonic()
+            self.status.update(started=self.status["started"] or now(), runs_seen=0)
             counts = self._runs(session)
             counts.update(self._sweeps(session))
             counts["linked"] = self._link(session)
             session.commit()
+            if self.status["indexing"]:
+                self.status.update(indexing=False, first_pass_s=round(time.monotonic() - started, 3))
         return counts
 
     def _runs(self, session: Session) -> dict[str, int]:
         roots = [str(r) for r in self.roots]
         rows = {(r.root, r.dataset, r.name): r for r in session.scalars(select(Run).where(Run.root.in_(roots)))}
-        seen, read = set(), 0
+        seen, read, values = set(), 0, {}
         # a job whose agent has not reported its folder yet: a new live folder may be its, and its agent reports it
         # within seconds (from the training's handshake); until then the folder gets no row of its own
         starting = session.scalar(select(exists().where(Run.source == "queue", Run.root.is_(None), Run.state.in_(jobqueue.HELD))))
         for root in roots:
             for folder in find_runs(root, within=self.roots):  # a symlink out of the roots is no run
+                if self.stopping.is_set():  # shutting down mid-pass: what was committed stays, nothing is forgotten
+                    raise Stopped
                 key = (root, folder.dataset, folder.name)
                 row = rows.get(key)
                 if row is None and starting and runfiles.alive(folder):
@@ -63,8 +77,12 @@ class Indexer:
                 if row is None:
                     row = Run(source="disk", root=root, dataset=folder.dataset, name=folder.name, created=_started(folder))
                     session.add(row)
-                self._read(row, folder, mtime)
+                values[row] = self._read(row, folder, mtime)
                 read += 1
+                if len(values) >= BATCH:  # the table fills while a big root is read, and writers are not held off for long
+                    self._store(session, values)
+                self.status["runs_seen"] = len(seen)
+        self._store(session, values)
         # a root that is not there right now (an unmounted share) forgets nothing: its runs keep their ids and links
         present = {root for root in roots if runfiles.holds_runs(root)}
         gone = [row for key, row in rows.items() if key not in seen and row.source == "disk" and key[0] in present]
@@ -73,7 +91,17 @@ class Indexer:
         return {"runs": len(seen), "runs_read": read, "runs_gone": len(gone)}
 
     @staticmethod
-    def _read(row: Run, folder: RunDir, mtime: float | None) -> None:
+    def _store(session: Session, values: dict[Run, dict]) -> None:
+        """Write what was read so far, with each run's filterable values (runtable.py), and commit."""
+        runtable.assign_projects(session, values)
+        session.flush()  # new runs get their ids
+        runtable.store_values(session, {row.id: found for row, found in values.items()})
+        session.commit()
+        values.clear()
+
+    @staticmethod
+    def _read(row: Run, folder: RunDir, mtime: float | None) -> dict:
+        """Update the row from the run's files; returns its values for the run table."""
         config = folder.read_config()
         progress = runfiles.progress(folder, config)
         summary = folder.read_summary() or {}
@@ -86,6 +114,7 @@ class Indexer:
             row.state = runfiles.disk_state(folder)
         row.indexed_mtime = mtime
         row.updated = now()
+        return runtable.values_of(folder, config, summary, mtime, row.created)
 
     def _sweeps(self, session: Session) -> dict[str, int]:
         rows = {s.folder: s for s in session.scalars(select(Sweep))}
@@ -144,12 +173,17 @@ class Indexer:
         return changed
 
     def start(self, interval_s: float) -> None:
-        """Refresh every `interval_s` seconds in a daemon thread until stop()."""
+        """Refresh at once, then every `interval_s` seconds, in a daemon thread until stop(): the server answers while
+        the first pass reads a big root."""
 
         def loop() -> None:
-            while not self.stopping.wait(interval_s):
+            wait = 0.0
+            while not self.stopping.wait(wait):
+                wait = interval_s
                 try:
                     self.refresh()
+                except Stopped:
+                    return
                 except Exception:  # a bad folder or a locked database must not end the loop
                     log.exception("indexing the output roots failed; trying again in %.0f s", interval_s)
 

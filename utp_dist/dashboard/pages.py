@@ -205,43 +205,17 @@ def queue_run(request: Request, config_id: int, session: SessionDep, form: Poste
     if form is None:
         return csrf_refused(request)
     try:  # the same bounds as the API's body
-        queue = QueueIn(gpus=form.get("gpus") or 0)
+        queue = QueueIn(gpus=form.get("gpus") or 0, priority=form.get("priority") or 0, max_attempts=form.get("max_attempts") or 3)
     except ValidationError as err:
         return error_page(request, 422, problem(err.errors()))
-    run, _ = jobqueue.queue_run(session, config_id, gpus=queue.gpus)
+    run, _ = jobqueue.queue_run(session, config_id, gpus=queue.gpus, priority=queue.priority, max_attempts=queue.max_attempts)
     return back(f"/web/runs/{run.id}")
 
 
 # --- runs
 
 
-@router.get("/runs")
-def runs_page(
-    request: Request,
-    session: SessionDep,
-    page: int = Query(1, ge=1),
-    size: int = Query(PAGE_SIZE, ge=1, le=MAX_PAGE),
-    state: str | None = None,
-    q: str | None = None,
-    project: int | None = None,
-    sweep: int | None = None,
-):
-    """Every run, queued here or found under the roots, newest first; read from the index only."""
-    runs, total = services.list_runs(session, project, state or None, q or None, size, (page - 1) * size, sweep)
-    names, sweeps = readmodels.names(session)
-    return render(
-        request,
-        "runs.html",
-        runs=runs,
-        total=total,
-        page=page,
-        size=size,
-        state=state or "",
-        q=q or "",
-        projects=names,
-        sweeps=sweeps,
-        states=states,
-    )
+# /web/runs, the run table, is in runpages.py
 
 
 @router.get("/runs/{run_id}")

@@ -72,12 +72,14 @@ class ProjectIn(In):
 class ProjectPatch(In):
     name: Name | None = None
     description: str | None = None
+    archived: bool | None = None
 
 
 class ProjectOut(Out):
     id: int
     name: str
     description: str
+    archived: bool = False
     created: float
 
 
@@ -88,6 +90,7 @@ class ConfigIn(In):
     name: Name
     config: dict[str, Any] | None = None
     yaml: str | None = None
+    description: str = Field(default="", max_length=10_000)
 
 
 class ConfigOut(Out):
@@ -96,7 +99,57 @@ class ConfigOut(Out):
     name: str
     config: dict[str, Any]
     config_hash: str
+    description: str = ""
+    archived: bool = False
     created: float
+
+
+class ConfigVersionIn(In):
+    """An edited config: stored as a new version next to the old one (runs queued from the old one keep it)."""
+
+    config: dict[str, Any] | None = None
+    yaml: str | None = None
+    description: str | None = Field(default=None, max_length=10_000)
+
+
+class ConfigPatch(In):
+    """What may change on a stored config without making it another config: its description, whether it is archived."""
+
+    description: str | None = Field(default=None, max_length=10_000)
+    archived: bool | None = None
+
+
+Tag = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64, pattern=r"^[^,\s][^,]*$")]
+
+
+class RunPatch(In):
+    """What users add to a run (every field optional; "" clears a display name or notes)."""
+
+    display_name: str | None = Field(default=None, max_length=255)
+    notes: str | None = Field(default=None, max_length=100_000)
+    tags: list[Tag] | None = Field(default=None, max_length=50, description="the run's tags, replacing the ones it has")
+    add_tags: list[Tag] = Field(default=[], max_length=50)
+    remove_tags: list[Tag] = Field(default=[], max_length=50)
+    archived: bool | None = None
+
+
+class CloneIn(In):
+    """A new run from a run's config with some keys changed (dotted keys: {"optim.lr": 0.001}), queued like any other."""
+
+    overrides: dict[Annotated[str, StringConstraints(min_length=1, max_length=200)], Any] = Field(default={}, max_length=200)
+    name: Name | None = Field(default=None, description="the stored config's name; default: clone of run N")
+    dry_run: bool = Field(default=False, description="validate and show the changes only (the editor checks as the user types)")
+    gpus: int = Field(default=0, ge=0, le=MAX_GPUS)
+    priority: Int = 0
+    max_attempts: int = Field(default=3, ge=1, le=100)
+
+
+class BulkTags(In):
+    """Tags added to and removed from many runs at once (the run table's bulk action)."""
+
+    run_ids: list[Id] = Field(min_length=1, max_length=MAX_LISTED)
+    add: list[Tag] = Field(default=[], max_length=50)
+    remove: list[Tag] = Field(default=[], max_length=50)
 
 
 class QueueIn(In):
@@ -152,8 +205,20 @@ class RunOut(Out):
     best: float | None
     img_per_s: float | None
     error: str | None
+    display_name: str | None = None
+    notes: str | None = None
+    archived: bool = False
     created: float
     updated: float
+
+
+class RunRow(RunOut):
+    """A row of the run table: the run, its tags, its project's and sweep's names, and the values of the columns asked."""
+
+    tags: list[str] = []
+    project: str | None = None
+    sweep: str | None = None
+    values: dict[str, Any] = {}
 
 
 class RunDetail(RunOut):
@@ -166,6 +231,7 @@ class RunDetail(RunOut):
     jobs: list[JobOut] = []
     log_tail: str | None = None
     """What the agent running it last saw its training process print."""
+    tags: list[str] = []
     sweep_task: dict[str, Any] | None = None
     """The sweep task that trained it, when one did: sweep folder and id, task index, job id, host, pid, attempts."""
 

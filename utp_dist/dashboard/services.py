@@ -80,9 +80,9 @@ def commit(session: Session, taken: str) -> None:
 # --- projects
 
 
-def list_projects(session: Session, limit: int = 100, offset: int = 0) -> tuple[list[Project], int]:
-    """Projects, oldest first."""
-    return page(session, select(Project).order_by(Project.id), limit, offset)
+def list_projects(session: Session, limit: int = 100, offset: int = 0, archived: bool = False) -> tuple[list[Project], int]:
+    """Projects, oldest first (the archived ones only when asked)."""
+    return page(session, select(Project).where(Project.archived.is_(archived)).order_by(Project.id), limit, offset)
 
 
 def create_project(session: Session, name: str, description: str = "") -> Project:
@@ -136,11 +136,11 @@ def create_config(
 
 
 def list_configs(
-    session: Session, project_id: int, limit: int = 100, offset: int = 0, name: str | None = None
+    session: Session, project_id: int, limit: int = 100, offset: int = 0, name: str | None = None, archived: bool = False
 ) -> tuple[list[ConfigRow], int]:
-    """A project's configs, oldest first (only the one called `name`, when given)."""
+    """A project's configs, oldest first (only the one called `name`, when given; the archived ones only when asked)."""
     found(session, Project, project_id, "project")
-    query = select(ConfigRow).where(ConfigRow.project_id == project_id).order_by(ConfigRow.id)
+    query = select(ConfigRow).where(ConfigRow.project_id == project_id, ConfigRow.archived.is_(archived)).order_by(ConfigRow.id)
     return page(session, query.where(ConfigRow.name == name) if name is not None else query, limit, offset)
 
 

@@ -12,9 +12,9 @@ router = APIRouter(prefix="/api/v1/projects", tags=["projects"])
 
 
 @router.get("", response_model=list[ProjectOut])
-def list_projects(session: SessionDep, paging: PagingDep):
-    """Every project, oldest first."""
-    return paging.total(*services.list_projects(session, paging.limit, paging.offset))
+def list_projects(session: SessionDep, paging: PagingDep, archived: bool = False):
+    """Every project, oldest first (`?archived=true`: the archived ones)."""
+    return paging.total(*services.list_projects(session, paging.limit, paging.offset, archived))
 
 
 @router.post("", response_model=ProjectOut, status_code=status.HTTP_201_CREATED)
@@ -31,8 +31,9 @@ def get_project(project_id: IdPath, session: SessionDep):
 
 @router.patch("/{project_id}", response_model=ProjectOut)
 def update_project(project_id: IdPath, body: ProjectPatch, session: SessionDep):
-    """Rename a project or change its description (409 when the new name is taken)."""
-    return services.update_project(session, project_id, body.name, body.description)
+    """Rename a project, change its description, or archive it (409 when the new name is taken)."""
+    project = services.update_project(session, project_id, body.name, body.description)
+    return project if body.archived is None else services.patch(session, services.Project, project_id, "project", archived=body.archived)
 
 
 @router.delete("/{project_id}", status_code=status.HTTP_204_NO_CONTENT)

@@ -17,6 +17,13 @@ def refresh_index(request: Request) -> dict[str, int]:
     return request.app.state.indexer.refresh()
 
 
+@router.get("/api/v1/index")
+def index_status(request: Request) -> dict:
+    """Whether the first pass over the output roots is still under way (indexing), how many runs it has seen so far,
+    and how long it took once done (first_pass_s)."""
+    return dict(request.app.state.indexer.status)
+
+
 @router.get("/files/{root}/{path:path}")
 def serve_file(root: int, path: str, settings: SettingsDep) -> FileResponse:
     """A file below output root number `root` (figures, logs, exports); 403 for anything resolving outside the roots and
