@@ -152,14 +152,20 @@ def _resubmit_search(folder: Path, record: dict, args: argparse.Namespace) -> in
     """Continue a search: its failed trials go on from their newest state, and workers that ended start again."""
     if not args.failed:
         raise UserError("resubmit: a search continues as a whole: use --failed (failed trials and ended workers start again)")
+    indices, line = _search_work(folder, record)
+    print(line)
+    return _launch(folder, record, executors.of_ledger(folder, record), indices, args) if indices else 0
+
+
+def _search_work(folder: Path, record: dict) -> tuple[list[int], str]:
+    """(the workers to start again, the line that says why or why not): failed trials are set to continue from their
+    newest state, and every worker that ended starts again while the search has work left."""
     retried = retry_failed(folder, record)
     running = {r["task"] for r in rows(folder, record) if r["state"] not in states.DONE}
     indices = [task["index"] for task in record["tasks"] if task["index"] not in running]
     if search_finished(folder, record) or not indices:
-        print("nothing to resubmit: the search has no failed trial and nothing left to train" if not running else "workers still run")
-        return 0
-    print(f"{retried} failed trial(s) continue from their newest state")
-    return _launch(folder, record, executors.of_ledger(folder, record), indices, args)
+        return [], "nothing to resubmit: the search has no failed trial and nothing left to train" if not running else "workers still run"
+    return indices, f"{retried} failed trial(s) continue from their newest state"
 
 
 def _preflight(tasks: list) -> bool:
@@ -290,13 +296,18 @@ def resubmit_failed(folder: Path) -> str:
     The tasks of a debug sweep go to the local runner instead: the debug executor would train them in this process.
     """
     record = ledger.read(folder)
-    indices, _ = _not_completed(record, _failed(folder, record))
+    said = None
+    if "search" in record:
+        indices, said = _search_work(folder, record)
+    else:
+        indices, _ = _not_completed(record, _failed(folder, record))
     if not indices:
-        return NOTHING_TO_RESUBMIT
+        return said or NOTHING_TO_RESUBMIT
     executor = executors.of_ledger(folder, record)
     if executor.in_process:
         executor = executors.LocalExecutor(executor.resources)
-    return _submitted(folder, record, executor, indices)
+    submitted = _submitted(folder, record, executor, indices)
+    return f"{said}; {submitted}" if said else submitted
 
 
 def _failed(folder: Path, record: dict) -> list[int]:
