@@ -58,7 +58,7 @@ def test_search_workers_are_one_array_and_a_preempted_worker_continues_its_trial
     assert again["attempts"] >= preempted["attempts"] + 1 and again["job"] == jobs[0]  # continued by the requeued worker 0
     log = "".join(p.read_text() for p in (sweep / "slurm").glob(f"{jobs[0]}_0_log.*"))
     assert f"stopped by signal {int(signal.SIGUSR2)} in trial {preempted['number']}" in log, log[-3000:]
-    assert sorted(p.name for p in (tmp_path / "out" / "logs" / "shapes").iterdir()) == []
+    assert sorted(p.name for p in (tmp_path / "out" / "logs" / "shapes").iterdir()) == [f"ssearch__trial-00{n}" for n in range(3)]
     status = json.loads(submit(slurm, "status", str(sweep), "--json").stdout)
     assert sorted(r["state"] for r in status) == ["stopped-early", "stopped-early", "succeeded"]
 
