@@ -136,10 +136,16 @@ def submit_search(args: argparse.Namespace) -> int:
             (folder / name).write_text(text)
         print(f"dry run: nothing submitted; {', '.join(files) or 'nothing'} written to {folder}")
         return 0
-    if args.executor == "dashboard":
-        raise UserError("the dashboard executor does not run searches yet; use --executor slurm, local or debug")
     executor.check_available()
     folder = ledger.create_search(search, base.output.root, executor.name, args.profile, as_dict(resources))
+    if args.executor == "dashboard":  # the server steps it (utp_dist.dashboard.searches): nothing to keep running here
+        ledger.record_submission(folder, ledger.read(folder), executor.name, {})
+        print(
+            f"submitted to the dashboard at {args.server}: it queues the trials as runs of the project 'sweep {folder.name}' "
+            f"once it indexes {folder} (the output root must be one of its --root)\nsweep folder: {folder}\n"
+            f"  status:      python -m utp_dist.submit status {folder}"
+        )
+        return 0
     try:
         return _launch(folder, ledger.read(folder), executor, list(range(search.parallel)), args)
     except UserError:
@@ -153,6 +159,9 @@ def _resubmit_search(folder: Path, record: dict, args: argparse.Namespace) -> in
     if not args.failed:
         raise UserError("resubmit: a search continues as a whole: use --failed (failed trials and ended workers start again)")
     retried = retry_failed(folder, record)
+    if record["executor"] == "dashboard":  # the server resumes the runs of the failed trials
+        print(f"{retried} failed trial(s) continue from their newest state" if retried else "nothing to resubmit: no failed trial")
+        return 0
     running = {r["task"] for r in rows(folder, record) if r["state"] not in states.DONE}
     indices = [task["index"] for task in record["tasks"] if task["index"] not in running]
     if search_finished(folder, record) or not indices:
@@ -249,7 +258,8 @@ def status(args: argparse.Namespace) -> int:
     record = ledger.read(folder)
     if "search" in record:
         table = trial_rows(folder, record)
-        print(json.dumps(table, indent=1) if args.json else markdown(table, TRIAL_COLUMNS) + "\n" + workers_line(folder, record))
+        workers = "" if record["executor"] == "dashboard" else "\n" + workers_line(folder, record)  # the server's trials: no workers
+        print(json.dumps(table, indent=1) if args.json else markdown(table, TRIAL_COLUMNS) + workers)
         return 0
     table = rows(folder, record)
     print(json.dumps(table, indent=1, default=str) if args.json else markdown(table, COLUMNS))
