@@ -1,15 +1,18 @@
-"""A search on agents: the server queues its trials, decides its rungs and resumes the promoted ones, with real processes."""
+"""A search on agents: the server queues its trials, decides its rungs and resumes the promoted ones, with real processes
+(a server, two CPU agents, their training children, one agent killed -9 mid-trial)."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import make_image_folder, run_cli, tiny_config
+from conftest import REPO, make_image_folder, run_cli, tiny_config
 from dashboard_support import wait_until
-from test_agents import dashboard  # noqa: F401 (the fixture)
+from test_agents import ENV, dashboard  # noqa: F401 (the fixture)
 
 
 @pytest.fixture(scope="module")
@@ -35,28 +38,42 @@ def test_two_cpu_agents_run_an_asha_search_the_server_steps(tmp_path, dashboard,
     path.write_text(yaml.safe_dump({"name": "tiny", "base": tiny_config(data, root, data={"num_workers": 0}), "search": search}))
     group.start("cpu-a")
     group.start("cpu-b")
-    done = run_cli(str(path), "--executor", "dashboard", "--server", server.url, module="utp_dist.submit", **server.xdg_env())
-    assert done.returncode == 0 and "submitted to the dashboard" in done.stdout, done.stdout + done.stderr
+    cmd = [sys.executable, "-m", "utp_dist.submit", str(path), "--executor", "dashboard", "--server", server.url, "--wait", "--poll", "1"]
+    env = {**ENV, **server.xdg_env()}
+    submit = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     sweep = root / "sweeps" / "tiny"
 
-    def ended() -> bool:
-        trials = _trials(sweep)
-        return len(trials) == 3 and all(t["state"] in ("succeeded", "stopped-early", "failed") for t in trials)
+    def promoted_training() -> dict | None:  # the promoted trial's second segment, started by an agent
+        for trial in _trials(sweep) if sweep.is_dir() else []:
+            if trial["state"] == "running" and trial["target"] == 2 and trial.get("run_id"):
+                run = client.get(f"/api/v1/runs/{trial['run_id']}").json()
+                if run["state"] == "running" and run["agent_id"]:
+                    return run
+        return None
 
     try:
-        wait_until(ended, 150, "the search's trials to end", server.log)
-    except TimeoutError as err:
-        raise AssertionError(f"{err}\n{_trials(sweep)}\n{group.logs()}") from None
+        wait_until(lambda: promoted_training() is not None, 150, "the promoted trial's second segment")
+        holder = promoted_training()["agent_id"]
+        name = next(a["name"] for a in client.get("/api/v1/agents").json() if a["id"] == holder)
+        group.procs[name].kill()  # kill -9 of its agent mid-trial: the lease runs out, the other agent continues it
+        out, err = submit.communicate(timeout=150)
+    finally:
+        if submit.poll() is None:
+            submit.kill()
+    assert submit.returncode == 0, f"{out[-3000:]}\n{err[-3000:]}\n{_trials(sweep)}\n{group.logs()}"
+    assert "submitted to the dashboard" in out and "| succeeded |" in out
 
     trials = _trials(sweep)
     assert [t["number"] for t in trials] == [0, 1, 2]
     assert sorted(t["state"] for t in trials) == ["stopped-early", "stopped-early", "succeeded"], trials
     # one queued run per trial, each in its own run folder; the promoted one continued its folder to epoch 2
-    assert sorted(p.name for p in (root / "logs" / "shapes").iterdir()) == [f"tiny__trial-00{n}" for n in range(3)]
+    # (a trial whose first segment died with the agent before its first save goes on as NAME-v1: still one folder)
+    folders = sorted(p.name for p in (root / "logs" / "shapes").iterdir())
+    assert folders == sorted(t["run"] for t in trials) and all(t["run"].startswith(f"tiny__trial-00{t['number']}") for t in trials)
     (best,) = [t for t in trials if t["state"] == "succeeded"]
-    assert list(best["values"]) == ["1", "2"] and best["attempts"] == 2
-    run = client.get(f"/api/v1/runs/{best['run_id']}").json()
-    assert run["state"] == "succeeded" and run["name"] == best["run"] and run["attempts"] == 2, run
+    assert list(best["values"]) == ["1", "2"] and best["attempts"] == 2  # the same trial number after its agent died
+    run = client.get(f"/api/v1/runs/{best['run_id']}").json()  # paused, then continued twice (killed, requeued)
+    assert run["state"] == "succeeded" and run["name"] == best["run"] and run["attempts"] == 3 and run["agent_id"] != holder, run
     assert len({t["run_id"] for t in trials}) == 3
     checkpoints = root / "checkpoints" / "shapes"
     for trial in trials:

@@ -87,6 +87,8 @@ def _follow(session: Session, study: Study, record: dict) -> None:
     if job is None:  # its run was deleted on the dashboard: the trial cannot go on
         study.report(record["number"], 1, False)
         return
+    if run.name and run.name != record["run"]:
+        _moved(study, record, run.name)
     if job.state == states.SUCCEEDED:
         study.report(record["number"], 0, False)
     elif job.state == states.STOPPED and reached(record, record["target"]):
@@ -97,6 +99,19 @@ def _follow(session: Session, study: Study, record: dict) -> None:
         _resume(session, study, record)
     elif job.state == states.FAILED:
         study.report(record["number"], 1, False)
+
+
+def _moved(study: Study, record: dict, name: str) -> None:
+    """An attempt that found the trial's folder without any state (its agent died before the first save) started anew as
+    NAME-vN: the trial follows its run there, and the stateless folder goes (one run folder per trial)."""
+    from utp_dist.sweep.study import prepare_run
+
+    with study.locked() as records:
+        saved = next(r for r in records if r["number"] == record["number"])
+        old, saved["run"] = dict(saved), name
+        study.save(saved)
+    record["run"] = name
+    prepare_run(old)
 
 
 def _resume(session: Session, study: Study, record: dict) -> None:

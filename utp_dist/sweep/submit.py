@@ -145,7 +145,7 @@ def submit_search(args: argparse.Namespace) -> int:
             f"once it indexes {folder} (the output root must be one of its --root)\nsweep folder: {folder}\n"
             f"  status:      python -m utp_dist.submit status {folder}"
         )
-        return 0
+        return wait_trials(folder, ledger.read(folder), args.poll) if args.wait else 0
     try:
         return _launch(folder, ledger.read(folder), executor, list(range(search.parallel)), args)
     except UserError:
@@ -239,17 +239,33 @@ def wait(folder: Path, indices: list[int], poll: float) -> int:
         text = markdown(table, COLUMNS)
         if "search" in record:  # the workers are the tasks; what to watch are the trials
             text = markdown(trial_rows(folder, record), TRIAL_COLUMNS) + "\n" + workers_line(folder, record, table)
-        if text != shown:
-            print(time.strftime("%H:%M:%S"), flush=True)
-            print(text, flush=True)
-            shown = text
+        shown = _show(text, shown)
         if all(r["state"] in states.DONE for r in table):
-            if "search" in record:
-                return (
-                    0 if search_finished(folder, record) and not any(t["state"] == states.FAILED for t in trial_rows(folder, record)) else 1
-                )
-            return 0 if all(r["state"] == states.SUCCEEDED for r in table) else 1
+            return _search_outcome(folder, record) if "search" in record else 0 if all(r["state"] == states.SUCCEEDED for r in table) else 1
         time.sleep(poll)
+
+
+def wait_trials(folder: Path, record: dict, poll: float) -> int:
+    """Print a search's trials whenever they change until every trial ended (the dashboard's server trains them); 0 if
+    none failed."""
+    shown = None
+    while True:
+        shown = _show(markdown(trial_rows(folder, record), TRIAL_COLUMNS), shown)
+        if search_finished(folder, record):
+            return _search_outcome(folder, record)
+        time.sleep(poll)
+
+
+def _show(text: str, shown: str | None) -> str:
+    if text != shown:
+        print(time.strftime("%H:%M:%S"), flush=True)
+        print(text, flush=True)
+    return text
+
+
+def _search_outcome(folder: Path, record: dict) -> int:
+    """0 when the search has every trial ended and none failed, else 1."""
+    return 0 if search_finished(folder, record) and not any(t["state"] == states.FAILED for t in trial_rows(folder, record)) else 1
 
 
 def status(args: argparse.Namespace) -> int:
