@@ -86,3 +86,35 @@ def test_two_cpu_agents_run_an_asha_search_the_server_steps(tmp_path, dashboard,
     lines = status.stdout.splitlines()
     assert lines[0].startswith("| trial | state |") and len(lines) == 5, status.stdout
     assert sorted(line.split(" | ")[1] for line in lines[2:]) == ["stopped-early", "stopped-early", "succeeded"]
+
+
+def test_the_controller_is_idempotent_and_resubmit_failed_resumes_a_failed_trial(tmp_path, data):
+    """The server's step, in process: no duplicate run on a repeated step; a failed trial fails; resubmit --failed resumes it."""
+    from utp_dist.dashboard import jobqueue, migrate, searches
+    from utp_dist.dashboard.db import Database, Run
+    from utp_dist.sweep import ledger as ledgers
+    from utp_dist.sweep.search import load_search
+    from utp_dist.sweep.study import retry_failed
+
+    root = tmp_path / "root"
+    search = {"method": "random", "trials": 3, "parallel": 2, "space": {"optim.lr": {"log_uniform": [1.0e-4, 1.0e-2]}}}
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump({"name": "tiny", "base": tiny_config(data, root), "search": search}))
+    folder = ledgers.create_search(load_search(path), str(root), "dashboard", None, {"gpus_per_node": 0})
+    database = Database(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    migrate.upgrade(database.engine)
+    with database.sessions() as session:
+        for _ in range(2):
+            searches.step_all(session, (root,))
+        assert [t["run_id"] for t in _trials(folder)] == [1, 2] and session.query(Run).count() == 2  # parallel 2, once
+        agent = jobqueue.register(session, "a", "host", [], drain=False, lease_s=30)
+        claimed = jobqueue.claim(session, agent.id, 0, True, [], lease_s=30)
+        jobqueue.start(session, claimed["job_id"], agent.id, claimed["attempt"], pid=1)
+        jobqueue.finish(session, claimed["job_id"], agent.id, claimed["attempt"], 1, "boom", None)
+        searches.step_all(session, (root,))
+        trials = _trials(folder)
+        assert [t["state"] for t in trials] == ["failed", "running", "running"] and trials[0]["error"] == "exit 1; see the worker's log"
+        assert retry_failed(folder, ledgers.read(folder)) == 1
+        searches.step_all(session, (root,))
+        assert session.get(Run, 1, populate_existing=True).state == "queued" and session.query(Run).count() == 3
+        assert [(t["state"], t.get("retry")) for t in _trials(folder)][0] == ("running", False)
