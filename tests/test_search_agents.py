@@ -26,7 +26,8 @@ def _trials(sweep: Path) -> list[dict]:
 
 def test_two_cpu_agents_run_an_asha_search_the_server_steps(tmp_path, dashboard, data):  # noqa: F811
     root = tmp_path / "root"
-    server, client, group = dashboard([root])
+    # a lease long enough that agents on a loaded 2-core machine keep theirs: only the killed one loses its job
+    server, client, group = dashboard([root], lease_s=15)
     search = {
         "method": "random",
         "trials": 3,
@@ -43,11 +44,14 @@ def test_two_cpu_agents_run_an_asha_search_the_server_steps(tmp_path, dashboard,
     submit = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     sweep = root / "sweeps" / "tiny"
 
-    def promoted_training() -> dict | None:  # the promoted trial's second segment, started by an agent
-        for trial in _trials(sweep) if sweep.is_dir() else []:
-            if trial["state"] == "running" and trial["target"] == 2 and trial.get("run_id"):
-                run = client.get(f"/api/v1/runs/{trial['run_id']}").json()
-                if run["state"] == "running" and run["agent_id"]:
+    def promoted_training() -> dict | None:  # the promoted trial's second segment, the only job its agent holds
+        trials = _trials(sweep) if sweep.is_dir() else []
+        runs = {t["number"]: client.get(f"/api/v1/runs/{t['run_id']}").json() for t in trials if t.get("run_id")}
+        for trial in trials:
+            run = runs.get(trial["number"])
+            if trial["state"] == "running" and trial["target"] == 2 and run and run["state"] == "running" and run["agent_id"]:
+                others = [r for n, r in runs.items() if n != trial["number"] and r["agent_id"] == run["agent_id"]]
+                if not any(r["state"] in ("claimed", "running", "stopping") for r in others):
                     return run
         return None
 

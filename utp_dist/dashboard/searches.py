@@ -80,7 +80,6 @@ def step(session: Session, folder: Path, ledger: dict, allow_import: tuple[str, 
 def _follow(session: Session, study: Study, record: dict) -> None:
     """Act on the job of a trial in flight: report its result, or resume a segment stopped before its rung."""
     from utp_dist.preemption import EXIT_RESUMABLE
-    from utp_dist.sweep.study import trial_run
     from utp_dist.sweep.worker import reached
 
     run = session.get(Run, record["run_id"], populate_existing=True)
@@ -90,11 +89,6 @@ def _follow(session: Session, study: Study, record: dict) -> None:
         return
     if run.name and run.name != record["run"]:
         _moved(study, record, run.name)
-    elif not run.root and (folder := trial_run(record)) is not None:
-        # the folder as soon as it exists, not only once its agent reports it: an agent killed before its first report
-        # leaves a requeued job that would otherwise start over as NAME-v1 beside a folder that has states to continue
-        run.root, run.dataset, run.name = str(folder.root), folder.dataset, folder.name
-        session.commit()
     if job.state == states.SUCCEEDED:
         study.report(record["number"], 0, False)
     elif job.state == states.STOPPED and reached(record, record["target"]):
