@@ -17,7 +17,7 @@ from fastapi.staticfiles import StaticFiles
 from sqlalchemy.exc import DataError, IntegrityError
 from starlette.concurrency import run_in_threadpool
 
-from utp_dist.dashboard import downloads, jobqueue, migrate, pages, runpages
+from utp_dist.dashboard import downloads, jobqueue, migrate, pages, runpages, searches
 from utp_dist.dashboard.api import agent_tokens, agents, configs, jobs, projects, runs, sweeps, system
 from utp_dist.dashboard.db import Database
 from utp_dist.dashboard.indexer import Indexer
@@ -31,6 +31,7 @@ from utp_dist.version import __version__
 
 HERE = Path(__file__).parent
 log = logging.getLogger(__name__)
+SEARCH_STEP_S = 2.0  # how often the server steps the searches agents run (reports rungs, promotes, queues trials)
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -44,10 +45,12 @@ def create_app(settings: Settings) -> FastAPI:
         database.watch_file()
         indexer.start(settings.index_interval_s)
         reaper = asyncio.create_task(reap_forever(database, indexer, min(settings.lease_s / 4, 2.0)))
+        controller = asyncio.create_task(control_searches_forever(database, settings, SEARCH_STEP_S))
         yield
-        reaper.cancel()
-        with suppress(asyncio.CancelledError):
-            await reaper
+        for task in (reaper, controller):
+            task.cancel()
+            with suppress(asyncio.CancelledError):
+                await task
         indexer.stop()
         database.engine.dispose()
 
@@ -111,6 +114,21 @@ async def reap_forever(database: Database, indexer: Indexer, interval_s: float) 
             await run_in_threadpool(reap_once)
         except Exception:  # a locked or unreachable database must not end the reaper; the next round tries again
             log.exception("reaping expired leases failed; trying again in %.1f s", interval_s)
+
+
+async def control_searches_forever(database: Database, settings: Settings, interval_s: float) -> None:
+    """The searches submitted with --executor dashboard, stepped on the server (utp_dist.dashboard.searches)."""
+
+    def step_once() -> None:
+        with database.sessions() as session:
+            searches.step_all(session, settings.roots, settings.allow_import)
+
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            await run_in_threadpool(step_once)
+        except Exception:  # as the reaper: the next round tries again
+            log.exception("stepping the searches failed; trying again in %.1f s", interval_s)
 
 
 def api_docs() -> HTMLResponse:

@@ -173,7 +173,7 @@ class DashboardExecutor(Executor):
     def submit(self, folder: Path, ledger: dict, indices: list[int]) -> dict[int, str]:
         """A queued run per task; a task whose run stopped or failed on the dashboard is resumed there (same run folder)."""
         if "search" in ledger:
-            raise UserError("the dashboard executor does not run searches yet; use --executor slurm, local or debug")
+            raise UserError("a search on the dashboard has no workers to submit: its server queues the trials itself")
         handles: dict[int, str] = {}
         project = None
         for index in indices:

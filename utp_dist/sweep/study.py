@@ -278,6 +278,8 @@ def prepare_run(record: dict) -> None:
 def alive(record: dict) -> bool:
     """Whether the worker holding a trial's lease still works on it: on this host its pid, elsewhere its heartbeat."""
     pid = record.get("pid")
+    if record.get("run_id") is not None:  # a queued run on the dashboard: the job queue's lease keeps it alive
+        return True
     if record.get("held"):  # its worker is being requeued
         return time.time() - record.get("heartbeat", 0) < LEASE_S
     if pid is None:
@@ -303,7 +305,8 @@ def retry_failed(folder: Path, ledger: dict) -> int:
     with study.locked() as records:
         failed = [r for r in records if r["state"] == FAILED]
         for record in failed:
-            record.update(state=RUNNING, pid=None, worker=None, error=None)  # a lease nobody holds: the next worker takes it
+            # a lease nobody holds: the next worker takes it (on agents: the server resumes its run)
+            record.update(state=RUNNING, pid=None, worker=None, error=None, retry=True)
             study.save(record)
     return len(failed)
 

@@ -136,10 +136,16 @@ def submit_search(args: argparse.Namespace) -> int:
             (folder / name).write_text(text)
         print(f"dry run: nothing submitted; {', '.join(files) or 'nothing'} written to {folder}")
         return 0
-    if args.executor == "dashboard":
-        raise UserError("the dashboard executor does not run searches yet; use --executor slurm, local or debug")
     executor.check_available()
     folder = ledger.create_search(search, base.output.root, executor.name, args.profile, as_dict(resources))
+    if args.executor == "dashboard":  # the server steps it (utp_dist.dashboard.searches): nothing to keep running here
+        ledger.record_submission(folder, ledger.read(folder), executor.name, {})
+        print(
+            f"submitted to the dashboard at {args.server}: it queues the trials as runs of the project 'sweep {folder.name}' "
+            f"once it indexes {folder} (the output root must be one of its --root)\nsweep folder: {folder}\n"
+            f"  status:      python -m utp_dist.submit status {folder}"
+        )
+        return wait_trials(folder, ledger.read(folder), args.poll) if args.wait else 0
     try:
         return _launch(folder, ledger.read(folder), executor, list(range(search.parallel)), args)
     except UserError:
@@ -161,6 +167,9 @@ def _search_work(folder: Path, record: dict) -> tuple[list[int], str]:
     """(the workers to start again, the line that says why or why not): failed trials are set to continue from their
     newest state, and every worker that ended starts again while the search has work left."""
     retried = retry_failed(folder, record)
+    if record["executor"] == "dashboard":  # the server resumes the runs of the failed trials
+        print(f"{retried} failed trial(s) continue from their newest state" if retried else "nothing to resubmit: no failed trial")
+        return 0
     running = {r["task"] for r in rows(folder, record) if r["state"] not in states.DONE}
     indices = [task["index"] for task in record["tasks"] if task["index"] not in running]
     if search_finished(folder, record) or not indices:
@@ -236,17 +245,33 @@ def wait(folder: Path, indices: list[int], poll: float) -> int:
         text = markdown(table, COLUMNS)
         if "search" in record:  # the workers are the tasks; what to watch are the trials
             text = markdown(trial_rows(folder, record), TRIAL_COLUMNS) + "\n" + workers_line(folder, record, table)
-        if text != shown:
-            print(time.strftime("%H:%M:%S"), flush=True)
-            print(text, flush=True)
-            shown = text
+        shown = _show(text, shown)
         if all(r["state"] in states.DONE for r in table):
-            if "search" in record:
-                return (
-                    0 if search_finished(folder, record) and not any(t["state"] == states.FAILED for t in trial_rows(folder, record)) else 1
-                )
-            return 0 if all(r["state"] == states.SUCCEEDED for r in table) else 1
+            return _search_outcome(folder, record) if "search" in record else 0 if all(r["state"] == states.SUCCEEDED for r in table) else 1
         time.sleep(poll)
+
+
+def wait_trials(folder: Path, record: dict, poll: float) -> int:
+    """Print a search's trials whenever they change until every trial ended (the dashboard's server trains them); 0 if
+    none failed."""
+    shown = None
+    while True:
+        shown = _show(markdown(trial_rows(folder, record), TRIAL_COLUMNS), shown)
+        if search_finished(folder, record):
+            return _search_outcome(folder, record)
+        time.sleep(poll)
+
+
+def _show(text: str, shown: str | None) -> str:
+    if text != shown:
+        print(time.strftime("%H:%M:%S"), flush=True)
+        print(text, flush=True)
+    return text
+
+
+def _search_outcome(folder: Path, record: dict) -> int:
+    """0 when the search has every trial ended and none failed, else 1."""
+    return 0 if search_finished(folder, record) and not any(t["state"] == states.FAILED for t in trial_rows(folder, record)) else 1
 
 
 def status(args: argparse.Namespace) -> int:
@@ -255,7 +280,8 @@ def status(args: argparse.Namespace) -> int:
     record = ledger.read(folder)
     if "search" in record:
         table = trial_rows(folder, record)
-        print(json.dumps(table, indent=1) if args.json else markdown(table, TRIAL_COLUMNS) + "\n" + workers_line(folder, record))
+        workers = "" if record["executor"] == "dashboard" else "\n" + workers_line(folder, record)  # the server's trials: no workers
+        print(json.dumps(table, indent=1) if args.json else markdown(table, TRIAL_COLUMNS) + workers)
         return 0
     table = rows(folder, record)
     print(json.dumps(table, indent=1, default=str) if args.json else markdown(table, COLUMNS))
