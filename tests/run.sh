@@ -25,6 +25,4 @@ python -m pip install -q -e ".[test]"
 # lint and format are part of the suite: a finding fails the run (and CI) before any test starts
 python -m ruff check --quiet .
 python -m ruff format --check --quiet .
-# three workers, one test file each at a time (module fixtures, servers and clusters stay within a file): most of the
-# suite waits on subprocesses, leases, timers and a private Slurm, so the waits overlap even on 2 cores
-python -m pytest -q --durations=15 -n "${UTP_TEST_WORKERS:-3}" --dist loadfile "$@"
+python -m pytest -q --durations=15 "$@"

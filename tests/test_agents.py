@@ -218,7 +218,8 @@ def test_a_server_restart_leaves_running_jobs_to_their_agents(tmp_path, dashboar
 
 def test_sigterm_to_an_agent_stops_its_jobs_resumably_and_ends_it(tmp_path, dashboard, images):
     _, client, group, run_id, agent = one_running_job(tmp_path, dashboard, images, "leaving", 60)
-    assert f'<a href="/web/runs/{run_id}">#{run_id}</a> running' in client.get("/web/agents").text  # who runs what
+    page = client.get("/web/agents").text  # who runs what, in the state words every page uses
+    assert re.search(rf'<a href="/web/runs/{run_id}">#{run_id}</a> <span class="state state-running[^>]*>running</span>', page), page
     agent.terminate()
     assert agent.wait(timeout=30) == 0, group.logs()
     assert client.get(f"/api/v1/runs/{run_id}").json()["state"] == "stopped"  # Resume continues it

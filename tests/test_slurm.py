@@ -222,7 +222,7 @@ def test_fake_gpus_fail_with_the_reason_and_two_tasks_per_node_train_as_world_si
     grid = grid_file(tmp_path, base, {"train.seed": [7]}, {"tasks_per_node": 2, "time_min": 20}, "ddp")
     result = submit(slurm, str(grid), "--wait", "--poll", "1")
     out, err = gpu_job.communicate(timeout=300)
-    assert gpu_job.returncode != 0 and "| FAILED |" in out, out + err
+    assert gpu_job.returncode != 0 and "| failed |" in out, out + err
     rank_logs = [p.read_text() for p in (tmp_path / "gpu-out" / "sweeps" / "gpu" / "slurm").glob("*_log.err")]
     reason = "utp_dist: error: this job was given 1 GPU(s) but this process sees 0 CUDA device(s)"
     assert len(rank_logs) == 2 and all(reason in log for log in rank_logs)

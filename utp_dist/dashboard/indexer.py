@@ -11,7 +11,7 @@ import threading
 import time
 from pathlib import Path
 
-from sqlalchemy import exists, select, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from utp_dist import states
@@ -58,16 +58,18 @@ class Indexer:
         roots = [str(r) for r in self.roots]
         rows = {(r.root, r.dataset, r.name): r for r in session.scalars(select(Run).where(Run.root.in_(roots)))}
         seen, read, values = set(), 0, {}
-        # a job whose agent has not reported its folder yet: a new live folder may be its, and its agent reports it
-        # within seconds (from the training's handshake); until then the folder gets no row of its own
-        starting = session.scalar(select(exists().where(Run.source == "queue", Run.root.is_(None), Run.state.in_(jobqueue.HELD))))
+        # a job whose agent has not reported its folder yet: a new folder may be its, and its agent reports it within
+        # seconds (from the training's handshake); until then a folder that is live, or of that job's config (a short
+        # run can end before the report), gets no row of its own
+        unreported = select(Run.config_hash).where(Run.source == "queue", Run.root.is_(None), Run.state.in_(jobqueue.HELD))
+        starting = set(session.scalars(unreported))
         for root in roots:
             for folder in find_runs(root, within=self.roots):  # a symlink out of the roots is no run
                 if self.stopping.is_set():  # shutting down mid-pass: what was committed stays, nothing is forgotten
                     raise Stopped
                 key = (root, folder.dataset, folder.name)
                 row = rows.get(key)
-                if row is None and starting and runfiles.alive(folder):
+                if row is None and starting and (folder.config_hash() in starting or runfiles.alive(folder)):
                     continue
                 seen.add(key)
                 mtime = runfiles.newest_mtime(folder)
