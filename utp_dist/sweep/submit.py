@@ -256,8 +256,9 @@ def wait_trials(folder: Path, record: dict, poll: float) -> int:
     none failed."""
     shown = None
     while True:
+        finished = search_finished(folder, record)  # before the table: the last table shown is then the final one
         shown = _show(markdown(trial_rows(folder, record), TRIAL_COLUMNS), shown)
-        if search_finished(folder, record):
+        if finished:
             return _search_outcome(folder, record)
         time.sleep(poll)
 
