@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from utp_dist import states
@@ -29,25 +30,19 @@ class TrainTask:
 
     def __call__(self) -> int:
         """Train; on a stop signal the run saves, then submitit's own USR2 handler requeues the job."""
-        requeue = signal.getsignal(signal.SIGUSR2)  # submitit's checkpoint-and-requeue handler, when under Slurm
-        rank = _export_rank_environment()
-        record = TaskRecord(Path(self.sweep_dir), self.index) if rank == 0 else None
-        if record:
-            record.started()
-        from utp_dist.train_command import run  # imported here: submitting a grid should not pay for torch
 
-        outcome = run([self.config])
-        if record:
-            record.ended(outcome.code)
-        if outcome.stop_signal == signal.SIGUSR2 and callable(requeue):
-            # Slurm's timeout/preemption warning: the run saved at a step boundary; submitit requeues the job (rank 0)
-            requeue(signal.SIGUSR2, None)
-            return outcome.code
-        if outcome.code == EXIT_RESUMABLE and rank != 0:
-            return outcome.code  # stopped together with rank 0, which decides about the requeue
-        if outcome.code != 0:
-            raise TaskFailed(f"utp_dist.train {self.config} exited with {outcome.code}; the log above says why")
-        return outcome.code
+        def train() -> tuple[int, int | None]:
+            from utp_dist.train_command import run  # imported here: submitting a grid should not pay for torch
+
+            outcome = run([self.config])
+            return outcome.code, outcome.stop_signal
+
+        code, rank, requeued = attempt(self.sweep_dir, self.index, train)
+        if requeued or (code == EXIT_RESUMABLE and rank != 0):
+            return code  # requeued by submitit, or stopped together with rank 0, which decides about the requeue
+        if code != 0:
+            raise TaskFailed(f"utp_dist.train {self.config} exited with {code}; the log above says why")
+        return code
 
     def checkpoint(self) -> object:
         """What submitit requeues: the same task, which resumes from the run's newest training state."""
@@ -56,6 +51,24 @@ class TrainTask:
         if self.requeues >= self.max_requeues:
             return None  # submitit then ends the job instead of requeuing it
         return submitit.helpers.DelayedSubmission(TrainTask(self.config, self.sweep_dir, self.index, self.max_requeues, self.requeues + 1))
+
+
+def attempt(sweep_dir: str, index: int, body: Callable[[], tuple[int, int | None]]) -> tuple[int, int, bool]:
+    """One attempt of a sweep task (a grid point or a search worker) under its task record: (exit code, rank, whether
+    submitit requeues it). `body` returns (exit code, the stop signal that ended it or None); after Slurm's
+    timeout/preemption warning (USR2) the run saved at a step boundary and submitit's own handler requeues the job."""
+    requeue = signal.getsignal(signal.SIGUSR2)  # submitit's checkpoint-and-requeue handler, when under Slurm
+    rank = _export_rank_environment()
+    record = TaskRecord(Path(sweep_dir), index) if rank == 0 else None
+    if record:
+        record.started()
+    code, stop_signal = body()
+    if record:
+        record.ended(code)
+    if stop_signal == signal.SIGUSR2 and callable(requeue):
+        requeue(signal.SIGUSR2, None)
+        return code, rank, True
+    return code, rank, False
 
 
 def _export_rank_environment() -> int:

@@ -17,7 +17,7 @@ from utp_dist.store.checkpoint import read_identity
 from utp_dist.sweep import ledger as ledgers
 from utp_dist.sweep.search import parse_search
 from utp_dist.sweep.study import HEARTBEAT_S, Study, prepare_run, trial_run
-from utp_dist.sweep.task import TaskFailed, TaskRecord, _export_rank_environment
+from utp_dist.sweep.task import TaskFailed, attempt
 
 POLL_S = 2.0  # how often an idle worker looks again for a promotion or an orphan while others train
 
@@ -29,20 +29,12 @@ class SearchWorker:
         self.sweep_dir, self.index, self.max_requeues, self.requeues = sweep_dir, index, max_requeues, requeues
 
     def __call__(self) -> int:
-        requeue = signal.getsignal(signal.SIGUSR2)  # submitit's checkpoint-and-requeue handler, when under Slurm
-        rank = _export_rank_environment()
-        record = TaskRecord(Path(self.sweep_dir), self.index) if rank == 0 else None
-        if record:
-            record.started()
-        code, stop_signal = work(Path(self.sweep_dir), self.index)
-        if record:
-            record.ended(code)
-        if stop_signal == signal.SIGUSR2 and callable(requeue):
-            requeue(signal.SIGUSR2, None)  # the trial keeps this worker's lease; the requeued worker continues it
+        # requeued, the trial keeps this worker's lease and the requeued worker continues it; stopped by a signal,
+        # rank 0 decides about the requeue under Slurm
+        code, _, requeued = attempt(self.sweep_dir, self.index, lambda: work(Path(self.sweep_dir), self.index))
+        if requeued or code == EXIT_RESUMABLE:
             return code
-        if code == EXIT_RESUMABLE:
-            return code  # stopped by a signal: under Slurm rank 0 decides about the requeue
-        if code not in (0, EXIT_RESUMABLE):
+        if code != 0:
             raise TaskFailed(f"search worker {self.index} ended with {code}; its log says why")
         return code
 
