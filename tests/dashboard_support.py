@@ -227,3 +227,34 @@ def serving(root: Path, tmp_path_factory, name: str, **options) -> Iterator[Serv
         yield server
     finally:
         server.stop()
+
+
+CHROMIUM = "/usr/bin/chromium"  # Debian's, driven by Playwright
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+@contextmanager
+def logged_in_page(server: Server) -> Iterator:
+    """A headless Chromium page logged in to `server` through the login URL the dashboard prints on its first start;
+    `page.errors` collects script errors and what the Content-Security-Policy blocked (only a console message)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_context(base_url=server.url, viewport={"width": 1360, "height": 1000}).new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda err: errors.append(str(err)))
+        page.on("console", lambda message: errors.append(message.text) if "Content Security Policy" in message.text else None)
+        page.errors = errors
+        page.goto(f"/web/login?token={server.token}")
+        try:
+            yield page
+        finally:
+            browser.close()

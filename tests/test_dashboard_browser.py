@@ -12,18 +12,9 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, make_image_folder, tiny_config
-from dashboard_support import private_root, serving
-from playwright.sync_api import expect, sync_playwright
+from dashboard_support import logged_in_page, private_root, serving
+from playwright.sync_api import expect
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 README_SCREENSHOT = REPO / "docs" / "dashboard.png"
 
 
@@ -41,19 +32,9 @@ def server(root, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def page(server):
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        context = browser.new_context(base_url=server.url, viewport={"width": 1360, "height": 1000})
-        page = context.new_page()
-        errors: list[str] = []
-        page.on("pageerror", lambda err: errors.append(str(err)))
-        # what the Content-Security-Policy blocked (an inline script, a style) is only a console message
-        page.on("console", lambda message: errors.append(message.text) if "Content Security Policy" in message.text else None)
-        page.errors = errors
-        page.goto(f"/web/login?token={server.token}")  # the login URL the dashboard prints on its first start
+    with logged_in_page(server) as page:
         assert page.url.endswith("/web/runs")
         yield page
-        browser.close()
 
 
 def shot(page, folder: Path, name: str) -> Path:

@@ -8,9 +8,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from dashboard_support import private_root, serving
-from playwright.sync_api import expect, sync_playwright
-from test_dashboard_browser import CHROMIUM, CHROMIUM_ARGS
+from dashboard_support import logged_in_page, private_root, serving
+from playwright.sync_api import expect
 
 SCREENSHOT = os.environ.get("UTP_RUN_PAGE_SCREENSHOT")  # where to keep the run page's picture, when asked
 
@@ -23,17 +22,8 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def page(server):
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        context = browser.new_context(base_url=server.url, viewport={"width": 1360, "height": 1000})
-        page = context.new_page()
-        errors: list[str] = []
-        page.on("pageerror", lambda err: errors.append(str(err)))
-        page.on("console", lambda message: errors.append(message.text) if "Content Security Policy" in message.text else None)
-        page.errors = errors
-        page.goto(f"/web/login?token={server.token}")
+    with logged_in_page(server) as page:
         yield page
-        browser.close()
 
 
 def finished(server) -> list[dict]:

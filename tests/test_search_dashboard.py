@@ -153,16 +153,10 @@ def test_junk_in_a_search_folder_is_left_out_or_one_line(api, root, sweep_id):
 
 
 def test_the_study_view_draws_in_a_browser(server, sweep_id, root, tmp_path):
-    from playwright.sync_api import expect, sync_playwright
-    from test_dashboard_browser import CHROMIUM, CHROMIUM_ARGS
+    from dashboard_support import logged_in_page
+    from playwright.sync_api import expect
 
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_context(base_url=server.url, viewport={"width": 1360, "height": 1000}).new_page()
-        errors: list[str] = []
-        page.on("pageerror", lambda err: errors.append(str(err)))
-        page.on("console", lambda message: errors.append(message.text) if "Content Security Policy" in message.text else None)
-        page.goto(f"/web/login?token={server.token}")
+    with logged_in_page(server) as page:
         page.goto(f"/web/sweeps/{sweep_id}")
         expect(page.locator("#trials tbody tr")).to_have_count(3)
         expect(page.locator("#chart-rungs canvas").first).to_be_visible()
@@ -172,8 +166,7 @@ def test_the_study_view_draws_in_a_browser(server, sweep_id, root, tmp_path):
         assert page.locator(f'#chart-parallel polyline[data-trial="{stopped}"]').get_attribute("stroke-opacity") == "0.35"
         assert page.locator("#chart-rungs .u-legend").inner_text().count("trial") == 3
         page.screenshot(path=str(tmp_path / "study.png"), full_page=True)
-        browser.close()
-    assert errors == []
+        assert page.errors == []
 
 
 def test_resubmit_failed_of_a_search_checks_its_trial_configs(api, root, sweep_id):
