@@ -96,7 +96,7 @@ def _scontrol(slurm: dict, *args: str) -> None:
 
 def _stopped(out: Path, kind: str) -> bool:
     record = out / "sweeps" / kind / "tasks" / "0.json"
-    return record.is_file() and json.loads(record.read_text())["state"] in ("stopped", "STOPPED")
+    return record.is_file() and json.loads(record.read_text())["state"] == "stopped"
 
 
 def _job(out: Path, kind: str) -> str:

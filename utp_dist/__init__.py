@@ -3,9 +3,9 @@
 From Python: `from utp_dist import Config, train; summary = train(Config(data={...}, optim={"lr": 3e-4}))`.
 """
 
-from utp_dist.api import train  # noqa: E402
-from utp_dist.config import Config, ConfigError  # noqa: E402
-from utp_dist.registry import (  # noqa: E402
+from utp_dist.api import train
+from utp_dist.config import Config, ConfigError
+from utp_dist.registry import (
     register_batch_transform,
     register_callback,
     register_dataset,
@@ -13,7 +13,7 @@ from utp_dist.registry import (  # noqa: E402
     register_metric,
     register_model,
 )
-from utp_dist.version import __version__  # noqa: E402
+from utp_dist.version import __version__
 
 __all__ = [
     "__version__",
