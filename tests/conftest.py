@@ -79,6 +79,44 @@ def torchrun(*args: str, nproc: int = 2, launcher: str = "torch.distributed.run"
 
 
 @pytest.fixture
+def train_here(capsys, monkeypatch, fresh_accelerate):
+    """`train_here(*args, **env)`: the train command run in this process, as `run_cli` runs it in a child (same exit code,
+    same stderr lines), without a child's seconds of importing torch. For what a process boundary does not change:
+    one-line errors, resumes, files written. Signals, locks held by other processes and DDP keep real children."""
+    import logging
+
+    import torch
+
+    from utp_dist import train_command
+    from utp_dist.trainer import reset_accelerate
+
+    def call(*args: str, **env: str) -> subprocess.CompletedProcess:
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        capsys.readouterr()
+        # the child's logging.basicConfig: INFO lines on stderr (pytest's own capture handler would swallow them)
+        handler, root = logging.StreamHandler(sys.stderr), logging.getLogger()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        level, threads = root.level, torch.get_num_threads()
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+        torch.set_num_threads(1)  # as the children's OMP_NUM_THREADS=1: resumes compare bit-identical across both
+        try:
+            code = train_command.run(list(args)).code
+        except SystemExit as exit_:  # argparse's usage errors
+            code = exit_.code if isinstance(exit_.code, int) else 2
+        finally:
+            root.removeHandler(handler)
+            root.setLevel(level)
+            torch.set_num_threads(threads)
+            reset_accelerate()
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(["utp_dist.train", *args], code, out, err)
+
+    return call
+
+
+@pytest.fixture
 def fresh_accelerate():
     """Accelerate keeps process-wide singletons: reset them so each in-process run configures its own."""
     from utp_dist.trainer import reset_accelerate
