@@ -78,42 +78,54 @@ def torchrun(*args: str, nproc: int = 2, launcher: str = "torch.distributed.run"
     return [sys.executable, "-m", launcher, "--nproc_per_node", str(nproc), *rendezvous, "-m", "utp_dist.train", *args]
 
 
-@pytest.fixture
-def train_here(capsys, monkeypatch, fresh_accelerate):
-    """`train_here(*args, **env)`: the train command run in this process, as `run_cli` runs it in a child (same exit code,
-    same stderr lines), without a child's seconds of importing torch. For what a process boundary does not change:
-    one-line errors, resumes, files written. Signals, locks held by other processes and DDP keep real children."""
+def run_here(*args: str, module: str = "utp_dist.train", **env_vars: str) -> subprocess.CompletedProcess:
+    """A command run in this process, as `run_cli` runs it in a child (same exit code, same stdout and stderr lines),
+    without a child's seconds of importing torch. For what a process boundary does not change: one-line errors,
+    resumes, files written, sweeps of the debug executor. Signals, locks held by other processes and DDP keep real
+    children. Works in fixtures of any scope (no capsys)."""
+    import contextlib
+    import importlib
+    import io
     import logging
 
     import torch
 
-    from utp_dist import train_command
     from utp_dist.trainer import reset_accelerate
 
-    def call(*args: str, **env: str) -> subprocess.CompletedProcess:
-        for key, value in env.items():
-            monkeypatch.setenv(key, value)
-        capsys.readouterr()
-        # the child's logging.basicConfig: INFO lines on stderr (pytest's own capture handler would swallow them)
-        handler, root = logging.StreamHandler(sys.stderr), logging.getLogger()
-        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-        level, threads = root.level, torch.get_num_threads()
-        root.addHandler(handler)
-        root.setLevel(logging.INFO)
-        torch.set_num_threads(1)  # as the children's OMP_NUM_THREADS=1: resumes compare bit-identical across both
-        try:
-            code = train_command.run(list(args)).code
-        except SystemExit as exit_:  # argparse's usage errors
-            code = exit_.code if isinstance(exit_.code, int) else 2
-        finally:
-            root.removeHandler(handler)
-            root.setLevel(level)
-            torch.set_num_threads(threads)
-            reset_accelerate()
-        out, err = capsys.readouterr()
-        return subprocess.CompletedProcess(["utp_dist.train", *args], code, out, err)
+    out, err = io.StringIO(), io.StringIO()
+    # the child's logging.basicConfig: INFO lines on stderr (pytest's own capture handler would swallow them)
+    handler, root = logging.StreamHandler(err), logging.getLogger()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    level, threads, saved_env = root.level, torch.get_num_threads(), {key: os.environ.get(key) for key in env_vars}
+    os.environ.update(env_vars)
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    torch.set_num_threads(1)  # as the children's OMP_NUM_THREADS=1: resumes compare bit-identical across both
+    reset_accelerate()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            if module == "utp_dist.train":
+                from utp_dist import train_command
 
-    return call
+                code = train_command.run(list(args)).code
+            else:
+                code = importlib.import_module("utp_dist.sweep.submit" if module == "utp_dist.submit" else module).main(list(args))
+    except SystemExit as exit_:  # argparse's usage errors
+        code = exit_.code if isinstance(exit_.code, int) else 2
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+        torch.set_num_threads(threads)
+        reset_accelerate()
+        for key, value in saved_env.items():
+            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+    return subprocess.CompletedProcess([module, *args], code, out.getvalue(), err.getvalue())
+
+
+@pytest.fixture
+def train_here():
+    """`run_here` as a fixture, for a test that reads better naming it."""
+    return run_here
 
 
 @pytest.fixture

@@ -13,8 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-from conftest import REPO, make_image_folder, tiny_config, wait_for
-from conftest import run_cli as _run_cli
+from conftest import REPO, make_image_folder, run_here, tiny_config, wait_for
 from conftest import torchrun as torchrun_cmd
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -24,10 +23,6 @@ from utp_dist.train_command import main
 
 # bit-identical float results need the same thread count in every segment: pin it for all runs here
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return _run_cli(*args, OMP_NUM_THREADS="1")
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +95,7 @@ def _train_cmd(config: Path, *overrides: str) -> list[str]:
 def reference(data, tmp_path_factory) -> Path:
     """One uninterrupted run that the interrupted ones must reproduce bit for bit."""
     out = tmp_path_factory.mktemp("reference") / "ref"
-    proc = run_cli(str(_config(data, out)))
+    proc = run_here(str(_config(data, out)))
     assert proc.returncode == 0, proc.stderr[-2000:]
     return out
 
@@ -121,7 +116,7 @@ def test_sigterm_and_sigusr1_stops_resume_bit_identical(data, reference, tmp_pat
         _, err = proc.communicate(timeout=60)
         assert proc.returncode == EXIT_RESUMABLE, err[-3000:]
         assert f"exit {EXIT_RESUMABLE} = stopped to be resumed" in err
-    final = run_cli(str(config))  # checkpoint.resume: auto continues the same run folder
+    final = run_here(str(config))  # checkpoint.resume: auto continues the same run folder
     assert final.returncode == 0, final.stderr[-3000:]
     _assert_same_run(reference, tmp_path / "cut")
     summary = json.loads((_run(tmp_path / "cut")[0] / "summary.json").read_text())
@@ -147,7 +142,7 @@ def test_kill_9_during_a_save_keeps_the_previous_state(data, reference, tmp_path
     proc.communicate()
     assert any(state_dir().glob(".tmp-step-*"))  # the cut save is there, incomplete
     complete_before = _states(state_dir().parent)
-    final = run_cli(str(config))
+    final = run_here(str(config))
     assert final.returncode == 0, final.stderr[-3000:]
     assert "resuming" in final.stderr and complete_before[-1].parent.name in final.stderr
     assert not any(state_dir().glob(".tmp-step-*"))
@@ -267,7 +262,7 @@ def test_group_signals_with_workers_stop_at_a_saved_step_and_resume_bit_identica
         _stop_group_after_a_new_state(_train_cmd(config), tmp_path / "cut", sig) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
     ]
     assert steps == sorted(set(steps))
-    final = run_cli(str(config))
+    final = run_here(str(config))
     assert final.returncode == 0, final.stderr[-3000:]
     _assert_same_run(reference, tmp_path / "cut")
 
