@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from conftest import REPO, free_port, make_image_folder, run_cli, tiny_config, wait_for
+from conftest import REPO, free_port, make_image_folder, run_here, tiny_config, wait_for
 from safetensors.torch import load_file
 from test_resume import ENV, _assert_same_run, _config, _scalars, _start, _states, _workers
 
@@ -95,7 +95,7 @@ def test_config_sections_as_dicts_are_validated_like_yaml(tmp_path):
 def test_python_api_run_equals_the_cli_run(data, tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(tiny_config(data, tmp_path / "cli", train={"epochs": 1}, data={"batch_transforms": ["cutmix"]})))
-    cli = run_cli(str(config), OMP_NUM_THREADS="1")
+    cli = run_here(str(config), OMP_NUM_THREADS="1")
     assert cli.returncode == 0, cli.stderr[-3000:]
     api = _api_run(tmp_path, str(config), f"output.root={tmp_path / 'api'}")
     assert json.loads(api.stdout.split("SUMMARY ")[1])["metric"] == "val_acc@1"
@@ -282,7 +282,7 @@ def _stop_and_resume(config: Path, cut: Path, command: list[str], rank_of: int |
 
 def test_mixup_and_cutmix_resume_bit_identical(data, tmp_path):
     sections = {"data": {"batch_transforms": ["mixup", "cutmix"], "batch_transform_options": {"cutmix": {"alpha": 0.5}}}}
-    reference = run_cli(str(_config(data, tmp_path / "ref", **sections)), OMP_NUM_THREADS="1")
+    reference = run_here(str(_config(data, tmp_path / "ref", **sections)), OMP_NUM_THREADS="1")
     assert reference.returncode == 0, reference.stderr[-3000:]
     config = _config(data, tmp_path / "cut", **sections)
     _stop_and_resume(config, tmp_path / "cut", [sys.executable, "-m", "utp_dist.train", str(config)])

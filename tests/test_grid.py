@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, make_image_folder, run_cli, tiny_config
+from conftest import REPO, make_image_folder, run_cli, run_here, tiny_config
 
 from utp_dist.config import ConfigError
 from utp_dist.store.run_dir import RunDir
@@ -205,7 +205,7 @@ def test_local_executor_runs_each_task_in_its_own_process_and_the_ledger_tracks_
         "vit__cross_entropy__scratch__root=later",
     ]
     assert f"data.root: folder '{tmp_path / 'later'}' does not exist" in (sweep / "local" / "task-1.log").read_text()
-    status = run_cli("status", str(sweep), module="utp_dist.submit")
+    status = run_here("status", str(sweep), module="utp_dist.submit")
     lines = status.stdout.splitlines()
     assert " | succeeded | 0 | 0 | 3 | " in lines[2] and " | failed | 0 | - | - | - | - | " in lines[3], status.stdout
 
@@ -214,9 +214,9 @@ def test_local_executor_runs_each_task_in_its_own_process_and_the_ledger_tracks_
     again = run_cli("resubmit", str(sweep), "--failed", "--wait", "--poll", "1", module="utp_dist.submit", timeout=300)
     assert again.returncode == 0, again.stderr
     assert "submitted 1 task(s)" in again.stdout
-    status = run_cli("status", str(sweep), module="utp_dist.submit").stdout.splitlines()
+    status = run_here("status", str(sweep), module="utp_dist.submit").stdout.splitlines()
     assert " | succeeded | 1 | 0 | 3 | " in status[3]  # one restart: the resubmission
-    board = run_cli("leaderboard", str(sweep), module="utp_dist.submit")
+    board = run_here("leaderboard", str(sweep), module="utp_dist.submit")
     assert board.returncode == 0 and board.stdout.startswith("| rank | run | data.root | best val_acc@1 | epoch | test_acc@1 | state |")
     assert (sweep / "leaderboard.csv").read_text().splitlines()[0] == "rank,run,data.root,best val_acc@1,epoch,test_acc@1,state,logs"
 
@@ -235,11 +235,11 @@ def test_local_executor_runs_each_task_in_its_own_process_and_the_ledger_tracks_
     assert out.count("this exact config already completed in ") == 2 and "nothing to resubmit" in out, out
 
     # the same grid again: both exact configs completed, so nothing is submitted
-    skip = run_cli(str(tiny_grid), "--executor", "debug", module="utp_dist.submit")
+    skip = run_here(str(tiny_grid), "--executor", "debug", module="utp_dist.submit")
     assert skip.returncode == 0 and "nothing to submit" in skip.stdout and skip.stdout.count("skipped task") == 2
 
     # --force reruns them in this process (debug executor), each in a new run folder (-v1)
-    forced = run_cli(str(tiny_grid), "--executor", "debug", "--force", module="utp_dist.submit", timeout=300)
+    forced = run_here(str(tiny_grid), "--executor", "debug", "--force", module="utp_dist.submit")
     assert forced.returncode == 0, forced.stderr[-3000:]
     rows = [line for line in forced.stdout.splitlines() if line.startswith("| 0 |") or line.startswith("| 1 |")][-2:]
     assert all(" | succeeded | 0 | 0 | 3 | " in row for row in rows), forced.stdout

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import make_image_folder, run_cli, tiny_config
+from conftest import make_image_folder, run_here, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,7 @@ def trained(tmp_path_factory) -> tuple[Path, Path, dict]:
     data = make_image_folder(tmp / "shapes", per_class={"train": 16, "val": 6, "test": 7})
     config = tmp / "run.yaml"
     config.write_text(yaml.safe_dump(tiny_config(data, tmp / "out", train={"epochs": 3, "eval_topk": [1, 2]}, output={"run_name": "tiny"})))
-    result = run_cli(str(config))
+    result = run_here(str(config))
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp / "out" / "logs" / "shapes" / "tiny" / "summary.json").read_text())
     return tmp / "out", data, summary
@@ -34,7 +34,7 @@ def test_predict_matches_the_pipeline_top1_and_skips_unreadable_files(trained, t
     (tmp_path / "imgs").mkdir()
     (tmp_path / "imgs" / "broken.png").write_bytes(b"not a png")
     preds = tmp_path / "preds.csv"
-    result = run_cli(
+    result = run_here(
         str(export),
         str(data / "test"),
         str(tmp_path / "imgs"),
@@ -62,8 +62,8 @@ def test_predict_finds_a_run_by_name_or_checkpoint_folder_and_writes_jsonl(train
 
     out, data, _ = trained
     image = str(data / "val" / "dog" / "0000.jpg")
-    by_name = run_cli("tiny", image, "--root", str(out), "--out", str(tmp_path / "p.jsonl"), module="utp_dist.predict")
-    by_folder = run_cli(str(out / "checkpoints" / "shapes" / "tiny"), image, "--topk", "9", module="utp_dist.predict")
+    by_name = run_here("tiny", image, "--root", str(out), "--out", str(tmp_path / "p.jsonl"), module="utp_dist.predict")
+    by_folder = run_here(str(out / "checkpoints" / "shapes" / "tiny"), image, "--topk", "9", module="utp_dist.predict")
     assert by_name.returncode == 0 and by_folder.returncode == 0, by_name.stderr + by_folder.stderr
     line = json.loads((tmp_path / "p.jsonl").read_text())
     assert line["path"] == image and len(line["predictions"]) == 3  # --topk 5 is cut to the 3 classes
@@ -76,7 +76,7 @@ def test_predict_finds_a_run_by_name_or_checkpoint_folder_and_writes_jsonl(train
 
 def test_evaluate_on_the_test_split_equals_the_runs_test_metrics(trained, tmp_path):
     out, data, summary = trained
-    result = run_cli("tiny", str(data), "--root", str(out), module="utp_dist.evaluate")
+    result = run_here("tiny", str(data), "--root", str(out), module="utp_dist.evaluate")
     assert result.returncode == 0, result.stderr[-3000:]
     folder = out / "logs" / "shapes" / "tiny" / "evaluations" / "shapes_test"
     report = json.loads((folder / "report.json").read_text())
@@ -91,7 +91,7 @@ def test_evaluate_on_the_test_split_equals_the_runs_test_metrics(trained, tmp_pa
 def test_evaluate_refuses_a_split_whose_classes_the_model_lacks(trained, tmp_path):
     out, _, summary = trained
     other = make_image_folder(tmp_path / "other", classes=("cat", "owl"), per_class={"test": 1})
-    result = run_cli(summary["paths"]["best_model"], str(other / "test"), "--out", str(tmp_path / "r"), module="utp_dist.evaluate")
+    result = run_here(summary["paths"]["best_model"], str(other / "test"), "--out", str(tmp_path / "r"), module="utp_dist.evaluate")
     assert result.returncode == 2 and result.stderr.count("\n") == 1
     assert "class folder(s) owl do not match the model's classes cat, dog, fox" in result.stderr
 

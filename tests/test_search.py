@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, make_image_folder, run_cli, tiny_config, torchrun, wait_for
+from conftest import REPO, make_image_folder, run_here, tiny_config, torchrun, wait_for
 from safetensors.torch import load_file
 
 from utp_dist.config import from_dict
@@ -139,7 +139,7 @@ def test_asha_on_local_workers_pauses_promotes_bit_exact_and_survives_a_kill_9(d
     straight = yaml.safe_load(Path(done["config"]).read_text())
     straight["output"]["root"] = str(tmp_path / "straight")
     (tmp_path / "straight.yaml").write_text(yaml.safe_dump(straight))
-    ref = run_cli(str(tmp_path / "straight.yaml"), OMP_NUM_THREADS="1")
+    ref = run_here(str(tmp_path / "straight.yaml"), OMP_NUM_THREADS="1")
     assert ref.returncode == 0, ref.stderr[-2000:]
     a, b = (
         _weights(tmp_path / "straight"),
@@ -148,14 +148,14 @@ def test_asha_on_local_workers_pauses_promotes_bit_exact_and_survives_a_kill_9(d
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
 
     # what the user reads: status (table and JSON), the leaderboard, the study itself
-    status = run_cli("status", str(path), "--json", module="utp_dist.submit")  # the search file names its newest sweep
+    status = run_here("status", str(path), "--json", module="utp_dist.submit")  # the search file names its newest sweep
     rows = json.loads(status.stdout)
     assert [(r["trial"], r["state"]) for r in rows] == [(t["number"], t["state"]) for t in trials]
     assert next(r for r in rows if r["state"] == "succeeded")["epochs"] == 3
-    board = run_cli("leaderboard", str(sweep), module="utp_dist.submit")
+    board = run_here("leaderboard", str(sweep), module="utp_dist.submit")
     assert board.stdout.splitlines()[0] == "| rank | trial | optim.lr | epochs | val_acc@1 | state |"
     assert f"| 1 | {done['number']} | " in board.stdout.splitlines()[2]
-    again = run_cli("resubmit", str(sweep), "--failed", module="utp_dist.submit")
+    again = run_here("resubmit", str(sweep), "--failed", module="utp_dist.submit")
     assert again.returncode == 0 and again.stdout.startswith("nothing to resubmit"), again.stdout + again.stderr
     import optuna
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import make_image_folder, run_cli, tiny_config
+from conftest import make_image_folder, run_here, tiny_config
 from test_hparams import read_hparams
 
 from utp_dist.config import ConfigError
@@ -102,21 +102,21 @@ def test_bad_experiments_files_are_one_line_errors(tmp_path, text, message):
 
 def test_submit_runs_an_experiments_file_on_the_executors(tmp_path):
     path = _experiments(tmp_path)
-    dry = run_cli(str(path), "--dry-run", module="utp_dist.submit")
+    dry = run_here(str(path), "--dry-run", module="utp_dist.submit")
     assert dry.returncode == 0, dry.stderr
     assert (tmp_path / "out" / "sweeps" / ".dry-run" / "py-exp" / "array.sbatch").is_file()  # what Slurm would get
-    done = run_cli(str(path), "--executor", "debug", module="utp_dist.submit", timeout=600)
+    done = run_here(str(path), "--executor", "debug", module="utp_dist.submit")
     assert done.returncode == 0, done.stderr[-3000:]
     ledger = json.loads((tmp_path / "out" / "sweeps" / "py-exp" / "sweep.json").read_text())
     assert ledger["grid"]["experiments"] == str(path) and len(ledger["tasks"]) == 3
-    status = run_cli("status", str(tmp_path / "out" / "sweeps" / "py-exp"), module="utp_dist.submit").stdout.splitlines()
+    status = run_here("status", str(tmp_path / "out" / "sweeps" / "py-exp"), module="utp_dist.submit").stdout.splitlines()
     assert len(status) == 5 and all(" | succeeded | " in line for line in status[2:]), status
     # TensorBoard's HParams dashboard compares the runs by what differs between them
     for task in ledger["tasks"]:
         values, metrics, ended, scalars = read_hparams(tmp_path / "out" / "logs" / "shapes" / task["name"])
         assert values == task["swept"] and ended and "val/acc@1" in metrics
         assert {"val/acc@1", "best/val_acc@1"} <= set(scalars)
-    board = run_cli("leaderboard", str(tmp_path / "out" / "sweeps" / "py-exp"), module="utp_dist.submit")
+    board = run_here("leaderboard", str(tmp_path / "out" / "sweeps" / "py-exp"), module="utp_dist.submit")
     assert board.returncode == 0, board.stderr
     groups = board.stdout.split("over seeds (train.seed), mean ± std:")[1]
     assert "| rank | optim.lr | seeds | best val_acc@1 | test_acc@1 |" in groups and "| 0.003 | 42, 1 | " in groups

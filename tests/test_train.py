@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import REPO, make_image_folder, run_cli, save_tiny_vit, tiny_config, write_image
+from conftest import REPO, make_image_folder, run_cli, run_here, save_tiny_vit, tiny_config, write_image
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.flop_counter import FlopCounterMode
@@ -37,7 +37,7 @@ def _events(log_dir: Path) -> EventAccumulator:
 def test_cli_run_writes_every_output(image_root, tmp_path):
     cfg = tmp_path / "run.yaml"
     cfg.write_text(yaml.safe_dump(tiny_config(image_root, tmp_path / "out")))
-    proc = run_cli(str(cfg), "train.eval_topk=[1,2]", "output.suffix=e2e", "train.peak_tflops=0.5")
+    proc = run_here(str(cfg), "train.eval_topk=[1,2]", "output.suffix=e2e", "train.peak_tflops=0.5")
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     logs = tmp_path / "out" / "logs" / "shapes" / "vit__cross_entropy__scratch__e2e"
@@ -158,7 +158,7 @@ def test_bad_image_error_and_skip(image_root, tmp_path, fresh_accelerate, caplog
     (image_root / "val" / "dog" / "broken.png").write_bytes(b"\x89PNG garbage")
     cfg = tmp_path / "run.yaml"
     cfg.write_text(yaml.safe_dump(tiny_config(image_root, tmp_path / "out", train={"epochs": 1}, data={"num_workers": 2})))
-    proc = run_cli(str(cfg))  # the error comes out of a DataLoader worker, wrapped by torch
+    proc = run_here(str(cfg))  # the error comes out of a DataLoader worker, wrapped by torch
     assert proc.returncode == 2
     err = proc.stderr.strip().splitlines()
     assert err[-1].startswith("utp_dist: error: cannot decode image") and str(bad) in err[-1]
