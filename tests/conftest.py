@@ -15,6 +15,38 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 
+# tests/run.sh spreads the test files over parallel pytest-xdist workers, one file per worker at a time (a file's
+# module fixtures: servers, clusters, trained runs, are built once), handing files out in collection order. These
+# files take the longest (each spends most of its time in real trainings, real Slurm and real agents): they start
+# first, so no worker is left with one of them at the end while the others idle. The rest keep their order.
+LONGEST_FIRST = (
+    "test_agents.py",
+    "test_slurm.py",
+    "test_resume.py",
+    "test_distributed.py",
+    "test_reliability.py",
+    "test_api.py",
+    "test_docs.py",
+    "test_search_agents.py",
+    "test_train.py",
+    "test_dashboard_browser.py",
+    "test_search_slurm.py",
+    "test_grid.py",
+    "test_search.py",
+    "test_dashboard_pages.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # sort is stable: the rest keep their order
+
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # parallel workers share 2 cores: one thread per process (and per child, which inherits this) instead of each
+    # spinning a pool over every core, which slows everything many times over
+    os.environ["OMP_NUM_THREADS"] = "1"
+
 
 def write_image(path: Path, rng: np.random.Generator, label: int, mode: str = "RGB", size: int = 20) -> None:
     """Write a learnable image: class `label` sets the brightness of one quadrant."""

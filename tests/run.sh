@@ -25,4 +25,6 @@ python -m pip install -q -e ".[test]"
 # lint and format are part of the suite: a finding fails the run (and CI) before any test starts
 python -m ruff check --quiet .
 python -m ruff format --check --quiet .
-python -m pytest -q --durations=15 "$@"
+# three workers on two cores: much of the suite waits on real time (leases, Slurm, signals, servers); each worker runs
+# one test file at a time, the longest first (tests/conftest.py); -n 0 runs it serially
+python -m pytest -q -n 3 --dist loadfile --no-loadscope-reorder --durations=15 "$@"

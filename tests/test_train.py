@@ -255,7 +255,7 @@ def test_run_names_cannot_escape_the_output_root():
 
 
 def test_quickstart_reaches_its_accuracy_bar(tmp_path):
-    proc = run_cli(str(REPO / "configs" / "quickstart.yaml"), f"output.root={tmp_path}", timeout=240)
+    proc = run_cli(str(REPO / "configs" / "quickstart.yaml"), f"output.root={tmp_path}", timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(next(tmp_path.glob("logs/fashion-mnist-mini/*/summary.json")).read_text())
     assert summary["best"]["value"] >= 0.78
