@@ -88,9 +88,18 @@ def test_search_keys_are_checked_too(data, tmp_path, capsys):
         ({"space": SPACE}, "search.trials is required"),
         ({"trials": 2, "space": SPACE, "metric": "val_acc@5"}, "train.monitor_metric 'val_acc@5' is never produced"),
         ({"trials": 2, "space": SPACE, "budget": 3}, "unknown key 'search.budget'"),
+        (
+            {"trials": 2, "space": SPACE, "sampler_options": {"n_startup": 3}},
+            "sampler_options.n_startup: TPESampler takes no such argument",
+        ),
+        ({"trials": 2, "space": SPACE, "sampler_options": {"seed": 3}}, "sampler_options.seed: the search sets it (search.seed"),
     ):
         assert main([str(_search_file(tmp_path, data, search)), "--executor", "debug"]) == 2
         assert message in capsys.readouterr().err
+
+    options = {"trials": 2, "space": SPACE, "sampler_options": {"n_startup_trials": 3}}
+    search = load_search(_search_file(tmp_path, data, options))
+    assert search.sampler(1)._n_startup_trials == 3  # TPESampler's own argument, beside the seed the search gives
 
 
 def _trials(sweep: Path) -> list[dict]:
