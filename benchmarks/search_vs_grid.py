@@ -52,6 +52,7 @@ def main() -> int:
     parser.add_argument("--reduction", type=int, default=3, help="ASHA keeps the top 1/reduction of each rung")
     parser.add_argument("--width", type=int, default=16, help="the ResNet's first width (stages: w, 2w, 4w)")
     parser.add_argument("--parallel", type=int, default=1, help="trials training at once, for both")
+    parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of the training (more oversubscribes a shared CPU)")
     parser.add_argument("--which", choices=("both", "grid", "search"), default="both", help="run only one side")
     parser.add_argument("--cap", type=int, default=None, help="images per class in train and val (a quick smoke run only)")
     args = parser.parse_args()
@@ -79,8 +80,8 @@ def main() -> int:
             "asha": {"min_epochs": args.min_epochs, "max_epochs": args.max_epochs, "reduction": args.reduction},
         },
     }
-    header = f"| seed | side | trials | best {METRIC} | its lr, wd | epochs trained | wall time (s) |"
-    table = [header, "|---|---|---|---|---|---|---|"]
+    header = f"| seed | side | trials | TPE-modelled draws | best {METRIC} | its lr, wd | epochs trained | wall time (s) |"
+    table = [header, "|---|---|---|---|---|---|---|---|"]
     for seed in args.seeds:
         for side, search in sides.items():
             if args.which not in ("both", side):
@@ -92,18 +93,20 @@ def main() -> int:
             path.write_text(yaml.safe_dump({"name": name, "base": base, "search": block}, sort_keys=False))
             start = time.time()
             cmd = [sys.executable, "-m", "utp_dist.submit", str(path), "--executor", "local", "--wait", "--poll", "5"]
-            done = subprocess.run(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
+            env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(args.threads)}
+            done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
             wall = time.time() - start
             if done.returncode != 0:
                 print(done.stdout[-3000:], done.stderr[-3000:], file=sys.stderr)
                 return 1
             trials, epochs, best, params = measure(out, name, args.max_epochs)
             label = "full grid" if side == "grid" else f"ASHA + TPE ({args.reduction}x, rungs from {args.min_epochs})"
-            table.append(f"| {seed} | {label} | {trials} | {best:.4f} | {params} | {epochs} | {wall:.0f} |")
+            drawn = "-" if side == "grid" else modelled(out / "sweeps" / name, args.startup_trials)
+            table.append(f"| {seed} | {label} | {trials} | {drawn} | {best:.4f} | {params} | {epochs} | {wall:.0f} |")
             print(table[-1], flush=True)
     print(
         f"\nbuiltin:fashion-mnist-mini in full{f' (capped at {args.cap}/class)' if args.cap else ''}, quickstart ResNet at width "
-        f"{w}, max {args.max_epochs} epochs, {args.parallel} at once; grid lr {grid['optim.lr']} x wd {grid['optim.weight_decay']}; "
+        f"{w}, max {args.max_epochs} epochs, {args.parallel} at once, {args.threads} thread(s); grid lr {grid['optim.lr']} x wd {grid['optim.weight_decay']}; "
         f"search {args.trials} trials, TPE n_startup_trials {args.startup_trials}, ASHA min {args.min_epochs} max {args.max_epochs} "
         f"reduction {args.reduction}; {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; output {out}"
     )
@@ -124,6 +127,17 @@ def measure(out: Path, sweep: str, max_epochs: int) -> tuple[int, int, float, st
             optim = (run.read_config() or {}).get("optim", {})
             best, params = final[-1], f"{optim.get('lr'):.2e}, {optim.get('weight_decay'):.3f}"
     return len(runs), epochs, best, params
+
+
+def modelled(folder: Path, startup: int) -> int:
+    """How many of the search's draws TPE made from its model: those asked for once `startup` trials had ended in the
+    study (TPE reads completed and stopped-early trials only; a trial paused at a rung is still running to Optuna)."""
+    import optuna
+    from optuna.trial import TrialState
+
+    trials = optuna.load_study(study_name=folder.name, storage=f"sqlite:///{folder / 'study.db'}").get_trials(deepcopy=False)
+    ended = [t.datetime_complete for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    return sum(1 for t in trials if sum(e < t.datetime_start for e in ended) >= startup)
 
 
 if __name__ == "__main__":
