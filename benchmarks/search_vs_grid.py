@@ -130,14 +130,12 @@ def measure(out: Path, sweep: str, max_epochs: int) -> tuple[int, int, float, st
 
 
 def modelled(folder: Path, startup: int) -> int:
-    """How many of the search's draws TPE made from its model: those asked for once `startup` trials had ended in the
-    study (TPE reads completed and stopped-early trials only; a trial paused at a rung is still running to Optuna)."""
+    """How many of the search's draws TPE made from its model: those that knew `startup` trials with a result (a rung
+    value or an end), as the study records for each draw."""
     import optuna
-    from optuna.trial import TrialState
 
     trials = optuna.load_study(study_name=folder.name, storage=f"sqlite:///{folder / 'study.db'}").get_trials(deepcopy=False)
-    ended = [t.datetime_complete for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
-    return sum(1 for t in trials if sum(e < t.datetime_start for e in ended) >= startup)
+    return sum(1 for t in trials if t.user_attrs.get("drawn_from_trials", 0) >= startup)
 
 
 if __name__ == "__main__":
