@@ -88,9 +88,43 @@ def test_search_keys_are_checked_too(data, tmp_path, capsys):
         ({"space": SPACE}, "search.trials is required"),
         ({"trials": 2, "space": SPACE, "metric": "val_acc@5"}, "train.monitor_metric 'val_acc@5' is never produced"),
         ({"trials": 2, "space": SPACE, "budget": 3}, "unknown key 'search.budget'"),
+        (
+            {"trials": 2, "space": SPACE, "sampler_options": {"n_startup": 3}},
+            "sampler_options.n_startup: TPESampler takes no such argument",
+        ),
+        ({"trials": 2, "space": SPACE, "sampler_options": {"seed": 3}}, "sampler_options.seed: the search sets it (search.seed"),
     ):
         assert main([str(_search_file(tmp_path, data, search)), "--executor", "debug"]) == 2
         assert message in capsys.readouterr().err
+
+    options = {"trials": 2, "space": SPACE, "sampler_options": {"n_startup_trials": 3}}
+    search = load_search(_search_file(tmp_path, data, options))
+    assert search.sampler(1)._n_startup_trials == 3  # TPESampler's own argument, beside the seed the search gives
+
+
+def test_tpe_under_asha_learns_from_the_rungs_of_paused_trials(data, tmp_path):
+    """A trial paused at a rung is RUNNING to Optuna, which TPE ignores: the search draws from a copy of the study in
+    which paused trials count as pruned at their rung, so TPE models as soon as n_startup_trials trials reported."""
+    from optuna.trial import Trial, TrialState
+
+    from utp_dist.sweep.search import load_search
+    from utp_dist.sweep.study import Study
+
+    search = {
+        "trials": 5,
+        "space": SPACE,
+        "sampler_options": {"n_startup_trials": 3},
+        "asha": {"min_epochs": 1, "max_epochs": 3, "reduction": 3},
+    }
+    study = Study(tmp_path / "sweep", load_search(_search_file(tmp_path, data, search)))
+    with study.locked():
+        for number, value in enumerate((0.2, 0.9, 0.5)):  # three trials paused at the first rung
+            made = study._new(number)
+            Trial(study.optuna, made["trial_id"]).report(value, 1)
+        made = study._new(3)
+    trials = study.optuna.get_trials(deepcopy=False)
+    assert [t.user_attrs["drawn_from_trials"] for t in trials] == [0, 1, 2, 3]  # the fourth draw is TPE's own
+    assert [t.state for t in trials] == [TrialState.RUNNING] * 4 and made["params"] == trials[3].params  # no trial left waiting
 
 
 def _trials(sweep: Path) -> list[dict]:

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +15,8 @@ import yaml
 from conftest import REPO, make_image_folder, run_cli, tiny_config
 from dashboard_support import wait_until
 from test_agents import ENV, dashboard  # noqa: F401 (the fixture)
+
+from utp_dist.store.run_dir import RunDir
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +94,46 @@ def test_two_cpu_agents_run_an_asha_search_the_server_steps(tmp_path, dashboard,
     lines = status.stdout.splitlines()
     assert lines[0].startswith("| trial | state |") and len(lines) == 5, status.stdout
     assert sorted(line.split(" | ")[1] for line in lines[2:]) == ["stopped-early", "stopped-early", "succeeded"]
+
+
+def test_an_agent_lost_after_the_first_save_before_reporting_the_folder_leaves_the_trial_to_resume_in_it(tmp_path, dashboard, data):  # noqa: F811
+    """The agent hangs (SIGSTOP) before it reports its trial's run folder, its child saves a state, then the agent dies:
+    the next agent continues that state in the trial's own folder (no NAME-v1, no epoch trained twice)."""
+    root = tmp_path / "root"
+    server, client, group = dashboard([root])
+    # three epochs of three steps, slowed down under the first agent only: its child is caught between two states
+    base = tiny_config(data, root, train={"epochs": 3, "log_every_n_steps": 1, "callbacks": ["tests.hooks:SlowSteps"]})
+    search = {"method": "random", "trials": 1, "parallel": 1, "space": {"optim.lr": {"log_uniform": [1.0e-4, 1.0e-2]}}}
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump({"name": "lost", "base": base, "search": search}))
+    cmd = [sys.executable, "-m", "utp_dist.submit", str(path), "--executor", "dashboard", "--server", server.url]
+    submitted = subprocess.run(cmd, cwd=REPO, env={**ENV, **server.xdg_env()}, capture_output=True, text=True, timeout=120)
+    assert submitted.returncode == 0, submitted.stderr
+    sweep = root / "sweeps" / "lost"
+    agent = group.start("cpu-a", UTP_TEST_STEP_SLEEP="0.5")
+
+    def run() -> dict:
+        (trial,) = _trials(sweep)
+        return client.get(f"/api/v1/runs/{trial['run_id']}").json()
+
+    wait_until(lambda: sweep.is_dir() and _trials(sweep) and _trials(sweep)[0].get("run_id") and run()["state"] == "running", 60, "its run")
+    os.kill(agent.pid, signal.SIGSTOP)  # its child starts (imports, loads data) for seconds: it has not named its folder yet
+    assert run()["root"] is None
+    (trial,) = _trials(sweep)
+    states = root / "checkpoints" / "shapes" / trial["run"] / "state"
+    wait_until(lambda: any((s / "COMPLETE").exists() for s in states.glob("step-*")), 60, "the first state")
+    agent.kill()  # its child dies with it (mid-epoch 2 at the latest); the lease runs out, the job is queued again
+    agent.wait()
+    group.start("cpu-b")
+    wait_until(lambda: _trials(sweep)[0]["state"] == "succeeded", 90, "the trial's end")
+
+    (trial,) = _trials(sweep)
+    assert trial["run"] == "lost__trial-000" and [p.name for p in (root / "logs" / "shapes").iterdir()] == [trial["run"]]
+    done = run()
+    assert done["state"] == "succeeded" and done["name"] == trial["run"] and done["attempts"] == 2, done
+    evaluated = [m for m in RunDir(root, "shapes", trial["run"]).read_metrics() if m.get("split") == "val"]
+    assert [m["epoch"] for m in evaluated] == [0, 1, 2], evaluated  # each epoch evaluated once: none was trained again
+    assert done["restarts"] == 1
 
 
 def test_the_controller_is_idempotent_and_resubmit_failed_resumes_a_failed_trial(tmp_path, data):

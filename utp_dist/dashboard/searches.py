@@ -87,6 +87,8 @@ def _follow(session: Session, study: Study, record: dict) -> None:
     if job is None:  # its run was deleted on the dashboard: the trial cannot go on
         study.report(record["number"], 1, False)
         return
+    if run.root is None:
+        _place(session, run, record)
     if run.name and run.name != record["run"]:
         _moved(study, record, run.name)
     if job.state == states.SUCCEEDED:
@@ -99,6 +101,29 @@ def _follow(session: Session, study: Study, record: dict) -> None:
         _resume(session, study, record)
     elif job.state in (states.FAILED, states.CANCELLED):  # a queued trial cancelled by a user is not trained
         study.report(record["number"], 1, False)
+
+
+def _place(session: Session, run: Run, record: dict) -> None:
+    """Give the trial's run its folder as soon as the folder is there, before its agent reports it.
+
+    A trial's folder is pinned by name, so the server knows it without the agent; an agent that lost its lease after
+    the first save but before its report would otherwise leave the run without a folder, and the next attempt would
+    train the trial again from scratch in NAME-v1 instead of continuing the state it saved.
+    """
+    from utp_dist.sweep.study import trial_run
+
+    folder = trial_run(record)
+    if folder is None:
+        return
+    key = {"root": str(folder.root.resolve()), "dataset": folder.dataset, "name": folder.name}
+    # the indexer took the folder of a job no agent held for a run of its own: it is this trial's
+    stray = session.scalar(select(Run).filter_by(source="disk", **key))
+    if stray is not None:
+        session.delete(stray)
+        session.flush()
+    for field, value in key.items():
+        setattr(run, field, value)
+    session.commit()
 
 
 def _moved(study: Study, record: dict, name: str) -> None:

@@ -15,7 +15,9 @@ from utp_dist.config import Config, ConfigError, from_dict, read_yaml, set_dotte
 from utp_dist.store.run_dir import sanitize
 from utp_dist.sweep.grid import GRID_KEYS, load_base, resolve
 
-SEARCH_KEYS = ("method", "trials", "parallel", "metric", "mode", "space", "asha", "seed", "storage")
+SEARCH_KEYS = ("method", "trials", "parallel", "metric", "mode", "space", "asha", "seed", "storage", "sampler_options")
+# sampler arguments the search sets itself (the seed per trial, the grid from the space)
+SAMPLER_OWNED = ("seed", "search_space")
 KINDS = ("log_uniform", "uniform", "choice", "int")
 METHODS = {"tpe": "TPESampler", "random": "RandomSampler", "grid": "GridSampler"}
 # keys the search itself sets per trial: a space or sweep value for them would be silently replaced
@@ -88,6 +90,7 @@ class Search:
     seed: int
     storage: str | None
     resources: dict
+    sampler_options: tuple = ()
 
     @property
     def max_epochs(self) -> int:
@@ -116,7 +119,7 @@ class Search:
 
         name = METHODS.get(self.method, self.method)
         cls = getattr(optuna.samplers, name)
-        kwargs: dict[str, Any] = {}
+        kwargs: dict[str, Any] = dict(self.sampler_options)
         if "seed" in inspect.signature(cls).parameters:
             kwargs["seed"] = self.seed * 100_003 + number
         if cls is optuna.samplers.GridSampler:
@@ -178,6 +181,7 @@ def parse_search(path: Path, raw: dict) -> Search:
     if mode not in ("max", "min"):
         raise ConfigError(f"{path}: search.mode must be max or min, got {mode!r}")
     method = _method(path, block.get("method", "tpe"), space)
+    options = _sampler_options(path, method, block.get("sampler_options"))
     asha = _asha(path, block.get("asha"))
     trials = _count(path, block, "trials", math.prod(len(p.choices) for p in space) if method == "grid" else None)
     search = Search(
@@ -195,6 +199,7 @@ def parse_search(path: Path, raw: dict) -> Search:
         seed=_integer(path, "search.seed", block.get("seed", 0)),
         storage=_text(path, block, "storage", None),
         resources=raw.get("resources") or {},
+        sampler_options=options,
     )
     _validate(search)
     return search
@@ -283,6 +288,32 @@ def _method(path: Path, method: Any, space: list[Param]) -> str:
                 f"{path}: search.space.{odd.key}: method grid walks lists of values; give {{choice: [...]}} or use tpe/random"
             )
     return method
+
+
+def _sampler_options(path: Path, method: str, options: Any) -> tuple:
+    """search.sampler_options: keyword arguments of the sampler's class (e.g. TPESampler's n_startup_trials), as
+    (name, value) pairs; a name the class does not take is a one-line error before anything is submitted."""
+    import optuna
+
+    if options is None:
+        return ()
+    if not isinstance(options, dict):
+        raise ConfigError(f"{path}: search.sampler_options must be a mapping of the sampler's arguments, e.g. {{n_startup_trials: 5}}")
+    name = METHODS.get(method, method)
+    accepted = [p for p in inspect.signature(getattr(optuna.samplers, name)).parameters if p not in ("self", *SAMPLER_OWNED)]
+    for key, value in options.items():
+        if key in SAMPLER_OWNED:
+            raise ConfigError(f"{path}: search.sampler_options.{key}: the search sets it (search.seed, search.space); remove it")
+        if key not in accepted:
+            raise ConfigError(f"{path}: search.sampler_options.{key}: {name} takes no such argument; valid: {', '.join(accepted)}")
+        if not (value is None or isinstance(value, (bool, int, float, str))):
+            raise ConfigError(f"{path}: search.sampler_options.{key} must be a number, string, boolean or null, got {value!r}")
+    if name != "GridSampler":  # a value the sampler refuses: now, not when the first trial is drawn
+        try:
+            getattr(optuna.samplers, name)(**options)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"{path}: search.sampler_options: {name} refuses them: {err}") from None
+    return tuple(sorted(options.items()))
 
 
 def _asha(path: Path, asha: Any) -> Asha | None:

@@ -121,7 +121,11 @@ class Study:
     def _new(self, number: int) -> dict:
         study = self.optuna
         study.sampler = self.search.sampler(number)
-        trial = study.ask(self.search.distributions())
+        distributions = self.search.distributions()
+        if self.search.asha and type(study.sampler).__name__ == "TPESampler":
+            params, known = self._drawn_from_rungs(study, distributions)
+            study.enqueue_trial(params, user_attrs={"drawn_from_trials": known})  # TPE models once known >= n_startup_trials
+        trial = study.ask(distributions)
         run_name = f"{self.folder.name}__trial-{trial.number:03d}"
         config = self.search.config(trial.params, run_name)
         path = self.folder / CONFIGS / f"trial-{trial.number:03d}.yaml"
@@ -141,6 +145,23 @@ class Study:
             "attempts": 0,
             "created": time.time(),
         }
+
+    def _drawn_from_rungs(self, study, distributions: dict) -> tuple[dict, int]:
+        """TPE's draw from what the rungs say so far: a trial paused at a rung is RUNNING to Optuna, and TPE reads only
+        ended trials, so under ASHA it would draw at random until the rungs close at the very end. In a copy of the
+        study each paused trial counts as pruned at its rung (TPE ranks those by the rung reached, then the value)."""
+        import optuna
+        from optuna.trial import TrialState, create_trial
+
+        view = optuna.create_study(direction=study.direction, sampler=study.sampler)
+        for trial in study.get_trials(deepcopy=False):
+            if trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
+                view.add_trial(trial)
+            elif trial.state == TrialState.RUNNING and trial.intermediate_values:
+                paused = {"params": trial.params, "distributions": trial.distributions, "intermediate_values": trial.intermediate_values}
+                view.add_trial(create_trial(state=TrialState.PRUNED, **paused))
+        known = len(view.trials)
+        return view.ask(distributions).params, known
 
     def _lease(self, record: dict, worker: int) -> dict:
         record.update(
