@@ -1,0 +1,93 @@
+"""The dashboard answers at once, whatever its roots hold: Alembic only when there is a migration to apply, the first
+pass over the roots in the background."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import REPO
+from dashboard_support import Server
+
+from utp_dist.dashboard import migrate
+
+RUNS = 400  # the first pass over them takes several seconds: longer than the start, so it is still under way at the first answer
+BOUND_S = 10.0  # the start measured about 1 s here (docs/run-table.md); generous for a loaded 2-core CI box
+
+
+def test_the_head_revision_is_known_without_alembic():
+    from alembic.script import ScriptDirectory
+
+    assert migrate.head_revision() == ScriptDirectory.from_config(migrate.alembic_config()).get_current_head()
+
+
+def test_an_up_to_date_database_is_not_handed_to_alembic(tmp_path, monkeypatch):
+    """An old database is migrated to the newest revision; one at the newest revision is left to the one query."""
+    from alembic import command
+    from sqlalchemy import create_engine
+
+    engine = create_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    config = migrate.alembic_config()
+    with engine.begin() as connection:
+        assert migrate.stamped(connection) is None
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0001")
+    migrate.upgrade(engine)
+    with engine.connect() as connection:
+        assert migrate.stamped(connection) == migrate.head_revision()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("Alembic was asked to upgrade a database at the newest revision")
+
+    monkeypatch.setattr(command, "upgrade", refuse)
+    migrate.upgrade(engine)
+    engine.dispose()
+
+
+def generated_root(folder: Path) -> Path:
+    """RUNS finished run folders, as benchmarks/dashboard_runs_list.py writes them."""
+    spec = importlib.util.spec_from_file_location("dashboard_runs_list", REPO / "benchmarks" / "dashboard_runs_list.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    root = folder / "experiments"
+    bench.generate(root, RUNS)
+    return root
+
+
+def first_answer(server: Server) -> tuple[float, httpx.Response]:
+    """Start the server's process; (seconds until its login page answers, that answer)."""
+    started = time.perf_counter()
+    with open(server.log, "ab") as out:
+        server.proc = subprocess.Popen(server.command(), env=server.env(), stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+    while time.perf_counter() - started < 60:
+        if server.proc.poll() is not None:
+            pytest.fail(f"the dashboard exited with {server.proc.returncode}:\n{server.log.read_text()[-3000:]}")
+        try:
+            answer = httpx.get(f"{server.url}/web/login", timeout=5)
+            return time.perf_counter() - started, answer
+        except httpx.HTTPError:
+            time.sleep(0.01)
+    pytest.fail(f"the dashboard did not answer in 60 s:\n{server.log.read_text()[-3000:]}")
+
+
+def test_the_port_answers_before_the_roots_are_read(tmp_path):
+    """A new database (every migration), then the same database again (none): both answer within the bound; the first
+    while its pass over the runs is still under way (the second finds most of them read already)."""
+    root = generated_root(tmp_path)
+    for start in ("new database", "up-to-date database"):
+        server = Server([root], f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path / "server.log", flags=("--no-token",))
+        try:
+            seconds, answer = first_answer(server)
+            print(f"{start}: the port answered {seconds:.2f} s after the process started ({RUNS} runs in the root)")
+            assert answer.status_code == 200
+            assert seconds < BOUND_S
+            with httpx.Client(base_url=server.url) as api:
+                assert api.get("/web/runs").status_code == 200
+                if start == "new database":
+                    assert api.get("/api/v1/index").json()["indexing"] is True
+        finally:
+            server.stop()
