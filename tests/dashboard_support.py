@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import importlib.util
 import json
 import os
 import shutil
@@ -197,6 +198,17 @@ def trained_root(basetemp: Path) -> Path:
     done = run_cli(str(grid_file), "--executor", "debug", module="utp_dist.submit", timeout=600)
     assert "succeeded" in done.stdout, done.stdout + done.stderr
     (root / "READY").write_text("")
+    return root
+
+
+def generated_root(folder: Path, runs: int) -> Path:
+    """An output root of `runs` finished run folders without weights, as benchmarks/dashboard_runs_list.py writes them
+    (seconds for hundreds, where trained runs take minutes)."""
+    spec = importlib.util.spec_from_file_location("dashboard_runs_list", REPO / "benchmarks" / "dashboard_runs_list.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    root = folder / "experiments"
+    bench.generate(root, runs)
     return root
 
 

@@ -3,15 +3,13 @@ pass over the roots in the background."""
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 from conftest import REPO
-from dashboard_support import Server
+from dashboard_support import Server, generated_root
 
 from utp_dist.dashboard import migrate
 
@@ -48,16 +46,6 @@ def test_an_up_to_date_database_is_not_handed_to_alembic(tmp_path, monkeypatch):
     engine.dispose()
 
 
-def generated_root(folder: Path) -> Path:
-    """RUNS finished run folders, as benchmarks/dashboard_runs_list.py writes them."""
-    spec = importlib.util.spec_from_file_location("dashboard_runs_list", REPO / "benchmarks" / "dashboard_runs_list.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    root = folder / "experiments"
-    bench.generate(root, RUNS)
-    return root
-
-
 def first_answer(server: Server) -> tuple[float, httpx.Response]:
     """Start the server's process; (seconds until its login page answers, that answer)."""
     started = time.perf_counter()
@@ -77,7 +65,7 @@ def first_answer(server: Server) -> tuple[float, httpx.Response]:
 def test_the_port_answers_before_the_roots_are_read(tmp_path):
     """A new database (every migration), then the same database again (none): both answer within the bound; the first
     while its pass over the runs is still under way (the second finds most of them read already)."""
-    root = generated_root(tmp_path)
+    root = generated_root(tmp_path, RUNS)
     for start in ("new database", "up-to-date database"):
         server = Server([root], f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path / "server.log", flags=("--no-token",))
         try:

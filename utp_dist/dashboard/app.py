@@ -17,7 +17,7 @@ from fastapi.staticfiles import StaticFiles
 from sqlalchemy.exc import DataError, IntegrityError
 from starlette.concurrency import run_in_threadpool
 
-from utp_dist.dashboard import downloads, jobqueue, migrate, pages, runpages, searches
+from utp_dist.dashboard import downloads, jobqueue, managepages, migrate, pages, runpages, searches
 from utp_dist.dashboard.api import agent_tokens, agents, configs, jobs, projects, runs, sweeps, system
 from utp_dist.dashboard.db import Database
 from utp_dist.dashboard.indexer import Indexer
@@ -64,6 +64,7 @@ def create_app(settings: Settings) -> FastAPI:
     for module in (projects, configs, runs, agents, agent_tokens, jobs, sweeps, system, downloads):
         app.include_router(module.router)
     app.include_router(runpages.router)  # before pages: its /web/runs is the run table
+    app.include_router(managepages.router)  # before pages: /web/runs/{id}/delete is not one of its /web/runs/{id}/{action}
     app.include_router(pages.router)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     app.add_api_route("/", lambda: RedirectResponse("/web/runs"), include_in_schema=False)
