@@ -204,12 +204,17 @@ def trained_root(basetemp: Path) -> Path:
 def generated_root(folder: Path, runs: int) -> Path:
     """An output root of `runs` finished run folders without weights, as benchmarks/dashboard_runs_list.py writes them
     (seconds for hundreds, where trained runs take minutes)."""
-    spec = importlib.util.spec_from_file_location("dashboard_runs_list", REPO / "benchmarks" / "dashboard_runs_list.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
     root = folder / "experiments"
-    bench.generate(root, runs)
+    benchmark("dashboard_runs_list").generate(root, runs)
     return root
+
+
+def benchmark(name: str):
+    """The module benchmarks/NAME.py, for what a test measures or builds the same way."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def copy_root(source: Path, target: Path) -> Path:
