@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import importlib.util
 import json
 import os
 import shutil
@@ -198,6 +199,22 @@ def trained_root(basetemp: Path) -> Path:
     assert "succeeded" in done.stdout, done.stdout + done.stderr
     (root / "READY").write_text("")
     return root
+
+
+def generated_root(folder: Path, runs: int) -> Path:
+    """An output root of `runs` finished run folders without weights, as benchmarks/dashboard_runs_list.py writes them
+    (seconds for hundreds, where trained runs take minutes)."""
+    root = folder / "experiments"
+    benchmark("dashboard_runs_list").generate(root, runs)
+    return root
+
+
+def benchmark(name: str):
+    """The module benchmarks/NAME.py, for what a test measures or builds the same way."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def copy_root(source: Path, target: Path) -> Path:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -278,9 +279,9 @@ def test_a_queued_run_is_live_on_its_page_through_a_server_restart(page, server,
     assert page.errors == []
 
 
-def test_run_table_sorts_filters_tags_and_clones(page, tmp_path):
+def test_run_table_sorts_filters_tags_and_clones(page, server, root, tmp_path):
     """Add parameter columns (remembered), sort by a click, filter by an expression, tag the ticked runs, clone one with
-    an edit checked as it is typed, and queue it."""
+    an edit checked as it is typed, and queue it; archive a project and delete a run with its folders, confirmed."""
     page.goto("/web/runs")
     for column in ("train.seed", "optim.lr", "val_acc@1"):
         page.fill("#column-input", column)
@@ -324,4 +325,33 @@ def test_run_table_sorts_filters_tags_and_clones(page, tmp_path):
     expect(page.locator("#run-state")).to_contain_text("queued")
     page.click('#queue button:has-text("Cancel")')
     expect(page.locator("#run-state")).to_contain_text("cancelled")
+
+    page.goto("/web/projects")
+    project = page.locator("tr.project").first
+    name = project.get_attribute("data-project")
+    project.locator('button[name="archived"]').click()
+    expect(page.locator(f'tr.project[data-project="{name}"]')).to_have_count(0)
+    page.click("#show-archived")
+    page.locator(f'tr.project[data-project="{name}"] button[name="archived"]').click()  # unarchive
+    page.goto("/web/projects")
+    expect(page.locator(f'tr.project[data-project="{name}"]')).to_have_count(1)
+
+    with server.client() as api:
+        doomed = next(r for r in api.get("/api/v1/runs", params={"state": "succeeded", "limit": 50}).json() if r["source"] == "disk")
+    folder = root / "logs" / doomed["dataset"] / doomed["name"]
+    page.goto(f"/web/runs/{doomed['id']}")
+    page.click("#delete-link")
+    expect(page.locator("#run-folders")).to_contain_text(str(folder))
+    page.check("#delete-files")
+    page.fill("#confirm-name", "not-its-name")
+    page.click("#delete-run-button")
+    expect(page.locator("#delete-error")).to_contain_text("nothing was deleted")
+    assert folder.is_dir()
+    page.check("#delete-files")
+    page.fill("#confirm-name", doomed["name"])
+    page.click("#delete-run-button")
+    expect(page).to_have_url(re.compile(r"/web/runs(\?.*)?$"))  # the table, with the columns this browser remembers
+    assert not folder.exists()
+    with server.client() as api:
+        assert api.get(f"/api/v1/runs/{doomed['id']}").status_code == 404
     assert page.errors == [], page.errors

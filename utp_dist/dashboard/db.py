@@ -65,6 +65,8 @@ class Agent(Base):
     host: Mapped[str] = mapped_column(String(255), default="")
     last_heartbeat: Mapped[float | None] = mapped_column(Float, nullable=True)
     drain: Mapped[bool] = mapped_column(Boolean, default=False)
+    # put away by the user: off the agents page's default list, and it claims nothing (as drained) until unarchived
+    archived: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     created: Mapped[float] = mapped_column(Float, default=now)
     gpus: Mapped[list[Gpu]] = relationship(back_populates="agent", cascade="all, delete-orphan", order_by="Gpu.index")
 

@@ -174,12 +174,12 @@ class Indexer:
                 changed += 1
         return changed
 
-    def start(self, interval_s: float) -> None:
-        """Refresh at once, then every `interval_s` seconds, in a daemon thread until stop(): the server answers while
-        the first pass reads a big root."""
+    def start(self, interval_s: float, first_after_s: float = 0.0) -> None:
+        """Refresh after `first_after_s`, then every `interval_s` seconds, in a daemon thread until stop(): the server
+        answers while the first pass reads a big root."""
 
         def loop() -> None:
-            wait = 0.0
+            wait = first_after_s
             while not self.stopping.wait(wait):
                 wait = interval_s
                 try:

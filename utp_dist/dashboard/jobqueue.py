@@ -84,7 +84,7 @@ def heartbeat(
     session.commit()
     mine = [job_id for job_id, _ in held if job_id not in lost and job_id not in unknown]
     abort = list(session.scalars(select(Job.id).where(Job.id.in_(mine), Job.state == states.STOPPING))) if mine else []
-    return {"drain": agent.drain, "abort": abort, "lost": lost, "unknown": unknown}
+    return {"drain": agent.drain or agent.archived, "abort": abort, "lost": lost, "unknown": unknown}
 
 
 def claim(session: Session, agent_id: int, free_gpus: int, cpu: bool, refused: list[int], lease_s: float) -> dict | None:
@@ -92,10 +92,10 @@ def claim(session: Session, agent_id: int, free_gpus: int, cpu: bool, refused: l
 
     SQLite runs one writer at a time, so `UPDATE ... WHERE id = (SELECT ...) AND state = 'queued' RETURNING` cannot
     hand one job to two agents; on PostgreSQL the inner SELECT takes its row FOR UPDATE SKIP LOCKED, so racing agents
-    pass over each other's candidate instead of queueing behind it. None: nothing fits, or the agent is drained.
+    pass over each other's candidate instead of queueing behind it. None: nothing fits, or the agent is drained or archived.
     """
     agent = found(session, Agent, agent_id, "agent")
-    if agent.drain:
+    if agent.drain or agent.archived:
         return None
     session.commit()  # end the read: the claim below is a transaction of its own
     pick = select(Job.id).where(Job.state == states.QUEUED, Job.gpus <= free_gpus)

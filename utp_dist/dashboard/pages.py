@@ -130,10 +130,12 @@ def logout(request: Request, form: PostedForm):
 # --- projects and configs
 
 
-def projects_view(request: Request, session: Session, error: str | None = None, status_code: int = 200) -> HTMLResponse:
-    """The projects page, with an error from a failed create."""
-    items, _ = services.list_projects(session, limit=500)
-    return render(request, "projects.html", status_code=status_code, projects=items, error=error)
+def projects_view(
+    request: Request, session: Session, error: str | None = None, status_code: int = 200, archived: bool = False
+) -> HTMLResponse:
+    """The projects page (the archived ones when asked), with an error from a failed create."""
+    items, _ = services.list_projects(session, limit=500, archived=archived)
+    return render(request, "projects.html", status_code=status_code, projects=items, error=error, archived=archived)
 
 
 def create_from_form(request: Request, form: FormData | None, make, refused) -> HTMLResponse | RedirectResponse:
@@ -147,9 +149,9 @@ def create_from_form(request: Request, form: FormData | None, make, refused) -> 
 
 
 @router.get("/projects")
-def projects_page(request: Request, session: SessionDep):
-    """Projects and the form to create one."""
-    return projects_view(request, session)
+def projects_page(request: Request, session: SessionDep, archived: bool = False):
+    """Projects (`?archived=true`: the archived ones) and the form to create one."""
+    return projects_view(request, session, archived=archived)
 
 
 @router.post("/projects")
@@ -164,11 +166,11 @@ def create_project(request: Request, session: SessionDep, form: PostedForm):
 
 
 @router.get("/projects/{project_id}/configs")
-def configs_page(request: Request, project_id: int, session: SessionDep):
-    """A project's configs and the form to paste one."""
+def configs_page(request: Request, project_id: int, session: SessionDep, archived: bool = False):
+    """A project's configs (`?archived=true`: the archived ones) and the form to paste one."""
     project = services.found(session, Project, project_id, "project")
-    items, _ = services.list_configs(session, project_id, limit=500)
-    return render(request, "configs.html", project=project, configs=items, error=None, name="", text="")
+    items, _ = services.list_configs(session, project_id, limit=500, archived=archived)
+    return render(request, "configs.html", project=project, configs=items, error=None, name="", text="", archived=archived)
 
 
 @router.post("/projects/{project_id}/configs")
@@ -283,11 +285,13 @@ def resubmit_failed(request: Request, sweep_id: int, session: SessionDep, settin
 
 
 def agents_view(request: Request, session: Session, status_code: int = 200, **shown) -> HTMLResponse:
-    """The agents page and the agent tokens; `shown`: error (registering), token_error, created (a new token's secret, once)."""
-    items, _ = services.list_agents(session, limit=500)
+    """The agents page and the agent tokens; `shown`: error (registering), token_error, created (a new token's secret, once),
+    archived (list the archived agents instead)."""
+    archived = shown.pop("archived", False)
+    items, _ = services.list_agents(session, limit=500, archived=archived)
     held = jobqueue.held_by_agent(session)
     made, _ = tokens.list_tokens(session, limit=500)
-    context = {"error": None, "token_error": None, "created": None, **shown}
+    context = {"error": None, "token_error": None, "created": None, "archived": archived, **shown}
     lease_s = request.app.state.settings.lease_s
     online = {a.id for a in items if a.last_heartbeat and time.time() - a.last_heartbeat < lease_s}  # its jobs' leases still hold
     return render(
@@ -296,9 +300,9 @@ def agents_view(request: Request, session: Session, status_code: int = 200, **sh
 
 
 @router.get("/agents")
-def agents_page(request: Request, session: SessionDep):
-    """Agents, their GPUs and heartbeats, and the form to register one."""
-    return agents_view(request, session)
+def agents_page(request: Request, session: SessionDep, archived: bool = False):
+    """Agents (`?archived=true`: the archived ones), their GPUs and heartbeats, and the form to register one."""
+    return agents_view(request, session, archived=archived)
 
 
 @router.post("/agents")

@@ -23,9 +23,10 @@ from sqlalchemy import and_, delete, func, insert, not_, or_, select
 from sqlalchemy.orm import Session, aliased
 
 from utp_dist.config import Config, flatten
-from utp_dist.dashboard import filterlang
+from utp_dist.dashboard import filterlang, services
 from utp_dist.dashboard.db import Project, Run, RunTag, RunValue, Sweep
 from utp_dist.dashboard.services import Invalid, NotFound
+from utp_dist.states import ACTIVE
 from utp_dist.store.run_dir import RunDir, inside
 
 KEY_LENGTH, TEXT_LENGTH = 200, 500
@@ -440,7 +441,30 @@ def tag_names(session: Session) -> list[tuple[str, int]]:
     return [(tag, count) for tag, count in rows]
 
 
-# --- deleting a run's folders (only when asked and confirmed)
+# --- deleting a run, and its folders only when asked and confirmed
+
+
+def folder_name(run: Run) -> str:
+    """What a user types to confirm deleting a run's folders: its folder name (its id for a queued run with no folder yet)."""
+    return run.name or str(run.id)
+
+
+def delete_run(
+    session: Session, run_id: int, roots: tuple[Path, ...], delete_files_too: bool = False, confirm: str | None = None
+) -> list[str]:
+    """Forget a run that is not active (409 otherwise); with `delete_files_too`, also remove its folders, which `confirm`
+    (the run's folder name, typed again) must allow (422 otherwise, nothing deleted). The paths removed."""
+    run = services.get_run(session, run_id)
+    removed = []
+    if delete_files_too:
+        if confirm != folder_name(run):
+            raise Invalid(f"delete_files: confirm with the run's folder name (confirm={folder_name(run)}); nothing was deleted")
+        job = services.latest_job(session, run)
+        if job is not None and job.state in ACTIVE:
+            raise services.Conflict(f"run {run_id} is {job.state}: cancel it first", job.state)
+        removed = delete_files(run, roots)
+    services.delete_run(session, run_id)
+    return removed
 
 
 def delete_files(run: Run, roots: tuple[Path, ...]) -> list[str]:

@@ -267,6 +267,7 @@ class AgentIn(In):
 class AgentPatch(In):
     host: Host | None = None
     drain: bool | None = None
+    archived: bool | None = None
 
 
 class AgentOut(Out):
@@ -275,6 +276,7 @@ class AgentOut(Out):
     host: str
     last_heartbeat: float | None
     drain: bool
+    archived: bool = False
     created: float
     gpus: list[GpuOut] = []
 

@@ -197,9 +197,10 @@ def delete_run(session: Session, run_id: int) -> None:
 # --- agents and GPUs
 
 
-def list_agents(session: Session, limit: int = 100, offset: int = 0) -> tuple[list[Agent], int]:
-    """Agents with their GPUs, oldest first."""
-    return page(session, select(Agent).options(selectinload(Agent.gpus)).order_by(Agent.id), limit, offset)
+def list_agents(session: Session, limit: int = 100, offset: int = 0, archived: bool = False) -> tuple[list[Agent], int]:
+    """Agents with their GPUs, oldest first (the archived ones only when asked)."""
+    query = select(Agent).where(Agent.archived.is_(archived)).options(selectinload(Agent.gpus)).order_by(Agent.id)
+    return page(session, query, limit, offset)
 
 
 def create_agent(session: Session, name: str, host: str = "") -> Agent:
@@ -207,9 +208,10 @@ def create_agent(session: Session, name: str, host: str = "") -> Agent:
     return add(session, Agent(name=name, host=host), f"an agent named '{name}' already exists")
 
 
-def update_agent(session: Session, agent_id: int, host: str | None, drain: bool | None) -> Agent:
-    """Change an agent's host, or drain it (it finishes what it runs and claims nothing new)."""
-    return patch(session, Agent, agent_id, "agent", host=host, drain=drain)
+def update_agent(session: Session, agent_id: int, host: str | None, drain: bool | None, archived: bool | None = None) -> Agent:
+    """Change an agent's host, drain it (it finishes what it runs and claims nothing new), or archive it (as drained, and
+    off the agents page's default list)."""
+    return patch(session, Agent, agent_id, "agent", host=host, drain=drain, archived=archived)
 
 
 def delete_agent(session: Session, agent_id: int) -> None:

@@ -13,9 +13,9 @@ router = APIRouter(prefix="/api/v1/agents", tags=["agents"])
 
 
 @router.get("", response_model=list[AgentOut])
-def list_agents(session: SessionDep, paging: PagingDep):
-    """Every agent with its GPUs."""
-    return paging.total(*services.list_agents(session, paging.limit, paging.offset))
+def list_agents(session: SessionDep, paging: PagingDep, archived: bool = False):
+    """Every agent with its GPUs (`?archived=true`: the archived ones)."""
+    return paging.total(*services.list_agents(session, paging.limit, paging.offset, archived))
 
 
 @router.post("", response_model=AgentOut, status_code=status.HTTP_201_CREATED)
@@ -53,8 +53,9 @@ def get_agent(agent_id: IdPath, session: SessionDep):
 
 @router.patch("/{agent_id}", response_model=AgentOut)
 def update_agent(agent_id: IdPath, body: AgentPatch, session: SessionDep):
-    """Change an agent's host, or drain it (it finishes what it runs and claims nothing new)."""
-    return services.update_agent(session, agent_id, body.host, body.drain)
+    """Change an agent's host, drain it (it finishes what it runs and claims nothing new), or archive it (it claims nothing
+    either, and leaves the default list)."""
+    return services.update_agent(session, agent_id, body.host, body.drain, body.archived)
 
 
 @router.delete("/{agent_id}", status_code=status.HTTP_204_NO_CONTENT)

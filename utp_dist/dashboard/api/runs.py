@@ -9,7 +9,6 @@ from fastapi import APIRouter, Body, Query, Request, Response, status
 from utp_dist.dashboard import clone, filterlang, jobqueue, readmodels, runtable, services
 from utp_dist.dashboard.deps import MAX_PAGE, IdPath, SessionDep, SettingsDep
 from utp_dist.dashboard.schemas import MAX_INT, BulkTags, CloneIn, QueueIn, QueueOut, RunDetail, RunOut, RunPatch, RunRow, StateChangeOut
-from utp_dist.states import ACTIVE
 
 router = APIRouter(prefix="/api/v1/runs", tags=["runs"])
 
@@ -171,12 +170,4 @@ def delete_run(
 ):
     """Forget a run that is not active. Its files stay unless `delete_files=true&confirm=NAME` (then a run found on disk does
     not come back at the next index); to only hide a run, archive it (PATCH archived=true)."""
-    run = services.get_run(session, run_id)
-    if delete_files:
-        if confirm != (run.name or str(run.id)):
-            raise services.Invalid(f"delete_files: confirm with the run's folder name (confirm={run.name or run.id}); nothing was deleted")
-        job = services.latest_job(session, run)
-        if job is not None and job.state in ACTIVE:
-            raise services.Conflict(f"run {run_id} is {job.state}: cancel it first", job.state)
-        runtable.delete_files(run, settings.roots)
-    services.delete_run(session, run_id)
+    runtable.delete_run(session, run_id, settings.roots, delete_files, confirm)
