@@ -37,9 +37,31 @@ LONGEST_FIRST = (
 )
 
 
+# files that share one session fixture too costly to build twice run on one worker, one after the other
+GROUPS = {"test_slurm.py": "slurm", "test_search_slurm.py": "slurm"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups (--dist loadgroup)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # sort is stable: the rest keep their order
+    for item in items:  # a worker takes a file (a group) whole: its module fixtures are built once
+        item.add_marker(pytest.mark.xdist_group(GROUPS.get(item.path.name, item.path.name)))
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    """A private single-node Slurm with accounting and 2 fake GPUs, started once per session; the env that points
+    clients at it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("utp_slurm_cluster", REPO / "slurm" / "cluster.py")
+    cluster = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cluster)
+    folder = tmp_path_factory.mktemp("slurm")
+    env = cluster.start(folder, gpus=2)
+    yield env
+    cluster.stop(folder)
 
 
 if os.environ.get("PYTEST_XDIST_WORKER"):

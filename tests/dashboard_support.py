@@ -19,7 +19,7 @@ from pathlib import Path
 
 import httpx
 import yaml
-from conftest import REPO, make_image_folder, run_cli, tiny_config
+from conftest import REPO, make_image_folder, run_here, tiny_config
 
 READY_TIMEOUT_S = 60
 
@@ -186,18 +186,23 @@ class Postgres:
 
 
 def trained_root(basetemp: Path) -> Path:
-    """An output root, built once per test session: a 4-task sweep (2 seeds x a good and a missing data root) = 2 finished runs, 2 failed tasks."""
-    root = basetemp / "dashboard-root"
-    if (root / "READY").exists():
-        return root
-    images = make_image_folder(basetemp / "dashboard-images" / "shapes")
-    base = tiny_config(images, root)
-    grid = {"name": "seeds", "base": base, "sweep": {"train.seed": [1, 2], "data.root": [str(images), str(basetemp / "missing-images")]}}
-    grid_file = basetemp / "dashboard-grid.yaml"
-    grid_file.write_text(yaml.safe_dump(grid))
-    done = run_cli(str(grid_file), "--executor", "debug", module="utp_dist.submit", timeout=600)
-    assert "succeeded" in done.stdout, done.stdout + done.stderr
-    (root / "READY").write_text("")
+    """An output root, built once per test session: a 4-task sweep (2 seeds x a good and a missing data root) = 2 finished
+    runs, 2 failed tasks. Parallel workers (pytest-xdist) share one: the first builds it under a lock, the others wait."""
+    from filelock import FileLock
+
+    shared = basetemp.parent if os.environ.get("PYTEST_XDIST_WORKER") else basetemp  # the session's folder above the workers'
+    root = shared / "dashboard-root"
+    with FileLock(str(shared / "dashboard-root.lock")):
+        if (root / "READY").exists():
+            return root
+        images = make_image_folder(shared / "dashboard-images" / "shapes")
+        base = tiny_config(images, root)
+        grid = {"name": "seeds", "base": base, "sweep": {"train.seed": [1, 2], "data.root": [str(images), str(shared / "missing-images")]}}
+        grid_file = shared / "dashboard-grid.yaml"
+        grid_file.write_text(yaml.safe_dump(grid))
+        done = run_here(str(grid_file), "--executor", "debug", module="utp_dist.submit")
+        assert "succeeded" in done.stdout, done.stdout + done.stderr
+        (root / "READY").write_text("")
     return root
 
 

@@ -27,4 +27,4 @@ python -m ruff check --quiet .
 python -m ruff format --check --quiet .
 # three workers on two cores: much of the suite waits on real time (leases, Slurm, signals, servers); each worker runs
 # one test file at a time, the longest first (tests/conftest.py); -n 0 runs it serially
-python -m pytest -q -n 3 --dist loadfile --no-loadscope-reorder --durations=15 "$@"
+python -m pytest -q -n 3 --dist loadgroup --no-loadscope-reorder --durations=15 "$@"

@@ -14,7 +14,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, make_image_folder, run_cli
+from conftest import REPO, make_image_folder, run_here
 
 from utp_dist.config import load_config
 from utp_dist.sweep.grid import load_grid
@@ -120,7 +120,7 @@ def marked_commands() -> list[str]:
     return [line.strip() for block in blocks for line in block.splitlines() if line.strip()]
 
 
-def test_marked_commands_run(tmp_path):
+def test_marked_commands_run(tmp_path, monkeypatch):
     from utp_dist.data.loaders import resolve_root
 
     commands = marked_commands()
@@ -130,7 +130,8 @@ def test_marked_commands_run(tmp_path):
     for folder in ("configs", "benchmarks"):  # the commands name repository paths, relative to a working folder of their own
         (tmp_path / folder).symlink_to(REPO / folder)
     # what the predict and evaluate commands follow: the quickstart, cut short, and a few images
-    quickstart = run_cli("configs/quickstart.yaml", "train.epochs=1", "train.max_steps=3", cwd=tmp_path)
+    monkeypatch.chdir(tmp_path)
+    quickstart = run_here("configs/quickstart.yaml", "train.epochs=1", "train.max_steps=3")
     assert quickstart.returncode == 0, quickstart.stderr[-3000:]
     (tmp_path / "photos").mkdir()
     for folder in sorted((resolve_root("builtin:fashion-mnist-mini") / "test").iterdir())[:3]:

@@ -10,7 +10,7 @@ import time
 
 import yaml
 from conftest import tiny_config
-from test_slurm import data, sacct, slurm, submit  # noqa: F401 - the module's cluster and data fixtures
+from test_slurm import data, sacct, submit  # noqa: F401 - the module's data fixture
 
 SPACE = {"optim.lr": {"log_uniform": [1.0e-4, 1.0e-2]}}
 

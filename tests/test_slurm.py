@@ -5,7 +5,6 @@ Never skipped: when Slurm cannot start, these tests fail with the daemon's messa
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -22,23 +21,6 @@ from conftest import REPO, make_image_folder, run_cli, tiny_config
 from safetensors.torch import load_file
 
 THREADS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # bit-identical resume needs the same thread count everywhere
-
-
-def _cluster_module():
-    spec = importlib.util.spec_from_file_location("utp_slurm_cluster", REPO / "slurm" / "cluster.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def slurm(tmp_path_factory):
-    """A private single-node Slurm with accounting and 2 fake GPUs; the env that points clients at it."""
-    cluster = _cluster_module()
-    folder = tmp_path_factory.mktemp("slurm")
-    env = cluster.start(folder, gpus=2)
-    yield env
-    cluster.stop(folder)
 
 
 def submit(slurm: dict, *args: str, timeout: int = 300, **env: str) -> subprocess.CompletedProcess:
