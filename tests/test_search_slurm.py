@@ -55,7 +55,8 @@ def test_search_workers_are_one_array_and_a_preempted_worker_continues_its_trial
     assert [t["number"] for t in trials] == [0, 1, 2]
     assert sorted(t["state"] for t in trials) == ["stopped-early", "stopped-early", "succeeded"]
     again = next(t for t in trials if t["number"] == preempted["number"])
-    assert again["attempts"] >= preempted["attempts"] + 1 and again["job"] == jobs[0]  # continued by the requeued worker 0
+    # continued from its state, under its number: by the requeued worker 0, or by worker 1 when it was free first
+    assert again["attempts"] >= preempted["attempts"] + 1 and again["job"] in jobs
     log = "".join(p.read_text() for p in (sweep / "slurm").glob(f"{jobs[0]}_0_log.*"))
     assert f"stopped by signal {int(signal.SIGUSR2)} in trial {preempted['number']}" in log, log[-3000:]
     assert sorted(p.name for p in (tmp_path / "out" / "logs" / "shapes").iterdir()) == [f"ssearch__trial-00{n}" for n in range(3)]
