@@ -172,14 +172,11 @@ def run_here(*args: str, module: str = "utp_dist.train", **env_vars: str) -> sub
         torch.set_num_threads(threads)
         reset_accelerate()
         for key, value in saved_env.items():
-            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     return subprocess.CompletedProcess([module, *args], code, out.getvalue(), err.getvalue())
-
-
-@pytest.fixture
-def train_here():
-    """`run_here` as a fixture, for a test that reads better naming it."""
-    return run_here
 
 
 @pytest.fixture

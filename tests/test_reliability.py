@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import REPO, make_image_folder, tiny_config, torchrun, wait_for
+from conftest import REPO, make_image_folder, run_here, tiny_config, torchrun, wait_for
 from safetensors.torch import load_file
 
 from utp_dist.preemption import EXIT_RESUMABLE
@@ -83,9 +83,9 @@ def _tree_digest(folder: Path) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("monitor", [{}, {"monitor_metric": "val_loss", "monitor_mode": "min"}], ids=["acc", "val_loss"])
-def test_a_nan_loss_stops_the_run_with_one_line_and_keeps_the_good_states(data, tmp_path, monitor, train_here):
+def test_a_nan_loss_stops_the_run_with_one_line_and_keeps_the_good_states(data, tmp_path, monitor):
     config = _config(data, tmp_path / "out", optim={"lr": 1e6}, checkpoint={"every_n_steps": 1}, train=monitor)
-    proc = train_here(str(config))
+    proc = run_here(str(config))
     assert proc.returncode == 2, proc.stderr[-3000:]
     line = _last_line(proc.stderr)
     assert line.startswith("utp_dist: error: the training loss is not finite") and "optim.lr" in line, proc.stderr[-2000:]
@@ -98,10 +98,10 @@ def test_a_nan_loss_stops_the_run_with_one_line_and_keeps_the_good_states(data, 
     for state in states:  # the saved weights are all finite: none trained on the NaN loss
         assert all(t.isfinite().all() for t in load_file(state / "model.safetensors").values())
     # the newest good state stays complete and loads (this lr diverges again: the same one line, no traceback)
-    again = train_here(str(config))
+    again = run_here(str(config))
     assert f"resuming {run.name} from {states[-1]}" in again.stderr, again.stderr[-3000:]
     assert again.returncode == 2 and _last_line(again.stderr).startswith("utp_dist: error: the training loss is not finite")
-    fresh = train_here(str(config), "optim.lr=1e-3", "checkpoint.resume=never")
+    fresh = run_here(str(config), "optim.lr=1e-3", "checkpoint.resume=never")
     assert fresh.returncode == 0, fresh.stderr[-3000:]
 
 
@@ -138,21 +138,21 @@ def test_json_files_hold_null_for_non_finite_values(tmp_path):
 # --- 2. errors the config and the index already show ----------------------------------------------------------
 
 
-def test_eval_topk_beyond_the_classes_fails_at_start_and_in_dry_run(data, tmp_path, train_here):
+def test_eval_topk_beyond_the_classes_fails_at_start_and_in_dry_run(data, tmp_path):
     config = _config(data, tmp_path / "out")
     for extra in ((), ("--dry-run",)):
-        proc = train_here(str(config), "train.eval_topk=[1,20]", *extra)
+        proc = run_here(str(config), "train.eval_topk=[1,20]", *extra)
         assert proc.returncode == 2 and "train.eval_topk: acc@20 needs at least 20 classes" in proc.stderr, proc.stderr[-2000:]
         assert "Traceback" not in proc.stderr and proc.stderr.count("error:") == 1
     assert not (tmp_path / "out").exists()  # nothing trained, nothing written
 
 
-def test_a_val_split_without_images_fails_at_start(tmp_path, train_here):
+def test_a_val_split_without_images_fails_at_start(tmp_path):
     root = make_image_folder(tmp_path / "data", per_class={"train": 8, "val": 2})
     for image in (root / "val").rglob("*.*"):
         image.unlink()
     for extra in ((), ("--dry-run",)):
-        proc = train_here(str(_config(root, tmp_path / "out")), *extra)
+        proc = run_here(str(_config(root, tmp_path / "out")), *extra)
         assert proc.returncode == 2, proc.stderr[-2000:]
         assert _last_line(proc.stderr) == (
             f"utp_dist: error: data.root: '{root / 'val'}' holds no images in its class folders; add images or remove the folder"
@@ -162,7 +162,7 @@ def test_a_val_split_without_images_fails_at_start(tmp_path, train_here):
 # --- 3. one writer per run ------------------------------------------------------------------------------------
 
 
-def test_two_resumes_of_one_run_get_one_writer_and_a_killed_holder_blocks_nothing(data, tmp_path, train_here):
+def test_two_resumes_of_one_run_get_one_writer_and_a_killed_holder_blocks_nothing(data, tmp_path):
     config, run = _stopped_run(data, tmp_path / "out")
     # an empty object and a cut line in metrics.jsonl must not block the resume either
     with open(run.metrics_file, "a") as fh:
@@ -184,7 +184,7 @@ def test_two_resumes_of_one_run_get_one_writer_and_a_killed_holder_blocks_nothin
     wait_for(lambda: run.states()[-1].name > newest, proc)
     proc.kill()
     proc.communicate()
-    final = train_here(str(config), "train.epochs=3")
+    final = run_here(str(config), "train.epochs=3")
     assert final.returncode == 0, final.stderr[-3000:]
     assert f"resuming {run.name}" in final.stderr and _strict_json(run.summary_file)["restarts"] == 3
 
@@ -192,10 +192,10 @@ def test_two_resumes_of_one_run_get_one_writer_and_a_killed_holder_blocks_nothin
 # --- 4. moved and copied runs ---------------------------------------------------------------------------------
 
 
-def test_a_moved_run_resumes_in_its_new_place(data, tmp_path, train_here):
+def test_a_moved_run_resumes_in_its_new_place(data, tmp_path):
     config, run = _stopped_run(data, tmp_path / "old")
     shutil.move(tmp_path / "old", tmp_path / "new")
-    proc = train_here(str(config), f"output.root={tmp_path / 'new'}")
+    proc = run_here(str(config), f"output.root={tmp_path / 'new'}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not (tmp_path / "old").exists()
     moved = _only_run(tmp_path / "new")
@@ -203,14 +203,14 @@ def test_a_moved_run_resumes_in_its_new_place(data, tmp_path, train_here):
     assert _strict_json(moved.summary_file)["paths"]["logs"] == str(moved.logs)
 
 
-def test_continuing_a_copy_of_a_finished_run_leaves_the_original_untouched(data, tmp_path, train_here):
+def test_continuing_a_copy_of_a_finished_run_leaves_the_original_untouched(data, tmp_path):
     config = _config(data, tmp_path / "orig", train={"epochs": 1})
-    assert train_here(str(config)).returncode == 0
+    assert run_here(str(config)).returncode == 0
     original = _only_run(tmp_path / "orig")
     shutil.copytree(tmp_path / "orig", tmp_path / "copy", symlinks=True)
     before = _tree_digest(tmp_path / "orig")
     copy = _only_run(tmp_path / "copy")
-    proc = train_here(str(config), f"checkpoint.resume={copy.checkpoints}", "train.epochs=2", f"output.root={tmp_path / 'copy'}")
+    proc = run_here(str(config), f"checkpoint.resume={copy.checkpoints}", "train.epochs=2", f"output.root={tmp_path / 'copy'}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _tree_digest(tmp_path / "orig") == before and original.is_finished()
     summary = _strict_json(copy.summary_file)
@@ -230,7 +230,7 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
-def test_a_full_disk_is_one_line_and_the_run_resumes_once_there_is_room(data, small_disk, train_here):
+def test_a_full_disk_is_one_line_and_the_run_resumes_once_there_is_room(data, small_disk):
     config = _config(data, small_disk / "out")
     proc = _start(config, sleep=0.3)
     wait_for(lambda: any(len(run.states()) >= 1 for run in find_runs(small_disk / "out")), proc)
@@ -254,7 +254,7 @@ def test_a_full_disk_is_one_line_and_the_run_resumes_once_there_is_room(data, sm
 
     assert all(damage(state) is None for state in kept)
     filler.unlink()
-    final = train_here(str(config))
+    final = run_here(str(config))
     assert final.returncode == 0, final.stderr[-3000:]
     assert "resuming" in final.stderr and _strict_json(run.summary_file)["restarts"] == 1
 
@@ -278,15 +278,15 @@ def _tamper(state: Path, how: str) -> Path:
 
 
 @pytest.mark.parametrize("how", ["pickle", "truncated", "identity"])
-def test_a_damaged_newest_state_is_named_and_auto_falls_back(data, tmp_path, how, train_here):
+def test_a_damaged_newest_state_is_named_and_auto_falls_back(data, tmp_path, how):
     config, run = _stopped_run(data, tmp_path / "out")
     newest, previous = run.states()[-1], run.states()[-2]
     target = _tamper(newest, how)
-    explicit = train_here(str(config), f"checkpoint.resume={newest}")
+    explicit = run_here(str(config), f"checkpoint.resume={newest}")
     assert explicit.returncode == 2 and "Traceback" not in explicit.stderr, explicit.stderr[-2000:]
     assert _last_line(explicit.stderr).startswith(f"utp_dist: error: checkpoint.resume: {target}: ")
 
-    auto = train_here(str(config))
+    auto = run_here(str(config))
     assert auto.returncode == 0, auto.stderr[-3000:]
     assert f"{target}: " in auto.stderr and f"moved to {newest.with_name('damaged-' + newest.name)}" in auto.stderr
     assert f"resuming {run.name} from {previous}" in auto.stderr
@@ -296,20 +296,20 @@ def test_a_damaged_newest_state_is_named_and_auto_falls_back(data, tmp_path, how
 # --- 9. a finished run --------------------------------------------------------------------------------------------
 
 
-def test_a_finished_run_continues_exactly_when_epochs_grow_and_refuses_otherwise(data, tmp_path, train_here):
+def test_a_finished_run_continues_exactly_when_epochs_grow_and_refuses_otherwise(data, tmp_path):
     config = _config(data, tmp_path / "out", train={"epochs": 1})
-    assert train_here(str(config)).returncode == 0
+    assert run_here(str(config)).returncode == 0
     run = _only_run(tmp_path / "out")
     finished = _strict_json(run.summary_file)
     best_before = _tree_digest(run.best.resolve())
-    same = train_here(str(config), f"checkpoint.resume={run.checkpoints}")
+    same = run_here(str(config), f"checkpoint.resume={run.checkpoints}")
     assert same.returncode == 2, same.stderr[-2000:]
     assert _last_line(same.stderr) == (
         f"utp_dist: error: checkpoint.resume: run '{run.name}' has nothing left to train (it finished 1 epochs, "
         f"{finished['steps']} steps); raise train.epochs or train.max_steps to continue it"
     )
     assert _strict_json(run.summary_file) == finished and _tree_digest(run.best.resolve()) == best_before
-    more = train_here(str(config), f"checkpoint.resume={run.checkpoints}", "train.epochs=2")
+    more = run_here(str(config), f"checkpoint.resume={run.checkpoints}", "train.epochs=2")
     assert more.returncode == 0, more.stderr[-3000:]
     summary = _strict_json(run.summary_file)
     assert summary["steps"] == 2 * finished["steps"] and summary["restarts"] == 1 and summary["last_epoch"] == 1
@@ -320,20 +320,20 @@ def test_a_finished_run_continues_exactly_when_epochs_grow_and_refuses_otherwise
 # --- 10. smaller ones -------------------------------------------------------------------------------------------
 
 
-def test_small_mistakes_get_clear_lines(data, tmp_path, train_here):
+def test_small_mistakes_get_clear_lines(data, tmp_path):
     file_root = tmp_path / "a_file"
     file_root.write_text("not a folder")
-    proc = train_here(str(_config(file_root, tmp_path / "out")))
+    proc = run_here(str(_config(file_root, tmp_path / "out")))
     assert _last_line(proc.stderr) == (
         f"utp_dist: error: data.root: '{file_root}' is a file, not a folder; point it at an ImageFolder root with train/ and val/"
     )
-    bare = train_here()
+    bare = run_here()
     assert bare.returncode == 2 and _last_line(bare.stderr).startswith(
         "utp_dist: error: no config file given; run: python -m utp_dist.train"
     )
     empty = tmp_path / "empty.yaml"
     empty.write_text("# nothing yet\n")
-    dry = train_here(str(empty), f"data.root={data}", "--dry-run")
+    dry = run_here(str(empty), f"data.root={data}", "--dry-run")
     assert dry.returncode == 0 and f"{empty} is empty: every setting takes its default" in dry.stderr
 
 
@@ -351,18 +351,18 @@ def test_an_unreadable_image_says_permission_denied(tmp_path):
     )
 
 
-def test_a_run_that_fails_before_writing_anything_leaves_no_folder(data, tmp_path, train_here):
+def test_a_run_that_fails_before_writing_anything_leaves_no_folder(data, tmp_path):
     config = _config(data, tmp_path / "out", optim={"lr": 1e6}, checkpoint={"every_n_steps": None, "every_epoch": True})
-    proc = train_here(str(config))
+    proc = run_here(str(config))
     assert proc.returncode == 2 and "not finite" in proc.stderr, proc.stderr[-2000:]
     assert list(find_runs(tmp_path / "out")) == []
-    assert train_here(str(config), "optim.lr=1e-3").returncode == 0
+    assert run_here(str(config), "optim.lr=1e-3").returncode == 0
     assert [run.name for run in find_runs(tmp_path / "out")] == ["vit__cross_entropy__scratch"]  # not -v1
 
 
-def test_the_progress_bar_ends_at_its_total_after_a_mid_epoch_resume(data, tmp_path, train_here):
+def test_the_progress_bar_ends_at_its_total_after_a_mid_epoch_resume(data, tmp_path):
     config, run = _stopped_run(data, tmp_path / "out", train={"log_every_n_steps": 4})
-    proc = train_here(str(config))
+    proc = run_here(str(config))
     assert proc.returncode == 0, proc.stderr[-3000:]
     bars = [part for part in proc.stderr.replace("\r", "\n").splitlines() if part.startswith("train:")]
     totals = {(int(b.split("|")[2].split("/")[0]), int(b.split("/")[1].split(" ")[0])) for b in bars if b.count("|") >= 2}

@@ -23,9 +23,14 @@ from utp_dist.states import ACTIVE
 router = APIRouter(prefix="/web", include_in_schema=False)
 
 
-def _ticked(form: FormData) -> bool:
-    """The confirm box of a delete form (the browser refuses to send the form without it; this checks it again)."""
-    return form.get("confirm") == "yes"
+def _not_confirmed(request: Request, form: FormData | None, what: str):
+    """The refusal of a delete form without its CSRF token or its confirm box ticked (the browser refuses to send the
+    form without the box; this checks it again), or None when the delete may go ahead."""
+    if form is None:
+        return csrf_refused(request)
+    if form.get("confirm") != "yes":
+        return error_page(request, 422, f"tick 'yes, delete' to delete {what}; nothing was deleted")
+    return None
 
 
 def set_archived(request: Request, session: Session, form: FormData | None, model, ident: int, what: str, listed):
@@ -61,10 +66,8 @@ def archive_agent(request: Request, agent_id: IdPath, session: SessionDep, form:
 @router.post("/projects/{project_id}/delete")
 def delete_project(request: Request, project_id: IdPath, session: SessionDep, form: PostedForm):
     """Delete a project with its configs (its runs stay, without a project): only with the confirm box ticked."""
-    if form is None:
-        return csrf_refused(request)
-    if not _ticked(form):
-        return error_page(request, 422, "tick 'yes, delete' to delete the project and its configs; nothing was deleted")
+    if refused := _not_confirmed(request, form, "the project and its configs"):
+        return refused
     services.delete_project(session, project_id)
     return back("/web/projects")
 
@@ -72,10 +75,8 @@ def delete_project(request: Request, project_id: IdPath, session: SessionDep, fo
 @router.post("/configs/{config_id}/delete")
 def delete_config(request: Request, config_id: IdPath, session: SessionDep, form: PostedForm):
     """Delete a config (runs queued from it stay): only with the confirm box ticked."""
-    if form is None:
-        return csrf_refused(request)
-    if not _ticked(form):
-        return error_page(request, 422, "tick 'yes, delete' to delete the config; nothing was deleted")
+    if refused := _not_confirmed(request, form, "the config"):
+        return refused
     config = services.found(session, ConfigRow, config_id, "config")
     project_id = config.project_id
     services.delete_config(session, config_id)
