@@ -100,30 +100,6 @@ def reference(data, tmp_path_factory) -> Path:
     return out
 
 
-def test_sigterm_and_sigusr1_stops_resume_bit_identical(data, reference, tmp_path):
-    config = _config(data, tmp_path / "cut")
-    ckpt_parent = tmp_path / "cut" / "checkpoints" / "shapes"
-
-    def newest() -> str:
-        return max((p.parent.name for run in ckpt_parent.iterdir() for p in _states(run)), default="") if ckpt_parent.exists() else ""
-
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        proc = _start(_train_cmd(config), slow_save=0.3)
-        before = newest()
-        wait_for(lambda before=before: newest() > before, proc)  # a new state was written: we are mid-run
-        proc.send_signal(sig)
-        proc.send_signal(sig)  # a second signal during the save changes nothing
-        _, err = proc.communicate(timeout=60)
-        assert proc.returncode == EXIT_RESUMABLE, err[-3000:]
-        assert f"exit {EXIT_RESUMABLE} = stopped to be resumed" in err
-    final = run_here(str(config))  # checkpoint.resume: auto continues the same run folder
-    assert final.returncode == 0, final.stderr[-3000:]
-    _assert_same_run(reference, tmp_path / "cut")
-    summary = json.loads((_run(tmp_path / "cut")[0] / "summary.json").read_text())
-    assert summary["restarts"] == 2
-    assert summary["wall_time_s"] > json.loads((_run(reference)[0] / "summary.json").read_text())["wall_time_s"] * 0.5
-
-
 def test_kill_9_during_a_save_keeps_the_previous_state(data, reference, tmp_path):
     config = _config(data, tmp_path / "cut")
     proc = _start(_train_cmd(config), slow_save=2.0)
@@ -207,27 +183,6 @@ def reference_ddp(data, tmp_path_factory) -> Path:
     return out
 
 
-def test_two_processes_with_gpu_augment_stop_on_one_ranks_signal_and_resume_bit_identical(
-    data, reference_ddp, tmp_path, capsys, fresh_accelerate
-):
-    config = _config(data, tmp_path / "cut", **DDP)
-    proc = _start(launch(config), slow_save=0.3)
-    ckpt_parent = tmp_path / "cut" / "checkpoints" / "shapes"
-    wait_for(lambda: ckpt_parent.exists() and any(_states(p) for p in ckpt_parent.iterdir()), proc)
-    rank1 = sorted(_workers(proc, 2), key=lambda p: p.environ().get("RANK", ""))[1]
-    rank1.send_signal(signal.SIGUSR2)  # only rank 1 is signalled: both must agree, save once and stop
-    _, err = proc.communicate(timeout=90)
-    assert proc.returncode == EXIT_RESUMABLE and err.count(f"exit {EXIT_RESUMABLE} = stopped to be resumed") == 2, err[-3000:]
-
-    # a mid-epoch state cannot continue on another world size (here: this one process)
-    assert main([str(config)]) == 2
-    assert "mid-epoch" in capsys.readouterr().err
-
-    final = subprocess.run(launch(config), env=ENV, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert final.returncode == 0, final.stderr[-3000:]
-    _assert_same_run(reference_ddp, tmp_path / "cut")
-
-
 # --- a stop signal to the whole process group (scancel, timeout, systemd, a terminal): DataLoader workers get it too
 
 
@@ -238,41 +193,71 @@ def _start_group(cmd: list[str]) -> subprocess.Popen:
     return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
-def _stop_group_after_a_new_state(cmd: list[str], out: Path, sig: int) -> int:
-    """Start `cmd`, wait for a state newer than any before, signal the whole group: exit 75, a state at the stop step."""
+def _newest_state(out: Path) -> str:
     ckpt_parent = out / "checkpoints" / "shapes"
+    return max((p.parent.name for run in ckpt_parent.iterdir() for p in _states(run)), default="") if ckpt_parent.exists() else ""
 
-    def newest() -> str:
-        return max((p.parent.name for run in ckpt_parent.iterdir() for p in _states(run)), default="") if ckpt_parent.exists() else ""
 
-    before = newest()
+def _stop_after_a_new_state(cmd: list[str], out: Path, sig: int, whole_group: bool = True) -> int:
+    """Start `cmd`, wait for a state newer than any before, send `sig` to the whole group (or twice to the main process
+    alone, the second during the save it starts): exit 75, a state at the stop step. Returns that step."""
+    before = _newest_state(out)
     proc = _start_group(cmd)
-    wait_for(lambda: newest() > before, proc)
-    os.killpg(proc.pid, sig)
+    wait_for(lambda: _newest_state(out) > before, proc)
+    if whole_group:
+        os.killpg(proc.pid, sig)
+    else:
+        proc.send_signal(sig)
+        proc.send_signal(sig)  # a second signal during the save changes nothing
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == EXIT_RESUMABLE, err[-3000:]
+    assert f"exit {EXIT_RESUMABLE} = stopped to be resumed" in err
     step = int(err.split("stopped by signal at step ")[1].split(";")[0])
-    assert newest() == f"step-{step:08d}" and "DataLoader worker" not in err and "Traceback" not in err, err[-3000:]
+    assert _newest_state(out) == f"step-{step:08d}" and "DataLoader worker" not in err and "Traceback" not in err, err[-3000:]
     return step
 
 
-def test_group_signals_with_workers_stop_at_a_saved_step_and_resume_bit_identical(data, reference, tmp_path):
-    config = _config(data, tmp_path / "cut")  # data.num_workers: 2
+def test_stop_signals_to_the_process_and_its_group_stop_at_a_saved_step_and_resume_bit_identical(data, reference, tmp_path):
+    """SIGTERM twice to the main process alone (`kill PID`), then SIGUSR1 and SIGUSR2 to the whole group with its
+    DataLoader workers (scancel, `timeout`, a terminal): three stops, then one resume equal to the uninterrupted run."""
+    config, out = _config(data, tmp_path / "cut"), tmp_path / "cut"  # data.num_workers: 2
     steps = [
-        _stop_group_after_a_new_state(_train_cmd(config), tmp_path / "cut", sig) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+        _stop_after_a_new_state(_train_cmd(config), out, signal.SIGTERM, whole_group=False),
+        _stop_after_a_new_state(_train_cmd(config), out, signal.SIGUSR1),
+        _stop_after_a_new_state(_train_cmd(config), out, signal.SIGUSR2),
     ]
     assert steps == sorted(set(steps))
-    final = run_here(str(config))
+    final = run_here(str(config))  # checkpoint.resume: auto continues the same run folder
     assert final.returncode == 0, final.stderr[-3000:]
-    _assert_same_run(reference, tmp_path / "cut")
+    _assert_same_run(reference, out)
+    summary = json.loads((_run(out)[0] / "summary.json").read_text())
+    assert summary["restarts"] == 3
+    assert summary["wall_time_s"] > json.loads((_run(reference)[0] / "summary.json").read_text())["wall_time_s"] * 0.5
 
 
-def test_a_group_sigterm_to_two_processes_with_workers_exits_75_through_the_launcher(data, reference_ddp, tmp_path):
-    config = _config(data, tmp_path / "cut", **DDP)
-    _stop_group_after_a_new_state(launch(config), tmp_path / "cut", signal.SIGTERM)
+def test_two_processes_stop_on_one_ranks_signal_then_on_a_group_sigterm_through_the_launcher_and_resume_bit_identical(
+    data, reference_ddp, tmp_path, capsys, fresh_accelerate
+):
+    """2 processes with augmentation on the device: SIGUSR2 to rank 1 alone (both ranks agree, save once and stop), then
+    SIGTERM to the launcher's whole group with the ranks' DataLoader workers; each exits 75, and the resume on 2
+    processes equals the uninterrupted 2-process run."""
+    config, out = _config(data, tmp_path / "cut", **DDP), tmp_path / "cut"
+    proc = _start(launch(config), slow_save=0.3)
+    ckpt_parent = out / "checkpoints" / "shapes"
+    wait_for(lambda: ckpt_parent.exists() and any(_states(p) for p in ckpt_parent.iterdir()), proc)
+    rank1 = sorted(_workers(proc, 2), key=lambda p: p.environ().get("RANK", ""))[1]
+    rank1.send_signal(signal.SIGUSR2)  # only rank 1 is signalled
+    _, err = proc.communicate(timeout=90)
+    assert proc.returncode == EXIT_RESUMABLE and err.count(f"exit {EXIT_RESUMABLE} = stopped to be resumed") == 2, err[-3000:]
+
+    # a mid-epoch state cannot continue on another world size (here: this one process)
+    assert main([str(config)]) == 2
+    assert "mid-epoch" in capsys.readouterr().err
+
+    _stop_after_a_new_state(launch(config), out, signal.SIGTERM)
     final = subprocess.run(launch(config), env=ENV, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert final.returncode == 0, final.stderr[-3000:]
-    _assert_same_run(reference_ddp, tmp_path / "cut")
+    _assert_same_run(reference_ddp, out)
 
 
 def test_a_killed_dataloader_worker_is_one_line_not_a_write_error(data, tmp_path):
