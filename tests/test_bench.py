@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 import yaml
-from conftest import run_cli, tiny_config
+from conftest import run_cli, run_here, tiny_config
 
 
 def test_bench_prints_five_measurements_with_ratios(image_root, tmp_path):
@@ -30,5 +30,5 @@ def test_bench_prints_five_measurements_with_ratios(image_root, tmp_path):
 
 
 def test_bench_user_errors_are_one_line(tmp_path):
-    result = run_cli(str(tmp_path / "missing.yaml"), module="utp_dist.bench")
+    result = run_here(str(tmp_path / "missing.yaml"), module="utp_dist.bench")  # in this process: the run above is end to end
     assert result.returncode == 2 and result.stderr.strip() == f"utp_dist: error: config file not found: {tmp_path / 'missing.yaml'}"
