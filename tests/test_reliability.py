@@ -65,6 +65,21 @@ def _stopped_run(data: Path, out: Path, **sections) -> tuple[Path, RunDir]:
     return config, _only_run(out)
 
 
+@pytest.fixture(scope="module")
+def stopped(data, tmp_path_factory) -> Path:
+    """The output root of one run stopped by SIGTERM after its second state, made once for the module: each test
+    continues its own copy (`_copy_of`), for a copied run folder is a run like any other."""
+    out = tmp_path_factory.mktemp("stopped") / "out"
+    _stopped_run(data, out)
+    return out
+
+
+def _copy_of(stopped: Path, data: Path, out: Path) -> tuple[Path, RunDir]:
+    """A fresh copy of the stopped run at `out` and a config of its own that points there: (config, run)."""
+    shutil.copytree(stopped, out, symlinks=True)
+    return _config(data, out), _only_run(out)
+
+
 def _last_line(stderr: str) -> str:
     lines = [line for line in stderr.strip().splitlines() if line.strip()]
     return lines[-1] if lines else ""
@@ -162,8 +177,8 @@ def test_a_val_split_without_images_fails_at_start(tmp_path):
 # --- 3. one writer per run ------------------------------------------------------------------------------------
 
 
-def test_two_resumes_of_one_run_get_one_writer_and_a_killed_holder_blocks_nothing(data, tmp_path):
-    config, run = _stopped_run(data, tmp_path / "out")
+def test_two_resumes_of_one_run_get_one_writer_and_a_killed_holder_blocks_nothing(data, stopped, tmp_path):
+    config, run = _copy_of(stopped, data, tmp_path / "out")
     # an empty object and a cut line in metrics.jsonl must not block the resume either
     with open(run.metrics_file, "a") as fh:
         fh.write('{}\n{"split": "val", "ep')
@@ -192,8 +207,8 @@ def test_two_resumes_of_one_run_get_one_writer_and_a_killed_holder_blocks_nothin
 # --- 4. moved and copied runs ---------------------------------------------------------------------------------
 
 
-def test_a_moved_run_resumes_in_its_new_place(data, tmp_path):
-    config, run = _stopped_run(data, tmp_path / "old")
+def test_a_moved_run_resumes_in_its_new_place(data, stopped, tmp_path):
+    config, run = _copy_of(stopped, data, tmp_path / "old")
     shutil.move(tmp_path / "old", tmp_path / "new")
     proc = run_here(str(config), f"output.root={tmp_path / 'new'}")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -278,8 +293,8 @@ def _tamper(state: Path, how: str) -> Path:
 
 
 @pytest.mark.parametrize("how", ["pickle", "truncated", "identity"])
-def test_a_damaged_newest_state_is_named_and_auto_falls_back(data, tmp_path, how):
-    config, run = _stopped_run(data, tmp_path / "out")
+def test_a_damaged_newest_state_is_named_and_auto_falls_back(data, stopped, tmp_path, how):
+    config, run = _copy_of(stopped, data, tmp_path / "out")
     newest, previous = run.states()[-1], run.states()[-2]
     target = _tamper(newest, how)
     explicit = run_here(str(config), f"checkpoint.resume={newest}")
