@@ -18,22 +18,28 @@ REPO = Path(__file__).resolve().parents[1]
 # tests/run.sh spreads the test files over parallel pytest-xdist workers, one file per worker at a time (a file's
 # module fixtures: servers, clusters, trained runs, are built once), handing files out in collection order. These
 # files take the longest (each spends most of its time in real trainings, real Slurm and real agents): they start
-# first, so no worker is left with one of them at the end while the others idle. The rest keep their order.
+# first, longest first as measured in a full run (docs/testing.md), so no worker is left with a long one at the end
+# while the others idle (the CPU is busy throughout, so the end is where time is lost). The rest keep their order.
 LONGEST_FIRST = (
-    "test_agents.py",
-    "test_slurm.py",
-    "test_resume.py",
-    "test_distributed.py",
-    "test_reliability.py",
-    "test_api.py",
-    "test_docs.py",
-    "test_search_agents.py",
-    "test_train.py",
-    "test_dashboard_browser.py",
+    "test_agents.py",  # 373 s in the last measured run
+    "test_slurm.py",  # 149 s, with test_search_slurm.py (121 s) on the same worker
     "test_search_slurm.py",
-    "test_grid.py",
-    "test_search.py",
-    "test_dashboard_pages.py",
+    "test_resume.py",  # 244 s
+    "test_reliability.py",  # 165 s
+    "test_search_agents.py",  # 132 s
+    "test_api.py",  # 127 s
+    "test_distributed.py",  # 111 s
+    "test_train.py",  # 93 s
+    "test_dashboard_browser.py",  # 68 s
+    "test_docs.py",  # 68 s
+    "test_search.py",  # 61 s
+    "test_security_input.py",  # 51 s
+    "test_grid.py",  # 38 s
+    "test_dashboard_pages.py",  # 35 s
+    "test_search_dashboard.py",  # 25 s
+    "test_dashboard_security.py",  # 22 s
+    "test_dashboard_api.py",  # 21 s
+    "test_handshake.py",  # 19 s
 )
 
 
