@@ -22,6 +22,9 @@ if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || ! command -v chromiu
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql chromium >/dev/null
 fi
 python -m pip install -q -e ".[test]"
+# hundreds of Python processes import this checkout during the suite: with PYTHONDONTWRITEBYTECODE set (some images and
+# CI shells set it) each one compiled the package again, and each worker re-did pytest's assertion rewriting
+unset PYTHONDONTWRITEBYTECODE
 # lint and format are part of the suite: a finding fails the run (and CI) before any test starts
 python -m ruff check --quiet .
 python -m ruff format --check --quiet .
