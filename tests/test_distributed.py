@@ -46,9 +46,16 @@ def _val_lines(logs: Path) -> list[dict]:
     return [json.loads(line) for line in (logs / "metrics.jsonl").read_text().splitlines() if '"val"' in line]
 
 
-def test_two_processes_equal_one_process_with_the_same_global_batch(data, tmp_path, fresh_accelerate):
+def _accelerate_launch(config: Path) -> list[str]:
+    """The ready-made 1-node config, asked for 2 processes, on a machine without GPUs (CPU processes over gloo)."""
+    head = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "launch/1node_multi_gpu.yaml", "--num_processes", "2"]
+    return [*head, "--main_process_port", str(free_port()), "-m", "utp_dist.train", str(config)]
+
+
+def test_two_processes_under_accelerate_launch_equal_one_process_with_the_same_global_batch(data, tmp_path, fresh_accelerate):
+    # torchrun itself starts the 2-process runs of test_resume.py (through utp_dist.launch) and test_api.py
     assert main([str(_config(data, tmp_path / "one", tmp_path, 8))]) == 0
-    double = _launch(torchrun(str(_config(data, tmp_path / "two", tmp_path, 4))))
+    double = _launch(_accelerate_launch(_config(data, tmp_path / "two", tmp_path, 4)))
     assert double.returncode == 0, double.stderr[-3000:]
 
     logs1, ckpt1 = _only_run(tmp_path / "one")
@@ -56,7 +63,7 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(data, tmp_pa
     summary = json.loads((logs2 / "summary.json").read_text())
     assert (summary["world_size"], summary["distributed_type"], summary["backend"]) == (2, "MULTI_CPU", "gloo")
     assert summary["global_batch"] == 8 and summary["steps"] == json.loads((logs1 / "summary.json").read_text())["steps"]
-    assert len(list(logs2.glob("events.out.tfevents.*"))) == 1
+    assert summary["final_val"]["val_images"] == 21 and len(list(logs2.glob("events.out.tfevents.*"))) == 1
 
     for one, two in zip(_val_lines(logs1), _val_lines(logs2), strict=True):
         assert two["val_images"] == 21  # padding from the distributed sampler is not counted
@@ -67,30 +74,6 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(data, tmp_pa
     w1 = load_file(ckpt1 / "best" / "model.safetensors")
     w2 = load_file(ckpt2 / "best" / "model.safetensors")
     assert all((w1[k] - w2[k]).abs().max() < 1e-4 for k in w1)
-
-
-def test_accelerate_launch_multi_gpu_config_runs_distributed_on_cpu(data, tmp_path):
-    # the ready-made 1-node config, asked for 2 processes, on a machine without GPUs
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        "launch/1node_multi_gpu.yaml",
-        "--num_processes",
-        "2",
-        "--main_process_port",
-        str(free_port()),
-        "-m",
-        "utp_dist.train",
-        str(_config(data, tmp_path / "out", tmp_path, 4)),
-        "train.epochs=1",
-    ]
-    proc = _launch(cmd)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    logs, _ = _only_run(tmp_path / "out")
-    summary = json.loads((logs / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["final_val"]["val_images"] == 21
 
 
 def _two_nodes(config: Path, node_args: tuple[list[str], list[str]]) -> list[subprocess.Popen]:
