@@ -103,7 +103,11 @@ def reference(data, tmp_path_factory) -> Path:
 def test_kill_9_during_a_save_keeps_the_previous_state(data, reference, tmp_path):
     config = _config(data, tmp_path / "cut")
     proc = _start(_train_cmd(config), slow_save=2.0)
-    state_dir = lambda: next((tmp_path / "cut" / "checkpoints" / "shapes").iterdir()) / "state"  # noqa: E731
+
+    def state_dir() -> Path:  # the run's state folder; a path that does not exist before the run folder does
+        runs = sorted((tmp_path / "cut" / "checkpoints" / "shapes").glob("*"))
+        return runs[0] / "state" if runs else tmp_path / "cut" / "no-run-yet" / "state"
+
     wait_for(
         lambda: (
             (tmp_path / "cut" / "checkpoints" / "shapes").exists()
