@@ -12,7 +12,7 @@ import pytest
 from dashboard_support import Postgres, private_root, serving
 
 from utp_dist.dashboard import filterlang, migrate, runtable
-from utp_dist.dashboard.db import Database, Run, RunTag
+from utp_dist.dashboard.db import Base, Database, Run, RunTag
 from utp_dist.dashboard.services import Invalid
 
 # run i (1..12): lr cycles 1e-4, 1e-3, 1e-2; val_acc@1 = i/20; vit on even runs; pretrained on every third; run 12 never evaluated
@@ -50,6 +50,49 @@ def database(request, tmp_path_factory):
     database.engine.dispose()
     if postgres:
         postgres.stop()
+
+
+def empty_databases(database, folder, *names):
+    """New, empty databases on the fixture's backend: files beside nothing for SQLite, databases of the same cluster
+    for PostgreSQL."""
+    from sqlalchemy import create_engine, text
+
+    db, _ = database
+    if db.engine.dialect.name == "sqlite":
+        return [create_engine(f"sqlite:///{folder / name}.sqlite") for name in names]
+    with db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+        for name in names:
+            connection.execute(text(f"CREATE DATABASE {name}"))
+    return [create_engine(db.engine.url.set(database=name)) for name in names]
+
+
+def test_a_new_database_gets_the_migrated_schema_without_alembic(database, tmp_path, monkeypatch):
+    """The server builds a new database from the models and stamps the newest revision (its first start skips Alembic);
+    the migrations from an empty database reach the same tables, columns, types, indexes and constraints (and on
+    PostgreSQL the same defaults), so the next migration applies to both alike."""
+    from alembic import command
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    fast, migrated = empty_databases(database, tmp_path, "from_models", "from_migrations")
+    config = migrate.alembic_config()
+    with migrated.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "head")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("Alembic was asked to build a new database")
+
+    monkeypatch.setattr(command, "upgrade", refuse)
+    migrate.upgrade(fast)
+    for engine in (fast, migrated):
+        with engine.connect() as connection:
+            # SQLite gives a default back as its SQL text ("''" for ''), which Alembic cannot compare with the model's
+            options = {"compare_type": True, "compare_server_default": engine.dialect.name == "postgresql"}
+            context = MigrationContext.configure(connection, opts=options)
+            assert context.get_current_revision() == migrate.head_revision()
+            assert compare_metadata(context, Base.metadata) == [], engine.url
+        engine.dispose()
 
 
 def names(database, **query) -> list[str]:

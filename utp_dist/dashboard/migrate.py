@@ -1,7 +1,9 @@
 """Bring the database schema up to date with the package's Alembic migrations (run at every start).
 
-Importing Alembic costs about 0.2 s of the server's start, so a database that already stamps the newest revision is
-recognised with one query and Alembic is loaded only when there is something to apply.
+Importing Alembic costs about 0.2 s of the server's start, so Alembic is loaded only when there is something to
+migrate: a database that already stamps the newest revision is recognised with one query, and a new, empty one gets the
+tables of the models and the newest revision's stamp at once (Alembic's cookbook, "building an up to date database from
+scratch"; a test holds the models equal to the migrated schema on SQLite and PostgreSQL).
 """
 
 from __future__ import annotations
@@ -9,13 +11,22 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sqlalchemy import inspect, text
+from sqlalchemy import Column, MetaData, PrimaryKeyConstraint, String, Table, inspect, text
 from sqlalchemy.engine import Connection, Engine
+
+from utp_dist.dashboard.db import Base
 
 if TYPE_CHECKING:
     from alembic.config import Config as AlembicConfig
 
 SCRIPTS = Path(__file__).parent / "alembic"
+# Alembic's own version table, as `alembic stamp` creates it
+VERSION_TABLE = Table(
+    "alembic_version",
+    MetaData(),
+    Column("version_num", String(32), nullable=False),
+    PrimaryKeyConstraint("version_num", name="alembic_version_pkc"),
+)
 
 
 def head_revision() -> str:
@@ -41,9 +52,16 @@ def stamped(connection: Connection) -> str | None:
 
 
 def upgrade(engine: Engine) -> None:
-    """Apply every migration not yet applied (a no-op on an up-to-date database, without loading Alembic)."""
+    """Apply every migration not yet applied (a no-op on an up-to-date database; a new one is built from the models;
+    neither loads Alembic)."""
     with engine.begin() as connection:
-        if stamped(connection) == head_revision():
+        revision = stamped(connection)
+        if revision == head_revision():
+            return
+        if revision is None and not inspect(connection).get_table_names():
+            Base.metadata.create_all(connection)
+            VERSION_TABLE.create(connection)
+            connection.execute(VERSION_TABLE.insert().values(version_num=head_revision()))
             return
         from alembic import command
 
