@@ -67,6 +67,12 @@ def test_system_charts_gallery_filters_and_chart_controls(page, server, tmp_path
     page.fill("#chart-smooth", "0")
     page.dispatch_event("#chart-smooth", "input")
     page.uncheck("#chart-log")
+    # tick labels: as many decimals as the step needs (a loss moving in its 4th decimal once got 5 ticks alike)
+    labels = "splits => utp.tickLabels({scales: {y: {}}}, splits)"
+    assert page.evaluate(labels, [1.107, 1.1075, 1.108, 1.1085, 1.109]) == ["1.1070", "1.1075", "1.1080", "1.1085", "1.1090"]
+    assert page.evaluate(labels, [0, 0.25, 0.5, 0.75]) == ["0.00", "0.25", "0.50", "0.75"]
+    assert page.evaluate(labels, [0, 20, 40]) == ["0", "20", "40"]
+    assert page.evaluate("s => utp.tickLabels({scales: {y: {distr: 3}}}, s)", [0.01, 0.1, 1, 10]) == ["0.01", "0.1", "1", "10"]
     path = tmp_path / "run-page.png"
     page.screenshot(path=str(path), full_page=True)
     if SCREENSHOT:

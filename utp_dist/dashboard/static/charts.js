@@ -65,6 +65,25 @@ const utp = (() => {
     return { x, y };
   }
 
+  // y tick labels with as many decimals as their step needs: uPlot's default keeps at most 3, so a loss moving in its
+  // 4th decimal got five ticks all labelled 1.108 or 1.109; on a log scale (steps vary) 4 significant digits each
+  function tickLabels(u, splits) {
+    const step = splits.length > 1 ? Math.abs(splits[1] - splits[0]) : 0;
+    if (u.scales.y.distr === 3 || !(step > 0)) return splits.map((v) => (v === null ? "" : String(Number(v.toPrecision(4)))));
+    let decimals = Math.max(0, Math.ceil(-Math.log10(step) - 1e-9));
+    if (Math.abs(Number(step.toFixed(decimals)) - step) > step * 1e-6) decimals += 1; // 0.25 needs 2, not 1
+    return splits.map((v) => (v === null ? "" : v.toFixed(Math.min(decimals, 12))));
+  }
+
+  // the y axis as wide as its longest label (uPlot's fixed 50 px cut "1.1085" to ".1085"), as uPlot's axis-autosize demo
+  function tickSpace(u, values, axisIdx, cycleNum) {
+    const axis = u.axes[axisIdx];
+    if (cycleNum > 1) return axis._size; // uPlot asks again while sizes settle: keep the last answer
+    const longest = (values || []).reduce((acc, v) => (v && v.length > acc.length ? v : acc), "");
+    u.ctx.font = axis.font[0];
+    return Math.ceil(axis.ticks.size + axis.gap + (longest ? u.ctx.measureText(longest).width / devicePixelRatio : 0));
+  }
+
   function chart(el, title, xLabel, names, data, log = false) {
     if (!el) return null;
     el.textContent = "";
@@ -81,7 +100,7 @@ const utp = (() => {
         y: log ? { distr: 3 } : {},
       },
       // epochs and steps are whole numbers: no 0.2-epoch ticks
-      axes: [{ label: xLabel, incrs: [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000] }, {}],
+      axes: [{ label: xLabel, incrs: [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000] }, { values: tickLabels, size: tickSpace }],
       cursor: { drag: { x: true, y: false } },
       series: [{ label: xLabel }, ...names.map((n, i) => ({ label: n, stroke: COLORS[i % COLORS.length], width: 2, spanGaps: true, points: { size: 7, fill: COLORS[i % COLORS.length], show: sparse } }))],
     };
@@ -150,7 +169,7 @@ const utp = (() => {
     setInterval(() => swapParts(ids), seconds * 1000);
   }
 
-  return { align, chart, controls, liveChart, onControls, oneBased, comparePage, refreshTables, smoothed, swapIn };
+  return { align, chart, controls, liveChart, onControls, oneBased, comparePage, refreshTables, smoothed, swapIn, tickLabels };
 })();
 
 // What a page starts comes from its data, not from inline scripts, which the Content-Security-Policy forbids
