@@ -39,7 +39,15 @@ class Indexer:
         self.stopping = threading.Event()
         self.thread: threading.Thread | None = None
         # what pages and the API say while the first pass over the roots is still under way (the server answers meanwhile)
-        self.status: dict = {"indexing": True, "runs_seen": 0, "started": None, "first_pass_s": None}
+        # and, over every pass since the start (background and on demand alike), how many run folders were read and forgotten
+        self.status: dict = {
+            "indexing": True,
+            "runs_seen": 0,
+            "started": None,
+            "first_pass_s": None,
+            "runs_read_total": 0,
+            "runs_gone_total": 0,
+        }
 
     def refresh(self) -> dict[str, int]:
         """One pass over every root: add new runs/sweeps, re-read changed ones, forget vanished ones. Returns counts."""
@@ -50,6 +58,8 @@ class Indexer:
             counts.update(self._sweeps(session))
             counts["linked"] = self._link(session)
             session.commit()
+            self.status["runs_read_total"] += counts["runs_read"]
+            self.status["runs_gone_total"] += counts["runs_gone"]
             if self.status["indexing"]:
                 self.status.update(indexing=False, first_pass_s=round(time.monotonic() - started, 3))
         return counts

@@ -20,7 +20,8 @@ def refresh_index(request: Request) -> dict[str, int]:
 @router.get("/api/v1/index")
 def index_status(request: Request) -> dict:
     """Whether the first pass over the output roots is still under way (indexing), how many runs it has seen so far,
-    and how long it took once done (first_pass_s)."""
+    how long it took once done (first_pass_s), and how many run folders all passes since the start have read and
+    forgotten (runs_read_total, runs_gone_total)."""
     return dict(request.app.state.indexer.status)
 
 
