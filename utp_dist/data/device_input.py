@@ -39,10 +39,11 @@ class DeviceDecoder:
         """(uint8 batch on the device, labels); unreadable files follow data.on_bad_image."""
         if not isinstance(images, EncodedBatch):
             return images, labels
-        encoded = [item for item in images.items if isinstance(item, Encoded)]
+        items = images.items
+        encoded = [item for item in items if isinstance(item, Encoded)]
         decoded = dict(zip(map(id, encoded), self._decode_all(encoded), strict=True))
         out, labels = [], labels.clone()
-        for i, item in enumerate(images.items):
+        for i, item in enumerate(items):
             if not isinstance(item, Encoded):  # not a JPEG: the worker decoded and transformed it
                 out.append(item.to(self.device, non_blocking=True))
                 continue

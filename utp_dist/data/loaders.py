@@ -328,15 +328,39 @@ def build_loaders(splits: Splits, spec: InputSpec, cfg: DataConfig, seed: int, w
 
 @dataclass
 class EncodedBatch:
-    """A batch of Encoded JPEGs and already-decoded images. It has no .to(): Accelerate's device placement leaves
-    it on the host, where nvjpeg wants the bytes."""
+    """A batch of Encoded JPEGs and already-decoded images, packed into one uint8 tensor. A DataLoader worker hands
+    each tensor it returns to the main process through a file descriptor of its own; one tensor per image
+    (14 workers x 2 batches ahead x 128 images) outran the usual limit of 1,024 open files, and the loader hung
+    ('Bad file descriptor' in the worker). It has no .to(): Accelerate's device placement leaves it on the host,
+    where nvjpeg wants the bytes."""
 
-    items: list
+    packed: torch.Tensor
+    shapes: list[torch.Size]
+    jpegs: list[Encoded | None]  # per image: where its JPEG bytes came from, or None for pixels the worker decoded
+
+    @classmethod
+    def pack(cls, items: list) -> EncodedBatch:
+        """One batch from dataset items (Encoded or uint8 image tensors)."""
+        tensors = [item.data if isinstance(item, Encoded) else item for item in items]
+        if any(t.dtype != torch.uint8 for t in tensors):
+            raise TypeError(f"data.decode: gpu batches carry uint8 tensors, got {sorted({str(t.dtype) for t in tensors})}")
+        packed = torch.cat([t.reshape(-1) for t in tensors]) if tensors else torch.empty(0, dtype=torch.uint8)
+        jpegs = [Encoded(torch.empty(0, dtype=torch.uint8), item.path, item.key) if isinstance(item, Encoded) else None for item in items]
+        return cls(packed, [t.shape for t in tensors], jpegs)
+
+    @property
+    def items(self) -> list:
+        """Per image, in batch order: an Encoded with its bytes, or the decoded image; both views into `packed`."""
+        views = self.packed.split([s.numel() for s in self.shapes])
+        return [
+            Encoded(view, jpeg.path, jpeg.key) if jpeg else view.view(shape)
+            for view, shape, jpeg in zip(views, self.shapes, self.jpegs, strict=True)
+        ]
 
 
 def collate_encoded(batch: list) -> tuple[EncodedBatch, torch.Tensor]:
     """(EncodedBatch, labels) for a data.decode: gpu loader."""
-    return EncodedBatch([item for item, _ in batch]), torch.tensor([label for _, label in batch])
+    return EncodedBatch.pack([item for item, _ in batch]), torch.tensor([label for _, label in batch])
 
 
 def _outlive_stop_signals() -> None:
