@@ -93,12 +93,12 @@ def main() -> int:
             base["train"]["seed"] = seed
             name = f"bench-{side}-s{seed}"
             wall = submit(out, name, base, {**search, "parallel": args.parallel, "seed": seed}, env)
-            trials, epochs, best, (lr, wd) = measure(out, name, args.max_epochs)
+            trials, epochs, best, (lr, wd), _ = measure(out, name, args.max_epochs)
             # The chosen point again with seeds neither side tuned on: what the user gets from the choice, without the
             # luck of the draw that made it the best of its side
-            again = [f + 100 * (seed + 1) for f in range(args.retrain)]
+            again = [100 * (seed + 1) + k for k in range(args.retrain)]
             submit(out, f"{name}-again", base, {**retrain_block(lr, wd, again), "parallel": args.parallel}, env)
-            finals = measure(out, f"{name}-again", args.max_epochs, every=True)
+            finals = measure(out, f"{name}-again", args.max_epochs)[-1]
             label = "full grid" if side == "grid" else f"ASHA + TPE ({args.reduction}x, rungs from {args.min_epochs})"
             drawn = "-" if side == "grid" else modelled(out / "sweeps" / name, args.startup_trials)
             table.append(
@@ -134,9 +134,9 @@ def retrain_block(lr: float, wd: float, seeds: list[int]) -> dict:
     return {"method": "grid", "seed": 0, "space": {key: {"choice": values} for key, values in space.items()}}
 
 
-def measure(out: Path, sweep: str, max_epochs: int, every: bool = False):
-    """From the trials' run folders: how many trials, the epochs trained in all (validations), and the best trial's
-    METRIC after max_epochs with its (lr, weight decay); with `every`, each trial's METRIC after max_epochs."""
+def measure(out: Path, sweep: str, max_epochs: int) -> tuple[int, int, float, tuple[float, float], list[float]]:
+    """From the trials' run folders: how many trials, the epochs trained in all (validations), the best trial's
+    METRIC after max_epochs with its (lr, weight decay), and every trial's METRIC after max_epochs."""
     runs = [run for run in find_runs(out) if run.name.startswith(f"{sweep}__trial-")]
     epochs, best, params, finals = 0, float("-inf"), (float("nan"), float("nan")), []
     for run in runs:
@@ -147,7 +147,7 @@ def measure(out: Path, sweep: str, max_epochs: int, every: bool = False):
         if final and final[-1] > best:
             optim = (run.read_config() or {}).get("optim", {})
             best, params = final[-1], (optim.get("lr"), optim.get("weight_decay"))
-    return finals if every else (len(runs), epochs, best, params)
+    return len(runs), epochs, best, params, finals
 
 
 def modelled(folder: Path, startup: int) -> int:

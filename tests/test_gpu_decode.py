@@ -38,7 +38,7 @@ def test_encoded_batches_decode_to_exactly_the_cpu_pixels(tmp_path, augment):
     root = make_image_folder(tmp_path / "mixed", per_class={"train": 8, "val": 2})  # half JPEG, half PNG (decoded by the workers)
     cpu, _ = batches(root, encoded=False, augment=augment)
     encoded, decoder = batches(root, encoded=True, augment=augment)
-    assert sum(isinstance(item, torch.Tensor) for b in encoded for item in b[0].items) == 12  # the PNGs
+    assert sum(isinstance(item, torch.Tensor) for b in encoded for item in b[0].unpack()) == 12  # the PNGs
     for (images, labels), (batch, enc_labels) in zip(cpu, encoded, strict=True):
         decoded, dec_labels = decoder(batch, enc_labels)
         assert decoded.dtype == torch.uint8 and decoded.device.type == "cpu"
@@ -58,7 +58,7 @@ def test_a_worker_sends_a_batch_through_one_file_descriptor_not_one_per_image(tm
         encoded, decoder = batches(root, encoded=True, augment="none", batch_size=48, workers=2)
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-    assert [len(batch.jpegs) for batch, _ in encoded] == [48, 48, 48]
+    assert [len(batch.sources) for batch, _ in encoded] == [48, 48, 48]
     for (images, labels), (batch, enc_labels) in zip(cpu, encoded, strict=True):
         decoded, dec_labels = decoder(batch, enc_labels)
         assert torch.equal(decoded, images) and torch.equal(dec_labels, labels)

@@ -39,7 +39,7 @@ class DeviceDecoder:
         """(uint8 batch on the device, labels); unreadable files follow data.on_bad_image."""
         if not isinstance(images, EncodedBatch):
             return images, labels
-        items = images.items
+        items = images.unpack()
         encoded = [item for item in items if isinstance(item, Encoded)]
         decoded = dict(zip(map(id, encoded), self._decode_all(encoded), strict=True))
         out, labels = [], labels.clone()

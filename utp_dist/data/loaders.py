@@ -336,25 +336,24 @@ class EncodedBatch:
 
     packed: torch.Tensor
     shapes: list[torch.Size]
-    jpegs: list[Encoded | None]  # per image: where its JPEG bytes came from, or None for pixels the worker decoded
+    sources: list[tuple[str, tuple[int, int]] | None]  # per image: a JPEG's (path, key), or None for decoded pixels
 
     @classmethod
     def pack(cls, items: list) -> EncodedBatch:
         """One batch from dataset items (Encoded or uint8 image tensors)."""
         tensors = [item.data if isinstance(item, Encoded) else item for item in items]
-        if any(t.dtype != torch.uint8 for t in tensors):
+        if any(t.dtype != torch.uint8 for t in tensors):  # torch.cat would silently promote every image's bytes
             raise TypeError(f"data.decode: gpu batches carry uint8 tensors, got {sorted({str(t.dtype) for t in tensors})}")
         packed = torch.cat([t.reshape(-1) for t in tensors]) if tensors else torch.empty(0, dtype=torch.uint8)
-        jpegs = [Encoded(torch.empty(0, dtype=torch.uint8), item.path, item.key) if isinstance(item, Encoded) else None for item in items]
-        return cls(packed, [t.shape for t in tensors], jpegs)
+        sources = [(item.path, item.key) if isinstance(item, Encoded) else None for item in items]
+        return cls(packed, [t.shape for t in tensors], sources)
 
-    @property
-    def items(self) -> list:
+    def unpack(self) -> list:
         """Per image, in batch order: an Encoded with its bytes, or the decoded image; both views into `packed`."""
         views = self.packed.split([s.numel() for s in self.shapes])
         return [
-            Encoded(view, jpeg.path, jpeg.key) if jpeg else view.view(shape)
-            for view, shape, jpeg in zip(views, self.shapes, self.jpegs, strict=True)
+            Encoded(view, *source) if source else view.view(shape)
+            for view, shape, source in zip(views, self.shapes, self.sources, strict=True)
         ]
 
 
