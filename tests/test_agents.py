@@ -471,6 +471,62 @@ def test_reaper_requeues_while_attempts_remain_then_fails_with_the_reason(tmp_pa
     database.engine.dispose()
 
 
+def test_an_agent_deleted_between_the_check_and_the_write_of_its_call_is_told_404_never_409_or_500(tmp_path, images, monkeypatch):
+    """A user deletes an agent while one of its calls is between reading the agent's row and writing: the call must say
+    "register again" (404: its child trains on, the re-registered agent takes the job back), not "the job is another's"
+    (409: the agent would kill a run nobody else holds), nor fail on the vanished row (500)."""
+    from sqlalchemy import delete
+
+    from utp_dist.dashboard import jobqueue, migrate, services
+    from utp_dist.dashboard.db import Agent, Database
+
+    database = Database(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    migrate.upgrade(database.engine)
+
+    def deleted_after(original):
+        """`original`, after which (the first time) another user deletes the agent."""
+
+        def call(*args, **kwargs):
+            result = original(*args, **kwargs)
+            if not fired:
+                fired.append(True)
+                with database.sessions() as other:
+                    other.execute(delete(Agent))
+                    other.commit()
+            return result
+
+        fired: list[bool] = []
+        return call
+
+    with database.sessions() as session:
+        project = services.create_project(session, "p")
+        config = services.create_config(session, project.id, "tiny", tiny_config(images, tmp_path / "root"))
+        _, job = jobqueue.queue_run(session, config.id)
+        # (the call, the read after which the agent is deleted)
+        calls = {
+            "start": (lambda agent, attempt: jobqueue.start(session, job.id, agent, attempt, pid=1), "held_job"),
+            "progress": (lambda agent, attempt: jobqueue.progress(session, job.id, agent, attempt, None, {"step": 3}), "held_job"),
+            "heartbeat": (lambda agent, attempt: jobqueue.heartbeat(session, agent, [(job.id, attempt)], lease_s=30, name="a"), "found"),
+        }
+        for name, (call, read) in calls.items():
+            agent = jobqueue.register(session, "a", "host", [], drain=False, lease_s=30).id
+            attempt = jobqueue.claim(session, agent, 0, True, [], lease_s=30)["attempt"] if name == "start" else attempt
+            if name != "start":
+                jobqueue.heartbeat(session, agent, [(job.id, attempt)], lease_s=30, name="a")  # the new row takes the job back
+            with monkeypatch.context() as patched:
+                patched.setattr(jobqueue, read, deleted_after(getattr(jobqueue, read)))
+                with pytest.raises(services.NotFound):
+                    call(agent, attempt)
+        agent = jobqueue.register(session, "a", "host", [], drain=False, lease_s=30).id
+        answer = jobqueue.heartbeat(session, agent, [(job.id, attempt)], lease_s=30, name="a")
+        assert answer["lost"] == answer["unknown"] == []
+        jobqueue.start(session, job.id, agent, attempt, pid=1)
+        jobqueue.finish(session, job.id, agent, attempt, 0, None, None)
+        session.refresh(job)
+        assert (job.state, job.attempt, job.failures) == ("succeeded", 1, 0)  # one attempt, never lost
+    database.engine.dispose()
+
+
 # --- GPUs the driver reports, names, a server that forgets, stops that cost nothing, a loop that never blocks
 
 

@@ -7,9 +7,13 @@ Claiming is one atomic statement; every later change of a job goes through `swap
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from sqlalchemy import delete, exists, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.exc import StaleDataError
 
 from utp_dist import states
 from utp_dist.dashboard.db import Agent, ConfigRow, Gpu, Job, Run, now
@@ -62,6 +66,17 @@ def heartbeat(
     agent = found(session, Agent, agent_id, "agent")
     if name is not None and agent.name != name:  # a reset database gave this id to another agent
         raise NotFound(f"agent {agent_id} is '{agent.name}', not '{name}': register again")
+    drain = agent.drain or agent.archived  # read now: the row may be deleted before the answer is sent
+    with _agent_kept(session, agent_id):
+        lost, unknown = _renew(session, agent, held, lease_s, usage)
+    mine = [job_id for job_id, _ in held if job_id not in lost and job_id not in unknown]
+    abort = list(session.scalars(select(Job.id).where(Job.id.in_(mine), Job.state == states.STOPPING))) if mine else []
+    return {"drain": drain, "abort": abort, "lost": lost, "unknown": unknown}
+
+
+def _renew(session: Session, agent: Agent, held: list[tuple[int, int]], lease_s: float, usage: list[dict]) -> tuple[list[int], list[int]]:
+    """The writes of a heartbeat, committed: (jobs lost to another holder, jobs the server has no row of)."""
+    agent_id = agent.id
     agent.last_heartbeat = now()
     for gpu in usage:  # shown on the agents page; a GPU the inventory does not list is ignored
         values = {"util": gpu.get("util"), "memory_used_mb": gpu.get("memory_used_mb")}
@@ -82,9 +97,19 @@ def heartbeat(
         else:
             lost.append(job_id)
     session.commit()
-    mine = [job_id for job_id, _ in held if job_id not in lost and job_id not in unknown]
-    abort = list(session.scalars(select(Job.id).where(Job.id.in_(mine), Job.state == states.STOPPING))) if mine else []
-    return {"drain": agent.drain or agent.archived, "abort": abort, "lost": lost, "unknown": unknown}
+    return lost, unknown
+
+
+@contextmanager
+def _agent_kept(session: Session, agent_id: int) -> Iterator[None]:
+    """Writes that name this agent's row: when a user deleted the row after it was read (the update finds no row, or a
+    job or run would point at an id that no longer exists), 404 — the agent registers again and keeps its children."""
+    try:
+        yield
+    except (IntegrityError, StaleDataError):
+        session.rollback()
+        found(session, Agent, agent_id, "agent")
+        raise
 
 
 def claim(session: Session, agent_id: int, free_gpus: int, cpu: bool, refused: list[int], lease_s: float) -> dict | None:
@@ -106,18 +131,20 @@ def claim(session: Session, agent_id: int, free_gpus: int, cpu: bool, refused: l
     pick = pick.order_by(Job.priority.desc(), Job.created, Job.id).limit(1)
     if session.get_bind().dialect.name == "postgresql":
         pick = pick.with_for_update(skip_locked=True)
-    claimed = session.execute(
-        update(Job)
-        .where(Job.id == pick.scalar_subquery(), Job.state == states.QUEUED)
-        .values(state=states.CLAIMED, agent_id=agent_id, attempt=Job.attempt + 1, lease_expires=now() + lease_s, updated=now())
-        .returning(Job.id, Job.run_id, Job.attempt, Job.gpus)
-        .execution_options(synchronize_session=False)
-    ).first()
-    if claimed is None:
-        session.rollback()
-        return None
-    session.execute(update(Run).where(Run.id == claimed.run_id).values(state=states.CLAIMED, agent_id=agent_id, pid=None, updated=now()))
-    session.commit()
+    with _agent_kept(session, agent_id):
+        claimed = session.execute(
+            update(Job)
+            .where(Job.id == pick.scalar_subquery(), Job.state == states.QUEUED)
+            .values(state=states.CLAIMED, agent_id=agent_id, attempt=Job.attempt + 1, lease_expires=now() + lease_s, updated=now())
+            .returning(Job.id, Job.run_id, Job.attempt, Job.gpus)
+            .execution_options(synchronize_session=False)
+        ).first()
+        if claimed is None:
+            session.rollback()
+            return None
+        run_values = {"state": states.CLAIMED, "agent_id": agent_id, "pid": None, "updated": now()}
+        session.execute(update(Run).where(Run.id == claimed.run_id).values(**run_values))
+        session.commit()
     run = session.get(Run, claimed.run_id, populate_existing=True)
     config = session.get(ConfigRow, run.config_id) if run.config_id is not None else None
     if config is None:
@@ -137,6 +164,25 @@ def claim(session: Session, agent_id: int, free_gpus: int, cpu: bool, refused: l
     }
 
 
+@contextmanager
+def fenced(session: Session, job_id: int, agent_id: int, attempt: int) -> Iterator[Job]:
+    """The job this agent holds (held_job), for a write that is fenced again by the database.
+
+    When that write finds the job changed after it was read (a Conflict, or a key broken by a deleted agent row), the
+    answer is the database's state now, read again: 404 when the agent's row was deleted meanwhile (it registers again
+    and its child trains on), the 409 only when the job is really another's (the agent kills its child).
+    """
+    job = held_job(session, job_id, agent_id, attempt)
+    try:
+        yield job
+    except (Conflict, IntegrityError) as err:
+        session.rollback()
+        held_job(session, job_id, agent_id, attempt)
+        if isinstance(err, Conflict):
+            raise
+        raise Conflict(f"job {job_id} changed meanwhile", job.state) from None
+
+
 def held_job(session: Session, job_id: int, agent_id: int, attempt: int) -> Job:
     """The job, if this agent still holds it at this attempt; else 409 naming who has it now (the agent kills its child)."""
     found(session, Agent, agent_id, "agent")  # 404 for an agent the server forgot: it registers again and keeps its jobs
@@ -152,36 +198,31 @@ def held_job(session: Session, job_id: int, agent_id: int, attempt: int) -> Job:
 
 def start(session: Session, job_id: int, agent_id: int, attempt: int, pid: int) -> Job:
     """claimed -> running: the training process `pid` started (one more attempt of the run)."""
-    job = held_job(session, job_id, agent_id, attempt)
-    # a new attempt's output starts empty: the last one's stays in its own file in the run folder, linked from the run page
-    fresh = {"pid": pid, "agent_id": agent_id, "attempts": Run.attempts + 1, "error": None, "log_tail": None}
-    if not swap(session, job, states.RUNNING, run=fresh):
-        raise Conflict(f"job {job_id} changed meanwhile; not started", job.state)
+    with fenced(session, job_id, agent_id, attempt) as job:
+        # a new attempt's output starts empty: the last one's stays in its own file in the run folder, linked from the run page
+        fresh = {"pid": pid, "agent_id": agent_id, "attempts": Run.attempts + 1, "error": None, "log_tail": None}
+        if not swap(session, job, states.RUNNING, run=fresh):
+            raise Conflict(f"job {job_id} changed meanwhile; not started", job.state)
     return job
 
 
 def progress(session: Session, job_id: int, agent_id: int, attempt: int, folder: dict | None, values: dict) -> None:
     """Store what the run's own files say (and the log tail) on the run, fenced by the attempt like every write of an agent."""
-    job = held_job(session, job_id, agent_id, attempt)
     changes = {k: v for k, v in values.items() if k in PROGRESS_FIELDS and v is not None}
     if "log_tail" in changes:
         changes["log_tail"] = changes["log_tail"][-LOG_TAIL_CHARS:]
     if folder:  # from the training's handshake; the indexer leaves a held job's new folder to this report (Indexer._runs)
         changes.update(root=folder["root"], dataset=folder["dataset"], name=folder["name"])
     fence = exists().where(Job.id == job_id, Job.attempt == attempt, Job.agent_id == agent_id, Job.state.in_(HELD))
-    try:
+    with fenced(session, job_id, agent_id, attempt) as job:
         written = session.execute(update(Run).where(Run.id == job.run_id, fence).values(updated=now(), **changes))
         if not written.rowcount:
             raise Conflict(f"job {job_id} attempt {attempt} is no longer this agent's", job.state)
         session.commit()
-    except (IntegrityError, Conflict):
-        session.rollback()
-        raise
 
 
 def finish(session: Session, job_id: int, agent_id: int, attempt: int, exit_code: int, error: str | None, log_tail: str | None) -> Job:
     """running/stopping -> succeeded | stopped | failed from the exit code; a failure keeps the CLI's line (first) or the log tail."""
-    job = held_job(session, job_id, agent_id, attempt)
     new = states.from_exit(exit_code)
     tail = (log_tail or "")[-LOG_TAIL_CHARS:] or None
     message = reason = None
@@ -198,19 +239,19 @@ def finish(session: Session, job_id: int, agent_id: int, attempt: int, exit_code
     run = {"pid": None, "error": message, **({"log_tail": tail} if tail else {})}
     # a success keeps the job's last reason (why it was requeued, who refused it): the history of how it got there
     failed = {"reason": reason, "failures": Job.failures + 1} if new == states.FAILED else {}
-    if not swap(session, job, new, run=run, lease_expires=None, **failed):
-        raise Conflict(f"job {job_id} changed meanwhile; its outcome was not recorded", job.state)
+    with fenced(session, job_id, agent_id, attempt) as job:
+        if not swap(session, job, new, run=run, lease_expires=None, **failed):
+            raise Conflict(f"job {job_id} changed meanwhile; its outcome was not recorded", job.state)
     return job
 
 
 def refuse(session: Session, job_id: int, agent_id: int, attempt: int, reason: str) -> Job:
     """claimed -> queued: this agent cannot run the job (e.g. its output root is not writable there); the reason is shown."""
-    job = held_job(session, job_id, agent_id, attempt)
-    name = session.scalar(select(Agent.name).where(Agent.id == agent_id))
-    if not swap(
-        session, job, states.QUEUED, run={"agent_id": None}, agent_id=None, lease_expires=None, reason=f"refused by agent {name}: {reason}"
-    ):
-        raise Conflict(f"job {job_id} changed meanwhile", job.state)
+    with fenced(session, job_id, agent_id, attempt) as job:
+        name = session.scalar(select(Agent.name).where(Agent.id == agent_id))
+        refused = {"agent_id": None, "lease_expires": None, "reason": f"refused by agent {name}: {reason}"}
+        if not swap(session, job, states.QUEUED, run={"agent_id": None}, **refused):
+            raise Conflict(f"job {job_id} changed meanwhile", job.state)
     return job
 
 
