@@ -510,8 +510,9 @@ def test_an_agent_deleted_between_the_check_and_the_write_of_its_call_is_told_40
         }
         for name, (call, read) in calls.items():
             agent = jobqueue.register(session, "a", "host", [], drain=False, lease_s=30).id
-            attempt = jobqueue.claim(session, agent, 0, True, [], lease_s=30)["attempt"] if name == "start" else attempt
-            if name != "start":
+            if name == "start":
+                attempt = jobqueue.claim(session, agent, 0, True, [], lease_s=30)["attempt"]
+            else:
                 jobqueue.heartbeat(session, agent, [(job.id, attempt)], lease_s=30, name="a")  # the new row takes the job back
             with monkeypatch.context() as patched:
                 patched.setattr(jobqueue, read, deleted_after(getattr(jobqueue, read)))
