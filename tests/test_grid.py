@@ -208,6 +208,11 @@ def test_local_executor_runs_each_task_in_its_own_process_and_the_ledger_tracks_
     status = run_here("status", str(sweep), module="utp_dist.submit")
     lines = status.stdout.splitlines()
     assert " | succeeded | 0 | 0 | 3 | " in lines[2] and " | failed | 0 | - | - | - | - | " in lines[3], status.stdout
+    why = f"task 1 failed: data.root: folder '{tmp_path / 'later'}' does not exist; point it at an ImageFolder root with train/ and val/"
+    assert lines[4:] == [why], status.stdout  # the task's own line; and where its output is, for a failure without one
+    assert submit(["status", str(sweep), "--json"]) == 0
+    failed = json.loads(capsys.readouterr().out)[1]
+    assert failed["error"] == why.split(": ", 1)[1] and failed["log"] == str(sweep / "local" / "task-1.log")
 
     # the missing data appears; resubmit --failed runs only that task (debug executor: same ledger, in-process)
     make_image_folder(tmp_path / "later", per_class={"train": 8, "val": 4})

@@ -147,6 +147,8 @@ def test_grid_of_four_is_one_array_job_with_parallelism_and_resubmit_failed(slur
     grid = grid_file(tmp_path, base, sweep, {"array_parallelism": 2, "cpus_per_task": 1, "time_min": 20}, "four")
     result = submit(slurm, str(grid), "--wait", "--poll", "1")
     assert result.returncode == 1, result.stdout + result.stderr  # the fourth point's data does not exist yet
+    why = f"task 3 failed: data.root: folder '{tmp_path / 'later'}' does not exist; point it at an ImageFolder root with train/ and val/"
+    assert result.stdout.splitlines()[-1] == why, result.stdout  # the task's own one-line error, not "see the log"
     folder, record = ledger(tmp_path / "out", "four")
     jobs = [t["jobs"][-1] for t in record["tasks"]]
     array = jobs[0].split("_")[0]
@@ -167,6 +169,9 @@ def test_grid_of_four_is_one_array_job_with_parallelism_and_resubmit_failed(slur
 
     status = submit(slurm, "status", str(folder)).stdout.splitlines()
     assert "| failed | 0 | - | - | - | - |" in status[5] and "| succeeded | 0 | 0 | 6 |" in status[2], status
+    assert status[6:] == [why], status
+    failed = json.loads(submit(slurm, "status", str(folder), "--json").stdout)[3]
+    assert why.split(": ", 1)[1] in Path(failed["log"]).read_text()  # submitit's log of that task, for a failure without a line
 
     make_image_folder(tmp_path / "later", per_class={"train": 16, "val": 4})
     again = submit(slurm, "resubmit", str(folder), "--failed", "--wait", "--poll", "1")

@@ -31,10 +31,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 @dataclass(frozen=True)
 class Outcome:
-    """How a run ended: the exit code and, when a signal stopped it, which one."""
+    """How a run ended: the exit code, the signal that stopped it (if one did) and the one-line error (if it failed)."""
 
     code: int
     stop_signal: int | None = None
+    error: str | None = None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,8 +74,9 @@ def run(argv: list[str] | None = None) -> Outcome:
     except Exception as err:  # a crash: the traceback goes to stderr as always, its last line to the handshake
         handshake.end(1, f"{type(err).__name__}: {one_line(err)}")
         raise
-    handshake.end(code, errors[-1] if errors and code != 0 else None)
-    return Outcome(code, stopped[0] if stopped else None)
+    error = errors[-1] if errors and code != 0 else None
+    handshake.end(code, error)
+    return Outcome(code, stopped[0] if stopped else None, error)
 
 
 def check_expected_devices() -> None:

@@ -71,6 +71,10 @@ class Executor(abc.ABC):
         """{task index: how often its run was started again}, from the records the tasks keep themselves."""
         return {task["index"]: max(0, TaskRecord(folder, task["index"]).read().get("attempts", 1) - 1) for task in ledger["tasks"]}
 
+    def log_of(self, folder: Path, index: int, job: str) -> str | None:
+        """Where task `index`'s job (`job`) wrote its output, for a failure without an error line (a crash, a kill)."""
+        return None
+
 
 class SlurmExecutor(Executor):
     """The tasks as ONE Slurm array job through submitit; states from Slurm accounting."""
@@ -109,6 +113,9 @@ class SlurmExecutor(Executor):
             raise UserError(f"sbatch refused the job: {_slurm_message(str(err))}") from None
         return {i: job.job_id for i, job in zip(indices, jobs, strict=True)}
 
+    def log_of(self, folder: Path, index: int, job: str) -> str | None:
+        return str(folder / SUBMITIT_DIR / f"{job}_0_log.err")  # submitit's %j_%t: the job (ARRAY_N), task rank 0
+
     def states(self, folder: Path, ledger: dict, jobs: dict[int, str]) -> dict[int, str]:
         accounting = sacct_states(sorted(set(jobs.values())))
         # a job sacct does not list yet was submitted moments ago: accounting lags behind sbatch
@@ -130,6 +137,9 @@ class LocalExecutor(Executor):
         with open(logs / "runner.log", "ab") as log:
             runner = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         return {i: f"pid:{runner.pid}" for i in indices}
+
+    def log_of(self, folder: Path, index: int, job: str) -> str | None:
+        return str(folder / LOCAL_LOGS / f"task-{index}.log")
 
     def states(self, folder: Path, ledger: dict, jobs: dict[int, str]) -> dict[int, str]:
         """From each task's own record; a task whose process is gone without a word is lost."""
@@ -194,6 +204,9 @@ class DashboardExecutor(Executor):
     def states(self, folder: Path, ledger: dict, jobs: dict[int, str]) -> dict[int, str]:
         """One request per server: the state of every task's run (a deleted run is lost)."""
         return {index: states.from_queue((row or {}).get("state")) for index, row in self._by_run(jobs).items()}
+
+    def log_of(self, folder: Path, index: int, job: str) -> str | None:
+        return job  # the run's page, which shows its error and its log
 
     def restarts(self, folder: Path, ledger: dict, jobs: dict[int, str]) -> dict[int, int]:
         """The dashboard's count: the agents' tasks keep no record of their own."""

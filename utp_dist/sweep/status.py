@@ -12,9 +12,12 @@ from utp_dist import states
 from utp_dist.store import runfiles
 from utp_dist.sweep import executors
 from utp_dist.sweep.ledger import find_run
+from utp_dist.sweep.task import TaskRecord
 
 COLUMNS = ("task", "run", "state", "restarts", "epoch", "step", "best", "img/s", "job")
 SEED = "train.seed"
+# ended without succeeding, and not because a user stopped or cancelled it: status says why, or where the output is
+UNEXPLAINED = states.RESUBMITTABLE - {states.STOPPED, states.CANCELLED}
 
 
 def rows(folder: Path, ledger: dict, within: tuple[Path, ...] = ()) -> list[dict]:
@@ -41,17 +44,32 @@ def rows(folder: Path, ledger: dict, within: tuple[Path, ...] = ()) -> list[dict
         state = job_states.get(task["index"], states.NOT_SUBMITTED)
         if state == states.LOST and _finished_since(task, submitted, within):
             state = states.SUCCEEDED  # its record is gone (deleted, another disk), but the run says it trained to its end
-        out.append(
-            {
-                "task": task["index"],
-                "run": task["name"],
-                "state": state,
-                "restarts": restarts.get(task["index"], 0),
-                **_progress(task, submitted, within),
-                "job": jobs.get(task["index"], "-"),
-            }
-        )
+        row = {
+            "task": task["index"],
+            "run": task["name"],
+            "state": state,
+            "restarts": restarts.get(task["index"], 0),
+            **_progress(task, submitted, within),
+            "job": jobs.get(task["index"], "-"),
+            "error": None,
+            "log": None,
+        }
+        if state in UNEXPLAINED and task["index"] in jobs:
+            row["error"] = TaskRecord(folder, task["index"]).read().get("error")
+            row["log"] = executor.log_of(folder, task["index"], jobs[task["index"]])
+        out.append(row)
     return out
+
+
+def failures(table: list[dict]) -> str:
+    """Why each task of a status table that ended UNEXPLAINED ended so: its one-line error, else where its output is."""
+    lines = []
+    for row in table:
+        if row.get("error"):
+            lines.append(f"task {row['task']} {row['state']}: {row['error']}")
+        elif row.get("log"):
+            lines.append(f"task {row['task']} {row['state']} without an error line (killed, or a crash): see {row['log']}")
+    return "\n".join(lines)
 
 
 def _finished_since(task: dict, submitted: float, within: tuple[Path, ...] = ()) -> bool:

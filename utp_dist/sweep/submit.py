@@ -15,7 +15,7 @@ from utp_dist.store.run_dir import RunDir, is_version_of
 from utp_dist.sweep import executors, ledger
 from utp_dist.sweep.resources import Resources, as_dict, load_resources
 from utp_dist.sweep.search import is_search, load_search, search_plan
-from utp_dist.sweep.status import COLUMNS, TRIAL_COLUMNS, leaderboard, markdown, rows, trial_rows, workers_line
+from utp_dist.sweep.status import COLUMNS, TRIAL_COLUMNS, failures, leaderboard, markdown, rows, trial_rows, workers_line
 from utp_dist.sweep.study import retry_failed, search_finished
 from utp_dist.sweep.task import TaskRecord
 
@@ -247,7 +247,11 @@ def wait(folder: Path, indices: list[int], poll: float) -> int:
             text = markdown(trial_rows(folder, record), TRIAL_COLUMNS) + "\n" + workers_line(folder, record, table)
         shown = _show(text, shown)
         if all(r["state"] in states.DONE for r in table):
-            return _search_outcome(folder, record) if "search" in record else 0 if all(r["state"] == states.SUCCEEDED for r in table) else 1
+            if "search" in record:
+                return _search_outcome(folder, record)
+            if why := failures(table):
+                print(why, flush=True)
+            return 0 if all(r["state"] == states.SUCCEEDED for r in table) else 1
         time.sleep(poll)
 
 
@@ -285,7 +289,8 @@ def status(args: argparse.Namespace) -> int:
         print(json.dumps(table, indent=1) if args.json else markdown(table, TRIAL_COLUMNS) + workers)
         return 0
     table = rows(folder, record)
-    print(json.dumps(table, indent=1, default=str) if args.json else markdown(table, COLUMNS))
+    why = failures(table)
+    print(json.dumps(table, indent=1, default=str) if args.json else markdown(table, COLUMNS) + (f"\n{why}" if why else ""))
     return 0
 
 

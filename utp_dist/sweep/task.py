@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from utp_dist import states
+from utp_dist.errors import one_line
 from utp_dist.preemption import EXIT_RESUMABLE
 from utp_dist.store import atomic
 
@@ -31,11 +32,11 @@ class TrainTask:
     def __call__(self) -> int:
         """Train; on a stop signal the run saves, then submitit's own USR2 handler requeues the job."""
 
-        def train() -> tuple[int, int | None]:
+        def train() -> tuple[int, int | None, str | None]:
             from utp_dist.train_command import run  # imported here: submitting a grid should not pay for torch
 
             outcome = run([self.config])
-            return outcome.code, outcome.stop_signal
+            return outcome.code, outcome.stop_signal, outcome.error
 
         code, rank, requeued = attempt(self.sweep_dir, self.index, train)
         if requeued or (code == EXIT_RESUMABLE and rank != 0):
@@ -53,18 +54,24 @@ class TrainTask:
         return submitit.helpers.DelayedSubmission(TrainTask(self.config, self.sweep_dir, self.index, self.max_requeues, self.requeues + 1))
 
 
-def attempt(sweep_dir: str, index: int, body: Callable[[], tuple[int, int | None]]) -> tuple[int, int, bool]:
+def attempt(sweep_dir: str, index: int, body: Callable[[], tuple[int, int | None, str | None]]) -> tuple[int, int, bool]:
     """One attempt of a sweep task (a grid point or a search worker) under its task record: (exit code, rank, whether
-    submitit requeues it). `body` returns (exit code, the stop signal that ended it or None); after Slurm's
-    timeout/preemption warning (USR2) the run saved at a step boundary and submitit's own handler requeues the job."""
+    submitit requeues it). `body` returns (exit code, the stop signal that ended it or None, the one-line error or None);
+    after Slurm's timeout/preemption warning (USR2) the run saved at a step boundary and submitit's own handler requeues
+    the job. A crash is recorded with its last line, then raised (the traceback goes to the task's log)."""
     requeue = signal.getsignal(signal.SIGUSR2)  # submitit's checkpoint-and-requeue handler, when under Slurm
     rank = _export_rank_environment()
     record = TaskRecord(Path(sweep_dir), index) if rank == 0 else None
     if record:
         record.started()
-    code, stop_signal = body()
+    try:
+        code, stop_signal, error = body()
+    except Exception as err:
+        if record:
+            record.ended(1, f"{type(err).__name__}: {one_line(err)}")
+        raise
     if record:
-        record.ended(code)
+        record.ended(code, error)
     if stop_signal == signal.SIGUSR2 and callable(requeue):
         requeue(signal.SIGUSR2, None)
         return code, rank, True
@@ -98,7 +105,7 @@ class TaskRecord:
     def queued(self) -> None:
         """Mark the task submitted again: a stale failed must not end a `--wait` before the new attempt ran."""
         if self.path.exists():
-            self._write({**self.read(), "state": states.QUEUED, "exit_code": None})
+            self._write({**self.read(), "state": states.QUEUED, "exit_code": None, "error": None})
 
     def started(self) -> None:
         """Count an attempt and mark the task running."""
@@ -114,9 +121,9 @@ class TaskRecord:
             }
         )
 
-    def ended(self, code: int) -> None:
-        """Mark the task succeeded, stopped (saved to be resumed) or failed."""
-        self._write({**self.read(), "state": states.from_exit(code), "exit_code": code, "ended": time.time()})
+    def ended(self, code: int, error: str | None = None) -> None:
+        """Mark the task succeeded, stopped (saved to be resumed) or failed (with the one-line error, when there is one)."""
+        self._write({**self.read(), "state": states.from_exit(code), "exit_code": code, "error": error, "ended": time.time()})
 
     def _write(self, record: dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

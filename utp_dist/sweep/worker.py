@@ -31,7 +31,7 @@ class SearchWorker:
     def __call__(self) -> int:
         # requeued, the trial keeps this worker's lease and the requeued worker continues it; stopped by a signal,
         # rank 0 decides about the requeue under Slurm
-        code, _, requeued = attempt(self.sweep_dir, self.index, lambda: work(Path(self.sweep_dir), self.index))
+        code, _, requeued = attempt(self.sweep_dir, self.index, lambda: (*work(Path(self.sweep_dir), self.index), None))
         if requeued or code == EXIT_RESUMABLE:
             return code
         if code != 0:
