@@ -303,8 +303,14 @@ def test_every_page_and_command_shows_the_states_in_the_same_words(web, server, 
     (folder / "sweep.json").write_text(json.dumps(ledger))
     try:
         assert submit(["status", str(folder)]) == 0
-        table = [line.split(" | ") for line in capsys.readouterr().out.splitlines()[2:]]
+        out = capsys.readouterr().out.splitlines()
+        table = [line.split(" | ") for line in out[2:] if line.startswith("|")]
         assert [row[2] for row in table] == expected
+        # below the table, why the failed and the lost ended so: neither recorded an error line, so where its output is
+        unexplained = "without an error line (killed, or a crash): see"
+        assert out[2 + len(table) :] == [
+            f"task {i} {state} {unexplained} {folder / 'local' / f'task-{i}.log'}" for i, state in ((5, "failed"), (6, "lost"))
+        ]
         assert submit(["leaderboard", str(folder)]) == 0
         board = capsys.readouterr().out.splitlines()
         assert sorted(line.split(" | ")[-1].rstrip(" |") for line in board[2:] if line.startswith("|")) == sorted(expected)
