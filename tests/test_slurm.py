@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -145,6 +146,10 @@ def test_grid_of_four_is_one_array_job_with_parallelism_and_resubmit_failed(slur
     base = tiny_config(data, tmp_path / "out", train={"epochs": 1})
     sweep = {"zip": [{"data.root": [str(data)] * 3 + [str(tmp_path / "later")], "train.seed": [1, 2, 3, 4]}]}
     grid = grid_file(tmp_path, base, sweep, {"array_parallelism": 2, "cpus_per_task": 1, "time_min": 20}, "four")
+    # the port submitit gives a job (MASTER_PORT when the submitting shell has one, else drawn from the job id) is held
+    # by another program of the node: a job of one task is one process, which must not listen on it
+    taken = socket.create_server(("", 0))
+    slurm = {**slurm, "MASTER_PORT": str(taken.getsockname()[1])}
     result = submit(slurm, str(grid), "--wait", "--poll", "1")
     assert result.returncode == 1, result.stdout + result.stderr  # the fourth point's data does not exist yet
     why = f"task 3 failed: data.root: folder '{tmp_path / 'later'}' does not exist; point it at an ImageFolder root with train/ and val/"
@@ -181,6 +186,7 @@ def test_grid_of_four_is_one_array_job_with_parallelism_and_resubmit_failed(slur
     assert new_job.split("_")[0] != array and [t["jobs"] for t in record["tasks"][:3]] == [[j] for j in jobs[:3]]
     assert [r["State"] for r in sacct(slurm, new_job)] == ["COMPLETED"]
     assert "| succeeded | 1 | 0 | 6 |" in submit(slurm, "status", str(folder)).stdout.splitlines()[5]
+    taken.close()
 
 
 def test_sbatch_refusing_the_job_is_one_line_with_slurms_message(slurm, data, tmp_path):

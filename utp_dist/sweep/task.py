@@ -78,12 +78,24 @@ def attempt(sweep_dir: str, index: int, body: Callable[[], tuple[int, int | None
     return code, rank, False
 
 
+# what a launcher sets for each process of a process group (torchrun's names, which Accelerate reads)
+RANK_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 def _export_rank_environment() -> int:
-    """Under Slurm, export RANK/WORLD_SIZE/MASTER_* from the job (what torchrun would set) so Accelerate builds DDP."""
+    """Under Slurm, export RANK/WORLD_SIZE/MASTER_* from a job of several tasks (what torchrun would set) so Accelerate
+    builds DDP; a job of one task is one process, with none of them (nor any the submitting shell passed on)."""
     if not os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_EXECUTOR") != "slurm":
         return int(os.environ.get("RANK", "0"))
+    from submitit import JobEnvironment
     from submitit.helpers import TorchDistributedEnvironment
 
+    if JobEnvironment().num_tasks == 1:
+        # with LOCAL_RANK set Accelerate would start a process group of one, whose store listens on MASTER_PORT:
+        # submitit derives that port from the job id, and when another program of the node holds it the job crashes
+        for name in RANK_VARIABLES:
+            os.environ.pop(name, None)
+        return 0
     # every process keeps all GPUs of its node visible: Accelerate binds cuda:LOCAL_RANK itself
     env = TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
     return env.rank
