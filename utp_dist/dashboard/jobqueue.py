@@ -7,8 +7,8 @@ Claiming is one atomic statement; every later change of a job goes through `swap
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 
 from sqlalchemy import delete, exists, select, update
 from sqlalchemy.exc import IntegrityError
@@ -101,15 +101,24 @@ def _renew(session: Session, agent: Agent, held: list[tuple[int, int]], lease_s:
 
 
 @contextmanager
-def _agent_kept(session: Session, agent_id: int) -> Iterator[None]:
-    """Writes that name this agent's row: when a user deleted the row after it was read (the update finds no row, or a
-    job or run would point at an id that no longer exists), 404 — the agent registers again and keeps its children."""
+def _as_it_stands(session: Session, check: Callable[[], object], changed: str) -> Iterator[None]:
+    """Writes of an agent's call, checked again when they find their rows changed after the call read them (a Conflict
+    from a fence, a key to a row deleted meanwhile, an update that matched no row): rolled back, and answered as the
+    database stands now. `check` raises that answer: 404 when the agent's row was deleted (the agent registers again
+    and its children train on), a 409 when the job is another's (the agent kills its child); else 409 `changed`."""
     try:
         yield
-    except (IntegrityError, StaleDataError):
+    except (Conflict, IntegrityError, StaleDataError) as err:
         session.rollback()
-        found(session, Agent, agent_id, "agent")
-        raise
+        check()
+        if isinstance(err, Conflict):
+            raise
+        raise Conflict(changed) from None
+
+
+def _agent_kept(session: Session, agent_id: int) -> AbstractContextManager[None]:
+    """_as_it_stands for writes that name this agent's row (a heartbeat, a claim)."""
+    return _as_it_stands(session, lambda: found(session, Agent, agent_id, "agent"), f"agent {agent_id} changed meanwhile")
 
 
 def claim(session: Session, agent_id: int, free_gpus: int, cpu: bool, refused: list[int], lease_s: float) -> dict | None:
@@ -166,21 +175,11 @@ def claim(session: Session, agent_id: int, free_gpus: int, cpu: bool, refused: l
 
 @contextmanager
 def fenced(session: Session, job_id: int, agent_id: int, attempt: int) -> Iterator[Job]:
-    """The job this agent holds (held_job), for a write that is fenced again by the database.
-
-    When that write finds the job changed after it was read (a Conflict, or a key broken by a deleted agent row), the
-    answer is the database's state now, read again: 404 when the agent's row was deleted meanwhile (it registers again
-    and its child trains on), the 409 only when the job is really another's (the agent kills its child).
-    """
+    """The job this agent holds (held_job), for writes fenced again by the database; when they find it changed, the
+    answer is held_job's as the database stands then (_as_it_stands)."""
     job = held_job(session, job_id, agent_id, attempt)
-    try:
+    with _as_it_stands(session, lambda: held_job(session, job_id, agent_id, attempt), f"job {job_id} changed meanwhile"):
         yield job
-    except (Conflict, IntegrityError) as err:
-        session.rollback()
-        held_job(session, job_id, agent_id, attempt)
-        if isinstance(err, Conflict):
-            raise
-        raise Conflict(f"job {job_id} changed meanwhile", job.state) from None
 
 
 def held_job(session: Session, job_id: int, agent_id: int, attempt: int) -> Job:
